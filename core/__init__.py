@@ -1,0 +1,96 @@
+"""hmmsim: an executable model of Linux HMM for people who write device drivers.
+
+The public API (see DESIGN.md §3) is importable from here: ``Machine``,
+``MachineConfig``, ``Process``, ``File``, ``PagemapEntry``, the error classes,
+every ``PROT_*``/``MAP_*``/``MADV_*``/``MREMAP_*`` constant under its Linux
+name, and the MMU-notifier API.
+"""
+
+from __future__ import annotations
+
+from . import errors, sched
+from .errors import (
+    Again,
+    AlreadyExists,
+    BadAddress,
+    BusError,
+    Busy,
+    Deadlock,
+    HmmsimError,
+    InvalidArgument,
+    NoEntry,
+    NoProcess,
+    NotPermitted,
+    NotSupported,
+    OutOfMemory,
+    Overflow,
+    PermissionDenied,
+    SegmentationFault,
+)
+from .machine import HUGE_1GB, HUGE_2MB, Machine, MachineConfig
+from .mm.address_space import AddressSpace
+from .mm.file import File
+from .mm.pagetable import PAGE_SHIFT, PAGE_SIZE, PMD_SIZE, PUD_SIZE
+from .mm.process import PagemapEntry, Process
+from .mm.uapi import (
+    MADV_COLLAPSE,
+    MADV_DONTNEED,
+    MADV_FREE,
+    MADV_HUGEPAGE,
+    MADV_NOHUGEPAGE,
+    MADV_NORMAL,
+    MADV_PAGEOUT,
+    MADV_RANDOM,
+    MADV_SEQUENTIAL,
+    MADV_WILLNEED,
+    MAP_ANON,
+    MAP_ANONYMOUS,
+    MAP_FIXED,
+    MAP_FIXED_NOREPLACE,
+    MAP_HUGE_1GB,
+    MAP_HUGE_2MB,
+    MAP_HUGE_MASK,
+    MAP_HUGE_SHIFT,
+    MAP_HUGETLB,
+    MAP_NONBLOCK,
+    MAP_NORESERVE,
+    MAP_POPULATE,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MAP_SHARED_VALIDATE,
+    MAP_TYPE,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PROT_EXEC,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from .notifier import (
+    MMU_NOTIFY_CLEAR,
+    MMU_NOTIFY_EXCLUSIVE,
+    MMU_NOTIFY_MIGRATE,
+    MMU_NOTIFY_PROTECTION_PAGE,
+    MMU_NOTIFY_PROTECTION_VMA,
+    MMU_NOTIFY_RELEASE,
+    MMU_NOTIFY_SOFT_DIRTY,
+    MMU_NOTIFY_UNMAP,
+    IntervalNotifier,
+    MmuNotifier,
+    MmuNotifyEvent,
+    NotifierRange,
+    mmu_interval_check_retry,
+    mmu_interval_notifier_insert,
+    mmu_interval_notifier_insert_locked,
+    mmu_interval_notifier_remove,
+    mmu_interval_read_begin,
+    mmu_interval_read_retry,
+    mmu_interval_set_seq,
+    mmu_notifier_register,
+    mmu_notifier_unregister,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,135 @@
+"""Error hierarchy of the model: every kernel error code is an ``OSError`` subclass.
+
+Kernel counterpart: the ``-Exxx`` return codes of mm syscalls and of the HMM
+entry points, and the signals a faulting CPU access delivers.
+
+Each exception carries its errno (``exc.errno``) so a test can compare against
+the kernel's return code exactly, and a message naming the address and the
+rule that was broken.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+
+class HmmsimError(OSError):
+    """Base class of every error the model raises on purpose."""
+
+    errno_value: int = 0
+
+    def __init__(self, message: str) -> None:
+        super().__init__(self.errno_value, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        name = _errno.errorcode.get(self.errno_value, str(self.errno_value))
+        return f"[{name}] {self.message}"
+
+
+class Busy(HmmsimError):
+    """EBUSY: the notifier sequence moved (retry), or a resource is in use."""
+
+    errno_value = _errno.EBUSY
+
+
+class BadAddress(HmmsimError):
+    """EFAULT: an address that cannot be accessed the way it was asked."""
+
+    errno_value = _errno.EFAULT
+
+
+class NotPermitted(HmmsimError):
+    """EPERM: the VMA forbids the access (e.g. a write fault without VM_WRITE)."""
+
+    errno_value = _errno.EPERM
+
+
+class InvalidArgument(HmmsimError):
+    """EINVAL: malformed arguments (unaligned, unknown flags, empty range …)."""
+
+    errno_value = _errno.EINVAL
+
+
+class OutOfMemory(HmmsimError):
+    """ENOMEM: no memory, or (for address-space syscalls) no such mapping."""
+
+    errno_value = _errno.ENOMEM
+
+
+class NoEntry(HmmsimError):
+    """ENOENT: the object asked for does not exist."""
+
+    errno_value = _errno.ENOENT
+
+
+class Again(HmmsimError):
+    """EAGAIN: a transient condition; the same call may succeed later."""
+
+    errno_value = _errno.EAGAIN
+
+
+class Overflow(HmmsimError):
+    """EOVERFLOW: a start + length that wraps around the address space."""
+
+    errno_value = _errno.EOVERFLOW
+
+
+class NotSupported(HmmsimError):
+    """EOPNOTSUPP: the operation exists but not for this object or driver."""
+
+    errno_value = _errno.EOPNOTSUPP
+
+
+class PermissionDenied(HmmsimError):
+    """EACCES: e.g. mprotect(PROT_WRITE) of a mapping that may never be written."""
+
+    errno_value = _errno.EACCES
+
+
+class AlreadyExists(HmmsimError):
+    """EEXIST: e.g. MAP_FIXED_NOREPLACE over an existing mapping."""
+
+    errno_value = _errno.EEXIST
+
+
+class NoProcess(HmmsimError):
+    """ESRCH: the process has exited."""
+
+    errno_value = _errno.ESRCH
+
+
+class SegmentationFault(HmmsimError):
+    """SIGSEGV: a CPU access to an address the process may not touch that way."""
+
+    errno_value = _errno.EFAULT
+
+
+class BusError(HmmsimError):
+    """SIGBUS: a CPU access that hit a device error, poison, or an empty pool."""
+
+    errno_value = _errno.EFAULT
+
+
+class Deadlock(RuntimeError):
+    """A lock or wait that can never be satisfied (nobody else can run)."""
+
+
+__all__ = [
+    "Again",
+    "AlreadyExists",
+    "BadAddress",
+    "BusError",
+    "Busy",
+    "Deadlock",
+    "HmmsimError",
+    "InvalidArgument",
+    "NoEntry",
+    "NoProcess",
+    "NotPermitted",
+    "NotSupported",
+    "OutOfMemory",
+    "Overflow",
+    "PermissionDenied",
+    "SegmentationFault",
+]

@@ -1,0 +1,172 @@
+"""The whole simulated box: ``MachineConfig`` and ``Machine``.
+
+Kernel counterpart: none as such; the machine owns what the kernel keeps
+globally: physical memory, hugetlb pools, the swap device, the virtual clock,
+the registry of page-cache/anon mappings, and the processes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import attrs
+
+from .errors import InvalidArgument
+from .mm.file import File
+from .mm.hugetlb import HugetlbPool
+from .mm.pagetable import PAGE_SIZE, PMD_ORDER, PUD_ORDER
+from .mm.physmem import PhysMem
+from .mm.swap import SwapDevice
+from .sched import WaitQueue
+from .trace import Clock, Costs, Trace
+
+if TYPE_CHECKING:
+    from .mm.process import Process
+    from .notifier import NotifierRange
+
+ThpMode = Literal["always", "madvise", "never"]
+
+HUGE_2MB = 2 << 20
+HUGE_1GB = 1 << 30
+_HUGE_ORDERS = {HUGE_2MB: PMD_ORDER, HUGE_1GB: PUD_ORDER}
+
+
+def _check_thp(_inst: object, _attr: object, value: str) -> None:
+    if value not in ("always", "madvise", "never"):
+        raise InvalidArgument(f"thp must be always, madvise or never, not {value!r}")
+
+
+def _check_hugetlb(_inst: object, _attr: object, value: dict[int, int]) -> None:
+    for size, count in value.items():
+        if size not in _HUGE_ORDERS:
+            raise InvalidArgument(f"hugetlb page size {size:#x} is not 2 MiB or 1 GiB")
+        if count < 0:
+            raise InvalidArgument("negative hugetlb page count")
+
+
+@attrs.frozen
+class MachineConfig:
+    """What the simulated machine looks like. Every field has a default."""
+
+    ram_bytes: int = 1 << 30
+    swap_bytes: int = 0
+    thp: ThpMode = attrs.field(default="madvise", validator=_check_thp)
+    hugetlb_pages: dict[int, int] = attrs.field(factory=dict, validator=_check_hugetlb)
+    store_data: bool = True
+    #: ``transparent_hugepage/use_zero_page``: read faults map the huge zero page.
+    thp_use_zero_page: bool = True
+
+
+@attrs.define(eq=False, repr=False)
+class Machine:
+    """Physical memory, swap, hugetlb pools, virtual time, and the processes."""
+
+    config: MachineConfig = attrs.field(factory=MachineConfig)
+    trace: Trace = attrs.field(factory=Trace)
+    phys: PhysMem = attrs.field(init=False)
+    hugetlb: dict[int, HugetlbPool] = attrs.field(init=False)
+    swap: SwapDevice = attrs.field(init=False)
+    mappings: dict[int, Any] = attrs.field(factory=dict)
+    processes: list[Process] = attrs.field(factory=list)
+    files: list[File] = attrs.field(factory=list)
+    #: Called with every ``NotifierRange`` at invalidate_range_start (tests, tracing).
+    invalidation_listeners: list[Callable[[NotifierRange], None]] = attrs.field(factory=list)
+    #: Contract violations the kernel would WARN about (e.g. a blockable refusal).
+    notifier_warnings: list[str] = attrs.field(factory=list)
+    #: Sleepers on migration entries (``migration_entry_wait``).
+    migration_wq: WaitQueue = attrs.field(factory=lambda: WaitQueue("migration"))
+    #: Where ``reclaim`` resumes its scan of physical memory.
+    reclaim_cursor: int = 0
+    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    _pids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+
+    def __attrs_post_init__(self) -> None:
+        cfg = self.config
+        self.phys = PhysMem(cfg.ram_bytes, cfg.store_data, self.trace.costs)
+        self.hugetlb = {}
+        # 1 GiB pages first: they need the largest contiguous blocks.
+        for size in sorted(_HUGE_ORDERS, reverse=True):
+            order = _HUGE_ORDERS[size]
+            self.hugetlb[order] = HugetlbPool.boot(self.phys, order, cfg.hugetlb_pages.get(size, 0))
+        self.swap = SwapDevice(cfg.swap_bytes // PAGE_SIZE, cfg.store_data)
+
+    def __repr__(self) -> str:
+        return (
+            f"Machine(ram={self.config.ram_bytes >> 20} MiB, thp={self.config.thp}, "
+            f"processes={len(self.processes)})"
+        )
+
+    @property
+    def clock(self) -> Clock:
+        return self.trace.clock
+
+    @property
+    def costs(self) -> Costs:
+        return self.trace.costs
+
+    def register_mapping(self, obj: object) -> int:
+        """A fresh id for an anon_vma or a file (what ``folio->mapping`` stores)."""
+        mid = next(self._ids)
+        if obj is not None:
+            self.mappings[mid] = obj
+        return mid
+
+    # ----- processes and files ----------------------------------------------
+    def spawn(self) -> Process:
+        """A new process with an empty address space."""
+        from .mm.process import Process
+
+        proc = Process(self, next(self._pids))
+        self.processes.append(proc)
+        return proc
+
+    def create_file(self, size: int, name: str = "") -> File:
+        """A regular file of ``size`` bytes, initially all zero."""
+        if size < 0:
+            raise InvalidArgument("negative file size")
+        return self._new_file(size, name=name)
+
+    def _new_file(self, size: int, **kw: Any) -> File:
+        fid = next(self._ids)
+        f = File(self, fid, size, **kw)
+        self.mappings[fid] = f
+        self.files.append(f)
+        return f
+
+    def create_shmem(self, size: int) -> File:
+        """The shmem object behind a ``MAP_SHARED|MAP_ANONYMOUS`` mapping."""
+        return self._new_file(size, shmem=True, name="shmem")
+
+    def create_hugetlbfs_file(self, size: int, order: int) -> File:
+        """The hugetlbfs object behind a shared ``MAP_HUGETLB`` mapping."""
+        return self._new_file(size, hugetlb_order=order, name="hugetlbfs")
+
+    def hugetlb_pool(self, size: int) -> HugetlbPool:
+        order = _HUGE_ORDERS.get(size)
+        if order is None:
+            raise InvalidArgument(f"no hugetlb pool of page size {size:#x}")
+        return self.hugetlb[order]
+
+    # ----- machine-wide memory management -------------------------------------
+    def reclaim(self, nbytes: int) -> int:
+        """Memory pressure: reclaim about ``nbytes`` across all processes.
+
+        Returns the number of bytes actually freed.
+        """
+        from .mm.reclaim import reclaim_machine
+
+        return reclaim_machine(self, nbytes)
+
+    def oom_kill(self, process: Process) -> None:
+        """Kill ``process`` as the OOM killer does and reap its memory."""
+        from .mm.exit import oom_kill
+
+        oom_kill(process)
+
+    def memory_failure(self, pfn: int) -> None:
+        """A hardware memory error on ``pfn``: poison it, unmap it everywhere."""
+        from .mm.memory_failure import memory_failure
+
+        memory_failure(self, pfn)

@@ -1,0 +1,677 @@
+"""Page faults: ``handle_mm_fault`` and the batched fault path.
+
+Kernel counterpart: mm/memory.c (``handle_mm_fault``, ``do_anonymous_page``,
+``do_read_fault``/``do_cow_fault``/``do_shared_fault``, ``do_wp_page``,
+``wp_page_copy``, ``do_swap_page``, ``do_numa_page``), mm/huge_memory.c
+(``do_huge_pmd_anonymous_page``, ``do_huge_pmd_wp_page``) and mm/hugetlb.c
+(``hugetlb_fault``, ``hugetlb_wp``).
+
+``handle_mm_fault`` returns ``VM_FAULT_*`` bits like the kernel; it assumes
+the caller checked the VMA's permissions (the arch fault handler and GUP do
+that) and holds ``mmap_lock``. ``populate_range`` is the same logic applied
+to a whole range at once: filling empty slots is vectorised (one batched
+allocation, one scatter of PTEs, one call for all THPs of the range) and only
+entries that need real work (COW, swap-in …) go through ``handle_mm_fault``
+one by one. MAP_POPULATE, CPU accesses, and (later) ``hmm_range_fault`` and
+GUP all fault through it.
+
+Filling an empty slot emits no MMU-notifier event; replacing a translation
+does (COW → CLEAR on one page, THP split → CLEAR on 2 MiB).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .. import sched
+from ..errors import OutOfMemory
+from ..notifier import MMU_NOTIFY_CLEAR, invalidation
+from ..trace import COST_FAULT_NS, COST_SWAP_IO_NS
+from .pagetable import (
+    KIND_HWPOISON,
+    KIND_MIGRATION,
+    KIND_NONE,
+    KIND_PRESENT,
+    KIND_PROTNONE,
+    KIND_SWAP,
+    PAGE_SHIFT,
+    PMD_ORDER,
+    PMD_PAGES,
+    PTE_DIRTY,
+    PTE_PRESENT,
+    PTE_PROTNONE,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    PTE_YOUNG,
+    U64,
+    is_table_pointer,
+    kind_of,
+    make_present,
+    make_present_array,
+    pfn_of,
+)
+from .physmem import (
+    HUGE_ZERO_PFN,
+    ZERO_PFN,
+    PG_anon,
+    PG_anon_exclusive,
+    PG_dirty,
+    PG_swapbacked,
+    PG_swapcache,
+    PhysMem,
+)
+from .rmap import folio_add_new_anon_rmap, root_anon_vma
+from .swap import swapcache_add, swapcache_del
+from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
+from .vma import VM_IO, VM_PFNMAP, VM_WRITE
+
+if TYPE_CHECKING:
+    from .vma import Vma
+
+FAULT_FLAG_WRITE: Final = 1 << 0
+FAULT_FLAG_MKWRITE: Final = 1 << 1
+FAULT_FLAG_ALLOW_RETRY: Final = 1 << 2
+FAULT_FLAG_RETRY_NOWAIT: Final = 1 << 3
+FAULT_FLAG_KILLABLE: Final = 1 << 4
+FAULT_FLAG_TRIED: Final = 1 << 5
+FAULT_FLAG_USER: Final = 1 << 6
+FAULT_FLAG_REMOTE: Final = 1 << 7
+FAULT_FLAG_INSTRUCTION: Final = 1 << 8
+FAULT_FLAG_INTERRUPTIBLE: Final = 1 << 9
+FAULT_FLAG_UNSHARE: Final = 1 << 10
+
+VM_FAULT_OOM: Final = 0x000001
+VM_FAULT_SIGBUS: Final = 0x000002
+VM_FAULT_MAJOR: Final = 0x000004
+VM_FAULT_HWPOISON: Final = 0x000010
+VM_FAULT_HWPOISON_LARGE: Final = 0x000020
+VM_FAULT_SIGSEGV: Final = 0x000040
+VM_FAULT_NOPAGE: Final = 0x000100
+VM_FAULT_LOCKED: Final = 0x000200
+VM_FAULT_RETRY: Final = 0x000400
+VM_FAULT_FALLBACK: Final = 0x000800
+VM_FAULT_DONE_COW: Final = 0x001000
+VM_FAULT_ERROR: Final = (
+    VM_FAULT_OOM
+    | VM_FAULT_SIGBUS
+    | VM_FAULT_SIGSEGV
+    | VM_FAULT_HWPOISON
+    | VM_FAULT_HWPOISON_LARGE
+    | VM_FAULT_FALLBACK
+)
+
+#: Pages handled per vectorised step of ``populate_range`` (bounds temporaries).
+POPULATE_BATCH: Final = 1 << 15
+
+_I64 = np.int64
+
+
+def handle_mm_fault(vma: Vma, addr: int, flags: int) -> int:
+    """Resolve one fault at ``addr``; returns ``VM_FAULT_*`` bits (0 = done)."""
+    mm = vma.mm
+    mm.mmap_lock.assert_held()
+    if not vma.contains(addr):
+        return VM_FAULT_SIGSEGV
+    machine = mm.machine
+    machine.costs.faults += 1
+    machine.clock.advance(COST_FAULT_NS)
+    write = bool(flags & FAULT_FLAG_WRITE)
+    machine.trace.log(sched.current(), "fault", addr=addr, write=write)
+    sched.point("fault")
+    vpn = addr >> PAGE_SHIFT
+    if vma.is_hugetlb:
+        return hugetlb_fault(vma, vpn, write)
+    ret = _pmd_fault(vma, vpn, write)
+    if ret is not None:
+        return ret
+    return _pte_fault(vma, vpn, write)
+
+
+# ----- PMD level -----------------------------------------------------------------
+
+
+def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
+    """Handle the fault at PMD level; None means "go on at PTE level"."""
+    pt = vma.mm.pt
+    pmdloc = pt.pmd_loc(vpn, alloc=True)
+    e = pt.get(pmdloc)
+    if e == 0:
+        if thp_vma_allowable(vma) and thp_vma_suitable(vma, vpn):
+            ret = do_huge_pmd_anonymous_page(vma, vpn, pmdloc, write)
+            if ret != VM_FAULT_FALLBACK:
+                return ret
+        return None
+    if is_table_pointer(e):
+        return None
+    kind = kind_of(e)
+    if kind == KIND_PROTNONE:
+        e = _numa_restore(vma, e)
+        pt.set(pmdloc, e)
+        kind = KIND_PRESENT
+    if kind == KIND_PRESENT:
+        if write and not e & PTE_WRITE:
+            ret = do_huge_pmd_wp_page(vma, vpn, pmdloc, e)
+            return None if ret == VM_FAULT_FALLBACK else ret
+        pt.set(pmdloc, e | PTE_YOUNG | (PTE_DIRTY if write else 0))
+        return 0
+    if kind == KIND_MIGRATION:
+        return wait_on_migration(vma, pmdloc, e)
+    # Device-private PMD entries are filled in with device memory.
+    return VM_FAULT_SIGBUS
+
+
+def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> int:
+    machine = vma.mm.machine
+    pt = vma.mm.pt
+    if not write and machine.config.thp_use_zero_page:
+        pt.set(pmdloc, make_present(HUGE_ZERO_PFN, special=True, huge=True))
+        machine.costs.pte_writes += 1
+        return 0
+    try:
+        head = machine.phys.alloc_one(PMD_ORDER)
+    except OutOfMemory:
+        return VM_FAULT_FALLBACK
+    haddr = vpn & ~(PMD_PAGES - 1)
+    folio_add_new_anon_rmap(
+        machine, vma, np.array([head], dtype=_I64), np.array([haddr], dtype=_I64), PMD_ORDER
+    )
+    pt.set(pmdloc, make_present(head, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True))
+    machine.costs.pte_writes += 1
+    return 0
+
+
+def do_huge_pmd_wp_page(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
+    """Write to a read-only PMD: reuse an exclusive THP, else split and fall back."""
+    phys = vma.mm.machine.phys
+    head = pfn_of(e)
+    if not phys.is_zero_pfn(head):
+        flags = int(phys.flags[head])
+        exclusive = bool(flags & PG_anon_exclusive) or (
+            bool(flags & PG_anon)
+            and not flags & PG_swapcache
+            and phys.refcount[head] == 1
+            and phys.mapcount[head] == 1
+        )
+        if flags & PG_anon and exclusive:
+            phys.flags[head : head + PMD_PAGES] |= np.uint16(PG_anon_exclusive)
+            vma.mm.pt.set(pmdloc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+            return 0
+    split_huge_pmd(vma, vpn)
+    return VM_FAULT_FALLBACK
+
+
+# ----- PTE level -----------------------------------------------------------------
+
+
+def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
+    pt = vma.mm.pt
+    loc = pt.pte_loc(vpn, alloc=True)
+    if loc < 0:  # raced with a new huge mapping: let the caller retry
+        return 0
+    e = pt.get(loc)
+    kind = kind_of(e)
+    if kind == KIND_NONE:
+        if vma.is_anonymous:
+            return do_anonymous_page(vma, vpn, loc, write)
+        if vma.file is not None:
+            return do_file_fault(vma, vpn, loc, write)
+        if vma.vm_ops is not None and hasattr(vma.vm_ops, "fault"):
+            return int(vma.vm_ops.fault(vma, vpn << PAGE_SHIFT, write))
+        return VM_FAULT_SIGBUS
+    if kind == KIND_SWAP:
+        return do_swap_page(vma, vpn, loc, e, write)
+    if kind == KIND_MIGRATION:
+        return wait_on_migration(vma, loc, e)
+    if kind == KIND_HWPOISON:
+        return VM_FAULT_HWPOISON
+    if kind == KIND_PROTNONE:
+        e = _numa_restore(vma, e)
+        pt.set(loc, e)
+        kind = KIND_PRESENT
+    if kind == KIND_PRESENT:
+        if write and not e & PTE_WRITE:
+            return do_wp_page(vma, vpn, loc, e)
+        pt.set(loc, e | PTE_YOUNG | (PTE_DIRTY if write else 0))
+        return 0
+    # Markers, and device-private/exclusive entries until device memory exists.
+    return VM_FAULT_SIGBUS
+
+
+def _numa_restore(vma: Vma, e: int) -> int:
+    """``do_numa_page``: make a PROT_NONE-hinted entry accessible again."""
+    e = (e & ~PTE_PROTNONE) | PTE_PRESENT
+    if not vma.flags & VM_WRITE:
+        e &= ~PTE_WRITE
+    return e
+
+
+def wait_on_migration(vma: Vma, loc: int, e: int) -> int:
+    """``migration_entry_wait``: sleep until the entry changes, then retry."""
+    pt = vma.mm.pt
+    vma.mm.machine.migration_wq.wait_event(lambda: pt.get(loc) != e)
+    return 0
+
+
+def do_anonymous_page(vma: Vma, vpn: int, loc: int, write: bool) -> int:
+    machine = vma.mm.machine
+    pt = vma.mm.pt
+    if not write:
+        pt.set(loc, make_present(ZERO_PFN, special=True))
+        machine.costs.pte_writes += 1
+        return 0
+    try:
+        pfn = machine.phys.alloc_one(0)
+    except OutOfMemory:
+        return VM_FAULT_OOM
+    folio_add_new_anon_rmap(
+        machine, vma, np.array([pfn], dtype=_I64), np.array([vpn], dtype=_I64), 0
+    )
+    pt.set(loc, make_present(pfn, write=bool(vma.flags & VM_WRITE), dirty=True))
+    machine.costs.pte_writes += 1
+    return 0
+
+
+def do_wp_page(vma: Vma, vpn: int, loc: int, e: int) -> int:
+    """Write to a present read-only PTE: reuse, make writable, or copy."""
+    mm = vma.mm
+    phys = mm.machine.phys
+    pt = mm.pt
+    pfn = pfn_of(e)
+    if phys.is_zero_pfn(pfn):
+        return wp_page_copy(vma, vpn, loc, e, None)
+    if e & PTE_SPECIAL:
+        if vma.is_shared:
+            pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+            return 0
+        return VM_FAULT_SIGBUS
+    head = phys.head(pfn)
+    if vma.is_shared:
+        # wp_page_shared: a write-notified page-cache page becomes dirty.
+        phys.flags[head] |= np.uint16(PG_dirty)
+        pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+        return 0
+    flags = int(phys.flags[pfn])
+    if flags & PG_anon and _can_reuse_anon(vma, pfn, head, flags):
+        phys.flags[pfn] |= np.uint16(PG_anon_exclusive)
+        pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+        return 0
+    return wp_page_copy(vma, vpn, loc, e, pfn)
+
+
+def _can_reuse_anon(vma: Vma, pfn: int, head: int, flags: int) -> bool:
+    """``wp_can_reuse_anon_folio``: is this the only user of the page?
+
+    Large folios are reused only when the page is marked exclusive (the
+    pre-6.13 behaviour: no per-mm tracking of large-folio sharers).
+    """
+    if flags & PG_anon_exclusive:
+        return True
+    phys = vma.mm.machine.phys
+    if phys.order[head] != 0:
+        return False
+    if flags & PG_swapcache:
+        swap = vma.mm.machine.swap
+        slot = swap.slot_of[head]
+        if swap.count[slot] != 1 or phys.refcount[head] != 2:
+            return False
+        swapcache_del(swap, phys, head)
+    return bool(phys.refcount[head] == 1)
+
+
+def wp_page_copy(vma: Vma, vpn: int, loc: int, e: int, src: int | None) -> int:
+    """Break COW: a private copy replaces the PTE (``CLEAR`` on the page)."""
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    try:
+        new = phys.alloc_one(0)
+    except OutOfMemory:
+        return VM_FAULT_OOM
+    new_arr = np.array([new], dtype=_I64)
+    if src is not None:
+        phys.copy_pages(new_arr, np.array([src], dtype=_I64))
+    addr = vpn << PAGE_SHIFT
+    with invalidation(mm, MMU_NOTIFY_CLEAR, addr, addr + (1 << PAGE_SHIFT)):
+        if mm.pt.get(loc) != e:  # somebody else changed it meanwhile: retry
+            phys.put_one(new)
+            return 0
+        folio_add_new_anon_rmap(machine, vma, new_arr, np.array([vpn], dtype=_I64), 0)
+        mm.pt.set(loc, make_present(new, write=True, dirty=True))
+        machine.costs.pte_writes += 1
+        if src is not None:
+            head = phys.head(src)
+            phys.mapcount[head] -= 1
+            phys.put_one(head)
+    return 0
+
+
+def do_file_fault(vma: Vma, vpn: int, loc: int, write: bool) -> int:
+    """Fault on a file (or shmem) mapping: read, COW into anon, or shared write."""
+    ret = _file_fault_batch(vma, np.array([vpn], dtype=_I64), np.array([loc], dtype=_I64), write)
+    return ret
+
+
+def _file_fault_batch(
+    vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64], write: bool
+) -> int:
+    """Map file pages into empty slots ``locs``; stops at end of file (SIGBUS)."""
+    machine = vma.mm.machine
+    phys = machine.phys
+    f = vma.file
+    indices = vma.pgoff + vpns - vma.start_vpn
+    ret = 0
+    inside = indices < f.npages
+    if not inside.all():
+        ret = VM_FAULT_SIGBUS
+        keep = int(np.argmin(inside))
+        vpns, locs, indices = vpns[:keep], locs[:keep], indices[:keep]
+    if len(vpns) == 0:
+        return ret
+    try:
+        pfns = f.get_pages(indices)
+    except OutOfMemory:
+        return VM_FAULT_OOM
+    if write and not vma.is_shared:
+        try:
+            new = phys.alloc(0, len(pfns))
+        except OutOfMemory:
+            return VM_FAULT_OOM
+        phys.copy_pages(new, pfns)
+        folio_add_new_anon_rmap(machine, vma, new, vpns, 0)
+        vma.mm.pt.flat[locs] = make_present_array(new, write=True, dirty=True)
+    else:
+        np.add.at(phys.mapcount, pfns, 1)
+        np.add.at(phys.refcount, pfns, 1)
+        writable = vma.is_shared and bool(vma.flags & VM_WRITE) and (write or not f.writenotify)
+        if write:
+            phys.flags[pfns] |= np.uint16(PG_dirty)
+        vma.mm.pt.flat[locs] = make_present_array(pfns, write=writable, dirty=write)
+    machine.costs.pte_writes += len(locs)
+    return ret
+
+
+def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:
+    """Swap-in through the swap cache; exclusive pages are reused at once."""
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    swap = machine.swap
+    slot = pfn_of(e)
+    pfn = swap.cache.get(slot)
+    major = pfn is None
+    if pfn is None:
+        try:
+            pfn = phys.alloc_one(0)
+        except OutOfMemory:
+            return VM_FAULT_OOM
+        data = swap.read(slot)
+        if data is not None:
+            phys.write_pages(np.array([pfn], dtype=_I64), data[None, :])
+        machine.costs.swap_ins += 1
+        machine.clock.advance(COST_SWAP_IO_NS)
+        swapcache_add(swap, phys, slot, pfn)
+        sched.point("swapin:after_read")
+        if mm.pt.get(loc) != e:  # raced: someone else resolved it
+            return 0
+        exclusive = swap.count[slot] == 2  # this entry plus the cache
+        av = vma.anon_vma if exclusive or vma.anon_vma is None else root_anon_vma(vma)
+        assert av is not None
+        phys.flags[pfn] |= np.uint16(PG_anon | PG_swapbacked)
+        phys.mapping[pfn] = av.id
+        phys.index[pfn] = vma.linear_index(vpn)
+    else:
+        exclusive = swap.count[slot] == 2
+        phys.refcount[pfn] += 1
+    phys.mapcount[pfn] += 1
+    swap.put(slot)
+    if exclusive:
+        phys.flags[pfn] |= np.uint16(PG_anon_exclusive)
+        swapcache_del(swap, phys, pfn)
+    writable = exclusive and write and bool(vma.flags & VM_WRITE)
+    entry = make_present(pfn, write=writable, dirty=writable) | (e & PTE_DIRTY)
+    mm.pt.set(loc, entry)
+    machine.costs.pte_writes += 1
+    if write and not writable:
+        return do_wp_page(vma, vpn, loc, entry)
+    return VM_FAULT_MAJOR if major else 0
+
+
+# ----- hugetlb -------------------------------------------------------------------
+
+
+def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    pt = mm.pt
+    order = vma.hugetlb_order
+    nr = 1 << order
+    hvpn = vpn & ~(nr - 1)
+    loc = pt.pmd_loc(hvpn, alloc=True) if order == PMD_ORDER else pt.pud_loc(hvpn, alloc=True)
+    e = pt.get(loc)
+    pool = machine.hugetlb[order]
+    hidx = vma.linear_index(hvpn) >> order
+    if e == 0:
+        if vma.is_shared:
+            f = vma.file
+            if hidx >= len(f.cache):
+                return VM_FAULT_SIGBUS
+            pfn = int(f.cache[hidx])
+            if pfn < 0:
+                got = pool.alloc(reserved=f.hugetlb_resv.consume(hidx))
+                if got is None:
+                    return VM_FAULT_SIGBUS
+                pfn = got
+                phys.mapping[pfn] = f.id
+                phys.index[pfn] = hidx
+                f.cache[hidx] = pfn
+            phys.refcount[pfn] += 1
+            phys.mapcount[pfn] += 1
+            if write:
+                phys.flags[pfn] |= np.uint16(PG_dirty)
+            writable = bool(vma.flags & VM_WRITE)
+        else:
+            resv = vma.hugetlb_resv
+            got = pool.alloc(reserved=resv is not None and resv.consume(hidx))
+            if got is None:
+                return VM_FAULT_SIGBUS
+            pfn = got
+            folio_add_new_anon_rmap(
+                machine, vma, np.array([pfn], dtype=_I64), np.array([hvpn], dtype=_I64), order
+            )
+            writable = write
+        pt.set(loc, make_present(pfn, write=writable, dirty=write, huge=True))
+        machine.costs.pte_writes += 1
+        return 0
+    kind = kind_of(e)
+    if kind == KIND_PRESENT:
+        if write and not e & PTE_WRITE:
+            return hugetlb_wp(vma, hvpn, loc, e)
+        pt.set(loc, e | PTE_YOUNG | (PTE_DIRTY if write else 0))
+        return 0
+    if kind == KIND_MIGRATION:
+        return wait_on_migration(vma, loc, e)
+    if kind == KIND_HWPOISON:
+        return VM_FAULT_HWPOISON_LARGE
+    return VM_FAULT_SIGBUS
+
+
+def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
+    """COW of a private huge page: reuse if exclusive, else copy from the pool."""
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    order = vma.hugetlb_order
+    nr = 1 << order
+    old = pfn_of(e)
+    flags = int(phys.flags[old])
+    if vma.is_shared:
+        mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+        return 0
+    if flags & PG_anon_exclusive or (phys.refcount[old] == 1 and phys.mapcount[old] == 1):
+        phys.flags[old : old + nr] |= np.uint16(PG_anon_exclusive)
+        mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+        return 0
+    new = machine.hugetlb[order].alloc(reserved=False)
+    if new is None:
+        return VM_FAULT_SIGBUS
+    phys.copy_pages(np.arange(new, new + nr, dtype=_I64), np.arange(old, old + nr, dtype=_I64))
+    addr = hvpn << PAGE_SHIFT
+    with invalidation(mm, MMU_NOTIFY_CLEAR, addr, addr + (nr << PAGE_SHIFT)):
+        if mm.pt.get(loc) != e:
+            phys.put_one(new)
+            return 0
+        folio_add_new_anon_rmap(
+            machine, vma, np.array([new], dtype=_I64), np.array([hvpn], dtype=_I64), order
+        )
+        mm.pt.set(loc, make_present(new, write=True, dirty=True, huge=True))
+        phys.mapcount[old] -= 1
+        phys.put_one(old)
+    return 0
+
+
+# ----- batched faulting ----------------------------------------------------------
+
+
+def entries_needing_fault(entries: NDArray[np.uint64], write: bool) -> NDArray[np.bool_]:
+    """Which entries a CPU access (read, or write) would fault on."""
+    present = (entries & U64(PTE_PRESENT)) != 0
+    if write:
+        return ~present | ((entries & U64(PTE_WRITE)) == 0)
+    return ~present
+
+
+def populate_range(vma: Vma, start_vpn: int, npages: int, write: bool) -> int:
+    """Fault in [start_vpn, start_vpn + npages) of ``vma`` as an access would.
+
+    Returns 0 or the ``VM_FAULT_*`` bits of the first failure. The caller
+    holds ``mmap_lock`` and has checked the VMA's permissions.
+    """
+    mm = vma.mm
+    mm.mmap_lock.assert_held()
+    if vma.flags & (VM_IO | VM_PFNMAP):
+        return 0
+    end = start_vpn + npages
+    if vma.is_hugetlb:
+        nr = 1 << vma.hugetlb_order
+        for hvpn in range(start_vpn & ~(nr - 1), end, nr):
+            ret = hugetlb_fault(vma, max(hvpn, start_vpn), write)
+            if ret & VM_FAULT_ERROR:
+                return ret
+        return 0
+    for lo in range(start_vpn, end, POPULATE_BATCH):
+        ret = _populate_batch(vma, lo, min(end, lo + POPULATE_BATCH), write)
+        if ret & VM_FAULT_ERROR:
+            return ret
+    return 0
+
+
+def _populate_batch(vma: Vma, lo: int, hi: int, write: bool) -> int:
+    mm = vma.mm
+    machine = mm.machine
+    pt = mm.pt
+    n = hi - lo
+    if thp_vma_allowable(vma):
+        _populate_thp_chunks(vma, lo, hi, write)
+    walk = pt.walk(lo, n)
+    kinds = walk.kinds
+    empty = kinds == KIND_NONE
+    ret = 0
+    if empty.any() and (vma.is_anonymous or vma.file is not None):
+        vpns = np.flatnonzero(empty).astype(_I64) + lo
+        # Only PTE-level slots (an empty PMD of a non-THP VMA gets a table).
+        locs = pt.ensure_pte_locs(vpns)
+        machine.costs.faults += len(vpns)
+        machine.clock.advance(COST_FAULT_NS * len(vpns))
+        if vma.is_anonymous:
+            ret = _anon_fill(vma, vpns, locs, write)
+        else:
+            ret = _file_fault_batch(vma, vpns, locs, write)
+        if ret & VM_FAULT_ERROR:
+            return ret
+        walk = pt.walk(lo, n)
+    need = np.flatnonzero(entries_needing_fault(walk.entries, write)).astype(_I64) + lo
+    flags = FAULT_FLAG_WRITE if write else 0
+    for vpn in need.tolist():
+        _, e, _ = pt.lookup(vpn)
+        if not entries_needing_fault(np.array([e], dtype=U64), write)[0]:
+            continue  # resolved by an earlier fault in the same huge page
+        ret = handle_mm_fault(vma, vpn << PAGE_SHIFT, flags)
+        if ret & VM_FAULT_ERROR:
+            return ret
+    return 0
+
+
+def _anon_fill(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64], write: bool) -> int:
+    machine = vma.mm.machine
+    pt = vma.mm.pt
+    if not write:
+        pt.flat[locs] = U64(make_present(ZERO_PFN, special=True))
+        machine.costs.pte_writes += len(locs)
+        return 0
+    try:
+        pfns = machine.phys.alloc(0, len(vpns))
+    except OutOfMemory:
+        # Fault page by page until memory runs out, like a fault loop would.
+        for vpn, loc in zip(vpns.tolist(), locs.tolist(), strict=True):
+            ret = do_anonymous_page(vma, vpn, loc, True)
+            if ret:
+                return ret
+        return 0
+    folio_add_new_anon_rmap(machine, vma, pfns, vpns, 0)
+    pt.flat[locs] = make_present_array(pfns, write=bool(vma.flags & VM_WRITE), dirty=True)
+    machine.costs.pte_writes += len(locs)
+    return 0
+
+
+def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
+    """Map every empty, suitable 2 MiB chunk of [lo, hi) with one batched call."""
+    machine = vma.mm.machine
+    pt = vma.mm.pt
+    first = (lo + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
+    chunks = [c for c in range(first, hi - PMD_PAGES + 1, PMD_PAGES) if thp_vma_suitable(vma, c)]
+    if not chunks:
+        return
+    pmdlocs = np.array([pt.pmd_loc(c, alloc=True) for c in chunks], dtype=_I64)
+    empty = pt.flat[pmdlocs] == 0
+    if not empty.any():
+        return
+    cvpns = np.array(chunks, dtype=_I64)[empty]
+    pmdlocs = pmdlocs[empty]
+    machine.costs.faults += len(cvpns)
+    machine.clock.advance(COST_FAULT_NS * len(cvpns))
+    if not write and machine.config.thp_use_zero_page:
+        pt.flat[pmdlocs] = U64(make_present(HUGE_ZERO_PFN, special=True, huge=True))
+        machine.costs.pte_writes += len(pmdlocs)
+        return
+    try:
+        heads = machine.phys.alloc(PMD_ORDER, len(cvpns))
+    except OutOfMemory:
+        heads = _alloc_some_thps(machine.phys, len(cvpns))
+        cvpns, pmdlocs = cvpns[: len(heads)], pmdlocs[: len(heads)]
+    if len(heads) == 0:
+        return
+    folio_add_new_anon_rmap(machine, vma, heads, cvpns, PMD_ORDER)
+    pt.flat[pmdlocs] = make_present_array(
+        heads, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True
+    )
+    machine.costs.pte_writes += len(pmdlocs)
+
+
+def _alloc_some_thps(phys: PhysMem, want: int) -> NDArray[np.int64]:
+    free_blocks = int((phys.allocator.block_used == 0).sum())
+    n = min(want, free_blocks)
+    return phys.alloc(PMD_ORDER, n) if n else np.empty(0, dtype=_I64)
+
+
+def swap_in_range(vma: Vma, vpn: int, npages: int) -> int:
+    """Fault in every swapped-out page of the range (read faults)."""
+    walk = vma.mm.pt.walk(vpn, npages)
+    for v in (np.flatnonzero(walk.kinds == KIND_SWAP) + vpn).tolist():
+        ret = handle_mm_fault(vma, v << PAGE_SHIFT, 0)
+        if ret & VM_FAULT_ERROR:
+            return ret
+    return 0

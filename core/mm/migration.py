@@ -1,0 +1,152 @@
+"""Moving pages to new frames through migration entries (``move_pages(2)``).
+
+Kernel counterpart: mm/migrate.c (``migrate_pages``, ``migrate_folio``,
+``try_to_migrate``, ``remove_migration_ptes``, ``folio_migrate_mapping``).
+
+A folio is locked and every mapping of it is replaced by a migration entry
+(one ``CLEAR`` invalidation per mapping: ordinary migration never sends
+``MIGRATE``, which is reserved for device migration). Anyone faulting on a
+migration entry waits until the entry changes. Contents and metadata move to
+a new folio of the same order, and the migration entries become ordinary
+entries pointing at it. A folio with references beyond its mappings and
+caches (a GUP pin) cannot move: ``-EBUSY``, and it stays where it was.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import sched
+from ..errors import OutOfMemory
+from ..notifier import MMU_NOTIFY_CLEAR, invalidation
+from .pagetable import (
+    KIND_MIGRATION,
+    PAGE_SHIFT,
+    PTE_DIRTY,
+    PTE_HUGE,
+    PTE_WRITE,
+    PTE_YOUNG,
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_READ_EXCLUSIVE,
+    SWP_MIGRATION_WRITE,
+    kind_of,
+    make_present,
+    make_softleaf,
+    pfn_of,
+    softleaf_type,
+)
+from .physmem import PG_anon, PG_anon_exclusive, PG_hugetlb, PG_locked, PG_swapcache
+from .reclaim import expected_refs
+from .rmap import rmap_walk
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+_I64 = np.int64
+
+
+def migrate_folio(machine: Machine, head: int) -> int:
+    """Move one folio to a new frame; 0 or a negative errno."""
+    phys = machine.phys
+    flags = int(phys.flags[head])
+    if flags & PG_locked:
+        return -errno.EBUSY
+    if phys.refcount[head] != expected_refs(machine, head):
+        return -errno.EBUSY
+    order = int(phys.order[head])
+    nr = 1 << order
+    try:
+        if flags & PG_hugetlb:
+            got = machine.hugetlb[order].alloc(reserved=False)
+            if got is None:
+                return -errno.ENOMEM
+            new = got
+        else:
+            new = phys.alloc_one(order)
+    except OutOfMemory:
+        return -errno.ENOMEM
+    phys.flags[head] |= np.uint16(PG_locked)
+    phys.refcount[head] += 1  # the isolation reference
+    _unmap_to_migration_entries(machine, head)
+    sched.point("migrate:unmapped")
+    # Copy contents and metadata; the new folio takes the old one's place.
+    src = np.arange(head, head + nr, dtype=_I64)
+    dst = np.arange(new, new + nr, dtype=_I64)
+    phys.copy_pages(dst, src)
+    phys.flags[dst] = phys.flags[src] & np.uint16(~PG_locked & 0xFFFF)
+    phys.mapping[new] = phys.mapping[head]
+    phys.index[new] = phys.index[head]
+    if flags & PG_swapcache:
+        swap = machine.swap
+        slot = swap.slot_of.pop(head)
+        swap.slot_of[new] = slot
+        swap.cache[slot] = new
+        phys.refcount[new] += 1
+        phys.refcount[head] -= 1
+    if not flags & PG_anon and phys.mapping[head]:
+        f = machine.mappings[int(phys.mapping[head])]
+        f.cache[int(phys.index[head])] = new
+        phys.refcount[new] += 1  # the page cache's reference moves over
+        phys.refcount[head] -= 1
+    _remove_migration_ptes(machine, head, new)
+    machine.migration_wq.wake_up_all()
+    phys.flags[head] &= np.uint16(~PG_locked & 0xFFFF)
+    phys.mapping[head] = 0
+    phys.put_one(head)  # the isolation reference: frees the old folio
+    phys.put_one(new)  # the allocation reference: the mappings hold it now
+    return 0
+
+
+def _unmap_to_migration_entries(machine: Machine, head: int) -> None:
+    phys = machine.phys
+    for hit in list(rmap_walk(machine, head)):
+        mm = hit.vma.mm
+        start = int(hit.vpns.min()) << PAGE_SHIFT
+        end = (int(hit.vpns.max()) + 1) << PAGE_SHIFT
+        with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
+            for loc, pfn in _unique_locs(hit.locs, hit.pfns):
+                e = mm.pt.get(loc)
+                if e & PTE_WRITE:
+                    typ = SWP_MIGRATION_WRITE
+                elif phys.flags[pfn] & PG_anon_exclusive:
+                    typ = SWP_MIGRATION_READ_EXCLUSIVE
+                else:
+                    typ = SWP_MIGRATION_READ
+                mm.pt.set(loc, make_softleaf(typ, pfn, keep=e) | (e & PTE_HUGE))
+                phys.mapcount[head] -= 1
+                phys.refcount[head] -= 1
+                machine.costs.pte_writes += 1
+
+
+def _unique_locs(locs: np.ndarray, pfns: np.ndarray) -> list[tuple[int, int]]:
+    _, first = np.unique(locs, return_index=True)
+    return [(int(locs[i]), int(pfns[i])) for i in sorted(first.tolist())]
+
+
+def _remove_migration_ptes(machine: Machine, old: int, new: int) -> None:
+    """Turn the migration entries of ``old`` into entries mapping ``new``."""
+    phys = machine.phys
+    for hit in list(rmap_walk(machine, old)):
+        pt = hit.vma.mm.pt
+        for loc, _pfn in _unique_locs(hit.locs, hit.pfns):
+            e = pt.get(loc)
+            if kind_of(e) != KIND_MIGRATION:
+                continue
+            typ = softleaf_type(e)
+            base = pfn_of(e)
+            huge = bool(e & PTE_HUGE)
+            target = new + (base - old)
+            entry = make_present(
+                target,
+                write=typ == SWP_MIGRATION_WRITE,
+                dirty=bool(e & PTE_DIRTY),
+                young=bool(e & PTE_YOUNG),
+                huge=huge,
+            )
+            pt.set(loc, entry)
+            phys.mapcount[new] += 1
+            phys.refcount[new] += 1
+            machine.costs.pte_writes += 1

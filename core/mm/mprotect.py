@@ -1,0 +1,115 @@
+"""Changing the protection of a range: ``mprotect(2)``.
+
+Kernel counterpart: mm/mprotect.c (``mprotect_fixup``, ``change_protection``,
+``can_change_pte_writable``) and mm/hugetlb.c (``hugetlb_change_protection``).
+
+PROT_NONE turns present entries into PROTNONE entries that keep their pfn
+(the page stays mapped and counted; the CPU cannot touch it). Granting write
+makes a PTE writable only where no fault is needed to keep COW and dirty
+tracking right: exclusive anonymous pages, and pages of shared mappings that
+are not write-notified (or already dirty). Removing write downgrades
+writable migration entries too. The ``PROTECTION_VMA`` invalidation is sent
+only when the range has page tables, as ``change_pmd_range`` does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import InvalidArgument, PermissionDenied
+from ..notifier import MMU_NOTIFY_PROTECTION_VMA, invalidation
+from .mmap import (
+    check_fully_mapped,
+    check_hugetlb_boundaries,
+    check_range,
+    isolate_range,
+    page_align,
+    prot_to_vm_flags,
+    try_merge,
+)
+from .pagetable import (
+    KIND_PRESENT,
+    KIND_PROTNONE,
+    PTE_DIRTY,
+    PTE_PRESENT,
+    PTE_PROTNONE,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    U64,
+    migration_entries_readonly,
+)
+from .physmem import PG_anon_exclusive
+from .uapi import PROT_MASK, PROT_WRITE
+from .vma import VM_ACCESS_FLAGS, VM_MAYWRITE, VM_WRITE, Vma
+
+if TYPE_CHECKING:
+    from .address_space import AddressSpace
+
+
+def do_mprotect(mm: AddressSpace, addr: int, length: int, prot: int) -> None:
+    check_range(addr, length, "mprotect")
+    if prot & ~PROT_MASK:
+        raise InvalidArgument(f"mprotect: unknown prot bits {prot & ~PROT_MASK:#x}")
+    if length == 0:
+        return
+    end = addr + page_align(length)
+    vmas = check_fully_mapped(mm, addr, end, "mprotect")
+    if prot & PROT_WRITE:
+        for vma in vmas:
+            if not vma.flags & VM_MAYWRITE:
+                raise PermissionDenied(f"mprotect: {vma} may never be writable")
+    check_hugetlb_boundaries(mm, addr, end)
+    for vma in isolate_range(mm, addr, end):
+        new_flags = (vma.flags & ~VM_ACCESS_FLAGS) | prot_to_vm_flags(prot)
+        if new_flags != vma.flags:
+            vma.flags = new_flags
+            change_protection(vma)
+        try_merge(vma)
+
+
+def change_protection(vma: Vma) -> None:
+    """Bring every entry of ``vma`` in line with its (new) ``flags``."""
+    mm = vma.mm
+    pt = mm.pt
+    walk = pt.walk(vma.start_vpn, vma.npages)
+    if not (walk.chunk_levels() != 0).any():
+        return
+    with invalidation(mm, MMU_NOTIFY_PROTECTION_VMA, vma.start, vma.end):
+        walk = pt.walk(vma.start_vpn, vma.npages)
+        locs = walk.loc
+        _, first = np.unique(locs, return_index=True)
+        first = first[locs[first] >= 0]
+        entries = walk.entries[first]
+        kinds = walk.kinds[first]
+        locs = locs[first]
+        new = entries.copy()
+        mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+        if mapped.any():
+            new[mapped] = _protect(vma, entries[mapped], walk.pfns()[first][mapped])
+        if not vma.flags & VM_WRITE:
+            new = migration_entries_readonly(new)
+        changed = new != entries
+        pt.flat[locs[changed]] = new[changed]
+        mm.machine.costs.pte_writes += int(changed.sum())
+
+
+def _protect(vma: Vma, entries: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+    phys = vma.mm.machine.phys
+    if not vma.flags & VM_ACCESS_FLAGS:
+        return (entries & ~U64(PTE_PRESENT | PTE_WRITE)) | U64(PTE_PROTNONE)
+    base = (entries & ~U64(PTE_PROTNONE)) | U64(PTE_PRESENT)
+    if not vma.flags & VM_WRITE:
+        return base & ~U64(PTE_WRITE)
+    zero = phys.zero_mask(pfns)
+    special = (entries & U64(PTE_SPECIAL)) != 0
+    if vma.is_shared:
+        notify = vma.file is not None and getattr(vma.file, "writenotify", False)
+        writable = ~zero & (~np.bool_(notify) | ((entries & U64(PTE_DIRTY)) != 0))
+        writable |= special & ~zero
+    else:
+        normal = ~zero & ~special
+        writable = np.zeros(len(entries), dtype=np.bool_)
+        writable[normal] = (phys.flags[pfns[normal]] & PG_anon_exclusive) != 0
+    return np.where(writable, base | U64(PTE_WRITE), base & ~U64(PTE_WRITE))

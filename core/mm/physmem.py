@@ -1,0 +1,353 @@
+"""Physical memory: page frames, folio metadata, page contents, zero pages.
+
+Kernel counterpart: mm/page_alloc.c (the buddy allocator), ``struct page`` /
+``struct folio`` (include/linux/mm_types.h, page-flags.h) and the zero pages
+(``ZERO_PAGE``, mm/huge_memory.c's huge zero folio).
+
+Folio metadata is a struct of NumPy arrays indexed by pfn: ``refcount`` and
+``mapcount`` live at the head pfn, ``order`` is written on every pfn of a
+folio (so the head of any pfn is ``pfn & ~((1 << order) - 1)``), and
+``flags`` carries folio flags at the head and the per-page flags
+(``PG_anon_exclusive``, ``PG_hwpoison``) on each page. ``mapcount`` counts
+mappings the way the kernel's large mapcount does: a PMD or PUD mapping counts
+once, every PTE mapping counts once. Each mapping holds one reference.
+
+Page contents live in a NumPy arena created with ``np.zeros`` (the host maps
+it lazily). A freshly allocated page is only *flagged* zero (``PG_zeroed``);
+the arena row is cleared the first time the page is written, so untouched
+memory costs neither time nor host RAM. With ``store_data=False`` there is no
+arena: reads return zeros and writes are dropped (metadata-only runs).
+
+The allocator is a bitmap plus per-2 MiB-block free counts rather than buddy
+free lists: it hands out naturally aligned blocks of any order 0…18, prefers
+partly used blocks for small orders (which keeps 2 MiB blocks free for THP, as
+the buddy allocator's fragmentation avoidance does), and allocates a whole
+batch in one vectorised call.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import OutOfMemory
+from ..trace import Costs
+from .pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
+
+MAX_ORDER: Final = 18
+
+PG_locked: Final = 1 << 0
+PG_anon: Final = 1 << 1
+PG_dirty: Final = 1 << 2
+PG_swapbacked: Final = 1 << 3
+PG_hugetlb: Final = 1 << 4
+PG_reserved: Final = 1 << 5
+PG_zeroed: Final = 1 << 6
+PG_anon_exclusive: Final = 1 << 7
+PG_hwpoison: Final = 1 << 8
+PG_swapcache: Final = 1 << 9
+PG_zone_device: Final = 1 << 10
+PG_uptodate: Final = 1 << 11
+
+#: Flags that belong to a page rather than to its folio.
+PER_PAGE_FLAGS: Final = PG_anon_exclusive | PG_hwpoison
+
+ZERO_PFN: Final = 0
+HUGE_ZERO_PFN: Final = PMD_PAGES
+
+I64 = np.int64
+
+
+def as_pfns(pfns: NDArray[np.integer] | list[int] | int) -> NDArray[np.int64]:
+    return np.atleast_1d(np.asarray(pfns, dtype=I64))
+
+
+class FrameAllocator:
+    """Naturally aligned blocks of 2**order frames out of ``npages`` frames."""
+
+    def __init__(self, npages: int) -> None:
+        self.nblocks = npages // PMD_PAGES
+        self.npages = self.nblocks * PMD_PAGES
+        self.used = np.zeros(self.npages, dtype=np.bool_)
+        self.used2d = self.used.reshape(self.nblocks, PMD_PAGES)
+        self.block_used = np.zeros(self.nblocks, dtype=np.int32)
+        self.nr_free = self.npages
+        self._hint = 0
+
+    def reserve(self, pfn: int, count: int) -> None:
+        """Take frames out of the allocator for good (zero pages, firmware …)."""
+        sl = slice(pfn, pfn + count)
+        if self.used[sl].any():
+            raise ValueError("reserving frames that are in use")
+        self.used[sl] = True
+        np.add.at(self.block_used, np.arange(pfn, pfn + count) >> PMD_ORDER, 1)
+        self.nr_free -= count
+
+    def alloc(self, order: int, count: int = 1) -> NDArray[np.int64]:
+        """Head pfns of ``count`` free blocks of ``2**order`` frames (all or nothing)."""
+        if not 0 <= order <= MAX_ORDER:
+            raise ValueError(f"order {order} outside 0..{MAX_ORDER}")
+        if count <= 0:
+            return np.empty(0, dtype=I64)
+        size = 1 << order
+        if size * count > self.nr_free:
+            raise OutOfMemory(f"cannot allocate {count} block(s) of order {order}")
+        if order >= PMD_ORDER:
+            heads = self._alloc_large(order, count)
+        elif count == 1 and order == 0:
+            heads = self._alloc_one_small()
+        else:
+            heads = self._alloc_small(order, count)
+        self._mark(heads, size, True)
+        return heads
+
+    def _alloc_large(self, order: int, count: int) -> NDArray[np.int64]:
+        per = 1 << (order - PMD_ORDER)
+        free_blocks = self.block_used == 0
+        if per > 1:
+            ngroups = self.nblocks // per
+            free_blocks = free_blocks[: ngroups * per].reshape(ngroups, per).all(axis=1)
+        groups = np.flatnonzero(free_blocks)[:count]
+        if len(groups) < count:
+            raise OutOfMemory(f"no {count} free contiguous block(s) of order {order}")
+        return groups.astype(I64) << order
+
+    def _alloc_one_small(self) -> NDArray[np.int64]:
+        b = self._hint
+        if self.block_used[b] < PMD_PAGES:
+            slot = int(np.argmin(self.used2d[b]))
+            return np.array([b * PMD_PAGES + slot], dtype=I64)
+        heads = self._alloc_small(0, 1)
+        self._hint = int(heads[0]) >> PMD_ORDER
+        return heads
+
+    def _alloc_small(self, order: int, count: int) -> NDArray[np.int64]:
+        size = 1 << order
+        per = PMD_PAGES >> order
+        bu = self.block_used
+        partial = np.flatnonzero((bu > 0) & (bu <= PMD_PAGES - size))
+        empty = np.flatnonzero(bu == 0)
+        cand = np.concatenate([partial, empty])
+        found: list[NDArray[np.int64]] = []
+        need = count
+        i = 0
+        while need > 0 and i < len(cand):
+            capacity = (PMD_PAGES - bu[cand[i:]]) >> order
+            # enough blocks to cover the need if each were unfragmented
+            j = int(np.searchsorted(np.cumsum(capacity), need)) + 1
+            take = cand[i : i + j]
+            i += j
+            slots = ~self.used2d[take].reshape(len(take), per, size).any(axis=2)
+            idx = np.flatnonzero(slots)[:need]
+            heads = take[idx // per].astype(I64) * PMD_PAGES + (idx % per).astype(I64) * size
+            found.append(heads)
+            need -= len(heads)
+        if need > 0:
+            raise OutOfMemory(f"memory too fragmented for {count} block(s) of order {order}")
+        return found[0] if len(found) == 1 else np.concatenate(found)
+
+    def _mark(self, heads: NDArray[np.int64], size: int, used: bool) -> None:
+        if size == 1:
+            idx = heads
+        elif size >= PMD_PAGES:
+            blocks = (heads[:, None] // PMD_PAGES + np.arange(size // PMD_PAGES)).reshape(-1)
+            self.used2d[blocks] = used
+            self.block_used[blocks] = PMD_PAGES if used else 0
+            self.nr_free += -size * len(heads) if used else size * len(heads)
+            return
+        else:
+            idx = (heads[:, None] + np.arange(size)).reshape(-1)
+        self.used[idx] = used
+        np.add.at(self.block_used, heads >> PMD_ORDER, size if used else -size)
+        self.nr_free += -size * len(heads) if used else size * len(heads)
+
+    def free(self, heads: NDArray[np.int64], order: int) -> None:
+        size = 1 << order
+        if not self.used[heads].all():
+            raise AssertionError("double free of page frames")
+        self._mark(heads, size, False)
+
+
+class PhysMem:
+    """All frames of the machine with their folio metadata and contents."""
+
+    def __init__(self, ram_bytes: int, store_data: bool, costs: Costs) -> None:
+        if ram_bytes < 8 * PMD_PAGES * PAGE_SIZE:
+            raise ValueError("ram_bytes must be at least 16 MiB")
+        self.costs = costs
+        self.store_data = store_data
+        self.ram_pages = (ram_bytes // PAGE_SIZE) // PMD_PAGES * PMD_PAGES
+        self.allocator = FrameAllocator(self.ram_pages)
+        n = self.ram_pages
+        self.capacity = n
+        self.refcount = np.zeros(n, dtype=np.int32)
+        self.mapcount = np.zeros(n, dtype=np.int32)
+        self.order = np.zeros(n, dtype=np.uint8)
+        self.flags = np.zeros(n, dtype=np.uint16)
+        self.mapping = np.zeros(n, dtype=np.int32)
+        self.index = np.zeros(n, dtype=np.int64)
+        self.arena: NDArray[np.uint8] | None = (
+            np.zeros((n, PAGE_SIZE), dtype=np.uint8) if store_data else None
+        )
+        # The zero page and the huge zero folio: reserved, always zero.
+        self.allocator.reserve(ZERO_PFN, 1)
+        self.allocator.reserve(HUGE_ZERO_PFN, PMD_PAGES)
+        self.flags[ZERO_PFN] = PG_reserved | PG_zeroed
+        self.flags[HUGE_ZERO_PFN : HUGE_ZERO_PFN + PMD_PAGES] = PG_reserved | PG_zeroed
+        self.order[HUGE_ZERO_PFN : HUGE_ZERO_PFN + PMD_PAGES] = PMD_ORDER
+        self.refcount[ZERO_PFN] = 1
+        self.refcount[HUGE_ZERO_PFN] = 1
+        #: Hugetlb pages go back to their pool instead of the allocator.
+        self.hugetlb_release: dict[int, object] = {}
+        self.on_release: list[object] = []
+
+    # ----- identity ----------------------------------------------------------
+    def head_of(self, pfns: NDArray[np.int64]) -> NDArray[np.int64]:
+        order = self.order[pfns].astype(I64)
+        return pfns & ~((I64(1) << order) - 1)
+
+    def head(self, pfn: int) -> int:
+        return pfn & ~((1 << int(self.order[pfn])) - 1)
+
+    def is_zero_pfn(self, pfn: int) -> bool:
+        return pfn == ZERO_PFN or HUGE_ZERO_PFN <= pfn < HUGE_ZERO_PFN + PMD_PAGES
+
+    def zero_mask(self, pfns: NDArray[np.int64]) -> NDArray[np.bool_]:
+        return (pfns == ZERO_PFN) | ((pfns >= HUGE_ZERO_PFN) & (pfns < HUGE_ZERO_PFN + PMD_PAGES))
+
+    def valid_pfn(self, pfn: int) -> bool:
+        return 0 <= pfn < self.capacity
+
+    # ----- allocation and references -----------------------------------------
+    def alloc(self, order: int, count: int = 1, flags: int = 0) -> NDArray[np.int64]:
+        """Allocate ``count`` folios of ``order``: refcount 1, contents zero."""
+        heads = self.allocator.alloc(order, count)
+        self.init_folios(heads, order, flags)
+        return heads
+
+    def init_folios(self, heads: NDArray[np.int64], order: int, flags: int) -> None:
+        size = 1 << order
+        if size == 1:
+            pages: NDArray[np.int64] | slice = heads
+        elif len(heads) == 1:
+            h = int(heads[0])
+            pages = slice(h, h + size)
+        else:
+            pages = (heads[:, None] + np.arange(size)).reshape(-1)
+        self.order[pages] = order
+        self.flags[pages] = PG_zeroed
+        self.mapcount[pages] = 0
+        self.refcount[pages] = 0
+        self.mapping[pages] = 0
+        self.index[pages] = 0
+        self.refcount[heads] = 1
+        if flags:
+            self.flags[heads] |= np.uint16(flags)
+        self.costs.pages_allocated += size * len(heads)
+
+    def alloc_one(self, order: int = 0, flags: int = 0) -> int:
+        return int(self.alloc(order, 1, flags)[0])
+
+    def get(self, heads: NDArray[np.int64], n: int = 1) -> None:
+        np.add.at(self.refcount, heads, n)
+
+    def put(self, heads: NDArray[np.int64]) -> None:
+        """Drop one reference per entry; folios reaching zero are freed."""
+        if len(heads) == 0:
+            return
+        np.subtract.at(self.refcount, heads, 1)
+        rc = self.refcount[heads]
+        if (rc <= 0).any():
+            dead = np.unique(heads[rc <= 0])
+            if (self.refcount[dead] < 0).any():
+                raise AssertionError("folio refcount underflow")
+            self.release(dead)
+
+    def put_one(self, head: int) -> None:
+        self.refcount[head] -= 1
+        rc = int(self.refcount[head])
+        if rc == 0:
+            self.release(np.array([head], dtype=I64))
+        elif rc < 0:
+            raise AssertionError(f"folio refcount underflow at pfn {head:#x}")
+
+    def release(self, heads: NDArray[np.int64]) -> None:
+        """Free folios whose last reference is gone."""
+        for hook in self.on_release:
+            hook(heads)  # type: ignore[operator]
+        orders = self.order[heads]
+        hugetlb = (self.flags[heads] & PG_hugetlb) != 0
+        for order in np.unique(orders):
+            sel = (orders == order) & ~hugetlb
+            if sel.any():
+                hs = heads[sel]
+                self.allocator.free(hs, int(order))
+                self.costs.pages_freed += len(hs) << int(order)
+        if hugetlb.any():
+            for h in heads[hugetlb]:
+                pool = self.hugetlb_release[int(self.order[h])]
+                pool.free_page(int(h))  # type: ignore[attr-defined]
+        poisoned = (self.flags[heads] & PG_hwpoison) != 0
+        if poisoned.any():
+            # A poisoned frame never goes back into circulation.
+            for h in heads[poisoned]:
+                self.allocator.reserve(int(h), 1 << int(self.order[h]))
+
+    # ----- contents ----------------------------------------------------------
+    def read_pages(self, pfns: NDArray[np.int64]) -> NDArray[np.uint8]:
+        """Contents of whole pages, shape (len(pfns), PAGE_SIZE)."""
+        if self.arena is None:
+            return np.zeros((len(pfns), PAGE_SIZE), dtype=np.uint8)
+        out = self.arena[pfns]
+        zeroed = (self.flags[pfns] & PG_zeroed) != 0
+        if zeroed.any():
+            out[zeroed] = 0
+        return out
+
+    def read(self, pfn: int, offset: int, length: int) -> bytes:
+        if self.arena is None or self.flags[pfn] & PG_zeroed:
+            return bytes(length)
+        return self.arena[pfn, offset : offset + length].tobytes()
+
+    def _materialize(self, pfns: NDArray[np.int64]) -> None:
+        assert self.arena is not None
+        zeroed = (self.flags[pfns] & PG_zeroed) != 0
+        if zeroed.any():
+            z = pfns[zeroed]
+            self.arena[z] = 0
+            self.flags[z] &= np.uint16(~PG_zeroed & 0xFFFF)
+
+    def write(self, pfn: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.arena is None:
+            return
+        self._materialize(np.array([pfn], dtype=I64))
+        self.arena[pfn, offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+
+    def write_pages(self, pfns: NDArray[np.int64], data: NDArray[np.uint8]) -> None:
+        """Overwrite whole pages (``data`` has shape (len(pfns), PAGE_SIZE))."""
+        if self.arena is None:
+            return
+        self.arena[pfns] = data
+        self.flags[pfns] &= np.uint16(~PG_zeroed & 0xFFFF)
+
+    def copy_pages(self, dst: NDArray[np.int64], src: NDArray[np.int64]) -> None:
+        """Copy page contents (``copy_highpage``), keeping lazy zeroes lazy."""
+        self.costs.pages_copied += len(dst)
+        self.costs.bytes_copied += len(dst) * PAGE_SIZE
+        if self.arena is None:
+            return
+        src_zero = (self.flags[src] & PG_zeroed) != 0
+        keep = ~src_zero
+        if keep.any():
+            self.arena[dst[keep]] = self.arena[src[keep]]
+            self.flags[dst[keep]] &= np.uint16(~PG_zeroed & 0xFFFF)
+        if src_zero.any():
+            self.flags[dst[src_zero]] |= np.uint16(PG_zeroed)
+
+    def zero_pages(self, pfns: NDArray[np.int64]) -> None:
+        self.flags[pfns] |= np.uint16(PG_zeroed)
+
+    def folio_pages(self, head: int) -> NDArray[np.int64]:
+        return np.arange(head, head + (1 << int(self.order[head])), dtype=I64)

@@ -1,0 +1,365 @@
+"""A process: memory syscalls, CPU loads and stores, pagemap.
+
+Kernel counterpart: the syscall entry points of mm/ (``mmap``, ``munmap``,
+``mprotect``, ``madvise``, ``mremap``, ``move_pages``), ``fork``/``exit``,
+the arch page-fault handler (a CPU access checks the VMA's permissions,
+then calls ``handle_mm_fault``) and ``/proc/pid/pagemap``.
+
+Each syscall takes ``mmap_lock`` in the mode the kernel takes it, validates
+its arguments completely before changing anything, and raises the errno
+exception the kernel would return. A CPU access to an address with no VMA,
+or without the needed permission, raises ``SegmentationFault`` before any
+byte moves; one whose fault fails raises ``BusError`` (SIGBUS, hwpoison) or
+``OutOfMemory``.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import BusError, InvalidArgument, NoProcess, OutOfMemory, SegmentationFault
+from .address_space import AddressSpace
+from .fault import (
+    VM_FAULT_ERROR,
+    VM_FAULT_HWPOISON,
+    VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_OOM,
+    VM_FAULT_SIGBUS,
+    entries_needing_fault,
+    populate_range,
+)
+from .fork import dup_mm
+from .madvise import WRITE_LOCKED_ADVICE, check_advice, do_madvise
+from .migration import migrate_folio
+from .mmap import do_mmap, do_mremap, do_munmap
+from .mprotect import do_mprotect
+from .pagetable import (
+    KIND_DEVICE_EXCLUSIVE,
+    KIND_DEVICE_PRIVATE,
+    KIND_HWPOISON,
+    KIND_MARKER,
+    KIND_MIGRATION,
+    KIND_NONE,
+    KIND_PRESENT,
+    KIND_PROTNONE,
+    KIND_SWAP,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PTE_DIRTY,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    PTE_YOUNG,
+    U64,
+)
+from .physmem import PG_anon, PG_hugetlb, PG_swapbacked
+from .vma import VM_READ, VM_WRITE
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+#: How often a CPU access re-faults a range that changed under it before giving up.
+MAX_ACCESS_RETRIES = 64
+
+
+@attrs.frozen
+class PagemapEntry:
+    """One page of ``/proc/pid/pagemap``, decoded.
+
+    ``kind`` names what backs the page: none, zero, anon, file, shmem,
+    hugetlb, pfnmap, swap, migration, hwpoison, marker, device_private,
+    device_exclusive, device_coherent, p2p. A device-private entry reads as
+    swapped, not present, as in Linux.
+    """
+
+    addr: int
+    present: bool
+    swapped: bool
+    pfn: int | None
+    writable: bool
+    order: int
+    kind: str
+    dirty: bool = False
+    exclusive: bool = False
+    swap_offset: int | None = None
+
+
+@attrs.define(eq=False, repr=False)
+class Process:
+    """A process of the simulated machine, with its address space ``mm``."""
+
+    machine: Machine
+    pid: int
+    mm: AddressSpace = attrs.field(init=False)
+    exited: bool = False
+    #: VMAs the OOM reaper had to skip (a notifier refused), if it ran.
+    oom_reap_skipped: list[str] = attrs.field(factory=list)
+
+    def __attrs_post_init__(self) -> None:
+        self.mm = AddressSpace(self.machine)
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exited else f"{len(self.mm.vmas)} VMAs"
+        return f"Process(pid={self.pid}, {state})"
+
+    def _alive(self) -> None:
+        if self.exited:
+            raise NoProcess(f"process {self.pid} has exited")
+
+    # ----- memory syscalls --------------------------------------------------------
+    def mmap(
+        self,
+        length: int,
+        prot: int,
+        flags: int,
+        file: Any = None,
+        offset: int = 0,
+        addr: int = 0,
+    ) -> int:
+        """``mmap(2)``; returns the address of the new mapping."""
+        self._alive()
+        with self.mm.mmap_lock.write():
+            return do_mmap(self.mm, addr, length, prot, flags, file, offset)
+
+    def munmap(self, addr: int, length: int) -> None:
+        self._alive()
+        with self.mm.mmap_lock.write():
+            do_munmap(self.mm, addr, length)
+
+    def mprotect(self, addr: int, length: int, prot: int) -> None:
+        self._alive()
+        with self.mm.mmap_lock.write():
+            do_mprotect(self.mm, addr, length, prot)
+
+    def madvise(self, addr: int, length: int, advice: int) -> None:
+        self._alive()
+        check_advice(advice)
+        lock = self.mm.mmap_lock
+        with lock.write() if advice in WRITE_LOCKED_ADVICE else lock.read():
+            do_madvise(self.mm, addr, length, advice)
+
+    def mremap(
+        self, old: int, old_len: int, new_len: int, flags: int = 0, new_addr: int | None = None
+    ) -> int:
+        """``mremap(2)``; returns the (possibly new) address of the mapping."""
+        self._alive()
+        with self.mm.mmap_lock.write():
+            return do_mremap(self.mm, old, old_len, new_len, flags, new_addr)
+
+    def move_pages(self, addr: int, npages: int) -> list[int]:
+        """``move_pages(2)`` to "another node": move each page to a new frame.
+
+        Returns a status per page: 0 when moved, -ENOENT when not present,
+        -EFAULT when unmapped, the zero page or a special mapping, -EBUSY
+        when the page is pinned or locked, -ENOMEM when no frame is free.
+        """
+        self._alive()
+        if addr % PAGE_SIZE or npages <= 0:
+            raise InvalidArgument("move_pages: page-aligned address and npages > 0 required")
+        status = [0] * npages
+        machine = self.machine
+        phys = machine.phys
+        with self.mm.mmap_lock.read():
+            vpn0 = addr >> PAGE_SHIFT
+            walk = self.mm.pt.walk(vpn0, npages)
+            kinds = walk.kinds
+            pfns = walk.pfns()
+            done: dict[int, int] = {}
+            for i in range(npages):
+                vma = self.mm.vmas.find((vpn0 + i) << PAGE_SHIFT)
+                if vma is None:
+                    status[i] = -errno.EFAULT
+                    continue
+                kind = int(kinds[i])
+                if kind != KIND_PRESENT:
+                    status[i] = -errno.ENOENT
+                    continue
+                pfn = int(pfns[i])
+                if walk.entries[i] & U64(PTE_SPECIAL) or phys.is_zero_pfn(pfn):
+                    status[i] = -errno.EFAULT
+                    continue
+                head = phys.head(pfn)
+                if head not in done:
+                    done[head] = migrate_folio(machine, head)
+                status[i] = done[head]
+        return status
+
+    def fork(self) -> Process:
+        """``fork(2)``: a child with a copy-on-write copy of the address space."""
+        self._alive()
+        child = self.machine.spawn()
+        with self.mm.mmap_lock.write():
+            dup_mm(self, child.mm)
+        return child
+
+    def exit(self) -> None:
+        """``exit(2)``: drop the process's user of the mm (the last one tears it down)."""
+        self._alive()
+        self.exited = True
+        if self in self.machine.processes:
+            self.machine.processes.remove(self)
+        self.mm.mmput()
+
+    # ----- CPU accesses -------------------------------------------------------------
+    def read(self, addr: int, length: int) -> bytes:
+        """A CPU load of ``length`` bytes; faults as Linux would."""
+        self._alive()
+        if length < 0:
+            raise InvalidArgument("negative read length")
+        if length == 0:
+            return b""
+        with self.mm.mmap_lock.read():
+            return self._access(addr, length, None)
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """A CPU store of ``data``; faults (and breaks COW) as Linux would."""
+        self._alive()
+        if len(data) == 0:
+            return
+        with self.mm.mmap_lock.read():
+            self._access(addr, len(data), bytes(data))
+
+    def _pieces(self, addr: int, length: int, write: bool) -> list[tuple[Any, int, int]]:
+        end = addr + length
+        if addr < 0 or end > (1 << 47):
+            raise SegmentationFault(f"access to [{addr:#x}, {end:#x}) is outside user space")
+        need = VM_WRITE if write else (VM_READ | VM_WRITE)
+        pos = addr
+        pieces = []
+        for vma in self.mm.vmas.intersecting(addr, end):
+            if vma.start > pos:
+                break
+            if not vma.flags & need:
+                what = "write to" if write else "read from"
+                raise SegmentationFault(f"{what} {pos:#x}: {vma} does not allow it")
+            pieces.append((vma, pos, min(end, vma.end)))
+            pos = vma.end
+        if pos < end:
+            raise SegmentationFault(f"access to {pos:#x}: no mapping there")
+        return pieces
+
+    def _access(self, addr: int, length: int, data: bytes | None) -> bytes:
+        write = data is not None
+        out = bytearray() if not write else b""
+        phys = self.machine.phys
+        pt = self.mm.pt
+        for vma, lo, hi in self._pieces(addr, length, write):
+            vpn0 = lo >> PAGE_SHIFT
+            n = ((hi + PAGE_SIZE - 1) >> PAGE_SHIFT) - vpn0
+            for _ in range(MAX_ACCESS_RETRIES):
+                ret = populate_range(vma, vpn0, n, write)
+                if ret & VM_FAULT_ERROR:
+                    _raise_fault(ret, lo, write)
+                walk = pt.walk(vpn0, n)
+                if not entries_needing_fault(walk.entries, write).any():
+                    break
+            else:
+                raise BusError(f"access to {lo:#x} kept faulting (livelock)")
+            pfns = walk.pfns()
+            locs = walk.loc
+            pt.flat[locs] |= U64(PTE_YOUNG | (PTE_DIRTY if write else 0))
+            off = lo - (vpn0 << PAGE_SHIFT)
+            pages = phys.read_pages(pfns).reshape(-1)
+            if write:
+                assert data is not None
+                chunk = data[lo - addr : hi - addr]
+                pages[off : off + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                phys.write_pages(pfns, pages.reshape(n, PAGE_SIZE))
+            else:
+                assert isinstance(out, bytearray)
+                out += pages[off : off + (hi - lo)].tobytes()
+        return bytes(out)
+
+    # ----- introspection ------------------------------------------------------------
+    def pagemap(self, addr: int, npages: int) -> list[PagemapEntry]:
+        """``/proc/pid/pagemap`` for ``npages`` pages from ``addr``."""
+        self._alive()
+        if addr % PAGE_SIZE or npages < 0:
+            raise InvalidArgument("pagemap: page-aligned address and npages >= 0 required")
+        if npages == 0:
+            return []
+        walk = self.mm.pt.walk(addr >> PAGE_SHIFT, npages)
+        return decode_pagemap(self.machine, addr, walk.entries, walk.kinds, walk.pfns(), walk.order)
+
+
+def _raise_fault(ret: int, addr: int, write: bool) -> None:
+    what = "write to" if write else "read from"
+    if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE):
+        raise BusError(f"{what} {addr:#x}: memory is poisoned")
+    if ret & VM_FAULT_SIGBUS:
+        raise BusError(f"{what} {addr:#x}: SIGBUS (beyond end of file, empty pool or device)")
+    if ret & VM_FAULT_OOM:
+        raise OutOfMemory(f"{what} {addr:#x}: out of memory")
+    raise SegmentationFault(f"{what} {addr:#x}: fault failed ({ret:#x})")
+
+
+def _backing_kind(machine: Machine, pfn: int, entry: int) -> str:
+    phys = machine.phys
+    if phys.is_zero_pfn(pfn):
+        return "zero"
+    if entry & PTE_SPECIAL or not phys.valid_pfn(pfn):
+        return "pfnmap"
+    flags = int(phys.flags[pfn])
+    if flags & PG_hugetlb:
+        return "hugetlb"
+    if flags & PG_anon:
+        return "anon"
+    return "shmem" if flags & PG_swapbacked else "file"
+
+
+_SOFT_NAMES = {
+    KIND_SWAP: "swap",
+    KIND_MIGRATION: "migration",
+    KIND_HWPOISON: "hwpoison",
+    KIND_DEVICE_PRIVATE: "device_private",
+    KIND_DEVICE_EXCLUSIVE: "device_exclusive",
+}
+
+
+def decode_pagemap(
+    machine: Machine,
+    addr: int,
+    entries: NDArray[np.uint64],
+    kinds: NDArray[np.uint8],
+    pfns: NDArray[np.int64],
+    orders: NDArray[np.uint8],
+) -> list[PagemapEntry]:
+    phys = machine.phys
+    out = []
+    for i in range(len(entries)):
+        e = int(entries[i])
+        kind = int(kinds[i])
+        a = addr + i * PAGE_SIZE
+        pfn = int(pfns[i])
+        order = int(orders[i])
+        if kind == KIND_NONE:
+            out.append(PagemapEntry(a, False, False, None, False, 0, "none"))
+        elif kind in (KIND_PRESENT, KIND_PROTNONE):
+            backing = _backing_kind(machine, pfn, e)
+            exclusive = False
+            if backing not in ("zero", "pfnmap"):
+                exclusive = bool(phys.mapcount[phys.head(pfn)] == 1)
+            out.append(
+                PagemapEntry(
+                    a,
+                    True,
+                    False,
+                    pfn,
+                    kind == KIND_PRESENT and bool(e & PTE_WRITE),
+                    order,
+                    backing,
+                    dirty=bool(e & PTE_DIRTY),
+                    exclusive=exclusive,
+                )
+            )
+        elif kind == KIND_MARKER:
+            out.append(PagemapEntry(a, False, False, None, False, order, "marker"))
+        elif kind == KIND_SWAP:
+            out.append(PagemapEntry(a, False, True, None, False, 0, "swap", swap_offset=pfn))
+        else:
+            out.append(PagemapEntry(a, False, True, pfn, False, order, _SOFT_NAMES[kind]))
+    return out

@@ -1,0 +1,187 @@
+"""Reverse mapping: from a folio to every place that maps it.
+
+Kernel counterpart: mm/rmap.c (``anon_vma``, ``anon_vma_chain``,
+``anon_vma_fork``, ``rmap_walk``) and the file ``i_mmap`` tree.
+
+A folio records its ``mapping`` (an anon_vma or a file, by registry id) and
+its ``index`` (linear page index). Every VMA that may map it is linked to
+that anon_vma (or, for files, sits in the file's ``i_mmap``); the address of
+the folio in such a VMA is ``start + (index - pgoff) * PAGE_SIZE``. Fork links
+the child's VMAs to all of the parent's anon_vmas and gives the child an
+anon_vma of its own for the pages it creates, as ``anon_vma_fork`` does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import attrs
+import numpy as np
+from numpy.typing import NDArray
+
+from .pagetable import (
+    KIND_DEVICE_EXCLUSIVE,
+    KIND_DEVICE_PRIVATE,
+    KIND_HWPOISON,
+    KIND_MIGRATION,
+    KIND_PRESENT,
+    KIND_PROTNONE,
+    PAGE_SHIFT,
+)
+from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+    from .vma import Vma
+
+
+@attrs.define(eq=False)
+class AnonVma:
+    """A group of VMAs that may map the same anonymous pages."""
+
+    id: int
+    vmas: set[Vma] = attrs.field(factory=set)
+    serial: int = attrs.field(factory=itertools.count(1).__next__)
+
+
+def anon_vma_prepare(machine: Machine, vma: Vma) -> AnonVma:
+    """Give ``vma`` an anon_vma before its first anonymous page."""
+    if vma.anon_vma is None:
+        av = AnonVma(machine.register_mapping(None))
+        machine.mappings[av.id] = av
+        vma.anon_vma = av
+        vma.anon_chain.append(av)
+        av.vmas.add(vma)
+    return vma.anon_vma
+
+
+def anon_vma_clone(dst: Vma, src: Vma) -> None:
+    """Link ``dst`` (a split-off part or a copy) to every anon_vma of ``src``."""
+    dst.anon_vma = src.anon_vma
+    dst.anon_chain = list(src.anon_chain)
+    for av in dst.anon_chain:
+        av.vmas.add(dst)
+
+
+def anon_vma_fork(machine: Machine, child: Vma, parent: Vma) -> None:
+    """Child VMA of a fork: the parent's anon_vmas plus one of its own."""
+    child.anon_chain = []
+    child.anon_vma = None
+    if parent.anon_vma is None:
+        return
+    for av in parent.anon_chain:
+        av.vmas.add(child)
+        child.anon_chain.append(av)
+    own = AnonVma(machine.register_mapping(None))
+    machine.mappings[own.id] = own
+    own.vmas.add(child)
+    child.anon_chain.append(own)
+    child.anon_vma = own
+
+
+def unlink_anon_vmas(vma: Vma) -> None:
+    for av in vma.anon_chain:
+        av.vmas.discard(vma)
+    vma.anon_chain = []
+    vma.anon_vma = None
+
+
+def root_anon_vma(vma: Vma) -> AnonVma:
+    """The oldest anon_vma of the VMA: where shared (non-exclusive) pages go."""
+    return vma.anon_chain[0]
+
+
+@attrs.frozen
+class RmapHit:
+    """The pages of one folio mapped by one VMA: virtual pages and entry slots."""
+
+    vma: Vma
+    vpns: NDArray[np.int64]
+    pfns: NDArray[np.int64]
+    locs: NDArray[np.int64]
+    levels: NDArray[np.int8]
+    entries: NDArray[np.uint64]
+
+
+_MAPPING_KINDS = (
+    KIND_PRESENT,
+    KIND_PROTNONE,
+    KIND_MIGRATION,
+    KIND_DEVICE_PRIVATE,
+    KIND_DEVICE_EXCLUSIVE,
+    KIND_HWPOISON,
+)
+
+
+def candidate_vmas(machine: Machine, head: int) -> list[Vma]:
+    phys = machine.phys
+    owner = machine.mappings.get(int(phys.mapping[head]))
+    if owner is None:
+        return []
+    if phys.flags[head] & PG_anon:
+        return sorted(owner.vmas, key=lambda v: (v.mm.id, v.start))
+    return sorted(owner.i_mmap, key=lambda v: (v.mm.id, v.start))
+
+
+def rmap_walk(machine: Machine, head: int) -> Iterator[RmapHit]:
+    """Every mapping of the folio at ``head`` (present or a pfn-carrying softleaf)."""
+    phys = machine.phys
+    nr = 1 << int(phys.order[head])
+    index = int(phys.index[head])
+    for vma in candidate_vmas(machine, head):
+        first_vpn = vma.start_vpn + (index - vma.pgoff)
+        lo = max(first_vpn, vma.start_vpn)
+        hi = min(first_vpn + nr, vma.end_vpn)
+        if lo >= hi:
+            continue
+        walk = vma.mm.pt.walk(lo, hi - lo)
+        kinds = walk.kinds
+        pfns = walk.pfns()
+        mask = np.isin(kinds, _MAPPING_KINDS) & (pfns >= head) & (pfns < head + nr)
+        if not mask.any():
+            continue
+        vpns = np.arange(lo, hi, dtype=np.int64)[mask]
+        yield RmapHit(vma, vpns, pfns[mask], walk.loc[mask], walk.level[mask], walk.entries[mask])
+
+
+def folio_address(vma: Vma, head: int, index: int) -> int:
+    return (vma.start_vpn + index - vma.pgoff) << PAGE_SHIFT
+
+
+def folio_add_new_anon_rmap(
+    machine: Machine, vma: Vma, heads: NDArray[np.int64], vpns: NDArray[np.int64], order: int
+) -> None:
+    """New exclusive anonymous folios of ``vma``, mapped once at ``vpns``.
+
+    Sets the folio flags on every page (so vectorised checks need no head
+    lookup), ``PG_anon_exclusive`` on every page, and the rmap key
+    (anon_vma id, linear index) at the head.
+    """
+    phys = machine.phys
+    av = anon_vma_prepare(machine, vma)
+    flags = np.uint16(PG_anon | PG_swapbacked | PG_anon_exclusive)
+    if order == 0:
+        phys.flags[heads] |= flags
+    else:
+        pages = (heads[:, None] + np.arange(1 << order)).reshape(-1)
+        phys.flags[pages] |= flags
+    phys.mapping[heads] = av.id
+    phys.index[heads] = vma.pgoff + vpns - vma.start_vpn
+    phys.mapcount[heads] = 1
+
+
+def folios_mapped_only_by(
+    mapcount: NDArray[np.int32], heads: NDArray[np.int64], locs: NDArray[np.int64]
+) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """Distinct folios among ``heads``, and whether these entries are all their mappings.
+
+    ``locs`` are the entries mapping each page (a PMD leaf repeats for its 512
+    pages but is one mapping).
+    """
+    if len(heads) == 0:
+        return heads, np.zeros(0, dtype=np.bool_)
+    pairs = np.unique(np.stack([heads, locs]), axis=1)
+    uheads, nmaps = np.unique(pairs[0], return_counts=True)
+    return uheads, mapcount[uheads] == nmaps

@@ -1,0 +1,209 @@
+"""Transparent huge pages: eligibility, PMD split, and MADV_COLLAPSE.
+
+Kernel counterpart: mm/huge_memory.c (``thp_vma_allowable_order``,
+``__split_huge_pmd``) and mm/khugepaged.c (``madvise_collapse``).
+
+Splitting a PMD mapping leaves the folio whole: 512 PTEs then map the pages
+of one order-9 folio (a "PTE-mapped THP"; its CPU mapping order is 0 while
+the folio order stays 9).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import Again, InvalidArgument, OutOfMemory
+from ..notifier import MMU_NOTIFY_CLEAR, invalidation
+from .pagetable import (
+    KIND_DEVICE_PRIVATE,
+    KIND_PRESENT,
+    KIND_PROTNONE,
+    PAGE_SHIFT,
+    PMD_ORDER,
+    PMD_PAGES,
+    PTE_HUGE,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_PROTNONE,
+    PTE_SPECIAL,
+    PTE_YOUNG,
+    U64,
+    is_table_pointer,
+    kind_of,
+    make_present,
+    pfn_of,
+)
+from .physmem import ZERO_PFN, PG_anon, PhysMem
+from .rmap import folio_add_new_anon_rmap
+from .vma import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
+
+if TYPE_CHECKING:
+    from .vma import Vma
+
+
+def thp_vma_suitable(vma: Vma, vpn: int) -> bool:
+    """The aligned 2 MiB around ``vpn`` fits in the VMA, and pgoff is aligned too."""
+    haddr = vpn & ~(PMD_PAGES - 1)
+    if haddr < vma.start_vpn or haddr + PMD_PAGES > vma.end_vpn:
+        return False
+    return (vma.start_vpn - vma.pgoff) % PMD_PAGES == 0
+
+
+def thp_vma_allowable(vma: Vma, *, collapse: bool = False) -> bool:
+    """THP may back this VMA: anonymous private memory, per the THP mode.
+
+    ``MADV_COLLAPSE`` ignores the mode ("never" included); only
+    ``VM_NOHUGEPAGE`` refuses it. shmem and regular files are modelled with
+    THP off (the kernel's default ``shmem_enabled=never``, and filesystems
+    without large folios).
+    """
+    if not vma.is_anonymous or vma.is_hugetlb or vma.is_shared:
+        return False
+    if vma.flags & VM_NOHUGEPAGE:
+        return False
+    if collapse:
+        return True
+    mode = vma.mm.machine.config.thp
+    return mode == "always" or (mode == "madvise" and bool(vma.flags & VM_HUGEPAGE))
+
+
+def split_leaf_entries(phys: PhysMem, e: int) -> NDArray[np.uint64]:
+    """The 512 PTEs equivalent to the PMD entry ``e``, adjusting folio counts.
+
+    A PMD mapping counts once in the folio's mapcount and holds one
+    reference; 512 PTE mappings count 512 times.
+    """
+    kind = kind_of(e)
+    base = pfn_of(e)
+    if kind in (KIND_PRESENT, KIND_PROTNONE) and phys.is_zero_pfn(base):
+        zero = make_present(ZERO_PFN, special=True, young=bool(e & PTE_YOUNG))
+        if kind == KIND_PROTNONE:
+            zero = (zero & ~PTE_PRESENT) | PTE_PROTNONE
+        return np.full(PMD_PAGES, zero, dtype=U64)
+    low = U64(e & ~PTE_PFN_MASK & ~PTE_HUGE)
+    ptes = ((U64(base) + np.arange(PMD_PAGES, dtype=U64)) << U64(12)) | low
+    if kind in (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE):
+        head = phys.head(base)
+        phys.mapcount[head] += PMD_PAGES - 1
+        phys.refcount[head] += PMD_PAGES - 1
+    return ptes
+
+
+def split_huge_pmd(vma: Vma, vpn: int) -> bool:
+    """``__split_huge_pmd``: replace the PMD entry covering ``vpn`` by 512 PTEs.
+
+    Emits ``MMU_NOTIFY_CLEAR`` over the 2 MiB range. Returns False if there
+    was no PMD entry to split.
+    """
+    mm = vma.mm
+    pt = mm.pt
+    haddr = vpn & ~(PMD_PAGES - 1)
+    pmdloc = pt.pmd_loc(haddr)
+    if pmdloc < 0:
+        return False
+    e = pt.get(pmdloc)
+    if e == 0 or is_table_pointer(e):
+        return False
+    start = haddr << PAGE_SHIFT
+    with invalidation(mm, MMU_NOTIFY_CLEAR, start, start + (PMD_PAGES << PAGE_SHIFT)):
+        e = pt.get(pmdloc)
+        if e == 0 or is_table_pointer(e):
+            return False
+        t = pt.alloc_table()
+        pt.rows[t] = split_leaf_entries(mm.machine.phys, e)
+        pt.set(pmdloc, (t << 12) | PTE_PRESENT)
+        mm.machine.costs.pte_writes += PMD_PAGES + 1
+        mm.machine.costs.thp_splits += 1
+    return True
+
+
+def split_huge_pmds_in(vma: Vma, start_vpn: int, end_vpn: int) -> int:
+    """Split every PMD leaf that [start_vpn, end_vpn) covers only partly."""
+    split = 0
+    for edge in (start_vpn, end_vpn):
+        if edge & (PMD_PAGES - 1) and vma.start_vpn <= edge < vma.end_vpn:
+            split += split_huge_pmd(vma, edge)
+    return split
+
+
+def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
+    """``MADV_COLLAPSE`` over the 2 MiB-aligned chunks of [start_vpn, end_vpn).
+
+    Each chunk is copied into a fresh THP mapped by one PMD (``CLEAR`` over
+    the chunk). Missing and zero pages become zero; swapped-out pages are
+    faulted in first. A chunk with a page that has references beyond its
+    mappings (pinned) or that is not anonymous cannot be collapsed: the call
+    fails with ``Again`` (the kernel's SCAN_PAGE_COUNT → -EAGAIN) after doing
+    the chunks it could.
+    """
+    from .fault import swap_in_range
+
+    if not thp_vma_allowable(vma, collapse=True):
+        raise InvalidArgument(f"MADV_COLLAPSE is not allowed on {vma}")
+    mm = vma.mm
+    pt = mm.pt
+    machine = mm.machine
+    phys = machine.phys
+    first = (start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
+    failures = 0
+    for haddr in range(first, end_vpn - PMD_PAGES + 1, PMD_PAGES):
+        if not thp_vma_suitable(vma, haddr):
+            failures += 1
+            continue
+        pmdloc = pt.pmd_loc(haddr)
+        e = pt.get(pmdloc) if pmdloc >= 0 else 0
+        if e and not is_table_pointer(e):
+            if kind_of(e) == KIND_PRESENT and not phys.is_zero_pfn(pfn_of(e)):
+                continue  # already PMD-mapped
+            split_huge_pmd(vma, haddr)
+        if swap_in_range(vma, haddr, PMD_PAGES):
+            failures += 1
+            continue
+        walk = pt.walk(haddr, PMD_PAGES)
+        kinds = walk.kinds
+        if ((kinds != KIND_PRESENT) & (kinds != 0)).any():
+            failures += 1
+            continue
+        pfns = walk.pfns()
+        normal = (kinds == KIND_PRESENT) & ((walk.entries & U64(PTE_SPECIAL)) == 0)
+        heads = phys.head_of(pfns[normal])
+        uheads, nmaps = np.unique(heads, return_counts=True)
+        if (phys.refcount[uheads] > phys.mapcount[uheads]).any() or (
+            (phys.flags[uheads] & PG_anon) == 0
+        ).any():
+            failures += 1
+            continue
+        try:
+            head = phys.alloc_one(PMD_ORDER)
+        except OutOfMemory:
+            failures += 1
+            continue
+        start = haddr << PAGE_SHIFT
+        with invalidation(mm, MMU_NOTIFY_CLEAR, start, start + (PMD_PAGES << PAGE_SHIFT)):
+            dst = np.arange(head, head + PMD_PAGES, dtype=np.int64)
+            if normal.any():
+                phys.copy_pages(dst[normal], pfns[normal])
+            folio_add_new_anon_rmap(
+                machine,
+                vma,
+                np.array([head], dtype=np.int64),
+                np.array([haddr], dtype=np.int64),
+                PMD_ORDER,
+            )
+            pmdloc = pt.pmd_loc(haddr, alloc=True)
+            old = pt.get(pmdloc)
+            if old and is_table_pointer(old):
+                pt.set(pmdloc, 0)
+                pt.free_table(pfn_of(old))
+            pt.set(
+                pmdloc, make_present(head, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True)
+            )
+            machine.costs.pte_writes += PMD_PAGES + 1
+            if len(uheads):
+                np.subtract.at(phys.mapcount, uheads, nmaps.astype(np.int32))
+                phys.put(np.repeat(uheads, nmaps))
+    if failures:
+        raise Again(f"MADV_COLLAPSE could not collapse {failures} chunk(s) of {vma}")
