@@ -22,9 +22,8 @@ from ..notifier import (
     invalidate_range_start_nonblock,
     mmu_notifier_release,
 )
-from .mmap import free_page_tables, unmap_vma
-from .pagetable import PAGE_SHIFT
-from .uapi import TASK_SIZE
+from .mmap import unmap_vma
+from .pagetable import PAGE_SHIFT, PageTable
 from .vma import VM_IO, VM_PFNMAP
 from .zap import zap_range
 
@@ -39,7 +38,7 @@ def exit_mmap(mm: AddressSpace) -> None:
         mmu_notifier_release(mm)
         for vma in mm.vmas:
             unmap_vma(vma)
-        free_page_tables(mm, 0, TASK_SIZE)
+        mm.pt = PageTable()  # every table is empty now: drop them all at once
 
 
 def oom_reap(mm: AddressSpace) -> list[str]:

@@ -423,12 +423,16 @@ def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:
         phys.mapping[pfn] = av.id
         phys.index[pfn] = vma.linear_index(vpn)
     else:
-        exclusive = swap.count[slot] == 2
+        # Found in the swap cache: exclusive only if nobody maps it yet.
+        exclusive = swap.count[slot] == 2 and phys.mapcount[pfn] == 0
         phys.refcount[pfn] += 1
     phys.mapcount[pfn] += 1
     swap.put(slot)
     if exclusive:
         phys.flags[pfn] |= np.uint16(PG_anon_exclusive)
+    if swap.count[slot] == 1:
+        # No entry refers to the slot any more: the page leaves the swap
+        # cache now (the kernel may keep it there until reclaim looks).
         swapcache_del(swap, phys, pfn)
     writable = exclusive and write and bool(vma.flags & VM_WRITE)
     entry = make_present(pfn, write=writable, dirty=writable) | (e & PTE_DIRTY)
@@ -628,11 +632,12 @@ def _anon_fill(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64], write
 
 
 def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
-    """Map every empty, suitable 2 MiB chunk of [lo, hi) with one batched call."""
+    """Map every empty, suitable 2 MiB chunk that [lo, hi) touches, in one batched call."""
     machine = vma.mm.machine
     pt = vma.mm.pt
-    first = (lo + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
-    chunks = [c for c in range(first, hi - PMD_PAGES + 1, PMD_PAGES) if thp_vma_suitable(vma, c)]
+    # A fault anywhere in a suitable empty 2 MiB chunk maps the whole chunk.
+    first = lo & ~(PMD_PAGES - 1)
+    chunks = [c for c in range(first, hi, PMD_PAGES) if thp_vma_suitable(vma, c)]
     if not chunks:
         return
     pmdlocs = np.array([pt.pmd_loc(c, alloc=True) for c in chunks], dtype=_I64)

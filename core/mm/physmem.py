@@ -237,14 +237,12 @@ class PhysMem:
         else:
             pages = (heads[:, None] + np.arange(size)).reshape(-1)
         self.order[pages] = order
-        self.flags[pages] = PG_zeroed
+        self.flags[pages] = PG_zeroed | flags  # folio flags live on every page
         self.mapcount[pages] = 0
         self.refcount[pages] = 0
         self.mapping[pages] = 0
         self.index[pages] = 0
         self.refcount[heads] = 1
-        if flags:
-            self.flags[heads] |= np.uint16(flags)
         self.costs.pages_allocated += size * len(heads)
 
     def alloc_one(self, order: int = 0, flags: int = 0) -> int:
