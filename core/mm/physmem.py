@@ -27,7 +27,7 @@ batch in one vectorised call.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -35,6 +35,9 @@ from numpy.typing import NDArray
 from ..errors import OutOfMemory
 from ..trace import Costs
 from .pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
+
+if TYPE_CHECKING:
+    from .hugetlb import HugetlbPool
 
 MAX_ORDER: Final = 18
 
@@ -199,9 +202,11 @@ class PhysMem:
         self.order[HUGE_ZERO_PFN : HUGE_ZERO_PFN + PMD_PAGES] = PMD_ORDER
         self.refcount[ZERO_PFN] = 1
         self.refcount[HUGE_ZERO_PFN] = 1
+        #: References held outside page tables and caches (GUP pins, drivers),
+        #: by folio head: what ``get_page``/``put_page`` track.
+        self.extra_refs: dict[int, int] = {}
         #: Hugetlb pages go back to their pool instead of the allocator.
-        self.hugetlb_release: dict[int, object] = {}
-        self.on_release: list[object] = []
+        self.hugetlb_release: dict[int, HugetlbPool] = {}
 
     # ----- identity ----------------------------------------------------------
     def head_of(self, pfns: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -248,6 +253,27 @@ class PhysMem:
     def alloc_one(self, order: int = 0, flags: int = 0) -> int:
         return int(self.alloc(order, 1, flags)[0])
 
+    def get_page(self, pfn: int) -> int:
+        """``get_page``/``folio_get``: an extra reference; returns the folio head."""
+        head = self.head(pfn)
+        if self.refcount[head] <= 0:
+            raise AssertionError(f"get_page on free frame {pfn:#x}")
+        self.refcount[head] += 1
+        self.extra_refs[head] = self.extra_refs.get(head, 0) + 1
+        return head
+
+    def put_page(self, pfn: int) -> None:
+        """``put_page``: drop a reference taken with ``get_page``."""
+        head = self.head(pfn)
+        held = self.extra_refs.get(head, 0)
+        if held <= 0:
+            raise AssertionError(f"put_page on {pfn:#x} without a matching get_page")
+        if held == 1:
+            del self.extra_refs[head]
+        else:
+            self.extra_refs[head] = held - 1
+        self.put_one(head)
+
     def get(self, heads: NDArray[np.int64], n: int = 1) -> None:
         np.add.at(self.refcount, heads, n)
 
@@ -273,8 +299,6 @@ class PhysMem:
 
     def release(self, heads: NDArray[np.int64]) -> None:
         """Free folios whose last reference is gone."""
-        for hook in self.on_release:
-            hook(heads)  # type: ignore[operator]
         orders = self.order[heads]
         hugetlb = (self.flags[heads] & PG_hugetlb) != 0
         for order in np.unique(orders):
@@ -285,8 +309,7 @@ class PhysMem:
                 self.costs.pages_freed += len(hs) << int(order)
         if hugetlb.any():
             for h in heads[hugetlb]:
-                pool = self.hugetlb_release[int(self.order[h])]
-                pool.free_page(int(h))  # type: ignore[attr-defined]
+                self.hugetlb_release[int(self.order[h])].free_page(int(h))
         poisoned = (self.flags[heads] & PG_hwpoison) != 0
         if poisoned.any():
             # A poisoned frame never goes back into circulation.

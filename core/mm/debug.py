@@ -1,0 +1,92 @@
+"""Consistency checks of the whole memory model (``CONFIG_DEBUG_VM`` for hmmsim).
+
+Kernel counterpart: the VM_BUG_ON family and ``page_mapcount`` sanity checks.
+
+``verify_machine`` recounts, from every process's page tables, how many
+mappings each folio has and compares with the folios' ``mapcount``; checks
+that references cover mappings and caches, that no entry maps a free frame,
+and that swap slot use counts match the swap entries. Tests call it after
+every step of random operation sequences.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .pagetable import (
+    KIND_DEVICE_EXCLUSIVE,
+    KIND_DEVICE_PRIVATE,
+    KIND_PRESENT,
+    KIND_PROTNONE,
+    KIND_SWAP,
+    PTE_SPECIAL,
+    U64,
+)
+from .physmem import PG_anon, PG_hugetlb, PG_swapcache
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+
+
+def verify_machine(machine: Machine) -> None:
+    """Raise ``AssertionError`` describing the first inconsistency found."""
+    phys = machine.phys
+    maps: Counter[int] = Counter()
+    slots: Counter[int] = Counter()
+    for proc in machine.processes:
+        mm = proc.mm
+        prev_end = 0
+        for vma in mm.vmas:
+            assert vma.start >= prev_end, f"overlapping VMAs in mm {mm.id}"
+            assert vma.start < vma.end and vma.start % 4096 == 0 and vma.end % 4096 == 0
+            prev_end = vma.end
+            walk = mm.pt.walk(vma.start_vpn, vma.npages)
+            kinds = walk.kinds
+            locs = walk.loc
+            _, first = np.unique(locs, return_index=True)
+            first = first[locs[first] >= 0]
+            k = kinds[first]
+            e = walk.entries[first]
+            pfns = walk.pfns()[first]
+            mapped = np.isin(k, (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE,
+                                 KIND_DEVICE_EXCLUSIVE))
+            mapped &= (e & U64(PTE_SPECIAL)) == 0
+            mapped &= ~phys.zero_mask(pfns)
+            heads = phys.head_of(pfns[mapped])
+            maps.update(heads.tolist())
+            slots.update(pfns[k == KIND_SWAP].tolist())
+    for head, n in maps.items():
+        mc = int(phys.mapcount[head])
+        assert mc == n, f"folio {head:#x}: mapcount {mc} but {n} mapping(s) found"
+        assert phys.allocator.used[head] or head >= phys.ram_pages, (
+            f"folio {head:#x} is mapped but its frame is free"
+        )
+    live = np.flatnonzero(phys.refcount[: phys.ram_pages] > 0)
+    for head in live.tolist():
+        flags = int(phys.flags[head])
+        expected = int(phys.mapcount[head])
+        if flags & PG_swapcache:
+            expected += 1
+        if not flags & PG_anon and phys.mapping[head] != 0:
+            expected += 1
+        if head in (0, 512):  # the zero pages hold a permanent reference
+            continue
+        rc = int(phys.refcount[head])
+        assert rc >= expected, f"folio {head:#x}: refcount {rc} < expected {expected}"
+        if rc > expected and not flags & PG_hugetlb:
+            extra = phys.extra_refs.get(head, 0)
+            assert rc == expected + extra, (
+                f"folio {head:#x}: refcount {rc} but only {expected} accounted for (leak?)"
+            )
+        if expected == 0 and phys.extra_refs.get(head, 0) == 0:
+            raise AssertionError(f"folio {head:#x} is allocated but nothing holds it (leak)")
+    swap = machine.swap
+    for slot in np.flatnonzero(swap.count).tolist():
+        want = slots.get(slot, 0) + (1 if slot in swap.cache else 0)
+        have = int(swap.count[slot])
+        assert have == want, f"swap slot {slot}: count {have} but {want} user(s)"
+    for slot, n in slots.items():
+        assert swap.count[slot] >= n, f"swap slot {slot} referenced but free"
