@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import attrs
-import pytest
-
 import hmmsim
+import pytest
 from hmmsim import Machine, MachineConfig
 from hmmsim.notifier import NotifierRange
 

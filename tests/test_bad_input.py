@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import hmmsim
 import pytest
 from conftest import ANON, PAGE, RW
-
-import hmmsim
 from hmmsim import (
     MADV_DONTNEED,
     MAP_FIXED,
@@ -41,8 +40,7 @@ def mapped(proc):
         (lambda p, a: p.mmap(PAGE, RW, hmmsim.MAP_ANONYMOUS), hmmsim.InvalidArgument),
         (lambda p, a: p.mmap(PAGE, RW, ANON | MAP_FIXED, addr=a + 1), hmmsim.InvalidArgument),
         (lambda p, a: p.mmap(1 << 50, RW, ANON), hmmsim.OutOfMemory),
-        (lambda p, a: p.mmap(PAGE, RW, ANON | MAP_FIXED_NOREPLACE, addr=a),
-         hmmsim.AlreadyExists),
+        (lambda p, a: p.mmap(PAGE, RW, ANON | MAP_FIXED_NOREPLACE, addr=a), hmmsim.AlreadyExists),
         (lambda p, a: p.mmap(PAGE, RW, ANON | MAP_HUGETLB | (25 << 26)), hmmsim.InvalidArgument),
         (lambda p, a: p.mmap(PAGE, RW, ANON | MAP_HUGETLB), hmmsim.OutOfMemory),  # empty pool
         (lambda p, a: p.munmap(a + 1, PAGE), hmmsim.InvalidArgument),
@@ -58,14 +56,22 @@ def mapped(proc):
         (lambda p, a: p.mremap(a + 1, PAGE, PAGE), hmmsim.InvalidArgument),
         (lambda p, a: p.mremap(a, PAGE, 0), hmmsim.InvalidArgument),
         (lambda p, a: p.mremap(a, PAGE, PAGE, 0x40), hmmsim.InvalidArgument),
-        (lambda p, a: p.mremap(a, PAGE, PAGE, MREMAP_FIXED, new_addr=a + 8 * PAGE),
-         hmmsim.InvalidArgument),
-        (lambda p, a: p.mremap(a, PAGE, 2 * PAGE, MREMAP_MAYMOVE | MREMAP_DONTUNMAP),
-         hmmsim.InvalidArgument),
-        (lambda p, a: p.mremap(a, PAGE, PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr=a),
-         hmmsim.InvalidArgument),
-        (lambda p, a: p.mremap(a + 3 * PAGE, 2 * PAGE, 4 * PAGE, MREMAP_MAYMOVE),
-         hmmsim.BadAddress),
+        (
+            lambda p, a: p.mremap(a, PAGE, PAGE, MREMAP_FIXED, new_addr=a + 8 * PAGE),
+            hmmsim.InvalidArgument,
+        ),
+        (
+            lambda p, a: p.mremap(a, PAGE, 2 * PAGE, MREMAP_MAYMOVE | MREMAP_DONTUNMAP),
+            hmmsim.InvalidArgument,
+        ),
+        (
+            lambda p, a: p.mremap(a, PAGE, PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, new_addr=a),
+            hmmsim.InvalidArgument,
+        ),
+        (
+            lambda p, a: p.mremap(a + 3 * PAGE, 2 * PAGE, 4 * PAGE, MREMAP_MAYMOVE),
+            hmmsim.BadAddress,
+        ),
         (lambda p, a: p.mremap(0x10000, PAGE, 2 * PAGE, MREMAP_MAYMOVE), hmmsim.BadAddress),
         (lambda p, a: p.read(a + 4 * PAGE - 2, 4), hmmsim.SegmentationFault),
         (lambda p, a: p.write(0x10000, b"x"), hmmsim.SegmentationFault),

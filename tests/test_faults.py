@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import hmmsim
 import pytest
 from conftest import ANON, MB2, PAGE, RW
-
-import hmmsim
 from hmmsim import (
     MADV_HUGEPAGE,
     MAP_ANONYMOUS,
@@ -126,8 +125,9 @@ def test_partial_mprotect_splits_pmd_keeping_data(make_machine):
         p.write(a, b"no")
 
 
-@pytest.mark.parametrize(("size", "flag", "order"), [(2 << 20, MAP_HUGE_2MB, 9),
-                                                    (1 << 30, MAP_HUGE_1GB, 18)])
+@pytest.mark.parametrize(
+    ("size", "flag", "order"), [(2 << 20, MAP_HUGE_2MB, 9), (1 << 30, MAP_HUGE_1GB, 18)]
+)
 def test_hugetlb_pages_come_from_the_pool(make_machine, size, flag, order):
     m = make_machine(ram_bytes=4 << 30, hugetlb_pages={size: 2}, store_data=False)
     p = m.spawn()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import hmmsim
 import pytest
 from conftest import ANON, MB2, PAGE, RW, EventLog
-
-import hmmsim
 from hmmsim import (
     MADV_COLLAPSE,
     MADV_DONTNEED,
@@ -255,8 +254,9 @@ def test_swap_out_emits_clear_per_mapping(make_machine):
     c = p.fork()
     log.clear()
     m.reclaim(PAGE)
-    assert sorted((e.mm, e.event, e.start, e.end) for e in log.events) == sorted([
-        (p.mm.id, "CLEAR", a, a + PAGE), (c.mm.id, "CLEAR", a, a + PAGE)])
+    assert sorted((e.mm, e.event, e.start, e.end) for e in log.events) == sorted(
+        [(p.mm.id, "CLEAR", a, a + PAGE), (c.mm.id, "CLEAR", a, a + PAGE)]
+    )
 
 
 def test_pageout_emits_clear(make_machine):
@@ -266,8 +266,10 @@ def test_pageout_emits_clear(make_machine):
     a = p.mmap(2 * PAGE, RW, ANON | MAP_POPULATE)
     log.clear()
     p.madvise(a, 2 * PAGE, MADV_PAGEOUT)
-    assert _ev(log) == [("CLEAR", a, a + PAGE, None, True),
-                        ("CLEAR", a + PAGE, a + 2 * PAGE, None, True)]
+    assert _ev(log) == [
+        ("CLEAR", a, a + PAGE, None, True),
+        ("CLEAR", a + PAGE, a + 2 * PAGE, None, True),
+    ]
 
 
 def test_memory_failure_emits_clear_and_poisons(proc, machine, events):
@@ -300,8 +302,10 @@ def test_thp_split_emits_clear_over_the_aligned_2mb(make_machine):
     a = p.mmap(MB2, RW, ANON | MAP_POPULATE)
     log.clear()
     p.madvise(a + PAGE, PAGE, MADV_DONTNEED)
-    assert _ev(log) == [("CLEAR", a + PAGE, a + 2 * PAGE, None, True),
-                        ("CLEAR", a, a + MB2, None, True)]
+    assert _ev(log) == [
+        ("CLEAR", a + PAGE, a + 2 * PAGE, None, True),
+        ("CLEAR", a, a + MB2, None, True),
+    ]
 
 
 def test_madv_collapse_emits_clear(make_machine):

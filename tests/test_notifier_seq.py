@@ -5,10 +5,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import hmmsim
 import pytest
 from conftest import ANON, PAGE, RW
-
-import hmmsim
 from hmmsim import (
     mmu_interval_check_retry,
     mmu_interval_notifier_insert,

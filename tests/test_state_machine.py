@@ -4,13 +4,10 @@ accounting invariants (``verify_machine``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import attrs
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
 import hmmsim
 from hmmsim import (
     MADV_DONTNEED,
@@ -24,10 +21,13 @@ from hmmsim import (
     PROT_WRITE,
 )
 from hmmsim.mm.debug import verify_machine
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 PAGE = 4096
 ZERO = bytes(PAGE)
-KINDS = ("anon", "shmem", "file_shared", "file_private")
+KINDS = ("anon", "anon_thp", "shmem", "file_shared", "file_private")
 
 
 @attrs.define
@@ -56,8 +56,9 @@ class ModelProc:
 class MemoryModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.m = hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=32 << 20, swap_bytes=8 << 20,
-                                                     thp="always"))
+        self.m = hmmsim.Machine(
+            hmmsim.MachineConfig(ram_bytes=32 << 20, swap_bytes=8 << 20, thp="always")
+        )
         self.procs = [ModelProc(self.m.spawn())]
         self.files: list[hmmsim.File] = [self.m.create_file(16 * PAGE) for _ in range(2)]
         # Contents of each shared object page: objects[obj][index]
@@ -90,9 +91,11 @@ class MemoryModel(RuleBasedStateMachine):
         mp = data.draw(st.sampled_from(self.procs))
         p = mp.proc
         rw = PROT_READ | PROT_WRITE
-        if kind == "anon":
+        if kind in ("anon", "anon_thp"):
+            if kind == "anon_thp":
+                npages = 512  # 2 MiB: THP-aligned, so faults map huge pages
             a = p.mmap(npages * PAGE, rw, MAP_PRIVATE | MAP_ANONYMOUS)
-            mp.regions.append(Region(a >> 12, npages, kind, -1, 0))
+            mp.regions.append(Region(a >> 12, npages, "anon", -1, 0))
         elif kind == "shmem":
             a = p.mmap(npages * PAGE, rw, MAP_SHARED | MAP_ANONYMOUS)
             self.objects.append({})
@@ -140,8 +143,9 @@ class MemoryModel(RuleBasedStateMachine):
         if lo:
             mp.regions.append(attrs.evolve(r, npages=lo))
         if hi < r.npages:
-            mp.regions.append(attrs.evolve(r, start=r.start + hi, npages=r.npages - hi,
-                                           pgoff=r.pgoff + hi))
+            mp.regions.append(
+                attrs.evolve(r, start=r.start + hi, npages=r.npages - hi, pgoff=r.pgoff + hi)
+            )
 
     @precondition(has_regions)
     @rule(data=st.data(), writable=st.booleans())
@@ -156,8 +160,7 @@ class MemoryModel(RuleBasedStateMachine):
     def fork(self, data):
         mp = data.draw(st.sampled_from(self.procs))
         child = mp.proc.fork()
-        self.procs.append(ModelProc(child, [attrs.evolve(r) for r in mp.regions],
-                                    dict(mp.private)))
+        self.procs.append(ModelProc(child, [attrs.evolve(r) for r in mp.regions], dict(mp.private)))
 
     @precondition(lambda self: len(self.procs) > 1)
     @rule(data=st.data())
@@ -196,10 +199,13 @@ class MemoryModel(RuleBasedStateMachine):
         mp, r = self.pick(data)
         if r.kind != "anon":
             grow = 0  # growing past the end of the object would only give SIGBUS
-        new = mp.proc.mremap(r.start << 12, r.npages << 12, (r.npages + grow) << 12,
-                             MREMAP_MAYMOVE) >> 12
-        moved = {v - r.start + new: c for v, c in mp.private.items()
-                 if r.start <= v < r.start + r.npages}
+        new = (
+            mp.proc.mremap(r.start << 12, r.npages << 12, (r.npages + grow) << 12, MREMAP_MAYMOVE)
+            >> 12
+        )
+        moved = {
+            v - r.start + new: c for v, c in mp.private.items() if r.start <= v < r.start + r.npages
+        }
         for v in range(r.start, r.start + r.npages):
             mp.private.pop(v, None)
         mp.private.update(moved)
@@ -218,16 +224,34 @@ class MemoryModel(RuleBasedStateMachine):
     def map_fixed_over(self, data):
         mp, r = self.pick(data)
         i = data.draw(st.integers(0, r.npages - 1))
-        mp.proc.mmap(PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
-                     addr=(r.start + i) << 12)
+        mp.proc.mmap(
+            PAGE,
+            PROT_READ | PROT_WRITE,
+            MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+            addr=(r.start + i) << 12,
+        )
         mp.regions.remove(r)
         mp.private.pop(r.start + i, None)
         if i:
             mp.regions.append(attrs.evolve(r, npages=i))
         mp.regions.append(Region(r.start + i, 1, "anon", -1, 0))
         if i + 1 < r.npages:
-            mp.regions.append(attrs.evolve(r, start=r.start + i + 1, npages=r.npages - i - 1,
-                                           pgoff=r.pgoff + i + 1))
+            mp.regions.append(
+                attrs.evolve(
+                    r, start=r.start + i + 1, npages=r.npages - i - 1, pgoff=r.pgoff + i + 1
+                )
+            )
+
+    @precondition(has_regions)
+    @rule(data=st.data())
+    def collapse(self, data):
+        mp, r = self.pick(data)
+        if r.kind != "anon":
+            return
+        # A chunk that cannot be collapsed fails with EAGAIN, as in the kernel;
+        # either way the contents must not change.
+        with contextlib.suppress(hmmsim.Again):
+            mp.proc.madvise(r.start << 12, r.npages << 12, hmmsim.MADV_COLLAPSE)
 
     # ----- checks -------------------------------------------------------------------
     @invariant()
@@ -238,7 +262,8 @@ class MemoryModel(RuleBasedStateMachine):
                 for i in range(r.npages):
                     want = self.expected(mp, r.start + i)
                     assert got[i * PAGE : (i + 1) * PAGE] == want, (
-                        f"pid {mp.proc.pid} {r.kind} page {i} of {r.start << 12:#x}")
+                        f"pid {mp.proc.pid} {r.kind} page {i} of {r.start << 12:#x}"
+                    )
 
     @invariant()
     def accounting_is_consistent(self):
@@ -246,7 +271,9 @@ class MemoryModel(RuleBasedStateMachine):
 
 
 MemoryModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("HMMSIM_STATEFUL_EXAMPLES", "150")), stateful_step_count=40, deadline=None,
+    max_examples=int(os.environ.get("HMMSIM_STATEFUL_EXAMPLES", "150")),
+    stateful_step_count=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestMemoryModel = MemoryModel.TestCase

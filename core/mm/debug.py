@@ -35,7 +35,7 @@ def verify_machine(machine: Machine) -> None:
     """Raise ``AssertionError`` describing the first inconsistency found."""
     phys = machine.phys
     maps: Counter[int] = Counter()
-    slots: Counter[int] = Counter()
+    swap_refs: Counter[int] = Counter()
     for proc in machine.processes:
         mm = proc.mm
         prev_end = 0
@@ -43,21 +43,18 @@ def verify_machine(machine: Machine) -> None:
             assert vma.start >= prev_end, f"overlapping VMAs in mm {mm.id}"
             assert vma.start < vma.end and vma.start % 4096 == 0 and vma.end % 4096 == 0
             prev_end = vma.end
-            walk = mm.pt.walk(vma.start_vpn, vma.npages)
-            kinds = walk.kinds
-            locs = walk.loc
-            _, first = np.unique(locs, return_index=True)
-            first = first[locs[first] >= 0]
-            k = kinds[first]
-            e = walk.entries[first]
-            pfns = walk.pfns()[first]
-            mapped = np.isin(k, (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE,
-                                 KIND_DEVICE_EXCLUSIVE))
+            slots = mm.pt.walk(vma.start_vpn, vma.npages).slots()
+            k = slots.kinds
+            e = slots.entries
+            pfns = slots.pfns
+            mapped = np.isin(
+                k, (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE, KIND_DEVICE_EXCLUSIVE)
+            )
             mapped &= (e & U64(PTE_SPECIAL)) == 0
             mapped &= ~phys.zero_mask(pfns)
             heads = phys.head_of(pfns[mapped])
             maps.update(heads.tolist())
-            slots.update(pfns[k == KIND_SWAP].tolist())
+            swap_refs.update(pfns[k == KIND_SWAP].tolist())
     for head, n in maps.items():
         mc = int(phys.mapcount[head])
         assert mc == n, f"folio {head:#x}: mapcount {mc} but {n} mapping(s) found"
@@ -85,8 +82,8 @@ def verify_machine(machine: Machine) -> None:
             raise AssertionError(f"folio {head:#x} is allocated but nothing holds it (leak)")
     swap = machine.swap
     for slot in np.flatnonzero(swap.count).tolist():
-        want = slots.get(slot, 0) + (1 if slot in swap.cache else 0)
+        want = swap_refs.get(slot, 0) + (1 if slot in swap.cache else 0)
         have = int(swap.count[slot])
         assert have == want, f"swap slot {slot}: count {have} but {want} user(s)"
-    for slot, n in slots.items():
+    for slot, n in swap_refs.items():
         assert swap.count[slot] >= n, f"swap slot {slot} referenced but free"

@@ -31,6 +31,7 @@ from ..errors import OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from ..trace import COST_FAULT_NS, COST_SWAP_IO_NS
 from .pagetable import (
+    CHUNK_PMD,
     KIND_HWPOISON,
     KIND_MIGRATION,
     KIND_NONE,
@@ -581,6 +582,11 @@ def _populate_batch(vma: Vma, lo: int, hi: int, write: bool) -> int:
     if thp_vma_allowable(vma):
         _populate_thp_chunks(vma, lo, hi, write)
     walk = pt.walk(lo, n)
+    if (
+        bool((walk.chunk_kind >= CHUNK_PMD).all())
+        and not entries_needing_fault(walk.chunk_entry, write).any()
+    ):
+        return 0  # all huge-mapped already (the THP populate fast path)
     kinds = walk.kinds
     empty = kinds == KIND_NONE
     ret = 0
@@ -636,15 +642,18 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
     machine = vma.mm.machine
     pt = vma.mm.pt
     # A fault anywhere in a suitable empty 2 MiB chunk maps the whole chunk.
-    first = lo & ~(PMD_PAGES - 1)
-    chunks = [c for c in range(first, hi, PMD_PAGES) if thp_vma_suitable(vma, c)]
-    if not chunks:
+    if (vma.start_vpn - vma.pgoff) % PMD_PAGES:
         return
-    pmdlocs = np.array([pt.pmd_loc(c, alloc=True) for c in chunks], dtype=_I64)
+    first = max(lo & ~(PMD_PAGES - 1), (vma.start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1))
+    last = min(hi, vma.end_vpn & ~(PMD_PAGES - 1))  # chunks must end inside the VMA
+    if first >= last:
+        return
+    chunks = np.arange(first, last, PMD_PAGES, dtype=_I64)
+    pmdlocs = pt.pmd_locs(chunks)
     empty = pt.flat[pmdlocs] == 0
     if not empty.any():
         return
-    cvpns = np.array(chunks, dtype=_I64)[empty]
+    cvpns = chunks[empty]
     pmdlocs = pmdlocs[empty]
     machine.costs.faults += len(cvpns)
     machine.clock.advance(COST_FAULT_NS * len(cvpns))

@@ -34,7 +34,6 @@ from .pagetable import (
     PTE_SPECIAL,
     PTE_WRITE,
     U64,
-    entry_pfn,
     make_present,
     migration_entries_readonly,
 )
@@ -87,20 +86,15 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
     phys = machine.phys
     spt = src.mm.pt
     dpt = dst.mm.pt
-    walk = spt.walk(src.start_vpn, src.npages)
-    if not (walk.chunk_levels() != 0).any():
+    slots = spt.walk(src.start_vpn, src.npages).slots()
+    if not len(slots):
         return
-    locs = walk.loc
-    _, first = np.unique(locs, return_index=True)
-    first = first[locs[first] >= 0]
-    entries = walk.entries[first]
-    keep = entries != 0
-    first, entries = first[keep], entries[keep]
-    levels = walk.level[first]
-    kinds = walk.kinds[first]
-    pfns = entry_pfn(entries)  # huge leaves carry their head pfn
-    vpns = src.start_vpn + first.astype(_I64)
-    slocs = locs[first]
+    entries = slots.entries
+    levels = slots.levels
+    kinds = slots.kinds
+    pfns = slots.pfns  # huge leaves carry their head pfn
+    vpns = slots.vpns
+    slocs = slots.locs
     child = entries.copy()
     parent = entries.copy()
 

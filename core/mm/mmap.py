@@ -21,6 +21,7 @@ from ..notifier import MMU_NOTIFY_UNMAP, invalidation
 from .fault import populate_range
 from .hugetlb import ResvMap
 from .pagetable import (
+    LEVEL_PMD,
     LEVEL_PTE,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -28,6 +29,7 @@ from .pagetable import (
     PMD_PAGES,
     PMD_SIZE,
     is_table_pointer,
+    pfn_of,
 )
 from .rmap import anon_vma_clone, unlink_anon_vmas
 from .thp import split_huge_pmd
@@ -409,32 +411,22 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     hugetlb = old.is_hugetlb
     congruent = (src - dst) % PMD_PAGES == 0
     if not hugetlb and not congruent:
-        walk = pt.walk(src, npages)
-        for i in np.flatnonzero(walk.chunk_levels() >= 2).tolist():
-            chunk_vpn = ((src >> PMD_ORDER) + i) << PMD_ORDER
-            split_huge_pmd(old, max(chunk_vpn, src))
+        for first, _level, _loc, _e in pt.walk(src, npages).leaves():
+            split_huge_pmd(old, max(first, src))
     walk = pt.walk(src, npages)
+    # Huge leaves move whole (their destination is congruent, or hugetlb-aligned).
+    for first, level, loc, e in walk.leaves():
+        dvpn = dst + first - src
+        dloc = pt.pmd_loc(dvpn, alloc=True) if level == LEVEL_PMD else pt.pud_loc(dvpn, alloc=True)
+        existing = pt.get(dloc)
+        if existing and is_table_pointer(existing):
+            pt.set(dloc, 0)
+            pt.free_table(pfn_of(existing))
+        pt.set(dloc, e)
+        pt.set(loc, 0)
     levels = walk.level
     entries = walk.entries
     locs = walk.loc
-    # Huge leaves: move them one by one, whole.
-    if (levels != LEVEL_PTE).any():
-        for i in np.flatnonzero(levels != LEVEL_PTE).tolist():
-            vpn = src + i
-            nr = 1 << (PMD_ORDER if levels[i] == 1 else 18)
-            if vpn % nr:
-                continue
-            dloc = (
-                pt.pmd_loc(dst + i, alloc=True)
-                if levels[i] == 1
-                else pt.pud_loc(dst + i, alloc=True)
-            )
-            existing = pt.get(dloc)
-            if existing and is_table_pointer(existing):
-                pt.set(dloc, 0)
-                pt.free_table(existing >> 12)
-            pt.set(dloc, int(entries[i]))
-            pt.set(int(locs[i]), 0)
     small = (levels == LEVEL_PTE) & (entries != 0)
     if small.any():
         idx = np.flatnonzero(small)

@@ -30,6 +30,7 @@ from .mmap import (
     try_merge,
 )
 from .pagetable import (
+    CHUNK_NONE,
     KIND_PRESENT,
     KIND_PROTNONE,
     PTE_DIRTY,
@@ -74,20 +75,17 @@ def change_protection(vma: Vma) -> None:
     mm = vma.mm
     pt = mm.pt
     walk = pt.walk(vma.start_vpn, vma.npages)
-    if not (walk.chunk_levels() != 0).any():
-        return
+    if not (walk.chunk_kind != CHUNK_NONE).any():
+        return  # change_pmd_range finds no page table: no invalidation
     with invalidation(mm, MMU_NOTIFY_PROTECTION_VMA, vma.start, vma.end):
-        walk = pt.walk(vma.start_vpn, vma.npages)
-        locs = walk.loc
-        _, first = np.unique(locs, return_index=True)
-        first = first[locs[first] >= 0]
-        entries = walk.entries[first]
-        kinds = walk.kinds[first]
-        locs = locs[first]
+        slots = pt.walk(vma.start_vpn, vma.npages).slots()
+        entries = slots.entries
+        kinds = slots.kinds
+        locs = slots.locs
         new = entries.copy()
         mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
         if mapped.any():
-            new[mapped] = _protect(vma, entries[mapped], walk.pfns()[first][mapped])
+            new[mapped] = _protect(vma, entries[mapped], slots.pfns[mapped])
         if not vma.flags & VM_WRITE:
             new = migration_entries_readonly(new)
         changed = new != entries

@@ -234,6 +234,44 @@ def is_table_pointer(entry: int) -> bool:
     return (entry & (PTE_PRESENT | PTE_HUGE)) == PTE_PRESENT
 
 
+@attrs.frozen
+class EntrySlots:
+    """Distinct entries of a walk: where each lives and what it holds.
+
+    ``vpns`` is the first page each entry maps; ``pfns`` the pfn (the head
+    pfn for a huge leaf) or softleaf offset; ``pages`` how many pages each maps.
+    """
+
+    vpns: NDArray[np.int64]
+    locs: NDArray[np.int64]
+    levels: NDArray[np.int8]
+    entries: NDArray[np.uint64]
+
+    def __len__(self) -> int:
+        return len(self.vpns)
+
+    @property
+    def kinds(self) -> NDArray[np.uint8]:
+        return entry_kind(self.entries)
+
+    @property
+    def pfns(self) -> NDArray[np.int64]:
+        return entry_pfn(self.entries)
+
+    @property
+    def pages(self) -> NDArray[np.int64]:
+        return np.int64(1) << np.array(LEVEL_ORDER, dtype=np.int64)[self.levels]
+
+    def select(self, mask: NDArray[np.bool_]) -> EntrySlots:
+        return EntrySlots(self.vpns[mask], self.locs[mask], self.levels[mask], self.entries[mask])
+
+
+CHUNK_NONE: Final = 0
+CHUNK_TABLE: Final = 1
+CHUNK_PMD: Final = 2
+CHUNK_PUD: Final = 3
+
+
 @attrs.define(eq=False)
 class Walk:
     """A snapshot of the entries that map ``npages`` pages from ``vpn``.
@@ -242,50 +280,62 @@ class Walk:
     PUD entry for pages under a huge leaf (repeated for every page it covers).
     ``loc[i]`` is that entry's flat index in the pool (-1 when the table that
     would hold it does not exist) and ``level[i]`` its level.
+
+    The per-2 MiB-chunk arrays say how each chunk is mapped: ``chunk_kind``
+    (``CHUNK_NONE``: no table, ``CHUNK_TABLE``: a PTE table, ``CHUNK_PMD``/
+    ``CHUNK_PUD``: a PMD/PUD entry), ``chunk_table`` (the PTE table index),
+    ``chunk_loc`` (where the PMD/PUD entry lives) and ``chunk_entry`` (that
+    entry).
     """
 
     vpn: int
     npages: int
     entries: NDArray[np.uint64]
-    _ckind: NDArray[np.int8]
-    _cval: NDArray[np.int64]
-    _cloc: NDArray[np.int64]
+    chunk_kind: NDArray[np.int8]
+    chunk_table: NDArray[np.int64]
+    chunk_loc: NDArray[np.int64]
+    chunk_entry: NDArray[np.uint64]
 
     @property
-    def _offset(self) -> int:
-        return self.vpn & (PTRS_PER_TABLE - 1)
+    def first_chunk_vpn(self) -> int:
+        return self.vpn & ~(PTRS_PER_TABLE - 1)
 
     def _expand(self, per_chunk: NDArray[np.generic]) -> NDArray[np.generic]:
-        off = self._offset
+        off = self.vpn & (PTRS_PER_TABLE - 1)
         return np.repeat(per_chunk, PTRS_PER_TABLE)[off : off + self.npages]
 
     @property
+    def huge(self) -> bool:
+        """Some page of the range is mapped by a PMD or PUD entry."""
+        return bool((self.chunk_kind >= CHUNK_PMD).any())
+
+    @property
     def level(self) -> NDArray[np.int8]:
-        lvl = np.where(self._ckind == 3, LEVEL_PUD, np.where(self._ckind == 2, LEVEL_PMD, 0))
+        ck = self.chunk_kind
+        lvl = np.where(ck == CHUNK_PUD, LEVEL_PUD, np.where(ck == CHUNK_PMD, LEVEL_PMD, 0))
         return self._expand(lvl.astype(np.int8))  # type: ignore[return-value]
 
     @property
     def order(self) -> NDArray[np.uint8]:
         """CPU mapping order of each page: 0 (PTE), 9 (PMD) or 18 (PUD)."""
-        lvl = np.where(
-            self._ckind == 3, PUD_ORDER, np.where(self._ckind == 2, PMD_ORDER, 0)
-        ).astype(np.uint8)
-        return self._expand(lvl)  # type: ignore[return-value]
+        ck = self.chunk_kind
+        lvl = np.where(ck == CHUNK_PUD, PUD_ORDER, np.where(ck == CHUNK_PMD, PMD_ORDER, 0))
+        return self._expand(lvl.astype(np.uint8))  # type: ignore[return-value]
 
     @property
     def loc(self) -> NDArray[np.int64]:
-        nc = self._ckind.shape[0]
-        loc2d = np.full((nc, PTRS_PER_TABLE), -1, dtype=np.int64)
-        tab = self._ckind == 1
+        ck = self.chunk_kind
+        loc2d = np.full((len(ck), PTRS_PER_TABLE), -1, dtype=np.int64)
+        tab = ck == CHUNK_TABLE
         if tab.any():
-            loc2d[tab] = self._cval[tab][:, None] * PTRS_PER_TABLE + np.arange(
+            loc2d[tab] = self.chunk_table[tab][:, None] * PTRS_PER_TABLE + np.arange(
                 PTRS_PER_TABLE, dtype=np.int64
             )
-        leaf = self._ckind >= 2
+        leaf = ck >= CHUNK_PMD
         if leaf.any():
-            loc2d[leaf] = self._cloc[leaf][:, None]
-        off = self._offset
-        return loc2d.ravel()[off : off + self.npages]
+            loc2d[leaf] = self.chunk_loc[leaf][:, None]
+        off = self.vpn & (PTRS_PER_TABLE - 1)
+        return loc2d.reshape(-1)[off : off + self.npages]
 
     @property
     def kinds(self) -> NDArray[np.uint8]:
@@ -294,15 +344,54 @@ class Walk:
     def pfns(self) -> NDArray[np.int64]:
         """pfn (or softleaf offset) per page, with the offset inside huge leaves added."""
         base = entry_pfn(self.entries)
-        if bool((self._ckind >= 2).any()):
+        if self.huge:
             vpns = np.arange(self.vpn, self.vpn + self.npages, dtype=np.int64)
             order = self.order.astype(np.int64)
             base = base + (vpns & ((np.int64(1) << order) - 1))
         return base
 
-    def chunk_levels(self) -> NDArray[np.int8]:
-        """Per 2 MiB chunk: 0 no table, 1 PTE table, 2 PMD entry, 3 PUD entry."""
-        return self._ckind
+    def slots(self) -> EntrySlots:
+        """Every distinct non-none entry of the range, in address order.
+
+        A PTE appears once per page, a huge leaf once (with the first page it
+        maps, which may lie before ``vpn``).
+        """
+        tab_pages = self._expand(self.chunk_kind == CHUNK_TABLE)
+        idx = (
+            np.flatnonzero(tab_pages & (self.entries != 0))
+            if not bool((self.chunk_kind == CHUNK_TABLE).all())
+            else np.flatnonzero(self.entries != 0)
+        )
+        vpns = self.vpn + idx.astype(np.int64)
+        chunk = (vpns >> PMD_ORDER) - (self.vpn >> PMD_ORDER)
+        locs = self.chunk_table[chunk] * PTRS_PER_TABLE + (vpns & (PTRS_PER_TABLE - 1))
+        entries = self.entries[idx]
+        levels = np.zeros(len(idx), dtype=np.int8)
+        leaves = self.leaves()
+        if leaves:
+            lv = np.array([x[0] for x in leaves], dtype=np.int64)
+            vpns = np.concatenate([vpns, lv])
+            levels = np.concatenate([levels, np.array([x[1] for x in leaves], dtype=np.int8)])
+            locs = np.concatenate([locs, np.array([x[2] for x in leaves], dtype=np.int64)])
+            entries = np.concatenate([entries, np.array([x[3] for x in leaves], dtype=U64)])
+            order = np.argsort(vpns, kind="stable")
+            vpns, levels, locs, entries = vpns[order], levels[order], locs[order], entries[order]
+        return EntrySlots(vpns, locs, levels, entries)
+
+    def leaves(self) -> list[tuple[int, int, int, int]]:
+        """Each distinct huge entry: (first vpn it maps, level, loc, entry)."""
+        out = []
+        seen = set()
+        c0 = self.vpn >> PMD_ORDER
+        for i in np.flatnonzero(self.chunk_kind >= CHUNK_PMD).tolist():
+            loc = int(self.chunk_loc[i])
+            if loc in seen:
+                continue
+            seen.add(loc)
+            level = LEVEL_PUD if self.chunk_kind[i] == CHUNK_PUD else LEVEL_PMD
+            nr = PUD_PAGES if level == LEVEL_PUD else PMD_PAGES
+            out.append((((c0 + i) << PMD_ORDER) & ~(nr - 1), level, loc, int(self.chunk_entry[i])))
+        return out
 
 
 class PageTable:
@@ -377,6 +466,22 @@ class PageTable:
             return -1
         return pmd_t * PTRS_PER_TABLE + ((vpn >> 9) & 511)
 
+    def pmd_locs(self, vpns: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Flat indices of the PMD entries covering ``vpns``, allocating upper tables.
+
+        One Python step per 1 GiB region, not per 2 MiB.
+        """
+        out = np.empty(len(vpns), dtype=np.int64)
+        regions = vpns >> PUD_ORDER
+        for region in np.unique(regions).tolist():
+            sel = regions == region
+            pudloc = self.pud_loc(region << PUD_ORDER, alloc=True)
+            t = self._child(pudloc, alloc=True)
+            if t < 0:
+                raise ValueError(f"vpn {region << PUD_ORDER:#x} lies under a PUD leaf")
+            out[sel] = t * PTRS_PER_TABLE + ((vpns[sel] >> PMD_ORDER) & 511)
+        return out
+
     def pte_table(self, vpn: int, alloc: bool = False) -> int:
         """Index of the PTE table covering ``vpn``; -1 if missing or under a leaf."""
         pmdloc = self.pmd_loc(vpn, alloc)
@@ -425,9 +530,9 @@ class PageTable:
         c1 = (vpn + npages - 1) >> PMD_ORDER
         nc = c1 - c0 + 1
         ckind = np.zeros(nc, dtype=np.int8)
-        cval = np.zeros(nc, dtype=np.int64)
+        ctable = np.zeros(nc, dtype=np.int64)
         cloc = np.full(nc, -1, dtype=np.int64)
-        leafval = np.zeros(nc, dtype=U64)
+        centry = np.zeros(nc, dtype=U64)
         flat = self.flat
         c = c0
         while c <= c1:
@@ -443,28 +548,28 @@ class PageTable:
                     pmde = flat[locs]
                     tab = (pmde & U64(PTE_PRESENT | PTE_HUGE)) == U64(PTE_PRESENT)
                     leaf = (pmde != 0) & ~tab
-                    ckind[sl] = np.where(tab, 1, np.where(leaf, 2, 0))
-                    cval[sl] = np.where(tab, (pmde >> U64(PTE_PFN_SHIFT)).astype(np.int64), 0)
-                    leafval[sl] = np.where(leaf, pmde, U64(0))
+                    ckind[sl] = np.where(tab, CHUNK_TABLE, np.where(leaf, CHUNK_PMD, CHUNK_NONE))
+                    ctable[sl] = np.where(tab, (pmde >> U64(PTE_PFN_SHIFT)).astype(np.int64), 0)
+                    centry[sl] = np.where(leaf, pmde, U64(0))
                     cloc[sl] = locs
                 elif pude != 0:
-                    ckind[sl] = 3
-                    leafval[sl] = pude
+                    ckind[sl] = CHUNK_PUD
+                    centry[sl] = pude
                     cloc[sl] = pudloc
             c = g_last + 1
         off = vpn & 511
-        tab = ckind == 1
+        tab = ckind == CHUNK_TABLE
         if bool(tab.all()):
-            entries2d = self.rows[cval]
+            entries2d = self.rows[ctable]
         else:
             entries2d = np.zeros((nc, PTRS_PER_TABLE), dtype=U64)
             if tab.any():
-                entries2d[tab] = self.rows[cval[tab]]
-            leaf = ckind >= 2
+                entries2d[tab] = self.rows[ctable[tab]]
+            leaf = ckind >= CHUNK_PMD
             if leaf.any():
-                entries2d[leaf] = leafval[leaf][:, None]
+                entries2d[leaf] = centry[leaf][:, None]
         entries = entries2d.reshape(-1)[off : off + npages]
-        return Walk(vpn, npages, entries, ckind, cval, cloc)
+        return Walk(vpn, npages, entries, ckind, ctable, cloc, centry)
 
     def ensure_ptes(self, vpn: int, npages: int) -> NDArray[np.int64]:
         """Flat indices of the PTEs for [vpn, vpn+npages), allocating tables.
@@ -486,7 +591,15 @@ class PageTable:
     def ensure_pte_locs(self, vpns: NDArray[np.int64]) -> NDArray[np.int64]:
         """Flat indices of the PTEs of arbitrary pages ``vpns``, allocating tables."""
         chunks = vpns >> PMD_ORDER
-        uniq, inverse = np.unique(chunks, return_inverse=True)
+        if len(chunks) > 1 and bool((chunks[1:] >= chunks[:-1]).all()):
+            # Sorted input (the usual case): run boundaries instead of a sort.
+            starts = np.flatnonzero(chunks[1:] != chunks[:-1]) + 1
+            uniq = np.concatenate([chunks[:1], chunks[starts]])
+            inverse = np.repeat(
+                np.arange(len(uniq)), np.diff(np.concatenate([[0], starts, [len(chunks)]]))
+            )
+        else:
+            uniq, inverse = np.unique(chunks, return_inverse=True)
         tables = np.array(
             [self.pte_table(int(c) << PMD_ORDER, alloc=True) for c in uniq], dtype=np.int64
         )

@@ -55,7 +55,7 @@ PG_zone_device: Final = 1 << 10
 PG_uptodate: Final = 1 << 11
 
 #: Flags that belong to a page rather than to its folio.
-PER_PAGE_FLAGS: Final = PG_anon_exclusive | PG_hwpoison
+PER_PAGE_FLAGS: Final = PG_anon_exclusive | PG_hwpoison | PG_zeroed
 
 ZERO_PFN: Final = 0
 HUGE_ZERO_PFN: Final = PMD_PAGES
@@ -163,7 +163,8 @@ class FrameAllocator:
         else:
             idx = (heads[:, None] + np.arange(size)).reshape(-1)
         self.used[idx] = used
-        np.add.at(self.block_used, heads >> PMD_ORDER, size if used else -size)
+        per_block = np.bincount(heads >> PMD_ORDER, minlength=self.nblocks).astype(np.int32)
+        self.block_used += per_block * (size if used else -size)
         self.nr_free += -size * len(heads) if used else size * len(heads)
 
     def free(self, heads: NDArray[np.int64], order: int) -> None:
@@ -233,22 +234,48 @@ class PhysMem:
         return heads
 
     def init_folios(self, heads: NDArray[np.int64], order: int, flags: int) -> None:
+        """Fresh folio metadata for just-allocated blocks: refcount 1, contents zero."""
         size = 1 << order
-        if size == 1:
-            pages: NDArray[np.int64] | slice = heads
-        elif len(heads) == 1:
-            h = int(heads[0])
-            pages = slice(h, h + size)
-        else:
-            pages = (heads[:, None] + np.arange(size)).reshape(-1)
-        self.order[pages] = order
-        self.flags[pages] = PG_zeroed | flags  # folio flags live on every page
-        self.mapcount[pages] = 0
-        self.refcount[pages] = 0
-        self.mapping[pages] = 0
-        self.index[pages] = 0
+        self.set_folio_field(self.order, heads, order, order)
+        self.set_folio_field(self.flags, heads, order, PG_zeroed | flags)  # on every page
+        # Free frames always have refcount and mapcount 0 (``release`` keeps it
+        # so); mapping and index are only meaningful at the head.
+        self.mapcount[heads] = 0
+        self.mapping[heads] = 0
+        self.index[heads] = 0
         self.refcount[heads] = 1
         self.costs.pages_allocated += size * len(heads)
+
+    def pages_of(self, heads: NDArray[np.int64], order: int) -> NDArray[np.int64]:
+        """Every pfn of the given folios, in order."""
+        if order == 0:
+            return heads
+        return (heads[:, None] + np.arange(1 << order, dtype=I64)).reshape(-1)
+
+    def or_folio_flags(self, heads: NDArray[np.int64], order: int, flags: int) -> None:
+        """Set ``flags`` on every page of the folios, keeping each page's other bits."""
+        value = np.uint16(flags)
+        if order == 0:
+            self.flags[heads] |= value
+        elif order >= PMD_ORDER:
+            rows = self.flags[: self.ram_pages].reshape(-1, PMD_PAGES)
+            blocks = self.pages_of(heads >> PMD_ORDER, order - PMD_ORDER)
+            rows[blocks] |= value
+        else:
+            self.flags[self.pages_of(heads, order)] |= value
+
+    def set_folio_field(
+        self, arr: NDArray[np.generic], heads: NDArray[np.int64], order: int, value: int
+    ) -> None:
+        """``arr[p] = value`` for every page p of the folios (row fills when PMD-sized)."""
+        if order == 0:
+            arr[heads] = value
+        elif order >= PMD_ORDER:
+            rows = arr[: self.ram_pages].reshape(-1, PMD_PAGES)
+            blocks = self.pages_of(heads >> PMD_ORDER, order - PMD_ORDER)
+            rows[blocks] = value
+        else:
+            arr[self.pages_of(heads, order)] = value
 
     def alloc_one(self, order: int = 0, flags: int = 0) -> int:
         return int(self.alloc(order, 1, flags)[0])
@@ -277,14 +304,29 @@ class PhysMem:
     def get(self, heads: NDArray[np.int64], n: int = 1) -> None:
         np.add.at(self.refcount, heads, n)
 
+    def unmap_folios(self, heads: NDArray[np.int64]) -> None:
+        """One mapping of each entry's folio is gone: mapcount and reference drop."""
+        if len(heads) == 0:
+            return
+        if self.order[heads].any():
+            np.subtract.at(self.mapcount, heads, 1)
+        else:  # order-0 folios: heads are distinct, plain fancy indexing works
+            self.mapcount[heads] -= 1
+        self.put(heads)
+
     def put(self, heads: NDArray[np.int64]) -> None:
         """Drop one reference per entry; folios reaching zero are freed."""
         if len(heads) == 0:
             return
-        np.subtract.at(self.refcount, heads, 1)
+        if self.order[heads].any():
+            np.subtract.at(self.refcount, heads, 1)
+        else:
+            self.refcount[heads] -= 1
         rc = self.refcount[heads]
         if (rc <= 0).any():
-            dead = np.unique(heads[rc <= 0])
+            dead = heads[rc <= 0]
+            if len(dead) > 1 and self.order[dead].any():
+                dead = np.unique(dead)  # a large folio appears once per mapping
             if (self.refcount[dead] < 0).any():
                 raise AssertionError("folio refcount underflow")
             self.release(dead)
@@ -299,9 +341,10 @@ class PhysMem:
 
     def release(self, heads: NDArray[np.int64]) -> None:
         """Free folios whose last reference is gone."""
+        self.mapcount[heads] = 0
         orders = self.order[heads]
         hugetlb = (self.flags[heads] & PG_hugetlb) != 0
-        for order in np.unique(orders):
+        for order in np.unique(orders) if orders.any() else (0,):
             sel = (orders == order) & ~hugetlb
             if sel.any():
                 hs = heads[sel]

@@ -161,12 +161,7 @@ def folio_add_new_anon_rmap(
     """
     phys = machine.phys
     av = anon_vma_prepare(machine, vma)
-    flags = np.uint16(PG_anon | PG_swapbacked | PG_anon_exclusive)
-    if order == 0:
-        phys.flags[heads] |= flags
-    else:
-        pages = (heads[:, None] + np.arange(1 << order)).reshape(-1)
-        phys.flags[pages] |= flags
+    phys.or_folio_flags(heads, order, PG_anon | PG_swapbacked | PG_anon_exclusive)
     phys.mapping[heads] = av.id
     phys.index[heads] = vma.pgoff + vpns - vma.start_vpn
     phys.mapcount[heads] = 1

@@ -22,11 +22,10 @@ from numpy.typing import NDArray
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
     KIND_DEVICE_PRIVATE,
-    KIND_NONE,
     KIND_PRESENT,
     KIND_PROTNONE,
     KIND_SWAP,
-    LEVEL_PTE,
+    PMD_PAGES,
     PTE_DIRTY,
     PTE_SPECIAL,
     U64,
@@ -56,49 +55,28 @@ def zap_range(vma: Vma, start_vpn: int, npages: int, *, even_cows: bool = True) 
     end_vpn = start_vpn + npages
     if not vma.is_hugetlb:
         walk = pt.walk(start_vpn, npages)
-        levels = walk.chunk_levels()
-        if (levels >= 2).any():
-            # Split huge leaves that stick out of the range.
-            for edge in (start_vpn, end_vpn - 1):
-                lvl = pt.lookup(edge)[2]
-                if lvl != LEVEL_PTE and not _leaf_inside(edge, lvl, start_vpn, end_vpn):
-                    split_huge_pmd(vma, edge)
-    walk = pt.walk(start_vpn, npages)
-    kinds = walk.kinds
-    mask = kinds != KIND_NONE
-    if not mask.any():
+        if walk.huge:
+            # Split PMD leaves that stick out of the range (zap_pmd_range).
+            for first, _level, _loc, _e in walk.leaves():
+                if first < start_vpn or first + PMD_PAGES > end_vpn:
+                    split_huge_pmd(vma, max(first, start_vpn))
+    slots = pt.walk(start_vpn, npages).slots()
+    if not len(slots):
         return 0
-    locs = walk.loc
-    level = walk.level
-    pfns = walk.pfns()
-    entries = walk.entries
-    phys = vma.mm.machine.phys
+    kinds = slots.kinds
     if not even_cows:
-        anon = np.zeros(len(kinds), dtype=np.bool_)
+        phys = vma.mm.machine.phys
+        pfns = slots.pfns
         mapped = np.isin(kinds, MAPPING_KINDS)
+        anon = np.zeros(len(kinds), dtype=np.bool_)
         anon[mapped] = (phys.flags[pfns[mapped]] & PG_anon) != 0
-        mask &= ~anon & (kinds != KIND_SWAP)
-    # One action per entry: a huge leaf covers many pages but is one entry.
-    _, first = np.unique(np.where(mask, locs, -1), return_index=True)
-    sel = np.zeros(len(kinds), dtype=np.bool_)
-    sel[first] = True
-    sel &= mask
-    big = level > 0
-    if big.any():
-        # the pfn of a huge leaf is its head
-        pfns = np.where(
-            big, pfns - (pfns & ((np.int64(1) << walk.order.astype(np.int64)) - 1)), pfns
-        )
-    cleared = _drop_entries(vma, kinds[sel], pfns[sel], entries[sel])
-    pt.flat[locs[sel]] = 0
-    vma.mm.machine.costs.pte_writes += int(sel.sum())
-    return cleared
-
-
-def _leaf_inside(vpn: int, level: int, start: int, end: int) -> bool:
-    nr = 1 << (9 if level == 1 else 18)
-    base = vpn & ~(nr - 1)
-    return start <= base and base + nr <= end
+        keep = ~anon & (kinds != KIND_SWAP)
+        slots = slots.select(keep)
+        kinds = kinds[keep]
+    _drop_entries(vma, kinds, slots.pfns, slots.entries)
+    pt.flat[slots.locs] = 0
+    vma.mm.machine.costs.pte_writes += len(slots)
+    return len(slots)
 
 
 def _drop_entries(
@@ -116,8 +94,7 @@ def _drop_entries(
             file_pages = heads[dirty]
             file_pages = file_pages[(phys.flags[file_pages] & PG_anon) == 0]
             phys.flags[file_pages] |= np.uint16(PG_dirty)
-        np.subtract.at(phys.mapcount, heads, 1)
-        phys.put(heads)
+        phys.unmap_folios(heads)
     swapped = kinds == KIND_SWAP
     if swapped.any():
         swap_entries_dropped(machine.swap, phys, entry_pfn(entries[swapped]))
