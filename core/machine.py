@@ -137,11 +137,11 @@ class Machine:
 
     def create_shmem(self, size: int) -> File:
         """The shmem object behind a ``MAP_SHARED|MAP_ANONYMOUS`` mapping."""
-        return self._new_file(size, shmem=True, name="shmem")
+        return self._new_file(size, shmem=True, anonymous=True, name="shmem")
 
     def create_hugetlbfs_file(self, size: int, order: int) -> File:
         """The hugetlbfs object behind a shared ``MAP_HUGETLB`` mapping."""
-        return self._new_file(size, hugetlb_order=order, name="hugetlbfs")
+        return self._new_file(size, hugetlb_order=order, anonymous=True, name="hugetlbfs")
 
     def hugetlb_pool(self, size: int) -> HugetlbPool:
         order = _HUGE_ORDERS.get(size)

@@ -217,7 +217,7 @@ def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
     if kind == KIND_NONE:
         if vma.is_anonymous:
             return do_anonymous_page(vma, vpn, loc, write)
-        if vma.file is not None:
+        if vma.page_cache is not None:
             return do_file_fault(vma, vpn, loc, write)
         if vma.vm_ops is not None and hasattr(vma.vm_ops, "fault"):
             return int(vma.vm_ops.fault(vma, vpn << PAGE_SHIFT, write))
@@ -361,7 +361,7 @@ def _file_fault_batch(
     """Map file pages into empty slots ``locs``; stops at end of file (SIGBUS)."""
     machine = vma.mm.machine
     phys = machine.phys
-    f = vma.file
+    f = vma.page_cache
     indices = vma.pgoff + vpns - vma.start_vpn
     ret = 0
     inside = indices < f.npages
@@ -590,7 +590,7 @@ def _populate_batch(vma: Vma, lo: int, hi: int, write: bool) -> int:
     kinds = walk.kinds
     empty = kinds == KIND_NONE
     ret = 0
-    if empty.any() and (vma.is_anonymous or vma.file is not None):
+    if empty.any() and (vma.is_anonymous or vma.page_cache is not None):
         vpns = np.flatnonzero(empty).astype(_I64) + lo
         # Only PTE-level slots (an empty PMD of a non-THP VMA gets a table).
         locs = pt.ensure_pte_locs(vpns)

@@ -18,7 +18,7 @@ the PTE writable, and ``sync()`` cleans it and write-protects the PTEs again
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 import numpy as np
@@ -53,6 +53,11 @@ class File:
     i_mmap: set[Vma] = attrs.field(factory=set)
     #: Reservations of a hugetlbfs object (a ``ResvMap``).
     hugetlb_resv: Any = None
+    #: An unlinked object (shmem or hugetlbfs behind MAP_SHARED|MAP_ANONYMOUS)
+    #: that goes away with its last mapping.
+    anonymous: bool = False
+    #: Marks page-cache files for VMAs (device files have their own mmap).
+    is_page_cache: ClassVar[bool] = True
 
     def __attrs_post_init__(self) -> None:
         self.cache = np.full(self._cache_slots(self.size), -1, dtype=np.int64)
@@ -209,6 +214,14 @@ class File:
             seg[seg >= 0] = -1
             phys.mapping[cached] = 0
             phys.put(cached)
+
+    def release(self) -> None:
+        """The last reference to an unlinked object is gone: free its pages."""
+        self.machine.files.remove(self)
+        self.machine.mappings.pop(self.id, None)
+        self._drop_cache(0, len(self.cache))
+        if self.hugetlb_resv is not None:
+            self.hugetlb_resv.release(0, len(self.cache))
 
     def sync(self) -> int:
         """``fsync(2)``: write dirty pages back, write-protecting shared mappings.

@@ -64,8 +64,7 @@ def dup_mm(parent: Process, child_mm: AddressSpace) -> None:
             hugetlb_order=vma.hugetlb_order,
         )
         anon_vma_fork(machine, cv, vma)
-        if vma.file is not None:
-            vma.file.i_mmap.add(cv)
+        cv.link_file()
         child_mm.vmas.insert(cv)
         if vma.anon_vma is not None or vma.flags & (VM_PFNMAP | VM_MIXEDMAP):
             copy_page_range(cv, vma)

@@ -162,8 +162,7 @@ def split_vma(vma: Vma, addr: int) -> Vma:
         hugetlb_resv=vma.hugetlb_resv,
     )
     anon_vma_clone(new, vma)
-    if vma.file is not None:
-        vma.file.i_mmap.add(new)
+    new.link_file()
     mm.vmas.remove(vma)
     vma.end = addr
     mm.vmas.insert(vma)
@@ -222,8 +221,7 @@ def _absorb(a: Vma, b: Vma) -> None:
         anon_vma_clone(a, b)
     mm.vmas.remove(b)
     unlink_anon_vmas(b)
-    if b.file is not None:
-        b.file.i_mmap.discard(b)
+    b.unlink_file()
     mm.vmas.remove(a)
     a.end = b.end
     mm.vmas.insert(a)
@@ -246,8 +244,7 @@ def remove_vma(vma: Vma) -> None:
     mm = vma.mm
     mm.vmas.remove(vma)
     unlink_anon_vmas(vma)
-    if vma.file is not None:
-        vma.file.i_mmap.discard(vma)
+    vma.unlink_file()
     if vma.hugetlb_resv is not None:
         lo = vma.pgoff >> vma.hugetlb_order
         vma.hugetlb_resv.release(lo, lo + (vma.npages >> vma.hugetlb_order))
@@ -383,8 +380,7 @@ def do_mmap(
             backing.mmap(vma)
         except BaseException:
             mm.vmas.remove(vma)
-            if hasattr(backing, "i_mmap"):
-                backing.i_mmap.discard(vma)
+            vma.unlink_file()
             raise
     if flags & MAP_POPULATE:
         # mm_populate: errors are ignored, as in Linux.
@@ -451,8 +447,7 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool) -> Vma:
         hugetlb_resv=vma.hugetlb_resv,
     )
     anon_vma_clone(new, vma)
-    if vma.file is not None:
-        vma.file.i_mmap.add(new)
+    new.link_file()
     mm.vmas.insert(new)
     with invalidation(mm, MMU_NOTIFY_UNMAP, vma.start, vma.end):
         move_page_tables(vma, new, vma.npages)
@@ -460,8 +455,7 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool) -> Vma:
     if not dontunmap:
         mm.vmas.remove(vma)
         unlink_anon_vmas(vma)
-        if vma.file is not None:
-            vma.file.i_mmap.discard(vma)
+        vma.unlink_file()
         free_page_tables(mm, vma.start, vma.end)
     return try_merge(new)
 
@@ -521,8 +515,7 @@ def do_mremap(
             vm_ops=vma.vm_ops,
         )
         mm.vmas.insert(dup)
-        if vma.file is not None:
-            vma.file.i_mmap.add(dup)
+        dup.link_file()
         return start
 
     if flags & MREMAP_FIXED:

@@ -103,7 +103,7 @@ def _protect(vma: Vma, entries: np.ndarray, pfns: np.ndarray) -> np.ndarray:
     zero = phys.zero_mask(pfns)
     special = (entries & U64(PTE_SPECIAL)) != 0
     if vma.is_shared:
-        notify = vma.file is not None and getattr(vma.file, "writenotify", False)
+        notify = vma.page_cache is not None and vma.page_cache.writenotify
         writable = ~zero & (~np.bool_(notify) | ((entries & U64(PTE_DIRTY)) != 0))
         writable |= special & ~zero
     else:

@@ -129,6 +129,26 @@ class Vma:
         return self.pgoff + vpn - self.start_vpn
 
     @property
+    def page_cache(self) -> Any:
+        """The page-cache ``File`` behind this VMA, or None (anonymous, device file)."""
+        f = self.file
+        return f if getattr(f, "is_page_cache", False) else None
+
+    def link_file(self) -> None:
+        """Enter the VMA in its file's ``i_mmap`` (``vma_link_file``)."""
+        f = self.page_cache
+        if f is not None:
+            f.i_mmap.add(self)
+
+    def unlink_file(self) -> None:
+        """Leave the file's ``i_mmap``; an unlinked anonymous object dies with it."""
+        f = self.page_cache
+        if f is not None:
+            f.i_mmap.discard(self)
+            if f.anonymous and not f.i_mmap:
+                f.release()
+
+    @property
     def is_anonymous(self) -> bool:
         """``vma_is_anonymous``: no backing object at all (not shmem, not a device)."""
         return self.file is None and self.vm_ops is None

@@ -1,0 +1,117 @@
+"""Frame allocator, folio metadata, lazy zeroing, and page-table encoding/walks."""
+
+from __future__ import annotations
+
+import hmmsim
+import numpy as np
+import pytest
+from hmmsim.mm import pagetable as ptm
+from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, FrameAllocator, PG_zeroed, PhysMem
+from hmmsim.trace import Costs
+
+
+def test_allocator_hands_out_naturally_aligned_blocks_of_every_order():
+    a = FrameAllocator(1 << 19)  # 2 GiB
+    for order in range(19):
+        heads = a.alloc(order, 1)
+        assert heads[0] % (1 << order) == 0
+    assert a.nr_free == (1 << 19) - sum(1 << o for o in range(19))
+
+
+def test_allocator_is_all_or_nothing_and_reports_oom():
+    a = FrameAllocator(4096)
+    a.alloc(0, 4000)
+    free = a.nr_free
+    with pytest.raises(hmmsim.OutOfMemory):
+        a.alloc(0, 200)
+    assert a.nr_free == free
+    with pytest.raises(hmmsim.OutOfMemory):
+        a.alloc(9, 1)  # no 2 MiB block is fully free any more
+
+
+def test_small_allocations_prefer_partly_used_blocks():
+    a = FrameAllocator(2048)
+    first = a.alloc(0, 1)[0]
+    second = a.alloc(0, 1)[0]
+    assert first >> 9 == second >> 9
+    assert a.alloc(9, 3).tolist() == [512, 1024, 1536]
+
+
+def test_freeing_twice_is_caught():
+    a = FrameAllocator(1024)
+    h = a.alloc(0, 1)
+    a.free(h, 0)
+    with pytest.raises(AssertionError):
+        a.free(h, 0)
+
+
+def test_new_pages_read_as_zero_without_touching_the_arena():
+    phys = PhysMem(16 << 20, True, Costs())
+    pfn = phys.alloc_one(0)
+    phys.arena[pfn] = 0xAB  # stale contents of a previous owner
+    phys.flags[pfn] |= np.uint16(PG_zeroed)
+    assert phys.read(pfn, 0, 4) == bytes(4)
+    phys.write(pfn, 10, b"x")
+    assert phys.read(pfn, 8, 4) == b"\0\0x\0"
+
+
+def test_zero_pages_are_reserved():
+    phys = PhysMem(16 << 20, True, Costs())
+    assert phys.is_zero_pfn(ZERO_PFN) and phys.is_zero_pfn(HUGE_ZERO_PFN + 511)
+    assert phys.allocator.used[ZERO_PFN] and phys.allocator.used[HUGE_ZERO_PFN]
+    assert phys.order[HUGE_ZERO_PFN] == 9
+
+
+def test_store_data_false_drops_contents():
+    m = hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=16 << 20, store_data=False))
+    p = m.spawn()
+    a = p.mmap(
+        4096, hmmsim.PROT_READ | hmmsim.PROT_WRITE, hmmsim.MAP_PRIVATE | hmmsim.MAP_ANONYMOUS
+    )
+    p.write(a, b"gone")
+    assert p.read(a, 4) == bytes(4)
+    assert p.pagemap(a, 1)[0].kind == "anon"
+
+
+def test_entry_kinds_decode():
+    entries = np.array(
+        [
+            0,
+            ptm.make_present(5, write=True),
+            ptm.make_protnone(ptm.make_present(6)),
+            ptm.make_swap(7),
+            ptm.make_softleaf(ptm.SWP_MIGRATION_WRITE, 8),
+            ptm.make_softleaf(ptm.SWP_DEVICE_PRIVATE_WRITE, 9),
+            ptm.make_softleaf(ptm.SWP_DEVICE_EXCLUSIVE, 10),
+            ptm.make_hwpoison(11),
+            ptm.make_softleaf(ptm.SWP_MARKER, 0),
+        ],
+        dtype=np.uint64,
+    )
+    assert ptm.entry_kind(entries).tolist() == list(range(9))
+    assert ptm.entry_pfn(entries)[1:8].tolist() == [5, 6, 7, 8, 9, 10, 11]
+
+
+def test_walk_reports_levels_locations_and_huge_offsets():
+    pt = ptm.PageTable()
+    pmdloc = pt.pmd_loc(1024, alloc=True)
+    pt.set(pmdloc, ptm.make_present(4096, huge=True))
+    pt.set_ptes(512, np.array([ptm.make_present(77)], dtype=np.uint64))
+    w = pt.walk(510, 520)
+    assert w.level[:2].tolist() == [0, 0] and w.loc[0] == -1  # no table there
+    assert w.entries[2] != 0 and w.level[2] == 0
+    assert w.level[514:].tolist() == [1] * 6
+    assert w.pfns()[514 + 3] == 4096 + 3
+    assert (w.loc[514:] == pmdloc).all()
+    slots = w.slots()
+    assert slots.vpns.tolist() == [512, 1024]
+    assert slots.levels.tolist() == [0, 1]
+
+
+def test_unaligned_walk_over_several_tables():
+    pt = ptm.PageTable()
+    vpns = np.arange(1000, 3000, dtype=np.int64)
+    pt.set_ptes(1000, ptm.make_present_array(vpns, write=False, dirty=False))
+    w = pt.walk(999, 2003)
+    assert w.pfns()[1:2001].tolist() == vpns.tolist()
+    assert w.entries[0] == 0 and w.entries[-1] == 0
