@@ -279,3 +279,45 @@ def test_exit_frees_all_memory(machine):
     p.write(a, b"x")
     p.exit()
     assert machine.phys.allocator.nr_free == free0
+
+
+def test_prot_none_mapping_faults_and_keeps_pages_across_mprotect(proc):
+    a = proc.mmap(2 * PAGE, RW, ANON)
+    proc.write(a, b"hidden")
+    proc.mprotect(a, 2 * PAGE, hmmsim.PROT_NONE)
+    e = proc.pagemap(a, 1)[0]
+    assert e.present and not e.writable and e.kind == "anon"  # protnone keeps the page
+    with pytest.raises(hmmsim.SegmentationFault):
+        proc.read(a, 1)
+    proc.mprotect(a, 2 * PAGE, RW)
+    assert proc.pagemap(a, 1)[0].writable  # exclusive anon page: writable again at once
+    assert proc.read(a, 6) == b"hidden"
+    b = proc.mmap(PAGE, hmmsim.PROT_NONE, ANON)
+    with pytest.raises(hmmsim.SegmentationFault):
+        proc.write(b, b"x")
+
+
+def test_running_out_of_memory_is_an_error_not_a_crash(make_machine):
+    from hmmsim.mm.debug import verify_machine
+
+    m = make_machine(ram_bytes=16 << 20)
+    p = m.spawn()
+    a = p.mmap(32 << 20, RW, ANON | MAP_POPULATE)  # populate errors are ignored
+    with pytest.raises(hmmsim.OutOfMemory):
+        p.write(a, b"x" * (32 << 20))
+    verify_machine(m)
+    p.munmap(a, 32 << 20)
+    b = p.mmap(PAGE, RW, ANON)
+    p.write(b, b"fine")
+    assert p.read(b, 4) == b"fine"
+
+
+def test_event_log_records_faults_and_invalidations(machine, proc):
+    machine.trace.enable_log()
+    a = proc.mmap(PAGE, RW, ANON)
+    proc.write(a, b"x")
+    proc.munmap(a, PAGE)
+    kinds = [e.kind for e in machine.trace.events]
+    assert kinds == ["fault", "invalidate_start", "invalidate_end"]
+    assert machine.trace.events[1].detail["event"] == "UNMAP"
+    assert machine.clock.now_ns > 0
