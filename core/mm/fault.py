@@ -596,8 +596,9 @@ def _populate_batch(vma: Vma, lo: int, hi: int, write: bool) -> int:
         locs = pt.ensure_pte_locs(vpns)
         machine.costs.faults += len(vpns)
         machine.clock.advance(COST_FAULT_NS * len(vpns))
-        machine.trace.log(sched.current(), "fault", addr=int(vpns[0]) << PAGE_SHIFT,
-                          write=write, npages=len(vpns))
+        machine.trace.log(
+            sched.current(), "fault", addr=int(vpns[0]) << PAGE_SHIFT, write=write, npages=len(vpns)
+        )
         if vma.is_anonymous:
             ret = _anon_fill(vma, vpns, locs, write)
         else:
@@ -659,8 +660,13 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
     pmdlocs = pmdlocs[empty]
     machine.costs.faults += len(cvpns)
     machine.clock.advance(COST_FAULT_NS * len(cvpns))
-    machine.trace.log(sched.current(), "fault", addr=int(cvpns[0]) << PAGE_SHIFT,
-                      write=write, npages=len(cvpns) * PMD_PAGES)
+    machine.trace.log(
+        sched.current(),
+        "fault",
+        addr=int(cvpns[0]) << PAGE_SHIFT,
+        write=write,
+        npages=len(cvpns) * PMD_PAGES,
+    )
     if not write and machine.config.thp_use_zero_page:
         pt.flat[pmdlocs] = U64(make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += len(pmdlocs)

@@ -53,16 +53,8 @@ def dup_mm(parent: Process, child_mm: AddressSpace) -> None:
     for vma in parent.mm.vmas:
         if vma.flags & VM_DONTCOPY:
             continue
-        cv = Vma(
-            child_mm,
-            vma.start,
-            vma.end,
-            vma.flags,
-            vma.pgoff,
-            file=vma.file,
-            vm_ops=vma.vm_ops,
-            hugetlb_order=vma.hugetlb_order,
-        )
+        # The child's private hugetlb mapping holds no reservation of its own.
+        cv = vma.copy(vma.start, vma.end, vma.pgoff, mm=child_mm)
         anon_vma_fork(machine, cv, vma)
         cv.link_file()
         child_mm.vmas.insert(cv)

@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidArgument
-from ..notifier import MMU_NOTIFY_CLEAR, invalidation
-from .pagetable import PAGE_SHIFT, PTE_DIRTY, make_hwpoison, pfn_of
+from .pagetable import PTE_DIRTY, make_hwpoison, pfn_of
 from .physmem import PG_anon, PG_dirty, PG_hugetlb, PG_hwpoison, PG_reserved
 from .reclaim import split_folio
-from .rmap import rmap_walk
+from .rmap import rmap_walk, try_to_unmap
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -53,17 +52,7 @@ def memory_failure(machine: Machine, pfn: int) -> None:
         bool((h.entries & np.uint64(PTE_DIRTY)).any()) for h in hits
     )
     poison_entries = bool(flags & PG_anon) or dirty or bool(flags & PG_hugetlb)
-    for hit in hits:
-        mm = hit.vma.mm
-        start = int(hit.vpns.min()) << PAGE_SHIFT
-        end = (int(hit.vpns.max()) + 1) << PAGE_SHIFT
-        with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
-            for loc in np.unique(hit.locs).tolist():
-                e = mm.pt.get(loc)
-                mm.pt.set(loc, make_hwpoison(pfn_of(e)) if poison_entries else 0)
-                phys.mapcount[head] -= 1
-                phys.put_one(head)
-                machine.costs.pte_writes += 1
+    try_to_unmap(machine, head, lambda e: make_hwpoison(pfn_of(e)) if poison_entries else 0)
     if not flags & PG_anon and phys.mapping[head]:
         owner = machine.mappings.get(int(phys.mapping[head]))
         if owner is not None:

@@ -21,12 +21,9 @@ import numpy as np
 
 from .. import sched
 from ..errors import OutOfMemory
-from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from .pagetable import (
     KIND_MIGRATION,
-    PAGE_SHIFT,
     PTE_DIRTY,
-    PTE_HUGE,
     PTE_WRITE,
     PTE_YOUNG,
     SWP_MIGRATION_READ,
@@ -40,7 +37,7 @@ from .pagetable import (
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_hugetlb, PG_locked, PG_swapcache
 from .reclaim import expected_refs
-from .rmap import rmap_walk
+from .rmap import rmap_walk, try_to_unmap
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -102,28 +99,18 @@ def migrate_folio(machine: Machine, head: int) -> int:
 
 def _unmap_to_migration_entries(machine: Machine, head: int) -> None:
     phys = machine.phys
-    for hit in list(rmap_walk(machine, head)):
-        mm = hit.vma.mm
-        start = int(hit.vpns.min()) << PAGE_SHIFT
-        end = (int(hit.vpns.max()) + 1) << PAGE_SHIFT
-        with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
-            for loc, pfn in _unique_locs(hit.locs, hit.pfns):
-                e = mm.pt.get(loc)
-                if e & PTE_WRITE:
-                    typ = SWP_MIGRATION_WRITE
-                elif phys.flags[pfn] & PG_anon_exclusive:
-                    typ = SWP_MIGRATION_READ_EXCLUSIVE
-                else:
-                    typ = SWP_MIGRATION_READ
-                mm.pt.set(loc, make_softleaf(typ, pfn, keep=e) | (e & PTE_HUGE))
-                phys.mapcount[head] -= 1
-                phys.refcount[head] -= 1
-                machine.costs.pte_writes += 1
 
+    def migration_entry(e: int) -> int:
+        pfn = pfn_of(e)
+        if e & PTE_WRITE:
+            typ = SWP_MIGRATION_WRITE
+        elif phys.flags[pfn] & PG_anon_exclusive:
+            typ = SWP_MIGRATION_READ_EXCLUSIVE
+        else:
+            typ = SWP_MIGRATION_READ
+        return make_softleaf(typ, pfn, keep=e)
 
-def _unique_locs(locs: np.ndarray, pfns: np.ndarray) -> list[tuple[int, int]]:
-    _, first = np.unique(locs, return_index=True)
-    return [(int(locs[i]), int(pfns[i])) for i in sorted(first.tolist())]
+    try_to_unmap(machine, head, migration_entry)
 
 
 def _remove_migration_ptes(machine: Machine, old: int, new: int) -> None:
@@ -131,20 +118,18 @@ def _remove_migration_ptes(machine: Machine, old: int, new: int) -> None:
     phys = machine.phys
     for hit in list(rmap_walk(machine, old)):
         pt = hit.vma.mm.pt
-        for loc, _pfn in _unique_locs(hit.locs, hit.pfns):
+        _, first = np.unique(hit.locs, return_index=True)
+        for i in first.tolist():
+            loc = int(hit.locs[i])
             e = pt.get(loc)
             if kind_of(e) != KIND_MIGRATION:
                 continue
-            typ = softleaf_type(e)
-            base = pfn_of(e)
-            huge = bool(e & PTE_HUGE)
-            target = new + (base - old)
             entry = make_present(
-                target,
-                write=typ == SWP_MIGRATION_WRITE,
+                new + (pfn_of(e) - old),
+                write=softleaf_type(e) == SWP_MIGRATION_WRITE,
                 dirty=bool(e & PTE_DIRTY),
                 young=bool(e & PTE_YOUNG),
-                huge=huge,
+                huge=bool(hit.levels[i] > 0),
             )
             pt.set(loc, entry)
             phys.mapcount[new] += 1

@@ -150,17 +150,7 @@ def split_vma(vma: Vma, addr: int) -> Vma:
     if vpn & (PMD_PAGES - 1) and not vma.is_hugetlb:
         split_huge_pmd(vma, vpn)
     mm = vma.mm
-    new = Vma(
-        mm,
-        addr,
-        vma.end,
-        vma.flags,
-        vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT),
-        file=vma.file,
-        vm_ops=vma.vm_ops,
-        hugetlb_order=vma.hugetlb_order,
-        hugetlb_resv=vma.hugetlb_resv,
-    )
+    new = vma.copy(addr, vma.end, vma.pgoff + ((addr - vma.start) >> PAGE_SHIFT))
     anon_vma_clone(new, vma)
     new.link_file()
     mm.vmas.remove(vma)
@@ -435,17 +425,7 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
 def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool) -> Vma:
     """Move the whole of ``vma`` to ``new_addr`` (growing it to ``new_len``)."""
     mm = vma.mm
-    new = Vma(
-        mm,
-        new_addr,
-        new_addr + new_len,
-        vma.flags,
-        vma.pgoff,
-        file=vma.file,
-        vm_ops=vma.vm_ops,
-        hugetlb_order=vma.hugetlb_order,
-        hugetlb_resv=vma.hugetlb_resv,
-    )
+    new = vma.copy(new_addr, new_addr + new_len, vma.pgoff)
     anon_vma_clone(new, vma)
     new.link_file()
     mm.vmas.insert(new)

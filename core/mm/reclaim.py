@@ -17,22 +17,18 @@ order from a rotating cursor (a clock hand without referenced bits).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from ..trace import COST_SWAP_IO_NS
 from .pagetable import (
     KIND_PRESENT,
-    PAGE_SHIFT,
     PAGE_SIZE,
     PTE_DIRTY,
     PTE_SPECIAL,
     U64,
     make_swap,
-    pfn_of,
 )
 from .physmem import (
     PER_PAGE_FLAGS,
@@ -46,7 +42,7 @@ from .physmem import (
     PG_zeroed,
     PG_zone_device,
 )
-from .rmap import RmapHit, folios_mapped_only_by, rmap_walk
+from .rmap import RmapHit, folios_mapped_only_by, rmap_walk, try_to_unmap
 from .swap import swapcache_del
 from .thp import split_huge_pmd
 
@@ -138,7 +134,7 @@ def reclaim_folio(machine: Machine, head: int) -> int:
     flags = int(phys.flags[head])
     if flags & PG_anon:
         if not flags & PG_swapbacked and not dirty:
-            _unmap_all(hits, lambda: 0)  # clean lazy-free page: discard
+            try_to_unmap(machine, head, lambda e: 0)  # clean lazy-free page: discard
         else:
             phys.flags[head] |= np.uint16(PG_swapbacked)
             _swap_out(machine, head, hits)
@@ -148,29 +144,12 @@ def reclaim_folio(machine: Machine, head: int) -> int:
             f.backing[int(phys.index[head])] = phys.read(head, 0, PAGE_SIZE)
             machine.clock.advance(COST_SWAP_IO_NS)
         phys.flags[head] &= np.uint16(~PG_dirty & 0xFFFF)
-        _unmap_all(hits, lambda: 0)
+        try_to_unmap(machine, head, lambda e: 0)
         index = int(phys.index[head])
         f.cache[index] = -1
         phys.mapping[head] = 0
         phys.put_one(head)
     return 1
-
-
-def _unmap_all(hits: list[RmapHit], new_entry: Callable[[], int]) -> None:
-    """Replace every mapping in ``hits`` by ``new_entry()`` (CLEAR per mapping)."""
-    for hit in hits:
-        mm = hit.vma.mm
-        phys = mm.machine.phys
-        start = int(hit.vpns.min()) << PAGE_SHIFT
-        end = (int(hit.vpns.max()) + 1) << PAGE_SHIFT
-        with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
-            for loc in np.unique(hit.locs).tolist():
-                e = mm.pt.get(loc)
-                mm.pt.set(loc, new_entry())
-                head = phys.head(pfn_of(e))
-                phys.mapcount[head] -= 1
-                phys.put_one(head)
-                mm.machine.costs.pte_writes += 1
 
 
 def _swap_out(machine: Machine, head: int, hits: list[RmapHit]) -> None:
@@ -188,11 +167,11 @@ def _swap_out(machine: Machine, head: int, hits: list[RmapHit]) -> None:
         owned = False
     entry = make_swap(slot)
 
-    def one_more() -> int:
+    def one_more(_old: int) -> int:
         swap.count[slot] += 1
         return entry
 
-    _unmap_all(hits, one_more)
+    try_to_unmap(machine, head, one_more)
     if owned:
         swap.put(slot)  # the allocation's use: now only the entries hold it
     else:

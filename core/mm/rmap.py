@@ -14,7 +14,7 @@ anon_vma of its own for the pages it creates, as ``anon_vma_fork`` does.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -180,3 +180,24 @@ def folios_mapped_only_by(
     pairs = np.unique(np.stack([heads, locs]), axis=1)
     uheads, nmaps = np.unique(pairs[0], return_counts=True)
     return uheads, mapcount[uheads] == nmaps
+
+
+def try_to_unmap(machine: Machine, head: int, make_entry: Callable[[int], int]) -> None:
+    """Replace every mapping of a folio by ``make_entry(old_entry)`` (``try_to_unmap``).
+
+    One ``CLEAR`` invalidation per mapping VMA, as ``try_to_unmap_one`` sends;
+    each mapping's count and reference are dropped.
+    """
+    from ..notifier import MMU_NOTIFY_CLEAR, invalidation
+
+    phys = machine.phys
+    for hit in list(rmap_walk(machine, head)):
+        mm = hit.vma.mm
+        start = int(hit.vpns.min()) << PAGE_SHIFT
+        end = (int(hit.vpns.max()) + 1) << PAGE_SHIFT
+        with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
+            for loc in np.unique(hit.locs).tolist():
+                mm.pt.set(loc, make_entry(mm.pt.get(loc)))
+                phys.mapcount[head] -= 1
+                phys.put_one(head)
+                machine.costs.pte_writes += 1

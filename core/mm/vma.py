@@ -105,6 +105,20 @@ class Vma:
             f"pgoff={self.pgoff:#x} {backing})"
         )
 
+    def copy(self, start: int, end: int, pgoff: int, mm: AddressSpace | None = None) -> Vma:
+        """A VMA like this one over [start, end) (split, move, fork), not yet linked."""
+        return Vma(
+            self.mm if mm is None else mm,
+            start,
+            end,
+            self.flags,
+            pgoff,
+            file=self.file,
+            vm_ops=self.vm_ops,
+            hugetlb_order=self.hugetlb_order,
+            hugetlb_resv=self.hugetlb_resv if mm is None else None,
+        )
+
     @property
     def start_vpn(self) -> int:
         return self.start >> PAGE_SHIFT
