@@ -264,3 +264,16 @@ def test_populate_of_a_vma_without_pages_for_a_device_file_is_sigbus(machine, pr
     a = proc.mmap(PAGE, RW, MAP_SHARED, file=Empty())
     with pytest.raises(hmmsim.BusError):
         proc.read(a, 1)
+
+
+def test_madv_collapse_is_refused_only_by_nohugepage(make_machine):
+    m = make_machine(thp="never")
+    p = m.spawn()
+    a = p.mmap(MB2, RW, ANON | MAP_POPULATE)
+    p.madvise(a, MB2, hmmsim.MADV_NOHUGEPAGE)
+    with pytest.raises(hmmsim.InvalidArgument):
+        p.madvise(a, MB2, MADV_COLLAPSE)
+    assert p.pagemap(a, 1)[0].order == 0
+    p.madvise(a, MB2, hmmsim.MADV_HUGEPAGE)
+    p.madvise(a, MB2, MADV_COLLAPSE)
+    assert p.pagemap(a, 1)[0].order == 9
