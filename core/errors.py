@@ -99,6 +99,18 @@ class NoProcess(HmmsimError):
     errno_value = _errno.ESRCH
 
 
+class RemoteIO(HmmsimError):
+    """EREMOTEIO: e.g. GUP of PCI P2PDMA memory without FOLL_PCI_P2PDMA."""
+
+    errno_value = _errno.EREMOTEIO
+
+
+class HardwarePoison(HmmsimError):
+    """EHWPOISON: GUP with FOLL_HWPOISON hit a poisoned page."""
+
+    errno_value = getattr(_errno, "EHWPOISON", 133)  # Linux value; absent on some hosts
+
+
 class SegmentationFault(HmmsimError):
     """SIGSEGV: a CPU access to an address the process may not touch that way."""
 
@@ -122,6 +134,7 @@ __all__ = [
     "BusError",
     "Busy",
     "Deadlock",
+    "HardwarePoison",
     "HmmsimError",
     "InvalidArgument",
     "NoEntry",
@@ -131,5 +144,6 @@ __all__ = [
     "OutOfMemory",
     "Overflow",
     "PermissionDenied",
+    "RemoteIO",
     "SegmentationFault",
 ]

@@ -131,14 +131,28 @@ def test_pinned_page_refuses_migration_reclaim_and_collapse(make_machine):
 
 
 def test_fork_copies_a_pinned_exclusive_page_at_once(proc, machine):
+    from hmmsim.gup import pin_user_pages, unpin_user_page
+
     a = proc.mmap(PAGE, RW, ANON)
     proc.write(a, b"pin")
     pfn = proc.pagemap(a, 1)[0].pfn
-    machine.phys.get_page(pfn)
+    with proc.mm.mmap_lock.read():
+        assert pin_user_pages(proc.mm, a, 1, hmmsim.gup.FOLL_WRITE) == [pfn]
     child = proc.fork()
     assert child.pagemap(a, 1)[0].pfn != pfn
     assert proc.pagemap(a, 1)[0].writable and proc.pagemap(a, 1)[0].pfn == pfn
     assert child.read(a, 3) == b"pin"
+    unpin_user_page(machine, pfn)
+    verify_machine(machine)
+
+
+def test_fork_shares_a_page_held_by_a_plain_reference(proc, machine):
+    a = proc.mmap(PAGE, RW, ANON)
+    proc.write(a, b"ref")
+    pfn = proc.pagemap(a, 1)[0].pfn
+    machine.phys.get_page(pfn)  # FOLL_GET: no copy at fork (the classic GUP/fork hazard)
+    child = proc.fork()
+    assert child.pagemap(a, 1)[0].pfn == pfn
     machine.phys.put_page(pfn)
     verify_machine(machine)
 

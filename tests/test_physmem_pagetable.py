@@ -48,7 +48,7 @@ def test_freeing_twice_is_caught():
 def test_new_pages_read_as_zero_without_touching_the_arena():
     phys = PhysMem(16 << 20, True, Costs())
     pfn = phys.alloc_one(0)
-    phys.arena[pfn] = 0xAB  # stale contents of a previous owner
+    phys.arena.page(pfn)[:] = 0xAB  # stale contents of a previous owner
     phys.flags[pfn] |= np.uint16(PG_zeroed)
     assert phys.read(pfn, 0, 4) == bytes(4)
     phys.write(pfn, 10, b"x")

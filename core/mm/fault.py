@@ -28,10 +28,12 @@ from numpy.typing import NDArray
 
 from .. import sched
 from ..errors import OutOfMemory
-from ..notifier import MMU_NOTIFY_CLEAR, invalidation
+from ..notifier import MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, invalidation
 from ..trace import COST_FAULT_NS, COST_SWAP_IO_NS
 from .pagetable import (
     CHUNK_PMD,
+    KIND_DEVICE_EXCLUSIVE,
+    KIND_DEVICE_PRIVATE,
     KIND_HWPOISON,
     KIND_MIGRATION,
     KIND_NONE,
@@ -120,6 +122,8 @@ def handle_mm_fault(vma: Vma, addr: int, flags: int) -> int:
     machine.costs.faults += 1
     machine.clock.advance(COST_FAULT_NS)
     write = bool(flags & FAULT_FLAG_WRITE)
+    if flags & FAULT_FLAG_UNSHARE and not write:
+        return _unshare(vma, addr >> PAGE_SHIFT)
     machine.trace.log(sched.current(), "fault", addr=addr, write=write)
     sched.point("fault")
     vpn = addr >> PAGE_SHIFT
@@ -160,7 +164,8 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
         return 0
     if kind == KIND_MIGRATION:
         return wait_on_migration(vma, pmdloc, e)
-    # Device-private PMD entries are filled in with device memory.
+    if kind == KIND_DEVICE_PRIVATE:
+        return do_device_private_fault(vma, vpn, pmdloc, e, pfn_of(e) + (vpn & 511), write)
     return VM_FAULT_SIGBUS
 
 
@@ -228,6 +233,10 @@ def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
         return wait_on_migration(vma, loc, e)
     if kind == KIND_HWPOISON:
         return VM_FAULT_HWPOISON
+    if kind == KIND_DEVICE_PRIVATE:
+        return do_device_private_fault(vma, vpn, loc, e, pfn_of(e), write)
+    if kind == KIND_DEVICE_EXCLUSIVE:
+        return remove_device_exclusive_entry(vma, vpn, loc, e)
     if kind == KIND_PROTNONE:
         e = _numa_restore(vma, e)
         pt.set(loc, e)
@@ -237,8 +246,81 @@ def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
             return do_wp_page(vma, vpn, loc, e)
         pt.set(loc, e | PTE_YOUNG | (PTE_DIRTY if write else 0))
         return 0
-    # Markers, and device-private/exclusive entries until device memory exists.
-    return VM_FAULT_SIGBUS
+    return VM_FAULT_SIGBUS  # poison and guard markers
+
+
+def do_device_private_fault(vma: Vma, vpn: int, loc: int, e: int, pfn: int, write: bool) -> int:
+    """CPU touch of device-private page ``pfn``: the owner's ``migrate_to_ram`` (§3.5).
+
+    The core takes a reference and the folio lock, rechecks the entry, and
+    lets the driver move the page back; the lock and reference are dropped
+    afterwards (``migrate_vma_finalize`` leaves the fault page alone).
+    """
+    from ..memremap import VmFault
+
+    phys = vma.mm.machine.phys
+    head = phys.get_page(pfn)
+    try:
+        phys.folio_lock(head)
+        try:
+            if vma.mm.pt.get(loc) != e:
+                return 0  # changed under us: let the access retry
+            pgmap = phys.pgmap_of(pfn)
+            vmf = VmFault(vma, vpn << PAGE_SHIFT, FAULT_FLAG_WRITE if write else 0, pfn, pgmap, e)
+            return int(pgmap.ops.migrate_to_ram(vmf))
+        finally:
+            if phys.folio_locked(head):
+                phys.folio_unlock(head)
+    finally:
+        phys.put_page(head)
+
+
+def remove_device_exclusive_entry(vma: Vma, vpn: int, loc: int, e: int) -> int:
+    """CPU touch of a device-exclusive entry: restore the PTE, tell the device.
+
+    Sends ``MMU_NOTIFY_EXCLUSIVE`` with no owner, so the device that held
+    exclusive access drops it, then puts back a writable, dirty PTE.
+    """
+    mm = vma.mm
+    phys = mm.machine.phys
+    pfn = pfn_of(e)
+    head = phys.get_page(pfn)
+    try:
+        phys.folio_lock(head)
+        try:
+            addr = vpn << PAGE_SHIFT
+            with invalidation(mm, MMU_NOTIFY_EXCLUSIVE, addr, addr + (1 << PAGE_SHIFT), None):
+                if mm.pt.get(loc) == e:
+                    mm.pt.set(loc, make_present(pfn, write=True, dirty=True, young=False))
+                    mm.machine.costs.pte_writes += 1
+        finally:
+            phys.folio_unlock(head)
+    finally:
+        phys.put_page(head)
+    return 0
+
+
+def _unshare(vma: Vma, vpn: int) -> int:
+    """``FAULT_FLAG_UNSHARE``: give this mm an exclusive copy, still read-only.
+
+    What a read-only long-term pin needs so that a later COW cannot leave the
+    pinned page behind the process's back.
+    """
+    pt = vma.mm.pt
+    _loc, e, level = pt.lookup(vpn)
+    if level != 0:
+        split_huge_pmd(vma, vpn)
+    loc, e, level = pt.lookup(vpn)
+    if loc < 0 or kind_of(e) != KIND_PRESENT:
+        return 0
+    phys = vma.mm.machine.phys
+    pfn = pfn_of(e)
+    if phys.is_zero_pfn(pfn) or not phys.flags[pfn] & PG_anon:
+        return 0
+    if _can_reuse_anon(vma, pfn, phys.head(pfn), int(phys.flags[pfn])):
+        phys.flags[pfn] |= np.uint16(PG_anon_exclusive)
+        return 0
+    return wp_page_copy(vma, vpn, loc, e, pfn, writable=False)
 
 
 def _numa_restore(vma: Vma, e: int) -> int:
@@ -322,8 +404,13 @@ def _can_reuse_anon(vma: Vma, pfn: int, head: int, flags: int) -> bool:
     return bool(phys.refcount[head] == 1)
 
 
-def wp_page_copy(vma: Vma, vpn: int, loc: int, e: int, src: int | None) -> int:
-    """Break COW: a private copy replaces the PTE (``CLEAR`` on the page)."""
+def wp_page_copy(
+    vma: Vma, vpn: int, loc: int, e: int, src: int | None, writable: bool = True
+) -> int:
+    """Break COW: a private copy replaces the PTE (``CLEAR`` on the page).
+
+    ``writable=False`` is the unshare variant: the copy stays read-only.
+    """
     mm = vma.mm
     machine = mm.machine
     phys = machine.phys
@@ -340,7 +427,7 @@ def wp_page_copy(vma: Vma, vpn: int, loc: int, e: int, src: int | None) -> int:
             phys.put_one(new)
             return 0
         folio_add_new_anon_rmap(machine, vma, new_arr, np.array([vpn], dtype=_I64), 0)
-        mm.pt.set(loc, make_present(new, write=True, dirty=True))
+        mm.pt.set(loc, make_present(new, write=writable, dirty=True))
         machine.costs.pte_writes += 1
         if src is not None:
             head = phys.head(src)

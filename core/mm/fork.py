@@ -25,6 +25,8 @@ from ..errors import OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, MMU_NOTIFY_PROTECTION_PAGE, invalidation
 from .address_space import AddressSpace
 from .pagetable import (
+    KIND_DEVICE_EXCLUSIVE,
+    KIND_DEVICE_PRIVATE,
     KIND_PRESENT,
     KIND_PROTNONE,
     KIND_SWAP,
@@ -35,7 +37,7 @@ from .pagetable import (
     PTE_WRITE,
     U64,
     make_present,
-    migration_entries_readonly,
+    softleaf_entries_readonly,
 )
 from .physmem import PG_anon, PG_anon_exclusive
 from .rmap import anon_vma_fork, folio_add_new_anon_rmap
@@ -80,6 +82,13 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
     slots = spt.walk(src.start_vpn, src.npages).slots()
     if not len(slots):
         return
+    excl = slots.kinds == KIND_DEVICE_EXCLUSIVE
+    if excl.any():
+        # Device-exclusive entries are made present again and copied as such
+        # (the device learns of it through the fork's own invalidation).
+        for loc, pfn in zip(slots.locs[excl].tolist(), slots.pfns[excl].tolist(), strict=True):
+            spt.set(loc, make_present(pfn, write=True, dirty=True, young=False))
+        slots = spt.walk(src.start_vpn, src.npages).slots()
     entries = slots.entries
     levels = slots.levels
     kinds = slots.kinds
@@ -89,7 +98,8 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
     child = entries.copy()
     parent = entries.copy()
 
-    mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+    present = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+    mapped = present | (kinds == KIND_DEVICE_PRIVATE)
     normal = mapped & ((entries & U64(PTE_SPECIAL)) == 0) & ~phys.zero_mask(pfns)
     heads = np.zeros(len(pfns), dtype=_I64)
     heads[normal] = phys.head_of(pfns[normal])
@@ -97,10 +107,10 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
     anon[normal] = (phys.flags[heads[normal]] & PG_anon) != 0
     copy_now = np.zeros(len(pfns), dtype=np.bool_)
     if cow and anon.any():
-        # An exclusive anon page with extra references may be pinned: the
-        # child gets its own copy now (folio_try_dup_anon_rmap failing).
-        ai = np.flatnonzero(anon)
-        pinned = phys.refcount[heads[ai]] > phys.mapcount[heads[ai]]
+        # An exclusive anon page that may be DMA-pinned gets copied for the
+        # child now (folio_try_dup_anon_rmap failing); plain references don't.
+        ai = np.flatnonzero(anon & present)
+        pinned = np.array([phys.pins.get(int(h), 0) > 0 for h in heads[ai]], dtype=np.bool_)
         excl = (phys.flags[pfns[ai]] & PG_anon_exclusive) != 0
         copy_now[ai] = pinned & excl & (levels[ai] == LEVEL_PTE)
     share = normal & ~copy_now
@@ -109,14 +119,14 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
         np.add.at(phys.refcount, heads[share], 1)
     if cow:
         wp = anon & ~copy_now
-        parent[wp] &= ~U64(PTE_WRITE)
-        child[wp] &= ~U64(PTE_WRITE)
+        parent[wp & present] &= ~U64(PTE_WRITE)
+        child[wp & present] &= ~U64(PTE_WRITE)
         for i in np.flatnonzero(wp).tolist():
             nr = 1 << (0 if levels[i] == LEVEL_PTE else PMD_ORDER if levels[i] == LEVEL_PMD else 18)
             p = int(pfns[i])
             phys.flags[p : p + nr] &= np.uint16(~PG_anon_exclusive & 0xFFFF)
-        parent = migration_entries_readonly(parent)
-        child = migration_entries_readonly(child)
+        parent = softleaf_entries_readonly(parent)
+        child = softleaf_entries_readonly(child)
     swapped = kinds == KIND_SWAP
     if swapped.any():
         machine.swap.dup(pfns[swapped])

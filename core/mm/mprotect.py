@@ -39,7 +39,7 @@ from .pagetable import (
     PTE_SPECIAL,
     PTE_WRITE,
     U64,
-    migration_entries_readonly,
+    softleaf_entries_readonly,
 )
 from .physmem import PG_anon_exclusive
 from .uapi import PROT_MASK, PROT_WRITE
@@ -83,11 +83,11 @@ def change_protection(vma: Vma) -> None:
         kinds = slots.kinds
         locs = slots.locs
         new = entries.copy()
-        mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+        mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)  # device-private: below
         if mapped.any():
             new[mapped] = _protect(vma, entries[mapped], slots.pfns[mapped])
         if not vma.flags & VM_WRITE:
-            new = migration_entries_readonly(new)
+            new = softleaf_entries_readonly(new)
         changed = new != entries
         pt.flat[locs[changed]] = new[changed]
         mm.machine.costs.pte_writes += int(changed.sum())

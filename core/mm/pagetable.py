@@ -204,17 +204,37 @@ def make_softleaf_array(
     return out
 
 
-def migration_entries_readonly(entries: NDArray[np.uint64]) -> NDArray[np.uint64]:
-    """``make_readable_migration_entry`` on every writable migration entry."""
+def softleaf_entries_readonly(entries: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """Writable migration and device-private entries made read-only.
+
+    ``make_readable_migration_entry`` / ``make_readable_device_private_entry``,
+    as fork (COW) and mprotect do.
+    """
     typ = entries & U64(PTE_SOFTLEAF | PTE_PRESENT | SOFTLEAF_TYPE_MASK)
-    writable = typ == U64(PTE_SOFTLEAF | (SWP_MIGRATION_WRITE << SOFTLEAF_TYPE_SHIFT))
-    if not writable.any():
-        return entries
-    out = entries.copy()
-    out[writable] = (entries[writable] & ~U64(SOFTLEAF_TYPE_MASK)) | U64(
-        SWP_MIGRATION_READ << SOFTLEAF_TYPE_SHIFT
-    )
+    out = entries
+    for writable, readable in (
+        (SWP_MIGRATION_WRITE, SWP_MIGRATION_READ),
+        (SWP_DEVICE_PRIVATE_WRITE, SWP_DEVICE_PRIVATE_READ),
+    ):
+        sel = typ == U64(PTE_SOFTLEAF | (writable << SOFTLEAF_TYPE_SHIFT))
+        if sel.any():
+            if out is entries:
+                out = entries.copy()
+            out[sel] = (entries[sel] & ~U64(SOFTLEAF_TYPE_MASK)) | U64(
+                readable << SOFTLEAF_TYPE_SHIFT
+            )
     return out
+
+
+def softleaf_writable(entries: NDArray[np.uint64]) -> NDArray[np.bool_]:
+    """Writable migration or device-private entries (device-exclusive counts too)."""
+    typ = (entries & U64(SOFTLEAF_TYPE_MASK)) >> U64(SOFTLEAF_TYPE_SHIFT)
+    soft = (entries & U64(PTE_SOFTLEAF | PTE_PRESENT)) == U64(PTE_SOFTLEAF)
+    return soft & (
+        (typ == SWP_MIGRATION_WRITE)
+        | (typ == SWP_DEVICE_PRIVATE_WRITE)
+        | (typ == SWP_DEVICE_EXCLUSIVE)
+    )
 
 
 def make_swap(slot: int) -> int:

@@ -27,12 +27,13 @@ batch in one vectorised call.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import OutOfMemory
+from ..sched import WaitQueue
 from ..trace import Costs
 from .pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
 
@@ -174,6 +175,70 @@ class FrameAllocator:
         self._mark(heads, size, False)
 
 
+class PageArena:
+    """Page contents by pfn, in segments: RAM first, then each device memory range.
+
+    Each segment is one ``np.zeros`` block, which the host maps lazily. A
+    gather or scatter that stays inside one segment (the usual case) is one
+    fancy-indexing operation.
+    """
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.blocks: list[NDArray[np.uint8]] = []
+
+    def add(self, start: int, npages: int) -> None:
+        self.starts.append(start)
+        self.ends.append(start + npages)
+        self.blocks.append(np.zeros((npages, PAGE_SIZE), dtype=np.uint8))
+
+    def _segment(self, pfns: NDArray[np.int64]) -> int:
+        """Index of the one segment holding all ``pfns``, or -1 if they straddle."""
+        lo, hi = int(pfns.min()), int(pfns.max())
+        for i, (start, end) in enumerate(zip(self.starts, self.ends, strict=True)):
+            if start <= lo and hi < end:
+                return i
+        return -1
+
+    def _split(self, pfns: NDArray[np.int64]) -> list[tuple[NDArray[np.bool_], int]]:
+        parts = []
+        for i, (start, end) in enumerate(zip(self.starts, self.ends, strict=True)):
+            sel = (pfns >= start) & (pfns < end)
+            if sel.any():
+                parts.append((sel, i))
+        return parts
+
+    def gather(self, pfns: NDArray[np.int64]) -> NDArray[np.uint8]:
+        if len(pfns) == 0:
+            return np.zeros((0, PAGE_SIZE), dtype=np.uint8)
+        i = self._segment(pfns)
+        if i >= 0:
+            return self.blocks[i][pfns - self.starts[i]]
+        out = np.empty((len(pfns), PAGE_SIZE), dtype=np.uint8)
+        for sel, j in self._split(pfns):
+            out[sel] = self.blocks[j][pfns[sel] - self.starts[j]]
+        return out
+
+    def scatter(self, pfns: NDArray[np.int64], data: NDArray[np.uint8] | int) -> None:
+        if len(pfns) == 0:
+            return
+        i = self._segment(pfns)
+        if i >= 0:
+            self.blocks[i][pfns - self.starts[i]] = data
+            return
+        for sel, j in self._split(pfns):
+            part = data if isinstance(data, int) else data[sel]
+            self.blocks[j][pfns[sel] - self.starts[j]] = part
+
+    def page(self, pfn: int) -> NDArray[np.uint8]:
+        """A writable view of one page."""
+        for start, end, block in zip(self.starts, self.ends, self.blocks, strict=True):
+            if start <= pfn < end:
+                return block[pfn - start]
+        raise IndexError(f"pfn {pfn:#x} has no storage")
+
+
 class PhysMem:
     """All frames of the machine with their folio metadata and contents."""
 
@@ -192,9 +257,9 @@ class PhysMem:
         self.flags = np.zeros(n, dtype=np.uint16)
         self.mapping = np.zeros(n, dtype=np.int32)
         self.index = np.zeros(n, dtype=np.int64)
-        self.arena: NDArray[np.uint8] | None = (
-            np.zeros((n, PAGE_SIZE), dtype=np.uint8) if store_data else None
-        )
+        self.arena: PageArena | None = PageArena() if store_data else None
+        if self.arena is not None:
+            self.arena.add(0, n)
         # The zero page and the huge zero folio: reserved, always zero.
         self.allocator.reserve(ZERO_PFN, 1)
         self.allocator.reserve(HUGE_ZERO_PFN, PMD_PAGES)
@@ -203,11 +268,78 @@ class PhysMem:
         self.order[HUGE_ZERO_PFN : HUGE_ZERO_PFN + PMD_PAGES] = PMD_ORDER
         self.refcount[ZERO_PFN] = 1
         self.refcount[HUGE_ZERO_PFN] = 1
+        #: Sleepers on folio locks (``folio_wait_locked``).
+        self.lock_wq = WaitQueue("folio_lock")
+        #: Device memory ranges: (first pfn, end pfn, dev_pagemap).
+        self.pgmaps: list[tuple[int, int, Any]] = []
+        #: FOLL_PIN pins by folio head (``folio_maybe_dma_pinned``).
+        self.pins: dict[int, int] = {}
         #: References held outside page tables and caches (GUP pins, drivers),
         #: by folio head: what ``get_page``/``put_page`` track.
         self.extra_refs: dict[int, int] = {}
         #: Hugetlb pages go back to their pool instead of the allocator.
         self.hugetlb_release: dict[int, HugetlbPool] = {}
+
+    # ----- folio lock ------------------------------------------------------------
+    def folio_trylock(self, head: int) -> bool:
+        if self.flags[head] & PG_locked:
+            return False
+        self.flags[head] |= np.uint16(PG_locked)
+        return True
+
+    def folio_lock(self, head: int) -> None:
+        """``folio_lock``: sleep until the folio is unlocked, then take it."""
+        if not self.folio_trylock(head):
+            self.lock_wq.wait_event(lambda: not self.flags[head] & PG_locked)
+            self.flags[head] |= np.uint16(PG_locked)
+
+    def folio_unlock(self, head: int) -> None:
+        if not self.flags[head] & PG_locked:
+            raise AssertionError(f"folio_unlock of unlocked folio {head:#x}")
+        self.flags[head] &= np.uint16(~PG_locked & 0xFFFF)
+        self.lock_wq.wake_up_all()
+
+    def folio_locked(self, head: int) -> bool:
+        return bool(self.flags[head] & PG_locked)
+
+    # ----- device memory (ZONE_DEVICE) -----------------------------------------
+    def add_device_range(self, npages: int, pgmap: Any) -> int:
+        """Struct pages for ``npages`` of device memory; returns the first pfn.
+
+        Ranges start 2 MiB-aligned above RAM and every earlier range, so device
+        THPs are possible. Metadata arrays grow; contents get their own segment.
+        """
+        if npages <= 0:
+            raise ValueError("a device range needs pages")
+        start = (self.capacity + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
+        end = start + ((npages + PMD_PAGES - 1) & ~(PMD_PAGES - 1))
+        grow = end - self.capacity
+        for name in ("refcount", "mapcount", "order", "flags", "mapping", "index"):
+            old = getattr(self, name)
+            setattr(self, name, np.concatenate([old, np.zeros(grow, dtype=old.dtype)]))
+        self.capacity = end
+        if self.arena is not None:
+            self.arena.add(start, end - start)
+        self.flags[start:end] = PG_zone_device
+        self.pgmaps.append((start, start + npages, pgmap))
+        return start
+
+    def remove_device_range(self, pgmap: Any) -> None:
+        self.pgmaps = [r for r in self.pgmaps if r[2] is not pgmap]
+
+    def pgmap_of(self, pfn: int) -> Any:
+        """The ``dev_pagemap`` a device pfn belongs to (``page_pgmap``), or None."""
+        for start, end, pgmap in self.pgmaps:
+            if start <= pfn < end:
+                return pgmap
+        return None
+
+    def pgmap_owners(self, pfns: NDArray[np.int64]) -> list[Any]:
+        """``pgmap->owner`` of each pfn (None for pfns outside device memory)."""
+        return [getattr(self.pgmap_of(int(p)), "owner", None) for p in pfns.tolist()]
+
+    def is_device(self, pfns: NDArray[np.int64]) -> NDArray[np.bool_]:
+        return pfns >= self.ram_pages
 
     # ----- identity ----------------------------------------------------------
     def head_of(self, pfns: NDArray[np.int64]) -> NDArray[np.int64]:
@@ -342,6 +474,19 @@ class PhysMem:
     def release(self, heads: NDArray[np.int64]) -> None:
         """Free folios whose last reference is gone."""
         self.mapcount[heads] = 0
+        device = (self.flags[heads] & PG_zone_device) != 0
+        if device.any():
+            # ZONE_DEVICE folios are free at refcount 0: the driver gets them back.
+            for h in heads[device].tolist():
+                self.mapping[h] = 0
+                span = slice(h, h + (1 << int(self.order[h])))
+                self.flags[span] &= np.uint16(~(PG_anon | PG_anon_exclusive | PG_locked) & 0xFFFF)
+                pgmap = self.pgmap_of(h)
+                if pgmap is not None and pgmap.ops is not None:
+                    pgmap.ops.folio_free(h)
+            heads = heads[~device]
+            if len(heads) == 0:
+                return
         orders = self.order[heads]
         hugetlb = (self.flags[heads] & PG_hugetlb) != 0
         for order in np.unique(orders) if orders.any() else (0,):
@@ -364,7 +509,7 @@ class PhysMem:
         """Contents of whole pages, shape (len(pfns), PAGE_SIZE)."""
         if self.arena is None:
             return np.zeros((len(pfns), PAGE_SIZE), dtype=np.uint8)
-        out = self.arena[pfns]
+        out = self.arena.gather(pfns)
         zeroed = (self.flags[pfns] & PG_zeroed) != 0
         if zeroed.any():
             out[zeroed] = 0
@@ -373,27 +518,27 @@ class PhysMem:
     def read(self, pfn: int, offset: int, length: int) -> bytes:
         if self.arena is None or self.flags[pfn] & PG_zeroed:
             return bytes(length)
-        return self.arena[pfn, offset : offset + length].tobytes()
+        return self.arena.page(pfn)[offset : offset + length].tobytes()
 
     def _materialize(self, pfns: NDArray[np.int64]) -> None:
         assert self.arena is not None
         zeroed = (self.flags[pfns] & PG_zeroed) != 0
         if zeroed.any():
             z = pfns[zeroed]
-            self.arena[z] = 0
+            self.arena.scatter(z, 0)
             self.flags[z] &= np.uint16(~PG_zeroed & 0xFFFF)
 
     def write(self, pfn: int, offset: int, data: bytes | bytearray | memoryview) -> None:
         if self.arena is None:
             return
         self._materialize(np.array([pfn], dtype=I64))
-        self.arena[pfn, offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        self.arena.page(pfn)[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
     def write_pages(self, pfns: NDArray[np.int64], data: NDArray[np.uint8]) -> None:
         """Overwrite whole pages (``data`` has shape (len(pfns), PAGE_SIZE))."""
         if self.arena is None:
             return
-        self.arena[pfns] = data
+        self.arena.scatter(pfns, data)
         self.flags[pfns] &= np.uint16(~PG_zeroed & 0xFFFF)
 
     def copy_pages(self, dst: NDArray[np.int64], src: NDArray[np.int64]) -> None:
@@ -405,7 +550,7 @@ class PhysMem:
         src_zero = (self.flags[src] & PG_zeroed) != 0
         keep = ~src_zero
         if keep.any():
-            self.arena[dst[keep]] = self.arena[src[keep]]
+            self.arena.scatter(dst[keep], self.arena.gather(src[keep]))
             self.flags[dst[keep]] &= np.uint16(~PG_zeroed & 0xFFFF)
         if src_zero.any():
             self.flags[dst[src_zero]] |= np.uint16(PG_zeroed)

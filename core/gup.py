@@ -1,0 +1,287 @@
+"""Get and pin user pages: ``get_user_pages``, ``pin_user_pages`` and ``FOLL_*``.
+
+Kernel counterpart: mm/gup.c (``__get_user_pages``, ``check_vma_flags``,
+``check_and_migrate_movable_pages``) and include/linux/mm_types.h for the flags.
+
+GUP is the opposite of HMM: it faults pages in and takes a reference (FOLL_GET)
+or a pin (FOLL_PIN) on each, so the pages can no longer be migrated, swapped
+or collapsed. It never hands out device-private pages (the fault migrates
+them back first), refuses VM_IO/VM_PFNMAP VMAs, hands out PCI P2PDMA pages
+only with FOLL_PCI_P2PDMA, and for FOLL_LONGTERM moves device-coherent pages
+to system RAM before pinning. A read-only pin of an anonymous page that is
+not exclusive first unshares it (a private copy), so the pin stays coherent
+with the process's view across fork.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from .errors import (
+    BadAddress,
+    Busy,
+    HardwarePoison,
+    InvalidArgument,
+    OutOfMemory,
+    RemoteIO,
+)
+from .memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
+from .mm.fault import (
+    FAULT_FLAG_REMOTE,
+    FAULT_FLAG_UNSHARE,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_ERROR,
+    VM_FAULT_HWPOISON,
+    VM_FAULT_HWPOISON_LARGE,
+    VM_FAULT_OOM,
+    handle_mm_fault,
+)
+from .mm.pagetable import (
+    KIND_PRESENT,
+    LEVEL_PTE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    kind_of,
+    pfn_of,
+)
+from .mm.physmem import PG_anon, PG_anon_exclusive
+from .mm.thp import split_huge_pmd
+from .mm.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .mm.address_space import AddressSpace
+
+FOLL_WRITE: Final = 1 << 0
+FOLL_GET: Final = 1 << 1
+FOLL_DUMP: Final = 1 << 2
+FOLL_FORCE: Final = 1 << 3
+FOLL_NOWAIT: Final = 1 << 4
+FOLL_NOFAULT: Final = 1 << 5
+FOLL_HWPOISON: Final = 1 << 6
+FOLL_ANON: Final = 1 << 7
+FOLL_LONGTERM: Final = 1 << 8
+FOLL_SPLIT_PMD: Final = 1 << 9
+FOLL_PCI_P2PDMA: Final = 1 << 10
+FOLL_INTERRUPTIBLE: Final = 1 << 11
+FOLL_HONOR_NUMA_FAULT: Final = 1 << 12
+# Internal flags (mm/internal.h): callers passing them are refused.
+FOLL_TOUCH: Final = 1 << 16
+FOLL_TRIED: Final = 1 << 17
+FOLL_REMOTE: Final = 1 << 18
+FOLL_PIN: Final = 1 << 19
+FOLL_FAST_ONLY: Final = 1 << 20
+FOLL_UNLOCKABLE: Final = 1 << 21
+FOLL_MADV_POPULATE: Final = 1 << 22
+
+_PUBLIC: Final = (1 << 13) - 1
+_INTERNAL: Final = (
+    FOLL_TOUCH
+    | FOLL_TRIED
+    | FOLL_REMOTE
+    | FOLL_PIN
+    | FOLL_FAST_ONLY
+    | (FOLL_UNLOCKABLE | FOLL_MADV_POPULATE)
+)
+#: How often a page may be faulted and found wanting before GUP gives up.
+_MAX_TRIES: Final = 16
+
+
+def get_user_pages(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int) -> list[int]:
+    """Fault in and reference ``nr_pages`` pages from ``start``; returns their pfns.
+
+    Returns fewer pages than asked when a later page fails (as the kernel's
+    return count does); raises when the first one fails. Release each page
+    with ``put_page``.
+    """
+    if gup_flags & FOLL_LONGTERM:
+        raise InvalidArgument("FOLL_LONGTERM is only valid with pin_user_pages")
+    return _gup(mm, start, nr_pages, gup_flags, FOLL_GET)
+
+
+def pin_user_pages(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int) -> list[int]:
+    """As ``get_user_pages`` but pins (FOLL_PIN); release with ``unpin_user_page``."""
+    if gup_flags & FOLL_GET:
+        raise InvalidArgument("pin_user_pages does not take FOLL_GET")
+    return _gup(mm, start, nr_pages, gup_flags, FOLL_PIN)
+
+
+def _gup(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int, mode: int) -> list[int]:
+    if gup_flags & _INTERNAL or gup_flags & ~(_PUBLIC | FOLL_GET):
+        raise InvalidArgument(f"GUP flags {gup_flags:#x} include internal or unknown bits")
+    if nr_pages <= 0 or start % PAGE_SIZE:
+        raise InvalidArgument("GUP needs a page-aligned start and nr_pages > 0")
+    mm.mmap_lock.assert_held()
+    machine = mm.machine
+    pages: list[int] = []
+    for i in range(nr_pages):
+        addr = start + i * PAGE_SIZE
+        try:
+            pfn = _follow_and_fault(mm, addr, gup_flags, mode)
+        except (BadAddress, OutOfMemory, RemoteIO, HardwarePoison):
+            if pages:
+                return pages
+            raise
+        _take(machine, pfn, mode)
+        pages.append(pfn)
+    if mode == FOLL_PIN and gup_flags & FOLL_LONGTERM:
+        pages = _longterm_pinnable(mm, start, pages, gup_flags)
+    return pages
+
+
+def _take(machine: Machine, pfn: int, mode: int) -> None:
+    phys = machine.phys
+    if phys.is_zero_pfn(pfn):
+        return  # the zero page is never counted
+    head = phys.get_page(pfn)
+    if mode == FOLL_PIN:
+        phys.pins[head] = phys.pins.get(head, 0) + 1
+
+
+def put_page(machine: Machine, pfn: int) -> None:
+    """Release a page taken with ``get_user_pages``."""
+    if not machine.phys.is_zero_pfn(pfn):
+        machine.phys.put_page(pfn)
+
+
+def unpin_user_page(machine: Machine, pfn: int) -> None:
+    """Release a page pinned with ``pin_user_pages``."""
+    phys = machine.phys
+    if phys.is_zero_pfn(pfn):
+        return
+    head = phys.head(pfn)
+    pins = phys.pins.get(head, 0)
+    if pins <= 0:
+        raise InvalidArgument(f"unpin_user_page: {pfn:#x} is not pinned")
+    if pins == 1:
+        del phys.pins[head]
+    else:
+        phys.pins[head] = pins - 1
+    phys.put_page(pfn)
+
+
+def unpin_user_pages(machine: Machine, pfns: list[int]) -> None:
+    for pfn in pfns:
+        unpin_user_page(machine, pfn)
+
+
+def folio_maybe_dma_pinned(machine: Machine, pfn: int) -> bool:
+    return machine.phys.pins.get(machine.phys.head(pfn), 0) > 0
+
+
+def _check_vma(mm: AddressSpace, addr: int, gup_flags: int):  # type: ignore[no-untyped-def]
+    vma = mm.find_vma(addr)
+    if vma is None:
+        raise BadAddress(f"GUP: no mapping at {addr:#x}")
+    if vma.flags & (VM_IO | VM_PFNMAP):
+        raise BadAddress(f"GUP: {vma} is VM_IO/VM_PFNMAP")
+    forced_cow = bool(gup_flags & FOLL_FORCE) and vma.is_cow_mapping
+    if gup_flags & FOLL_WRITE and not vma.flags & VM_WRITE and not forced_cow:
+        raise BadAddress(f"GUP: write to read-only {vma}")
+    if not gup_flags & FOLL_WRITE and not vma.flags & VM_READ and not gup_flags & FOLL_FORCE:
+        raise BadAddress(f"GUP: read from unreadable {vma}")
+    if gup_flags & FOLL_ANON and not vma.is_anonymous:
+        raise BadAddress(f"GUP: FOLL_ANON on {vma}")
+    return vma
+
+
+def _follow_and_fault(mm: AddressSpace, addr: int, gup_flags: int, mode: int) -> int:
+    """``follow_page`` + ``faultin_page`` until the page is there as asked."""
+    machine = mm.machine
+    phys = machine.phys
+    write = bool(gup_flags & FOLL_WRITE)
+    for _ in range(_MAX_TRIES):
+        vma = _check_vma(mm, addr, gup_flags)
+        vpn = addr >> PAGE_SHIFT
+        loc, e, level = mm.pt.lookup(vpn)
+        fault_flags = 0
+        if loc >= 0 and kind_of(e) == KIND_PRESENT:
+            if gup_flags & FOLL_SPLIT_PMD and level != LEVEL_PTE and not vma.is_hugetlb:
+                split_huge_pmd(vma, vpn)
+                continue
+            pfn = pfn_of(e) + (vpn & ((1 << (9 * level)) - 1) if level else 0)
+            if e & PTE_SPECIAL and not phys.is_zero_pfn(pfn):
+                raise BadAddress(f"GUP: {addr:#x} maps a special (pfn-only) page")
+            if write and not e & PTE_WRITE:
+                fault_flags = FAULT_FLAG_WRITE
+            elif (
+                mode == FOLL_PIN
+                and not write
+                and phys.flags[pfn] & PG_anon
+                and not phys.flags[pfn] & PG_anon_exclusive
+            ):
+                fault_flags = FAULT_FLAG_UNSHARE  # pin a private copy, not a shared page
+            else:
+                if phys.is_zero_pfn(pfn) and gup_flags & FOLL_DUMP:
+                    raise BadAddress(f"GUP: {addr:#x} is the zero page (FOLL_DUMP)")
+                pgmap = phys.pgmap_of(pfn)
+                if (
+                    pgmap is not None
+                    and pgmap.type == MEMORY_DEVICE_PCI_P2PDMA
+                    and not (gup_flags & FOLL_PCI_P2PDMA)
+                ):
+                    raise RemoteIO(f"GUP: {addr:#x} is PCI P2PDMA memory")
+                return pfn
+        else:
+            fault_flags = FAULT_FLAG_WRITE if write else 0
+        if gup_flags & FOLL_NOFAULT:
+            raise BadAddress(f"GUP: {addr:#x} needs a fault (FOLL_NOFAULT)")
+        ret = handle_mm_fault(vma, addr, fault_flags | FAULT_FLAG_REMOTE)
+        if ret & VM_FAULT_ERROR:
+            if ret & VM_FAULT_OOM:
+                raise OutOfMemory(f"GUP: out of memory faulting {addr:#x}")
+            if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE) and gup_flags & FOLL_HWPOISON:
+                raise HardwarePoison(f"GUP: {addr:#x} is poisoned")
+            raise BadAddress(f"GUP: fault at {addr:#x} failed ({ret:#x})")
+    raise BadAddress(f"GUP: {addr:#x} kept changing under the fault")
+
+
+def _longterm_pinnable(mm: AddressSpace, start: int, pages: list[int], gup_flags: int) -> list[int]:
+    """``check_and_migrate_movable_pages``: no device-coherent page may be pinned long."""
+    from .migrate import migrate_device_coherent_folio
+
+    machine = mm.machine
+    phys = machine.phys
+    coherent = [
+        p
+        for p in pages
+        if (pg := phys.pgmap_of(p)) is not None and pg.type == MEMORY_DEVICE_COHERENT
+    ]
+    if not coherent:
+        return pages
+    unpin_user_pages(machine, pages)
+    for pfn in coherent:
+        migrate_device_coherent_folio(machine, phys.head(pfn))  # Busy if it cannot move
+    again = _gup(mm, start, len(pages), gup_flags & ~FOLL_LONGTERM, FOLL_PIN)
+    if any(
+        (pg := phys.pgmap_of(p)) is not None and pg.type == MEMORY_DEVICE_COHERENT for p in again
+    ):
+        unpin_user_pages(machine, again)
+        raise Busy("GUP: device-coherent pages came back before they could be pinned")
+    return again
+
+
+__all__ = [
+    "FOLL_ANON",
+    "FOLL_DUMP",
+    "FOLL_FORCE",
+    "FOLL_GET",
+    "FOLL_HONOR_NUMA_FAULT",
+    "FOLL_HWPOISON",
+    "FOLL_INTERRUPTIBLE",
+    "FOLL_LONGTERM",
+    "FOLL_NOFAULT",
+    "FOLL_NOWAIT",
+    "FOLL_PCI_P2PDMA",
+    "FOLL_PIN",
+    "FOLL_SPLIT_PMD",
+    "FOLL_WRITE",
+    "folio_maybe_dma_pinned",
+    "get_user_pages",
+    "pin_user_pages",
+    "put_page",
+    "unpin_user_page",
+    "unpin_user_pages",
+]

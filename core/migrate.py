@@ -1,0 +1,891 @@
+"""Device migration: ``migrate_vma_*``, ``migrate_device_*`` and ``make_device_exclusive``.
+
+Kernel counterpart: include/linux/migrate.h and mm/migrate_device.c (mainline
+6.19+, with device-private THP: ``MIGRATE_VMA_SELECT_COMPOUND`` and
+``MIGRATE_PFN_COMPOUND``), and ``make_device_exclusive`` from mm/rmap.c
+(6.15+ single-page API).
+
+The three steps follow hmm-core.md §3.3–§3.4:
+
+* ``migrate_vma_setup`` collects [start, end) inside one ``MMU_NOTIFY_MIGRATE``
+  invalidation (owner = ``pgmap_owner``): holes of anonymous VMAs and zero
+  pages become "empty" entries (MIGRATE without VALID); selected pages are
+  referenced, locked, unmapped and replaced by migration entries; then pages
+  still mapped elsewhere are unmapped there too (``CLEAR``), and any page with
+  references beyond the migration's own (pinned) is restored and dropped;
+* the driver allocates and fills ``dst``; ``migrate_vma_pages`` commits the
+  struct-page state and inserts pages into holes (a second ``MIGRATE``
+  invalidation); ``migrate_vma_finalize`` turns the migration entries into
+  entries for the new pages (or back to the old ones), unlocks and releases.
+
+A folio is named by its head pfn; entries of ``src``/``dst`` are
+``(pfn << MIGRATE_PFN_SHIFT) | flags``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import attrs
+import numpy as np
+from numpy.typing import NDArray
+
+from . import sched
+from .errors import InvalidArgument, NotSupported
+from .memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE
+from .mm.pagetable import (
+    KIND_DEVICE_PRIVATE,
+    KIND_MIGRATION,
+    KIND_NONE,
+    KIND_PRESENT,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PMD_ORDER,
+    PMD_PAGES,
+    PTE_DIRTY,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    SWP_DEVICE_EXCLUSIVE,
+    SWP_DEVICE_PRIVATE_READ,
+    SWP_DEVICE_PRIVATE_WRITE,
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_READ_EXCLUSIVE,
+    SWP_MIGRATION_WRITE,
+    U64,
+    is_table_pointer,
+    kind_of,
+    make_present,
+    make_softleaf,
+    pfn_of,
+    softleaf_type,
+)
+from .mm.physmem import (
+    PER_PAGE_FLAGS,
+    PG_anon,
+    PG_anon_exclusive,
+    PG_dirty,
+    PG_hugetlb,
+    PG_locked,
+    PG_swapbacked,
+    PG_swapcache,
+    PG_uptodate,
+    PG_zone_device,
+)
+from .mm.rmap import anon_vma_prepare, rmap_walk, try_to_unmap
+from .mm.swap import swapcache_del
+from .mm.thp import split_huge_pmd, split_leaf_entries
+from .mm.vma import VM_SPECIAL, VM_WRITE
+from .notifier import MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_MIGRATE, invalidation
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .mm.address_space import AddressSpace
+    from .mm.vma import Vma
+
+MIGRATE_PFN_VALID: Final = 1 << 0
+MIGRATE_PFN_MIGRATE: Final = 1 << 1
+MIGRATE_PFN_WRITE: Final = 1 << 3
+MIGRATE_PFN_COMPOUND: Final = 1 << 4
+MIGRATE_PFN_SHIFT: Final = 6
+
+MIGRATE_VMA_SELECT_SYSTEM: Final = 1 << 0
+MIGRATE_VMA_SELECT_DEVICE_PRIVATE: Final = 1 << 1
+MIGRATE_VMA_SELECT_DEVICE_COHERENT: Final = 1 << 2
+MIGRATE_VMA_SELECT_COMPOUND: Final = 1 << 3
+
+_I64 = np.int64
+
+
+def migrate_pfn(pfn: int) -> int:
+    return (pfn << MIGRATE_PFN_SHIFT) | MIGRATE_PFN_VALID
+
+
+def migrate_pfn_to_page(entry: int) -> int | None:
+    """The pfn an entry names, or None when it has no page (no VALID)."""
+    entry = int(entry)
+    if not entry & MIGRATE_PFN_VALID:
+        return None
+    return entry >> MIGRATE_PFN_SHIFT
+
+
+@attrs.define(eq=False)
+class MigrateVma:
+    """``struct migrate_vma``."""
+
+    vma: Vma | None
+    start: int
+    end: int
+    src: NDArray[np.uint64] | None
+    dst: NDArray[np.uint64] | None
+    pgmap_owner: object | None = None
+    flags: int = 0
+    #: Set by ``migrate_to_ram``: the faulting device-private page, locked.
+    fault_page: int | None = None
+    cpages: int = 0
+    npages: int = 0
+
+
+def _entries(args: MigrateVma) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
+    assert args.src is not None and args.dst is not None
+    return args.src, args.dst
+
+
+# ----- setup: collect + unmap ----------------------------------------------------
+
+
+def migrate_vma_setup(args: MigrateVma) -> None:
+    """Collect and unmap the pages of [start, end) that can migrate."""
+    nr = (args.end - args.start) >> PAGE_SHIFT
+    args.start &= ~(PAGE_SIZE - 1)
+    args.end &= ~(PAGE_SIZE - 1)
+    vma = args.vma
+    if vma is None or vma.is_hugetlb or vma.flags & VM_SPECIAL:
+        raise InvalidArgument("migrate_vma_setup: no VMA, or a hugetlb/special one")
+    if nr <= 0:
+        raise InvalidArgument("migrate_vma_setup: empty range")
+    if not vma.start <= args.start < vma.end:
+        raise InvalidArgument(f"migrate_vma_setup: start {args.start:#x} outside {vma}")
+    if not vma.start < args.end <= vma.end:
+        raise InvalidArgument(f"migrate_vma_setup: end {args.end:#x} outside {vma}")
+    if args.src is None or args.dst is None or len(args.src) < nr or len(args.dst) < nr:
+        raise InvalidArgument("migrate_vma_setup: src and dst need an entry per page")
+    machine = vma.mm.machine
+    phys = machine.phys
+    if args.fault_page is not None:
+        pgmap = phys.pgmap_of(args.fault_page)
+        if pgmap is None or pgmap.type != MEMORY_DEVICE_PRIVATE:
+            raise InvalidArgument("migrate_vma_setup: fault_page is not device-private")
+        if not phys.folio_locked(phys.head(args.fault_page)):
+            raise InvalidArgument("migrate_vma_setup: fault_page is not locked")
+    vma.mm.mmap_lock.assert_held()
+    src, _ = _entries(args)
+    src[:nr] = 0
+    args.cpages = 0
+    args.npages = 0
+    with invalidation(vma.mm, MMU_NOTIFY_MIGRATE, args.start, args.end, args.pgmap_owner):
+        _collect(args, nr)
+    args.end = args.start + (args.npages << PAGE_SHIFT)
+    sched.point("migrate:collected")
+    if args.cpages:
+        _unmap_phase(machine, args, args.npages)
+    args.cpages = int(((src[: args.npages] & U64(MIGRATE_PFN_MIGRATE)) != 0).sum())
+
+
+def _selects(args: MigrateVma, machine: Machine, pfn: int) -> bool:
+    """Does the selection (flags + owner) take the page at ``pfn``?"""
+    pgmap = machine.phys.pgmap_of(pfn)
+    if pgmap is None:
+        return bool(args.flags & MIGRATE_VMA_SELECT_SYSTEM)
+    if pgmap.owner is not args.pgmap_owner:
+        return False
+    if pgmap.type == MEMORY_DEVICE_PRIVATE:
+        return bool(args.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE)
+    if pgmap.type == MEMORY_DEVICE_COHERENT:
+        return bool(args.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT)
+    return False
+
+
+def _collect(args: MigrateVma, nr: int) -> None:
+    vma = args.vma
+    assert vma is not None
+    mm = vma.mm
+    pt = mm.pt
+    start_vpn = args.start >> PAGE_SHIFT
+    end_vpn = start_vpn + nr
+    compound = bool(args.flags & MIGRATE_VMA_SELECT_COMPOUND)
+    vpn = start_vpn
+    while vpn < end_vpn:
+        chunk_end = min(end_vpn, (vpn | (PMD_PAGES - 1)) + 1)
+        i = vpn - start_vpn
+        aligned = vpn % PMD_PAGES == 0 and chunk_end - vpn == PMD_PAGES
+        pmdloc = pt.pmd_loc(vpn)
+        e = pt.get(pmdloc) if pmdloc >= 0 else 0
+        if e == 0:
+            _collect_hole(args, vma, i, chunk_end - vpn, compound and aligned)
+        elif not is_table_pointer(e):
+            if not _collect_pmd(args, vma, vpn, pmdloc, e, compound and aligned):
+                continue  # the PMD was split: look at it again as PTEs
+        else:
+            _collect_ptes(args, vma, vpn, chunk_end)
+        vpn = chunk_end
+    args.npages = nr
+
+
+def _collect_hole(args: MigrateVma, vma: Vma, i: int, n: int, as_compound: bool) -> None:
+    src, _ = _entries(args)
+    if not vma.is_anonymous:
+        return  # stays 0
+    if as_compound:
+        src[i] = U64(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND)
+        args.cpages += 1
+    else:
+        src[i : i + n] = U64(MIGRATE_PFN_MIGRATE)
+        args.cpages += n
+
+
+def _collect_pmd(
+    args: MigrateVma, vma: Vma, vpn: int, pmdloc: int, e: int, as_compound: bool
+) -> bool:
+    """A PMD entry; returns False if it was split (rescan the chunk as PTEs)."""
+    machine = vma.mm.machine
+    phys = machine.phys
+    src, _ = _entries(args)
+    i = vpn - (args.start >> PAGE_SHIFT)
+    kind = kind_of(e)
+    pfn = pfn_of(e)
+    if kind == KIND_PRESENT and phys.is_zero_pfn(pfn):
+        if not args.flags & MIGRATE_VMA_SELECT_SYSTEM:
+            return True
+        if as_compound:
+            src[i] = U64(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_COMPOUND)
+            args.cpages += 1
+            return True
+        split_huge_pmd(vma, vpn)
+        return False
+    if kind not in (KIND_PRESENT, KIND_DEVICE_PRIVATE):
+        return True  # migration entries and anything else stay 0
+    if not _selects(args, machine, pfn):
+        return True
+    if not as_compound:
+        split_huge_pmd(vma, vpn)
+        return False
+    write = (
+        bool(e & PTE_WRITE)
+        if kind == KIND_PRESENT
+        else (softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE)
+    )
+    if _isolate_one(args, vma, pmdloc, e, pfn, pfn, write):
+        src[i] = U64(
+            migrate_pfn(pfn)
+            | MIGRATE_PFN_MIGRATE
+            | MIGRATE_PFN_COMPOUND
+            | (MIGRATE_PFN_WRITE if write else 0)
+        )
+        args.cpages += 1
+    return True
+
+
+def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
+    machine = vma.mm.machine
+    phys = machine.phys
+    pt = vma.mm.pt
+    src, _ = _entries(args)
+    base = args.start >> PAGE_SHIFT
+    vpn = lo
+    while vpn < hi:
+        loc, e, _level = pt.lookup(vpn)
+        i = vpn - base
+        kind = kind_of(e) if loc >= 0 else KIND_NONE
+        if kind == KIND_NONE:
+            if vma.is_anonymous:
+                src[i] = U64(MIGRATE_PFN_MIGRATE)
+                args.cpages += 1
+            vpn += 1
+            continue
+        pfn = pfn_of(e)
+        if kind == KIND_PRESENT and phys.is_zero_pfn(pfn):
+            if args.flags & MIGRATE_VMA_SELECT_SYSTEM:
+                src[i] = U64(MIGRATE_PFN_MIGRATE)
+                args.cpages += 1
+            vpn += 1
+            continue
+        if kind not in (KIND_PRESENT, KIND_DEVICE_PRIVATE) or e & PTE_SPECIAL:
+            vpn += 1
+            continue
+        if not _selects(args, machine, pfn) or phys.mapping[phys.head(pfn)] == 0:
+            vpn += 1
+            continue
+        head = phys.head(pfn)
+        if phys.order[head] > 0:
+            # A large folio mapped by PTEs is split first; if that fails the
+            # rest of the chunk is left alone.
+            if not _split_device_or_system_folio(machine, head):
+                vpn = hi
+                continue
+            continue  # look at the same page again, now order 0
+        write = (
+            bool(e & PTE_WRITE)
+            if kind == KIND_PRESENT
+            else (softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE)
+        )
+        if _isolate_one(args, vma, loc, e, pfn, head, write):
+            src[i] = U64(
+                migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (MIGRATE_PFN_WRITE if write else 0)
+            )
+            args.cpages += 1
+        vpn += 1
+
+
+def _split_device_or_system_folio(machine: Machine, head: int) -> bool:
+    from .mm.reclaim import split_folio
+
+    phys = machine.phys
+    if phys.flags[head] & PG_zone_device:
+        return _split_device_folio(machine, head)
+    return split_folio(machine, head)
+
+
+def _split_device_folio(machine: Machine, head: int) -> bool:
+    """Split a PTE-mapped device THP, telling the driver (``folio_split``)."""
+    phys = machine.phys
+    nr = 1 << int(phys.order[head])
+    if phys.refcount[head] != phys.mapcount[head]:
+        return False
+    counts = np.zeros(nr, dtype=np.int32)
+    for hit in rmap_walk(machine, head):
+        if (hit.levels > 0).any():
+            return False
+        np.add.at(counts, hit.pfns - head, 1)
+    pages = np.arange(head, head + nr, dtype=_I64)
+    folio_flags = np.uint16(int(phys.flags[head]) & ~PER_PAGE_FLAGS)
+    phys.flags[pages] = (phys.flags[pages] & np.uint16(PER_PAGE_FLAGS)) | folio_flags
+    phys.order[pages] = 0
+    phys.mapcount[pages] = counts
+    phys.refcount[pages] = counts
+    phys.mapping[pages] = phys.mapping[head]
+    phys.index[pages] = phys.index[head] + np.arange(nr, dtype=_I64)
+    pgmap = phys.pgmap_of(head)
+    split = getattr(pgmap.ops, "folio_split", None) if pgmap is not None else None
+    for tail in range(head + 1, head + nr):
+        if split is not None:
+            split(head, tail)
+    unmapped = pages[counts == 0]
+    if len(unmapped):
+        phys.refcount[unmapped] = 1
+        phys.put(unmapped)
+    return True
+
+
+def _isolate_one(
+    args: MigrateVma, vma: Vma, loc: int, e: int, pfn: int, head: int, write: bool
+) -> bool:
+    """Reference, lock and unmap one selected page (or PMD folio) of ``vma``."""
+    machine = vma.mm.machine
+    phys = machine.phys
+    pt = vma.mm.pt
+    phys.refcount[head] += 1  # the collect reference
+    if head != args.fault_page and not phys.folio_trylock(head):
+        phys.put_one(head)
+        return False  # best effort: avoid deadlocking with another migration
+    if phys.flags[head] & PG_anon_exclusive and phys.pins.get(head, 0):
+        # folio_try_share_anon_rmap fails on a maybe-pinned page: leave it.
+        if head != args.fault_page:
+            phys.folio_unlock(head)
+        phys.put_one(head)
+        return False
+    if e & PTE_DIRTY:
+        phys.flags[head] |= np.uint16(PG_dirty)
+    if phys.flags[pfn] & PG_anon_exclusive and not write:
+        typ = SWP_MIGRATION_READ_EXCLUSIVE
+    else:
+        typ = SWP_MIGRATION_WRITE if write else SWP_MIGRATION_READ
+    pt.set(loc, make_softleaf(typ, pfn, keep=e))
+    phys.mapcount[head] -= 1
+    phys.refcount[head] -= 1  # the mapping's reference
+    machine.costs.pte_writes += 1
+    return True
+
+
+def _unmap_phase(machine: Machine, args: MigrateVma, npages: int) -> None:
+    """``migrate_device_unmap``: unmap other mappings, drop what cannot move."""
+    src, _ = _entries(args)
+    _unmap_entries(machine, src, npages, args.fault_page)
+
+
+def _unmap_entries(
+    machine: Machine, src: NDArray[np.uint64], npages: int, fault_page: int | None
+) -> None:
+    phys = machine.phys
+    restore: list[int] = []
+    for i in range(npages):
+        s = int(src[i])
+        pfn = migrate_pfn_to_page(s)
+        if pfn is None or not s & MIGRATE_PFN_MIGRATE:
+            continue
+        head = phys.head(pfn)
+        if phys.mapcount[head] > 0:
+            # Still mapped elsewhere (a fork child, another mapping): unmap
+            # those too, with CLEAR, as try_to_migrate does.
+            try_to_unmap(machine, head, _migration_entry_for(machine))
+        extra = 1 + (1 if fault_page is not None and head == phys.head(fault_page) else 0)
+        flags = int(phys.flags[head])
+        if not flags & PG_anon and phys.mapping[head] and not flags & PG_zone_device:
+            extra += 1  # the page cache's reference
+        if flags & PG_swapcache:
+            extra += 1
+        if phys.mapcount[head] > 0 or phys.refcount[head] - extra > phys.mapcount[head]:
+            src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
+            restore.append(i)
+    for i in restore:
+        pfn = migrate_pfn_to_page(int(src[i]))
+        assert pfn is not None
+        head = phys.head(pfn)
+        _remove_migration_ptes(machine, head, head)
+        if fault_page is None or head != phys.head(fault_page):
+            phys.folio_unlock(head)
+        phys.put_one(head)
+        src[i] = U64(0)
+
+
+def _migration_entry_for(machine: Machine):  # type: ignore[no-untyped-def]
+    phys = machine.phys
+
+    def make(e: int) -> int:
+        pfn = pfn_of(e)
+        kind = kind_of(e)
+        if kind == KIND_DEVICE_PRIVATE:
+            write = softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE
+        else:
+            write = bool(e & PTE_WRITE)
+        if write:
+            typ = SWP_MIGRATION_WRITE
+        elif phys.flags[pfn] & PG_anon_exclusive:
+            typ = SWP_MIGRATION_READ_EXCLUSIVE
+        else:
+            typ = SWP_MIGRATION_READ
+        return make_softleaf(typ, pfn, keep=e)
+
+    return make
+
+
+def _remove_migration_ptes(machine: Machine, src_head: int, target: int) -> None:
+    """Turn migration entries for ``src_head`` into entries mapping ``target``."""
+    phys = machine.phys
+    device_private = (
+        phys.pgmap_of(target) is not None and phys.pgmap_of(target).type == MEMORY_DEVICE_PRIVATE
+    )
+    for hit in list(rmap_walk(machine, src_head)):
+        pt = hit.vma.mm.pt
+        _, first = np.unique(hit.locs, return_index=True)
+        for i in first.tolist():
+            loc = int(hit.locs[i])
+            e = pt.get(loc)
+            if kind_of(e) != KIND_MIGRATION:
+                continue
+            new_pfn = target + (pfn_of(e) - src_head)
+            write = softleaf_type(e) == SWP_MIGRATION_WRITE
+            huge = bool(hit.levels[i] > 0)
+            if device_private:
+                entry = make_softleaf(
+                    SWP_DEVICE_PRIVATE_WRITE if write else SWP_DEVICE_PRIVATE_READ, new_pfn, keep=e
+                )
+            else:
+                entry = make_present(
+                    new_pfn, write=write, dirty=bool(e & PTE_DIRTY), young=True, huge=huge
+                )
+            pt.set(loc, entry)
+            phys.mapcount[target] += 1
+            phys.refcount[target] += 1
+            machine.costs.pte_writes += 1
+    machine.migration_wq.wake_up_all()
+
+
+# ----- pages + finalize -------------------------------------------------------------
+
+
+def migrate_vma_pages(args: MigrateVma) -> None:
+    """Commit the migration of every entry that has a destination."""
+    vma = args.vma
+    assert vma is not None
+    vma.mm.mmap_lock.assert_held()
+    _migrate_pages(vma.mm.machine, args, vma)
+
+
+def migrate_device_pages(
+    machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
+) -> None:
+    """``migrate_device_pages``: as ``migrate_vma_pages``, without a VMA (no holes)."""
+    args = MigrateVma(None, 0, npages << PAGE_SHIFT, src, dst)
+    args.npages = npages
+    _migrate_pages(machine, args, None)
+
+
+def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
+    src, dst = _entries(args)
+    stack = None  # the MIGRATE invalidation, started at the first hole filled
+    try:
+        i = 0
+        while i < args.npages:
+            s = int(src[i])
+            d = int(dst[i])
+            dpage = migrate_pfn_to_page(d)
+            spage = migrate_pfn_to_page(s)
+            if not s & MIGRATE_PFN_MIGRATE:
+                i += 1
+                continue
+            if dpage is None:
+                src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
+                i += 1
+                continue
+            if spage is None:
+                if vma is None:
+                    src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
+                    i += 1
+                    continue
+                if stack is None:
+                    addr = args.start + (i << PAGE_SHIFT)
+                    stack = invalidation(
+                        vma.mm, MMU_NOTIFY_MIGRATE, addr, args.end, args.pgmap_owner
+                    )
+                    stack.__enter__()
+                if s & MIGRATE_PFN_COMPOUND and not d & MIGRATE_PFN_COMPOUND:
+                    # A compound hole with small destinations: page by page.
+                    src[i : i + PMD_PAGES] = U64(MIGRATE_PFN_MIGRATE)
+                    s = int(src[i])
+                ok = _insert_page(
+                    args,
+                    vma,
+                    i,
+                    dpage,
+                    bool(d & MIGRATE_PFN_COMPOUND) and bool(s & MIGRATE_PFN_COMPOUND),
+                )
+                if not ok:
+                    src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
+                i += 1
+                continue
+            if s & MIGRATE_PFN_COMPOUND and not d & MIGRATE_PFN_COMPOUND:
+                if not _split_migrating_folio(machine, args, i, spage):
+                    src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
+                    i += 1
+                    continue
+                s = int(src[i])
+            elif d & MIGRATE_PFN_COMPOUND and not s & MIGRATE_PFN_COMPOUND:
+                src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
+                i += 1
+                continue
+            if not _migrate_mapping(machine, args, spage, dpage):
+                src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
+            i += 1
+    finally:
+        if stack is not None:
+            stack.__exit__(None, None, None)
+
+
+def _migrate_mapping(machine: Machine, args: MigrateVma, spage: int, dpage: int) -> bool:
+    """``folio_migrate_mapping`` + flags: the destination takes the source's place."""
+    phys = machine.phys
+    sflags = int(phys.flags[spage])
+    dpgmap = phys.pgmap_of(dpage)
+    if dpgmap is not None and dpgmap.type not in (MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_COHERENT):
+        return False
+    page_cache = (
+        not sflags & PG_anon and bool(phys.mapping[spage]) and not (sflags & PG_zone_device)
+    )
+    if page_cache and dpgmap is not None:
+        return False  # only anonymous memory moves into device memory
+    if sflags & PG_swapcache:
+        # Only if the swap slot can be freed, i.e. the cache is its last user.
+        slot = machine.swap.slot_of[spage]
+        if machine.swap.count[slot] != 1:
+            return False
+        swapcache_del(machine.swap, phys, spage)
+    extra = 1  # the migration's own reference
+    if args.fault_page is not None and spage == phys.head(args.fault_page):
+        extra += 1  # the fault path's reference
+    if page_cache:
+        extra += 1
+    if phys.refcount[spage] != extra or phys.mapcount[spage] != 0:
+        return False  # somebody took a reference meanwhile (a GUP pin)
+    nr = 1 << int(phys.order[spage])
+    src_pages = np.arange(spage, spage + nr, dtype=_I64)
+    dst_pages = np.arange(dpage, dpage + nr, dtype=_I64)
+    keep = np.uint16(PG_zone_device | PG_locked)
+    moved = np.uint16(int(PER_PAGE_FLAGS) | PG_anon | PG_dirty | PG_swapbacked | PG_uptodate)
+    phys.flags[dst_pages] = (phys.flags[dst_pages] & keep) | (phys.flags[src_pages] & moved)
+    phys.mapping[dpage] = phys.mapping[spage]
+    phys.index[dpage] = phys.index[spage]
+    if page_cache:
+        f = machine.mappings[int(phys.mapping[spage])]
+        f.cache[int(phys.index[spage])] = dpage
+        phys.refcount[dpage] += 1
+        phys.refcount[spage] -= 1
+    return True
+
+
+def _split_migrating_folio(machine: Machine, args: MigrateVma, i: int, spage: int) -> bool:
+    """A compound source with small destinations: split the (unmapped) folio."""
+    phys = machine.phys
+    src, _ = _entries(args)
+    nr = 1 << int(phys.order[spage])
+    # Its single PMD migration entry becomes 512 PTE migration entries.
+    for hit in list(rmap_walk(machine, spage)):
+        for first in np.unique(hit.vpns[hit.levels > 0] & ~(PMD_PAGES - 1)).tolist():
+            pt = hit.vma.mm.pt
+            pmdloc = pt.pmd_loc(first)
+            e = pt.get(pmdloc)
+            t = pt.alloc_table()
+            pt.rows[t] = split_leaf_entries(phys, e)
+            pt.set(pmdloc, (t << 12) | PTE_PRESENT)
+    pages = np.arange(spage, spage + nr, dtype=_I64)
+    folio_flags = np.uint16(int(phys.flags[spage]) & ~PER_PAGE_FLAGS)
+    phys.flags[pages] = (phys.flags[pages] & np.uint16(PER_PAGE_FLAGS)) | folio_flags
+    phys.order[pages] = 0
+    phys.mapping[pages] = phys.mapping[spage]
+    phys.index[pages] = phys.index[spage] + np.arange(nr, dtype=_I64)
+    phys.refcount[pages] = 1  # each page now holds the migration's reference
+    phys.mapcount[pages] = 0
+    pgmap = phys.pgmap_of(spage)
+    split = getattr(pgmap.ops, "folio_split", None) if pgmap is not None else None
+    if split is not None:
+        for tail in range(spage + 1, spage + nr):
+            split(spage, tail)
+    write = int(src[i]) & MIGRATE_PFN_WRITE
+    for k in range(nr):
+        src[i + k] = U64(migrate_pfn(spage + k) | MIGRATE_PFN_MIGRATE | write)
+    phys.flags[pages[1:]] |= np.uint16(PG_locked)
+    return True
+
+
+def _insert_page(args: MigrateVma, vma: Vma, i: int, dpage: int, compound: bool) -> bool:
+    """``migrate_vma_insert_page``: put a new page into a hole or zero-page slot."""
+    machine = vma.mm.machine
+    phys = machine.phys
+    pt = vma.mm.pt
+    if not vma.is_anonymous:
+        return False
+    dpgmap = phys.pgmap_of(dpage)
+    if dpgmap is not None and dpgmap.type not in (MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_COHERENT):
+        return False
+    vpn = (args.start >> PAGE_SHIFT) + i
+    writable = bool(vma.flags & VM_WRITE)
+    device_private = dpgmap is not None and dpgmap.type == MEMORY_DEVICE_PRIVATE
+    if compound:
+        loc = pt.pmd_loc(vpn, alloc=True)
+        old = pt.get(loc)
+        if old and is_table_pointer(old):
+            if pt.rows[pfn_of(old)].any():
+                return False
+            pt.set(loc, 0)
+            pt.free_table(pfn_of(old))
+            old = 0
+        if old and not (kind_of(old) == KIND_PRESENT and phys.is_zero_pfn(pfn_of(old))):
+            return False  # a CPU fault won the race
+        order = PMD_ORDER
+    else:
+        loc = pt.pte_loc(vpn, alloc=True)
+        if loc < 0:
+            return False
+        old = pt.get(loc)
+        if old and not (kind_of(old) == KIND_PRESENT and phys.is_zero_pfn(pfn_of(old))):
+            return False
+        order = 0
+    if vma.mm.unstable:
+        return False
+    av = anon_vma_prepare(machine, vma)
+    nr = 1 << order
+    phys.flags[dpage : dpage + nr] |= np.uint16(PG_anon | PG_anon_exclusive | PG_swapbacked)
+    phys.mapping[dpage] = av.id
+    phys.index[dpage] = vma.linear_index(vpn)
+    phys.mapcount[dpage] += 1
+    phys.refcount[dpage] += 1
+    if device_private:
+        entry = make_softleaf(
+            SWP_DEVICE_PRIVATE_WRITE if writable else SWP_DEVICE_PRIVATE_READ, dpage
+        )
+    else:
+        entry = make_present(dpage, write=writable, dirty=writable, huge=compound)
+    pt.set(loc, entry)
+    machine.costs.pte_writes += 1
+    src, _ = _entries(args)
+    src[i] = U64(MIGRATE_PFN_MIGRATE | (MIGRATE_PFN_COMPOUND if compound else 0))
+    return True
+
+
+def migrate_vma_finalize(args: MigrateVma) -> None:
+    """Replace migration entries by the new pages (or restore), unlock, release."""
+    vma = args.vma
+    assert vma is not None
+    src, dst = _entries(args)
+    _finalize(vma.mm.machine, src, dst, args.npages, args.fault_page)
+
+
+def migrate_device_finalize(
+    machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
+) -> None:
+    _finalize(machine, src, dst, npages, None)
+
+
+def _finalize(
+    machine: Machine,
+    src: NDArray[np.uint64],
+    dst: NDArray[np.uint64],
+    npages: int,
+    fault_page: int | None,
+) -> None:
+    phys = machine.phys
+    fault_head = phys.head(fault_page) if fault_page is not None else None
+    for i in range(npages):
+        s = int(src[i])
+        d = int(dst[i])
+        spage = migrate_pfn_to_page(s)
+        dpage = migrate_pfn_to_page(d)
+        if spage is None:
+            if dpage is not None:
+                # Inserted into a hole (it holds its own mapping reference), or unused.
+                if phys.folio_locked(dpage):
+                    phys.folio_unlock(dpage)
+                phys.put_one(dpage)
+            continue
+        if not s & MIGRATE_PFN_MIGRATE or dpage is None:
+            if dpage is not None:
+                if phys.folio_locked(dpage):
+                    phys.folio_unlock(dpage)
+                phys.put_one(dpage)
+            target = spage
+        else:
+            target = dpage
+        _remove_migration_ptes(machine, spage, target)
+        if spage != fault_head and phys.folio_locked(spage):
+            phys.folio_unlock(spage)
+        if target != spage:
+            phys.mapping[spage] = 0
+        phys.put_one(spage)
+        if dpage is not None and target == dpage:
+            if phys.folio_locked(dpage):
+                phys.folio_unlock(dpage)
+            phys.put_one(dpage)
+
+
+# ----- evicting device memory by pfn ---------------------------------------------------
+
+
+def migrate_device_range(
+    machine: Machine, src: NDArray[np.uint64], start_pfn: int, npages: int
+) -> None:
+    """``migrate_device_range``: select every in-use device page of a pfn range."""
+    phys = machine.phys
+    i = 0
+    while i < npages:
+        pfn = start_pfn + i
+        src[i] = U64(0)
+        if phys.refcount[pfn] <= 0:
+            i += 1
+            continue
+        head = phys.head(pfn)
+        if head != pfn:
+            i += 1
+            continue
+        nr = 1 << int(phys.order[head])
+        phys.refcount[head] += 1
+        if not phys.folio_trylock(head):
+            phys.put_one(head)
+            i += nr
+            continue
+        src[i] = U64(
+            migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (MIGRATE_PFN_COMPOUND if nr > 1 else 0)
+        )
+        i += nr
+    _unmap_entries(machine, src, npages, None)
+
+
+def migrate_device_pfns(machine: Machine, src: NDArray[np.uint64], npages: int) -> None:
+    """``migrate_device_pfns``: as ``migrate_device_range`` for a list of pfns in ``src``."""
+    phys = machine.phys
+    for i in range(npages):
+        pfn = int(src[i])
+        src[i] = U64(0)
+        if phys.refcount[pfn] <= 0:
+            continue
+        phys.refcount[pfn] += 1
+        if not phys.folio_trylock(pfn):
+            phys.put_one(pfn)
+            continue
+        src[i] = U64(migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE)
+    _unmap_entries(machine, src, npages, None)
+
+
+def migrate_device_coherent_folio(machine: Machine, head: int) -> None:
+    """Move one device-coherent folio to system RAM (GUP long-term pins); ``Busy`` on failure."""
+    from .errors import Busy
+
+    phys = machine.phys
+    src = np.zeros(1, dtype=np.uint64)
+    dst = np.zeros(1, dtype=np.uint64)
+    phys.refcount[head] += 1
+    if not phys.folio_trylock(head):
+        phys.put_one(head)
+        raise Busy(f"device-coherent folio {head:#x} is locked")
+    src[0] = U64(migrate_pfn(head) | MIGRATE_PFN_MIGRATE)
+    _unmap_entries(machine, src, 1, None)
+    if src[0] & U64(MIGRATE_PFN_MIGRATE):
+        new = phys.alloc_one(0)
+        phys.folio_trylock(new)
+        phys.copy_pages(np.array([new], dtype=_I64), np.array([head], dtype=_I64))
+        dst[0] = U64(migrate_pfn(new))
+    _migrate_pages(machine, MigrateVma(None, 0, PAGE_SIZE, src, dst, npages=1), None)
+    ok = bool(src[0] & U64(MIGRATE_PFN_MIGRATE))
+    _finalize(machine, src, dst, 1, None)
+    if not ok:
+        raise Busy(f"device-coherent folio {head:#x} could not be migrated")
+
+
+# ----- device-exclusive access ----------------------------------------------------------
+
+
+def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> int:
+    """Give a device exclusive access to the anonymous page at ``addr``.
+
+    Returns the folio (head pfn), locked and referenced: the caller programs
+    its device mapping, then ``folio_unlock``s and ``put_page``s it. The CPU's
+    next touch restores the PTE and sends ``MMU_NOTIFY_EXCLUSIVE`` (owner None).
+    """
+    from .gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, get_user_pages
+
+    mm.mmap_lock.assert_held()
+    addr &= ~(PAGE_SIZE - 1)
+    machine = mm.machine
+    phys = machine.phys
+    pt = mm.pt
+    while True:
+        pages = get_user_pages(mm, addr, 1, FOLL_WRITE | FOLL_SPLIT_PMD | FOLL_GET)
+        pfn = pages[0]
+        head = phys.head(pfn)
+        flags = int(phys.flags[head])
+        if not flags & PG_anon or flags & PG_hugetlb:
+            phys.put_page(pfn)
+            raise NotSupported(f"make_device_exclusive: {addr:#x} is not an anonymous page")
+        phys.folio_lock(head)
+        with invalidation(mm, MMU_NOTIFY_EXCLUSIVE, addr, addr + PAGE_SIZE, owner):
+            loc, e, level = pt.lookup(addr >> PAGE_SHIFT)
+            ok = (
+                loc >= 0
+                and level == 0
+                and kind_of(e) == KIND_PRESENT
+                and pfn_of(e) == pfn
+                and bool(e & PTE_WRITE)
+            )
+            if ok:
+                if e & PTE_DIRTY:
+                    phys.flags[head] |= np.uint16(PG_dirty)
+                pt.set(loc, make_softleaf(SWP_DEVICE_EXCLUSIVE, pfn))
+                machine.costs.pte_writes += 1
+        if ok:
+            return head
+        phys.folio_unlock(head)
+        phys.put_page(pfn)
+
+
+__all__ = [
+    "MIGRATE_PFN_COMPOUND",
+    "MIGRATE_PFN_MIGRATE",
+    "MIGRATE_PFN_SHIFT",
+    "MIGRATE_PFN_VALID",
+    "MIGRATE_PFN_WRITE",
+    "MIGRATE_VMA_SELECT_COMPOUND",
+    "MIGRATE_VMA_SELECT_DEVICE_COHERENT",
+    "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
+    "MIGRATE_VMA_SELECT_SYSTEM",
+    "MigrateVma",
+    "make_device_exclusive",
+    "migrate_device_coherent_folio",
+    "migrate_device_finalize",
+    "migrate_device_pages",
+    "migrate_device_pfns",
+    "migrate_device_range",
+    "migrate_pfn",
+    "migrate_pfn_to_page",
+    "migrate_vma_finalize",
+    "migrate_vma_pages",
+    "migrate_vma_setup",
+]
