@@ -16,6 +16,7 @@ from .errors import (
     BusError,
     Busy,
     Deadlock,
+    HardwarePoison,
     HmmsimError,
     InvalidArgument,
     NoEntry,
@@ -25,6 +26,7 @@ from .errors import (
     OutOfMemory,
     Overflow,
     PermissionDenied,
+    RemoteIO,
     SegmentationFault,
 )
 from .machine import HUGE_1GB, HUGE_2MB, Machine, MachineConfig

@@ -300,7 +300,7 @@ def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
         if phys.order[head] > 0:
             # A large folio mapped by PTEs is split first; if that fails the
             # rest of the chunk is left alone.
-            if not _split_device_or_system_folio(machine, head):
+            if not _split_device_or_system_folio(machine, head, args.fault_page):
                 vpn = hi
                 continue
             continue  # look at the same page again, now order 0
@@ -317,20 +317,26 @@ def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
         vpn += 1
 
 
-def _split_device_or_system_folio(machine: Machine, head: int) -> bool:
+def _split_device_or_system_folio(machine: Machine, head: int, fault_page: int | None) -> bool:
     from .mm.reclaim import split_folio
 
     phys = machine.phys
     if phys.flags[head] & PG_zone_device:
-        return _split_device_folio(machine, head)
+        return _split_device_folio(machine, head, fault_page)
     return split_folio(machine, head)
 
 
-def _split_device_folio(machine: Machine, head: int) -> bool:
-    """Split a PTE-mapped device THP, telling the driver (``folio_split``)."""
+def _split_device_folio(machine: Machine, head: int, fault_page: int | None) -> bool:
+    """Split a PTE-mapped device THP, telling the driver (``folio_split``).
+
+    The fault path's reference and lock move to the folio of the faulting
+    page, which stays locked, as the kernel keeps the fault folio locked.
+    """
     phys = machine.phys
     nr = 1 << int(phys.order[head])
-    if phys.refcount[head] != phys.mapcount[head]:
+    faulting = fault_page is not None and head <= fault_page < head + nr
+    extra = phys.extra_refs.get(head, 0) if faulting else 0
+    if phys.refcount[head] != phys.mapcount[head] + extra:
         return False
     counts = np.zeros(nr, dtype=np.int32)
     for hit in rmap_walk(machine, head):
@@ -350,7 +356,14 @@ def _split_device_folio(machine: Machine, head: int) -> bool:
     for tail in range(head + 1, head + nr):
         if split is not None:
             split(head, tail)
-    unmapped = pages[counts == 0]
+    phys.flags[pages] &= np.uint16(~PG_locked & 0xFFFF)
+    if faulting:
+        assert fault_page is not None
+        del phys.extra_refs[head]
+        phys.extra_refs[fault_page] = extra
+        phys.refcount[fault_page] += extra
+        phys.flags[fault_page] |= np.uint16(PG_locked)
+    unmapped = pages[phys.refcount[pages] == 0]
     if len(unmapped):
         phys.refcount[unmapped] = 1
         phys.put(unmapped)
@@ -364,13 +377,14 @@ def _isolate_one(
     machine = vma.mm.machine
     phys = machine.phys
     pt = vma.mm.pt
+    fault_head = phys.head(args.fault_page) if args.fault_page is not None else None
     phys.refcount[head] += 1  # the collect reference
-    if head != args.fault_page and not phys.folio_trylock(head):
+    if head != fault_head and not phys.folio_trylock(head):
         phys.put_one(head)
         return False  # best effort: avoid deadlocking with another migration
     if phys.flags[head] & PG_anon_exclusive and phys.pins.get(head, 0):
         # folio_try_share_anon_rmap fails on a maybe-pinned page: leave it.
-        if head != args.fault_page:
+        if head != fault_head:
             phys.folio_unlock(head)
         phys.put_one(head)
         return False

@@ -58,7 +58,7 @@ def verify_machine(machine: Machine) -> None:
     for head, n in maps.items():
         mc = int(phys.mapcount[head])
         assert mc == n, f"folio {head:#x}: mapcount {mc} but {n} mapping(s) found"
-        assert phys.allocator.used[head] or head >= phys.ram_pages, (
+        assert head >= phys.ram_pages or phys.allocator.used[head], (
             f"folio {head:#x} is mapped but its frame is free"
         )
     live = np.flatnonzero(phys.refcount[: phys.ram_pages] > 0)

@@ -269,10 +269,11 @@ def do_device_private_fault(vma: Vma, vpn: int, loc: int, e: int, pfn: int, writ
             vmf = VmFault(vma, vpn << PAGE_SHIFT, FAULT_FLAG_WRITE if write else 0, pfn, pgmap, e)
             return int(pgmap.ops.migrate_to_ram(vmf))
         finally:
-            if phys.folio_locked(head):
-                phys.folio_unlock(head)
+            # The driver may have split the folio: unlock the fault page's folio.
+            if phys.folio_locked(phys.head(pfn)):
+                phys.folio_unlock(phys.head(pfn))
     finally:
-        phys.put_page(head)
+        phys.put_page(pfn)
 
 
 def remove_device_exclusive_entry(vma: Vma, vpn: int, loc: int, e: int) -> int:

@@ -111,3 +111,25 @@ def _protect(vma: Vma, entries: np.ndarray, pfns: np.ndarray) -> np.ndarray:
         writable = np.zeros(len(entries), dtype=np.bool_)
         writable[normal] = (phys.flags[pfns[normal]] & PG_anon_exclusive) != 0
     return np.where(writable, base | U64(PTE_WRITE), base & ~U64(PTE_WRITE))
+
+
+def change_prot_numa(vma: Vma, start: int, end: int) -> int:
+    """NUMA-balancing scan: make present PTEs of [start, end) PROT_NONE hints.
+
+    The pages stay mapped (``PROTECTION_VMA`` invalidation); the next access
+    takes a NUMA-hint fault that restores the entry. Returns the number of
+    entries changed. (The model has one node: no page ever moves because of it.)
+    """
+    mm = vma.mm
+    pt = mm.pt
+    lo, hi = max(start, vma.start) >> 12, min(end, vma.end) >> 12
+    if lo >= hi or not vma.flags & VM_ACCESS_FLAGS:
+        return 0
+    with invalidation(mm, MMU_NOTIFY_PROTECTION_VMA, lo << 12, hi << 12):
+        slots = pt.walk(lo, hi - lo).slots()
+        sel = slots.kinds == KIND_PRESENT
+        sel &= (slots.entries & U64(PTE_SPECIAL)) == 0
+        e = slots.entries[sel]
+        pt.flat[slots.locs[sel]] = (e & ~U64(PTE_PRESENT)) | U64(PTE_PROTNONE)
+        mm.machine.costs.pte_writes += int(sel.sum())
+        return int(sel.sum())

@@ -65,3 +65,21 @@ def vm_insert_page(vma: Vma, addr: int, pfn: int) -> None:
     write = bool(vma.flags & VM_WRITE) and bool(vma.flags & VM_SHARED)
     vma.mm.pt.set(loc, make_present(pfn, write=write))
     vma.mm.machine.costs.pte_writes += 1
+
+
+def vmf_insert_pfn(vma: Vma, addr: int, pfn: int) -> None:
+    """Map a raw frame at ``addr`` with a special PTE (``vmf_insert_pfn``/``_mixed``).
+
+    Allowed in ``VM_PFNMAP`` and ``VM_MIXEDMAP`` VMAs; the PTE carries no
+    struct-page accounting, and HMM reports it as ERROR.
+    """
+    if addr % PAGE_SIZE or not vma.contains(addr):
+        raise InvalidArgument(f"vmf_insert_pfn: {addr:#x} is not a page of {vma}")
+    if not vma.flags & (VM_PFNMAP | VM_MIXEDMAP):
+        raise InvalidArgument("vmf_insert_pfn needs a VM_PFNMAP or VM_MIXEDMAP mapping")
+    loc = vma.mm.pt.pte_loc(addr >> PAGE_SHIFT, alloc=True)
+    if kind_of(vma.mm.pt.get(loc)) != KIND_NONE:
+        raise BadAddress(f"vmf_insert_pfn: {addr:#x} is already mapped")
+    write = bool(vma.flags & VM_WRITE) and bool(vma.flags & VM_SHARED)
+    vma.mm.pt.set(loc, make_present(pfn, write=write, special=True))
+    vma.mm.machine.costs.pte_writes += 1

@@ -23,6 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import BusError, InvalidArgument, NoProcess, OutOfMemory, SegmentationFault
+from ..memremap import KIND_NAMES
 from .address_space import AddressSpace
 from .fault import (
     VM_FAULT_ERROR,
@@ -56,7 +57,7 @@ from .pagetable import (
     PTE_YOUNG,
     U64,
 )
-from .physmem import PG_anon, PG_hugetlb, PG_swapbacked
+from .physmem import PG_anon, PG_hugetlb, PG_swapbacked, PG_zone_device
 from .vma import VM_READ, VM_WRITE
 
 if TYPE_CHECKING:
@@ -153,7 +154,8 @@ class Process:
     def move_pages(self, addr: int, npages: int) -> list[int]:
         """``move_pages(2)`` to "another node": move each page to a new frame.
 
-        Returns a status per page: 0 when moved, -ENOENT when not present,
+        Returns a status per page: 0 when moved, -ENOENT when not present
+        (or device memory),
         -EFAULT when unmapped, the zero page or a special mapping, -EBUSY
         when the page is pinned or locked, -ENOMEM when no frame is free.
         """
@@ -183,6 +185,9 @@ class Process:
                     status[i] = -errno.EFAULT
                     continue
                 head = phys.head(pfn)
+                if phys.flags[head] & PG_zone_device:
+                    status[i] = -errno.ENOENT  # device memory is not moved by move_pages
+                    continue
                 if head not in done:
                     done[head] = migrate_folio(machine, head)
                 status[i] = done[head]
@@ -304,6 +309,9 @@ def _backing_kind(machine: Machine, pfn: int, entry: int) -> str:
     if entry & PTE_SPECIAL or not phys.valid_pfn(pfn):
         return "pfnmap"
     flags = int(phys.flags[pfn])
+    if flags & PG_zone_device:
+        pgmap = phys.pgmap_of(pfn)
+        return KIND_NAMES.get(pgmap.type, "device") if pgmap is not None else "device"
     if flags & PG_hugetlb:
         return "hugetlb"
     if flags & PG_anon:

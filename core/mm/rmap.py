@@ -29,6 +29,7 @@ from .pagetable import (
     KIND_PRESENT,
     KIND_PROTNONE,
     PAGE_SHIFT,
+    kind_of,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked
 
@@ -115,6 +116,10 @@ _MAPPING_KINDS = (
 )
 
 
+#: Entry kinds that are live mappings of their folio (hold mapcount + a reference).
+_LIVE_KINDS = (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE, KIND_DEVICE_EXCLUSIVE)
+
+
 def candidate_vmas(machine: Machine, head: int) -> list[Vma]:
     phys = machine.phys
     owner = machine.mappings.get(int(phys.mapping[head]))
@@ -197,7 +202,10 @@ def try_to_unmap(machine: Machine, head: int, make_entry: Callable[[int], int]) 
         end = (int(hit.vpns.max()) + 1) << PAGE_SHIFT
         with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
             for loc in np.unique(hit.locs).tolist():
-                mm.pt.set(loc, make_entry(mm.pt.get(loc)))
+                old = mm.pt.get(loc)
+                if kind_of(old) not in _LIVE_KINDS:
+                    continue  # already a migration or poison entry: not a mapping
+                mm.pt.set(loc, make_entry(old))
                 phys.mapcount[head] -= 1
                 phys.put_one(head)
                 machine.costs.pte_writes += 1
