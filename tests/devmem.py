@@ -8,7 +8,6 @@ migration to the device and back, eviction by pfn.
 from __future__ import annotations
 
 import numpy as np
-
 from hmmsim.memremap import (
     MEMORY_DEVICE_COHERENT,
     MEMORY_DEVICE_PRIVATE,

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import errno
 
+import hmmsim
 import numpy as np
 import pytest
 from conftest import ANON, MB2, PAGE, RW, EventLog
 from devmem import Device
-
-import hmmsim
 from hmmsim import MAP_POPULATE
 from hmmsim.gup import FOLL_LONGTERM, FOLL_WRITE, pin_user_pages, unpin_user_page
-from hmmsim.memremap import DevPagemap, MEMORY_DEVICE_PRIVATE, memremap_pages, memunmap_pages
+from hmmsim.memremap import MEMORY_DEVICE_PRIVATE, DevPagemap, memremap_pages, memunmap_pages
 from hmmsim.migrate import MigrateVma, migrate_vma_setup
 from hmmsim.mm.debug import verify_machine
 
@@ -56,7 +55,7 @@ def test_holes_and_zero_pages_migrate_as_empty_entries(make_machine):
     p = m.spawn()
     a = p.mmap(4 * PAGE, RW, ANON)
     p.read(a, 1)  # zero page at page 0; pages 1..3 are holes
-    moved, args = dev.migrate_to_device(p, a, 4)
+    moved, _args = dev.migrate_to_device(p, a, 4)
     assert moved == 4
     assert p.read(a, 4 * PAGE) == bytes(4 * PAGE)  # faults back: zero-filled
     assert dev.faults == 4
