@@ -7,7 +7,6 @@ import hmmsim
 import numpy as np
 import pytest
 from conftest import ANON, MB2, PAGE, RW
-from devmem import Device
 from hmmsim import sched
 from hmmsim.hmm import (
     HMM_PFN_DMA_MAPPED,
@@ -24,6 +23,7 @@ from hmmsim.hmm import (
     hmm_range_fault,
 )
 from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
+from hmmsim.testing.devmem import Device
 
 NOREQ, FAULT, WRITE = 0, HMM_PFN_REQ_FAULT, HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE
 V, W, E = HMM_PFN_VALID, HMM_PFN_WRITE, HMM_PFN_ERROR

@@ -8,12 +8,12 @@ import hmmsim
 import numpy as np
 import pytest
 from conftest import ANON, MB2, PAGE, RW, EventLog
-from devmem import Device
 from hmmsim import MAP_POPULATE
 from hmmsim.gup import FOLL_LONGTERM, FOLL_WRITE, pin_user_pages, unpin_user_page
 from hmmsim.memremap import MEMORY_DEVICE_PRIVATE, DevPagemap, memremap_pages, memunmap_pages
 from hmmsim.migrate import MigrateVma, migrate_vma_setup
 from hmmsim.mm.debug import verify_machine
+from hmmsim.testing.devmem import Device
 
 
 @pytest.fixture(params=["private", "coherent"])

@@ -1,0 +1,211 @@
+"""A small device with its own memory, for exercising the HMM core directly.
+
+It does what a driver's migration code does (like dmirror's, without the
+mirror): device memory from ``memremap_pages``, ``migrate_to_ram`` on CPU
+faults, migration to the device and back with ``migrate_vma_*``, THP
+migration with ``MIGRATE_VMA_SELECT_COMPOUND``, eviction by pfn with
+``migrate_device_*``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..memremap import (
+    MEMORY_DEVICE_COHERENT,
+    MEMORY_DEVICE_PRIVATE,
+    DevPagemap,
+    VmFault,
+    memremap_pages,
+    zone_device_page_init,
+)
+from ..migrate import (
+    MIGRATE_PFN_COMPOUND,
+    MIGRATE_PFN_MIGRATE,
+    MIGRATE_VMA_SELECT_COMPOUND,
+    MIGRATE_VMA_SELECT_DEVICE_COHERENT,
+    MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
+    MIGRATE_VMA_SELECT_SYSTEM,
+    MigrateVma,
+    migrate_device_finalize,
+    migrate_device_pages,
+    migrate_device_range,
+    migrate_pfn,
+    migrate_pfn_to_page,
+    migrate_vma_finalize,
+    migrate_vma_pages,
+    migrate_vma_setup,
+)
+from ..mm.fault import VM_FAULT_SIGBUS
+from ..mm.pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+    from ..mm.process import Process
+
+_U64 = np.uint64
+
+
+def _migrated(src: NDArray[np.uint64]) -> int:
+    return int(((src & _U64(MIGRATE_PFN_MIGRATE)) != 0).sum())
+
+
+class Device:
+    """Device memory of ``npages`` pages, private (unaddressable) or coherent."""
+
+    def __init__(
+        self,
+        machine: Machine,
+        memory: Literal["private", "coherent"] = "private",
+        npages: int = 2048,
+        name: str = "dev",
+    ) -> None:
+        self.machine = machine
+        self.name = name
+        kind = MEMORY_DEVICE_PRIVATE if memory == "private" else MEMORY_DEVICE_COHERENT
+        self.pgmap = DevPagemap(kind, owner=self, ops=self)
+        self.range = memremap_pages(machine, self.pgmap, npages)
+        # Free pages, lowest pfn last (popped first); THP blocks come from the top.
+        self.free: list[int] = list(range(self.range.stop - 1, self.range.start - 1, -1))
+        self.fail_migrate_to_ram = False
+        self.faults = 0
+        self.freed = 0
+
+    def __repr__(self) -> str:
+        return f"Device({self.name})"
+
+    @property
+    def private(self) -> bool:
+        return self.pgmap.type == MEMORY_DEVICE_PRIVATE
+
+    @property
+    def select_self(self) -> int:
+        if self.private:
+            return MIGRATE_VMA_SELECT_DEVICE_PRIVATE
+        return MIGRATE_VMA_SELECT_DEVICE_COHERENT
+
+    # ----- dev_pagemap_ops ---------------------------------------------------------
+    def folio_free(self, head: int) -> None:
+        nr = 1 << int(self.machine.phys.order[head])
+        self.free.extend(range(head + nr - 1, head - 1, -1))
+        self.freed += nr
+
+    def folio_split(self, head: int, tail: int) -> None:
+        """Nothing to do: the free list is per page already."""
+
+    def migrate_to_ram(self, vmf: VmFault) -> int:
+        self.faults += 1
+        if self.fail_migrate_to_ram:
+            return VM_FAULT_SIGBUS
+        addr = vmf.address & ~(PAGE_SIZE - 1)
+        src = np.zeros(1, dtype=_U64)
+        dst = np.zeros(1, dtype=_U64)
+        args = MigrateVma(vmf.vma, addr, addr + PAGE_SIZE, src, dst, pgmap_owner=self,
+                          flags=self.select_self, fault_page=vmf.page)
+        migrate_vma_setup(args)
+        self._to_system(src, dst, 1)
+        migrate_vma_pages(args)
+        migrate_vma_finalize(args)
+        return 0
+
+    # ----- allocation ----------------------------------------------------------------
+    def alloc(self, order: int = 0) -> int:
+        """A locked device folio with refcount 1 (``zone_device_folio_init``)."""
+        phys = self.machine.phys
+        if order == 0:
+            pfn = self.free.pop()
+        else:
+            nr = 1 << order
+            free = set(self.free)
+            starts = [p for p in sorted(free) if p % nr == 0
+                      and all(q in free for q in range(p, p + nr))]
+            if not starts:
+                raise MemoryError(f"{self!r}: no free order-{order} block")
+            pfn = starts[0]
+            taken = set(range(pfn, pfn + nr))
+            self.free = [p for p in self.free if p not in taken]
+        zone_device_page_init(self.machine, pfn, order)
+        phys.folio_lock(pfn)
+        return pfn
+
+    def _to_system(self, src: NDArray[np.uint64], dst: NDArray[np.uint64], n: int) -> None:
+        phys = self.machine.phys
+        for i in range(n):
+            if not int(src[i]) & MIGRATE_PFN_MIGRATE:
+                continue
+            spage = migrate_pfn_to_page(int(src[i]))
+            if spage is None:
+                continue
+            new = phys.alloc_one(0)
+            phys.folio_lock(new)
+            phys.copy_pages(np.array([new]), np.array([spage]))
+            dst[i] = migrate_pfn(new)
+
+    # ----- migration -------------------------------------------------------------------
+    def migrate_to_device(
+        self, proc: Process, addr: int, npages: int, compound: bool = False
+    ) -> tuple[int, MigrateVma]:
+        """Move [addr, +npages) here; returns (entries migrated, the MigrateVma)."""
+        vma = proc.mm.find_vma(addr)
+        src = np.zeros(npages, dtype=_U64)
+        dst = np.zeros(npages, dtype=_U64)
+        flags = MIGRATE_VMA_SELECT_SYSTEM | (MIGRATE_VMA_SELECT_COMPOUND if compound else 0)
+        args = MigrateVma(vma, addr, addr + npages * PAGE_SIZE, src, dst, pgmap_owner=self,
+                          flags=flags)
+        phys = self.machine.phys
+        with proc.mm.mmap_lock.read():
+            migrate_vma_setup(args)
+            i = 0
+            while i < npages:
+                s = int(src[i])
+                if not s & MIGRATE_PFN_MIGRATE:
+                    i += 1
+                    continue
+                nr = PMD_PAGES if s & MIGRATE_PFN_COMPOUND else 1
+                new = self.alloc(PMD_ORDER if nr > 1 else 0)
+                pages = np.arange(new, new + nr)
+                spage = migrate_pfn_to_page(s)
+                if spage is None:
+                    phys.zero_pages(pages)
+                else:
+                    phys.copy_pages(pages, np.arange(spage, spage + nr))
+                dst[i] = migrate_pfn(new) | (MIGRATE_PFN_COMPOUND if nr > 1 else 0)
+                i += nr
+            migrate_vma_pages(args)
+            moved = _migrated(src)
+            migrate_vma_finalize(args)
+        return moved, args
+
+    def migrate_to_system(self, proc: Process, addr: int, npages: int) -> int:
+        """Move this device's pages of [addr, +npages) back to RAM; returns how many."""
+        vma = proc.mm.find_vma(addr)
+        src = np.zeros(npages, dtype=_U64)
+        dst = np.zeros(npages, dtype=_U64)
+        args = MigrateVma(vma, addr, addr + npages * PAGE_SIZE, src, dst, pgmap_owner=self,
+                          flags=self.select_self)
+        with proc.mm.mmap_lock.read():
+            migrate_vma_setup(args)
+            self._to_system(src, dst, npages)
+            migrate_vma_pages(args)
+            moved = _migrated(src)
+            migrate_vma_finalize(args)
+        return moved
+
+    def evict(self) -> int:
+        """Move every page in use back to RAM (driver unbind); returns how many."""
+        n = len(self.range)
+        src = np.zeros(n, dtype=_U64)
+        dst = np.zeros(n, dtype=_U64)
+        migrate_device_range(self.machine, src, self.range.start, n)
+        self._to_system(src, dst, n)
+        migrate_device_pages(self.machine, src, dst, n)
+        moved = _migrated(src)
+        migrate_device_finalize(self.machine, src, dst, n)
+        return moved
+
+    def in_use(self) -> int:
+        phys = self.machine.phys
+        return int((phys.refcount[self.range.start : self.range.stop] > 0).sum())
