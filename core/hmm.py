@@ -45,7 +45,7 @@ from .mm.pagetable import (
     PMD_ORDER,
     PMD_PAGES,
     PTE_PFN_MASK,
-    PTE_PFN_SHIFT,
+    PTE_PRESENT,
     PTE_SPECIAL,
     PTE_WRITE,
     PUD_PAGES,
@@ -53,6 +53,7 @@ from .mm.pagetable import (
     SOFTLEAF_TYPE_SHIFT,
     SWP_DEVICE_PRIVATE_WRITE,
     U64,
+    Walk,
     entry_kind,
 )
 from .mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
@@ -271,14 +272,19 @@ def _walk_window(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) ->
     pt = mm.pt
     vpn0 = lo >> PAGE_SHIFT
     n = (hi - lo) >> PAGE_SHIFT
-    walk = pt.walk(vpn0, n)
     mm.machine.costs.pages_walked += n
-    e = walk.entries
-    kinds = entry_kind(e)
     req = _requests(rng, lo, hi)
     s = slice(_index(rng, lo), _index(rng, hi))
+    chunks = pt.walk(vpn0, n, per_page=False)
+    if _huge_fast_path(rng, chunks, req, s, vpn0, n):
+        return
+    walk = pt.walk(vpn0, n)
+    e = walk.entries
+    if _fast_path(rng, walk, req, s):
+        return
+    kinds = entry_kind(e)
     # CPU state and output of every page, as the PTE/PMD handlers compute them.
-    pfn = (e & U64(PTE_PFN_MASK)) >> U64(PTE_PFN_SHIFT)
+    pfn = e & U64(PTE_PFN_MASK)
     huge = walk.huge
     if huge:
         vpns = np.arange(vpn0, vpn0 + n, dtype=np.int64)
@@ -361,6 +367,52 @@ def _walk_window(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) ->
     _hmm_vma_fault(rng, vma, addr, _chunk_end(mm, vma, rng, addr), a)
 
 
+#: PRESENT, WRITE and pfn: with the model's entry layout this *is* the HMM pfn.
+_PTE_TO_HMM = U64(PTE_PRESENT | PTE_WRITE | PTE_PFN_MASK)
+_OFFSETS = np.arange(PMD_PAGES, dtype=np.uint64)
+
+
+def _fast_path(rng: HmmRange, walk: Walk, req: NDArray[np.uint64] | None, s: slice) -> bool:
+    """Every page mapped by a normal present PTE and no request that could fault:
+    with the model's entry layout the output is one mask away."""
+    if walk.huge or (req is not None and bool((req & _WRITE).any())):
+        return False
+    e = walk.entries
+    if not bool(((e & _PRESENT_SPECIAL) == U64(PTE_PRESENT)).all()):
+        return False
+    np.bitwise_and(e, _PTE_TO_HMM, out=e)
+    out = rng.hmm_pfns[s]
+    out &= _INOUT
+    out |= e
+    return True
+
+
+def _huge_fast_path(
+    rng: HmmRange, walk: Walk, req: NDArray[np.uint64] | None, s: slice, vpn0: int, n: int
+) -> bool:
+    """Every page under present PMD leaves (THP, huge zero page) and no request
+    that could fault: computed from the 2 MiB chunks, never page by page."""
+    ck = walk.chunk_kind
+    if not bool((ck == CHUNK_PMD).all()):
+        return False
+    leaves = walk.chunk_entry
+    if not bool(((leaves & U64(PTE_PRESENT)) != 0).all()):
+        return False
+    if req is not None and bool((req & _WRITE).any()) and not bool(
+        ((leaves & U64(PTE_WRITE)) != 0).all()
+    ):
+        return False
+    base = (leaves & _PTE_TO_HMM) | _ORDER9
+    out2d = base[:, None] + _OFFSETS[None, :]
+    off = vpn0 & (PMD_PAGES - 1)
+    out = rng.hmm_pfns[s]
+    out &= _INOUT
+    out |= out2d.reshape(-1)[off : off + n]
+    return True
+
+
+_PRESENT_SPECIAL = U64(PTE_PRESENT | PTE_SPECIAL)
+
 _KIND_WORDS = {
     KIND_HWPOISON: "hwpoison entry",
     KIND_MARKER: "marker entry",
@@ -369,11 +421,8 @@ _KIND_WORDS = {
 }
 
 
-def _huge_spans(walk: object, act: NDArray[np.int8], vpn0: int, n: int) -> NDArray[np.int8]:
+def _huge_spans(walk: Walk, act: NDArray[np.int8], vpn0: int, n: int) -> NDArray[np.int8]:
     """Within a PMD leaf the need is the OR of its span, decided at the span start."""
-    from .mm.pagetable import Walk
-
-    assert isinstance(walk, Walk)
     c0 = vpn0 >> PMD_ORDER
     for i in np.flatnonzero(walk.chunk_kind >= CHUNK_PMD).tolist():
         lo = max(vpn0, (c0 + i) << PMD_ORDER) - vpn0
@@ -437,7 +486,7 @@ def _walk_hugetlb(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) -
                 need = _ACT_FAULT
         if need:
             _hmm_vma_fault(rng, vma, pos, chunk_end, need)
-        base = (e & PTE_PFN_MASK) >> PTE_PFN_SHIFT
+        base = e & PTE_PFN_MASK
         off = (pos >> PAGE_SHIFT) & ((1 << order) - 1)
         count = (chunk_end - pos) >> PAGE_SHIFT
         s = slice(_index(rng, pos), _index(rng, chunk_end))

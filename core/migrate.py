@@ -43,7 +43,6 @@ from .mm.pagetable import (
     PMD_ORDER,
     PMD_PAGES,
     PTE_DIRTY,
-    PTE_PRESENT,
     PTE_SPECIAL,
     PTE_WRITE,
     SWP_DEVICE_EXCLUSIVE,
@@ -57,6 +56,7 @@ from .mm.pagetable import (
     kind_of,
     make_present,
     make_softleaf,
+    make_table_pointer,
     pfn_of,
     softleaf_type,
 )
@@ -630,7 +630,7 @@ def _split_migrating_folio(machine: Machine, args: MigrateVma, i: int, spage: in
             e = pt.get(pmdloc)
             t = pt.alloc_table()
             pt.rows[t] = split_leaf_entries(phys, e)
-            pt.set(pmdloc, (t << 12) | PTE_PRESENT)
+            pt.set(pmdloc, make_table_pointer(t))
     pages = np.arange(spage, spage + nr, dtype=_I64)
     folio_flags = np.uint16(int(phys.flags[spage]) & ~PER_PAGE_FLAGS)
     phys.flags[pages] = (phys.flags[pages] & np.uint16(PER_PAGE_FLAGS)) | folio_flags

@@ -12,17 +12,20 @@ with HUGE set: a PMD-mapped THP or 2 MiB hugetlb page, a PUD-mapped 1 GiB
 hugetlb page), a non-present typed entry (migration, device-private …), or
 none.
 
-Entry layout (the model's own, x86-flavoured)::
+Entry layout (the model's own; flags on top so that an HMM pfn is one mask
+away: PRESENT sits where ``HMM_PFN_VALID`` does and WRITE where
+``HMM_PFN_WRITE`` does)::
 
-    bit 0   PRESENT        bit 5  YOUNG       bit 8  SOFTLEAF (non-present, typed)
-    bit 1   WRITE          bit 6  DIRTY       bit 9  SPECIAL (no struct page / zero page)
-    bits 1-4 softleaf type bit 7  HUGE        bit 10 PROTNONE (PROT_NONE or NUMA hint)
-    bits 12-51 pfn, table index, or swap offset
+    bit 63 PRESENT      bit 59 SOFTLEAF (non-present, typed)   bit 56 YOUNG
+    bit 62 WRITE        bit 58 HUGE (leaf at PMD/PUD level)    bits 52-55 softleaf type
+    bit 61 PROTNONE     bit 57 DIRTY                           bits 0-51 pfn, table
+    bit 60 SPECIAL                                                 index, or swap offset
 
 A softleaf entry (the kernel's swap-type entries, ``softleaf_t`` in 6.19+)
-has PRESENT clear, SOFTLEAF set, a type in bits 1-4 and an offset (a pfn or a
-swap slot) in bits 12-51; YOUNG and DIRTY survive in it, as the kernel keeps
-them in migration entries.
+has PRESENT clear, SOFTLEAF set, a type and an offset (a pfn or a swap slot);
+YOUNG and DIRTY survive in it, as the kernel keeps them in migration entries.
+Writability of a softleaf entry is part of its type (migration-write,
+device-private-write).
 """
 
 from __future__ import annotations
@@ -43,18 +46,20 @@ PUD_SIZE: Final = 1 << (PAGE_SHIFT + PUD_ORDER)
 PMD_PAGES: Final = 1 << PMD_ORDER
 PUD_PAGES: Final = 1 << PUD_ORDER
 
-PTE_PRESENT: Final = 1 << 0
-PTE_WRITE: Final = 1 << 1
-PTE_YOUNG: Final = 1 << 5
-PTE_DIRTY: Final = 1 << 6
-PTE_HUGE: Final = 1 << 7
-PTE_SOFTLEAF: Final = 1 << 8
-PTE_SPECIAL: Final = 1 << 9
-PTE_PROTNONE: Final = 1 << 10
-PTE_PFN_SHIFT: Final = 12
-PTE_PFN_MASK: Final = ((1 << 40) - 1) << PTE_PFN_SHIFT
-SOFTLEAF_TYPE_SHIFT: Final = 1
+PTE_PRESENT: Final = 1 << 63
+PTE_WRITE: Final = 1 << 62
+PTE_PROTNONE: Final = 1 << 61
+PTE_SPECIAL: Final = 1 << 60
+PTE_SOFTLEAF: Final = 1 << 59
+PTE_HUGE: Final = 1 << 58
+PTE_DIRTY: Final = 1 << 57
+PTE_YOUNG: Final = 1 << 56
+PTE_PFN_SHIFT: Final = 0
+PTE_PFN_MASK: Final = (1 << 52) - 1
+SOFTLEAF_TYPE_SHIFT: Final = 52
 SOFTLEAF_TYPE_MASK: Final = 0xF << SOFTLEAF_TYPE_SHIFT
+#: The top 12 bits: every flag and the softleaf type (what ``entry_kind`` looks at).
+_FLAG_SHIFT: Final = 52
 
 # Softleaf (swap-type) entry types.
 SWP_SWAP: Final = 0
@@ -111,18 +116,19 @@ _SOFT_KINDS = {
 
 
 def _build_kind_lut() -> NDArray[np.uint8]:
-    """Map the low 11 bits of an entry to its kind: one table lookup per entry."""
-    lut = np.zeros(1 << 11, dtype=np.uint8)
-    for low in range(1 << 11):
-        if low & PTE_PRESENT:
-            lut[low] = KIND_PRESENT
-        elif low & PTE_SOFTLEAF:
-            typ = (low & SOFTLEAF_TYPE_MASK) >> SOFTLEAF_TYPE_SHIFT
-            lut[low] = _SOFT_KINDS.get(typ, KIND_MARKER)
-        elif low & PTE_PROTNONE:
-            lut[low] = KIND_PROTNONE
+    """Map the top 12 bits of an entry to its kind: one table lookup per entry."""
+    lut = np.zeros(1 << 12, dtype=np.uint8)
+    for top in range(1 << 12):
+        bits = top << _FLAG_SHIFT
+        if bits & PTE_PRESENT:
+            lut[top] = KIND_PRESENT
+        elif bits & PTE_SOFTLEAF:
+            typ = (bits & SOFTLEAF_TYPE_MASK) >> SOFTLEAF_TYPE_SHIFT
+            lut[top] = _SOFT_KINDS.get(typ, KIND_MARKER)
+        elif bits & PTE_PROTNONE:
+            lut[top] = KIND_PROTNONE
         else:
-            lut[low] = KIND_NONE
+            lut[top] = KIND_NONE
     return lut
 
 
@@ -131,25 +137,30 @@ _KIND_LUT: Final = _build_kind_lut()
 
 def entry_kind(entries: NDArray[np.uint64]) -> NDArray[np.uint8]:
     """Vectorised decode of entry kinds (``KIND_*``)."""
-    return _KIND_LUT[(entries & U64(0x7FF)).astype(np.intp)]
+    return _KIND_LUT[(entries >> U64(_FLAG_SHIFT)).astype(np.intp)]
 
 
 def kind_of(entry: int) -> int:
     """Kind of one entry."""
-    return int(_KIND_LUT[entry & 0x7FF])
+    return int(_KIND_LUT[entry >> _FLAG_SHIFT])
 
 
 def entry_pfn(entries: NDArray[np.uint64]) -> NDArray[np.int64]:
     """The pfn/offset field of entries, as int64."""
-    return ((entries & U64(PTE_PFN_MASK)) >> U64(PTE_PFN_SHIFT)).astype(np.int64)
+    return (entries & U64(PTE_PFN_MASK)).astype(np.int64)
 
 
 def pfn_of(entry: int) -> int:
-    return (entry & PTE_PFN_MASK) >> PTE_PFN_SHIFT
+    return entry & PTE_PFN_MASK
 
 
 def softleaf_type(entry: int) -> int:
     return (entry & SOFTLEAF_TYPE_MASK) >> SOFTLEAF_TYPE_SHIFT
+
+
+def make_table_pointer(table: int) -> int:
+    """An upper-level entry pointing at the next table."""
+    return table | PTE_PRESENT
 
 
 def make_present(
@@ -161,7 +172,7 @@ def make_present(
     special: bool = False,
     huge: bool = False,
 ) -> int:
-    entry = (pfn << PTE_PFN_SHIFT) | PTE_PRESENT
+    entry = pfn | PTE_PRESENT
     if write:
         entry |= PTE_WRITE
     if dirty:
@@ -180,13 +191,13 @@ def make_present_array(
 ) -> NDArray[np.uint64]:
     flags = PTE_PRESENT | (PTE_WRITE if write else 0) | (PTE_DIRTY if dirty else 0)
     flags |= (PTE_YOUNG if young else 0) | (PTE_HUGE if huge else 0)
-    return (pfns.astype(U64) << U64(PTE_PFN_SHIFT)) | U64(flags)
+    return pfns.astype(U64) | U64(flags)
 
 
 def make_softleaf(typ: int, offset: int, *, keep: int = 0) -> int:
     """A non-present typed entry; ``keep`` carries YOUNG/DIRTY over."""
     return (
-        (offset << PTE_PFN_SHIFT)
+        offset
         | PTE_SOFTLEAF
         | (typ << SOFTLEAF_TYPE_SHIFT)
         | (keep & (PTE_YOUNG | PTE_DIRTY))
@@ -196,7 +207,7 @@ def make_softleaf(typ: int, offset: int, *, keep: int = 0) -> int:
 def make_softleaf_array(
     typ: int, offsets: NDArray[np.int64], keep: NDArray[np.uint64] | None = None
 ) -> NDArray[np.uint64]:
-    out = (offsets.astype(U64) << U64(PTE_PFN_SHIFT)) | U64(
+    out = offsets.astype(U64) | U64(
         PTE_SOFTLEAF | (typ << SOFTLEAF_TYPE_SHIFT)
     )
     if keep is not None:
@@ -463,7 +474,7 @@ class PageTable:
             if not alloc:
                 return -1
             t = self.alloc_table()
-            self.flat[loc] = (t << PTE_PFN_SHIFT) | PTE_PRESENT
+            self.flat[loc] = make_table_pointer(t)
             return t
         if is_table_pointer(e):
             return pfn_of(e)
@@ -542,8 +553,13 @@ class PageTable:
         self.flat[loc] = entry
 
     # ----- range operations --------------------------------------------------
-    def walk(self, vpn: int, npages: int) -> Walk:
-        """Snapshot the entries mapping [vpn, vpn + npages): one gather per level."""
+    def walk(self, vpn: int, npages: int, *, per_page: bool = True) -> Walk:
+        """Snapshot the entries mapping [vpn, vpn + npages): one gather per level.
+
+        With ``per_page=False`` only the per-chunk arrays are filled (the
+        per-page ``entries`` array stays empty), for callers that can decide
+        from whole 2 MiB chunks.
+        """
         if npages <= 0:
             raise ValueError("empty walk")
         c0 = vpn >> PMD_ORDER
@@ -569,7 +585,7 @@ class PageTable:
                     tab = (pmde & U64(PTE_PRESENT | PTE_HUGE)) == U64(PTE_PRESENT)
                     leaf = (pmde != 0) & ~tab
                     ckind[sl] = np.where(tab, CHUNK_TABLE, np.where(leaf, CHUNK_PMD, CHUNK_NONE))
-                    ctable[sl] = np.where(tab, (pmde >> U64(PTE_PFN_SHIFT)).astype(np.int64), 0)
+                    ctable[sl] = np.where(tab, (pmde & U64(PTE_PFN_MASK)).astype(np.int64), 0)
                     centry[sl] = np.where(leaf, pmde, U64(0))
                     cloc[sl] = locs
                 elif pude != 0:
@@ -579,6 +595,8 @@ class PageTable:
             c = g_last + 1
         off = vpn & 511
         tab = ckind == CHUNK_TABLE
+        if not per_page:
+            return Walk(vpn, npages, np.empty(0, dtype=U64), ckind, ctable, cloc, centry)
         if bool(tab.all()):
             entries2d = self.rows[ctable]
         else:

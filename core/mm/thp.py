@@ -34,6 +34,7 @@ from .pagetable import (
     is_table_pointer,
     kind_of,
     make_present,
+    make_table_pointer,
     pfn_of,
 )
 from .physmem import ZERO_PFN, PG_anon, PhysMem
@@ -84,7 +85,7 @@ def split_leaf_entries(phys: PhysMem, e: int) -> NDArray[np.uint64]:
             zero = (zero & ~PTE_PRESENT) | PTE_PROTNONE
         return np.full(PMD_PAGES, zero, dtype=U64)
     low = U64(e & ~PTE_PFN_MASK & ~PTE_HUGE)
-    ptes = ((U64(base) + np.arange(PMD_PAGES, dtype=U64)) << U64(12)) | low
+    ptes = (U64(base) + np.arange(PMD_PAGES, dtype=U64)) | low
     if kind in (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE):
         head = phys.head(base)
         phys.mapcount[head] += PMD_PAGES - 1
@@ -114,7 +115,7 @@ def split_huge_pmd(vma: Vma, vpn: int) -> bool:
             return False
         t = pt.alloc_table()
         pt.rows[t] = split_leaf_entries(mm.machine.phys, e)
-        pt.set(pmdloc, (t << 12) | PTE_PRESENT)
+        pt.set(pmdloc, make_table_pointer(t))
         mm.machine.costs.pte_writes += PMD_PAGES + 1
         mm.machine.costs.thp_splits += 1
     return True
