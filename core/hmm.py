@@ -398,8 +398,10 @@ def _huge_fast_path(
     leaves = walk.chunk_entry
     if not bool(((leaves & U64(PTE_PRESENT)) != 0).all()):
         return False
-    if req is not None and bool((req & _WRITE).any()) and not bool(
-        ((leaves & U64(PTE_WRITE)) != 0).all()
+    if (
+        req is not None
+        and bool((req & _WRITE).any())
+        and not bool(((leaves & U64(PTE_WRITE)) != 0).all())
     ):
         return False
     base = (leaves & _PTE_TO_HMM) | _ORDER9

@@ -43,8 +43,14 @@ from .mm.pagetable import (
     PMD_ORDER,
     PMD_PAGES,
     PTE_DIRTY,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SOFTLEAF,
     PTE_SPECIAL,
     PTE_WRITE,
+    PTE_YOUNG,
+    SOFTLEAF_TYPE_MASK,
+    SOFTLEAF_TYPE_SHIFT,
     SWP_DEVICE_EXCLUSIVE,
     SWP_DEVICE_PRIVATE_READ,
     SWP_DEVICE_PRIVATE_WRITE,
@@ -52,6 +58,7 @@ from .mm.pagetable import (
     SWP_MIGRATION_READ_EXCLUSIVE,
     SWP_MIGRATION_WRITE,
     U64,
+    entry_kind,
     is_table_pointer,
     kind_of,
     make_present,
@@ -124,6 +131,9 @@ class MigrateVma:
     fault_page: int | None = None
     cpages: int = 0
     npages: int = 0
+    #: Model bookkeeping, not in the kernel struct: folios that were also
+    #: unmapped from other mappings (so finalize must find those via rmap).
+    unmapped_elsewhere: set[int] = attrs.field(factory=set, repr=False)
 
 
 def _entries(args: MigrateVma) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
@@ -404,14 +414,19 @@ def _isolate_one(
 def _unmap_phase(machine: Machine, args: MigrateVma, npages: int) -> None:
     """``migrate_device_unmap``: unmap other mappings, drop what cannot move."""
     src, _ = _entries(args)
-    _unmap_entries(machine, src, npages, args.fault_page)
+    args.unmapped_elsewhere = _unmap_entries(machine, src, npages, args.fault_page)
 
 
 def _unmap_entries(
     machine: Machine, src: NDArray[np.uint64], npages: int, fault_page: int | None
-) -> None:
+) -> set[int]:
+    """Unmap selected folios everywhere else; drop those that cannot move.
+
+    Returns the folios that had other mappings.
+    """
     phys = machine.phys
     restore: list[int] = []
+    elsewhere: set[int] = set()
     for i in range(npages):
         s = int(src[i])
         pfn = migrate_pfn_to_page(s)
@@ -421,6 +436,7 @@ def _unmap_entries(
         if phys.mapcount[head] > 0:
             # Still mapped elsewhere (a fork child, another mapping): unmap
             # those too, with CLEAR, as try_to_migrate does.
+            elsewhere.add(head)
             try_to_unmap(machine, head, _migration_entry_for(machine))
         extra = 1 + (1 if fault_page is not None and head == phys.head(fault_page) else 0)
         flags = int(phys.flags[head])
@@ -440,6 +456,7 @@ def _unmap_entries(
             phys.folio_unlock(head)
         phys.put_one(head)
         src[i] = U64(0)
+    return elsewhere
 
 
 def _migration_entry_for(machine: Machine):  # type: ignore[no-untyped-def]
@@ -711,7 +728,9 @@ def migrate_vma_finalize(args: MigrateVma) -> None:
     vma = args.vma
     assert vma is not None
     src, dst = _entries(args)
-    _finalize(vma.mm.machine, src, dst, args.npages, args.fault_page)
+    machine = vma.mm.machine
+    _finalize_in_place(machine, args)
+    _finalize(machine, src, dst, args.npages, args.fault_page)
 
 
 def migrate_device_finalize(
@@ -759,6 +778,81 @@ def _finalize(
             if phys.folio_locked(dpage):
                 phys.folio_unlock(dpage)
             phys.put_one(dpage)
+
+
+def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
+    """The common case of finalize, vectorised: order-0 pages whose only
+    migration entry is the one at their own address in this VMA.
+
+    Handled entries are cleared from ``src``/``dst`` so the generic pass
+    skips them.
+    """
+    vma = args.vma
+    assert vma is not None
+    phys = machine.phys
+    src, dst = _entries(args)
+    n = args.npages
+    if n == 0:
+        return
+    s = src[:n]
+    d = dst[:n]
+    has = (s & U64(MIGRATE_PFN_VALID)) != 0
+    has &= (s & U64(MIGRATE_PFN_COMPOUND)) == 0
+    if not has.any():
+        return
+    spage = (s >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    dpage = (d >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    dvalid = (d & U64(MIGRATE_PFN_VALID)) != 0
+    has &= (d & U64(MIGRATE_PFN_COMPOUND)) == 0
+    has &= phys.order[np.where(has, spage, 0)] == 0
+    if args.unmapped_elsewhere:
+        has &= ~np.isin(spage, np.fromiter(args.unmapped_elsewhere, dtype=_I64))
+    walk = vma.mm.pt.walk(args.start >> PAGE_SHIFT, n)
+    e = walk.entries
+    ours = (
+        has
+        & (entry_kind(e) == KIND_MIGRATION)
+        & ((e & U64(PTE_PFN_MASK)).astype(_I64) == spage)
+        & (walk.level == 0)
+    )
+    if not ours.any():
+        return
+    idx = np.flatnonzero(ours)
+    use_dst = ((s[idx] & U64(MIGRATE_PFN_MIGRATE)) != 0) & dvalid[idx]
+    target = np.where(use_dst, dpage[idx], spage[idx])
+    ent = e[idx]
+    write = ((ent & U64(SOFTLEAF_TYPE_MASK)) >> U64(SOFTLEAF_TYPE_SHIFT)) == U64(
+        SWP_MIGRATION_WRITE
+    )
+    private = np.zeros(len(idx), dtype=np.bool_)
+    for start, end, pgmap in phys.pgmaps:
+        if pgmap.type == MEMORY_DEVICE_PRIVATE:
+            private |= (target >= start) & (target < end)
+    keep = ent & U64(PTE_YOUNG | PTE_DIRTY)
+    present = target.astype(U64) | U64(PTE_PRESENT | PTE_YOUNG) | (ent & U64(PTE_DIRTY))
+    present |= np.where(write, U64(PTE_WRITE), U64(0))
+    dp_type = np.where(write, U64(SWP_DEVICE_PRIVATE_WRITE), U64(SWP_DEVICE_PRIVATE_READ))
+    devpriv = target.astype(U64) | U64(PTE_SOFTLEAF) | (dp_type << U64(SOFTLEAF_TYPE_SHIFT)) | keep
+    vma.mm.pt.flat[walk.loc[idx]] = np.where(private, devpriv, present)
+    machine.costs.pte_writes += len(idx)
+    phys.mapcount[target] += 1
+    phys.refcount[target] += 1
+    machine.migration_wq.wake_up_all()
+    # Unlock and release: the sources (collect reference), the destinations
+    # (allocation reference; the new mappings hold theirs), unused destinations.
+    fault_head = phys.head(args.fault_page) if args.fault_page is not None else -1
+    srcs = spage[idx]
+    unlock = srcs[srcs != fault_head]
+    phys.flags[unlock] &= np.uint16(~PG_locked & 0xFFFF)
+    moved = srcs[use_dst]
+    phys.mapping[moved] = 0
+    dsts = dpage[idx][dvalid[idx]]
+    phys.flags[dsts] &= np.uint16(~PG_locked & 0xFFFF)
+    phys.lock_wq.wake_up_all()
+    phys.put(srcs)
+    phys.put(dsts)
+    src[idx] = U64(0)
+    dst[idx] = U64(0)
 
 
 # ----- evicting device memory by pfn ---------------------------------------------------

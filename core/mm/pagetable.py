@@ -196,20 +196,13 @@ def make_present_array(
 
 def make_softleaf(typ: int, offset: int, *, keep: int = 0) -> int:
     """A non-present typed entry; ``keep`` carries YOUNG/DIRTY over."""
-    return (
-        offset
-        | PTE_SOFTLEAF
-        | (typ << SOFTLEAF_TYPE_SHIFT)
-        | (keep & (PTE_YOUNG | PTE_DIRTY))
-    )
+    return offset | PTE_SOFTLEAF | (typ << SOFTLEAF_TYPE_SHIFT) | (keep & (PTE_YOUNG | PTE_DIRTY))
 
 
 def make_softleaf_array(
     typ: int, offsets: NDArray[np.int64], keep: NDArray[np.uint64] | None = None
 ) -> NDArray[np.uint64]:
-    out = offsets.astype(U64) | U64(
-        PTE_SOFTLEAF | (typ << SOFTLEAF_TYPE_SHIFT)
-    )
+    out = offsets.astype(U64) | U64(PTE_SOFTLEAF | (typ << SOFTLEAF_TYPE_SHIFT))
     if keep is not None:
         out |= keep & U64(PTE_YOUNG | PTE_DIRTY)
     return out

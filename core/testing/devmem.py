@@ -103,8 +103,16 @@ class Device:
         addr = vmf.address & ~(PAGE_SIZE - 1)
         src = np.zeros(1, dtype=_U64)
         dst = np.zeros(1, dtype=_U64)
-        args = MigrateVma(vmf.vma, addr, addr + PAGE_SIZE, src, dst, pgmap_owner=self,
-                          flags=self.select_self, fault_page=vmf.page)
+        args = MigrateVma(
+            vmf.vma,
+            addr,
+            addr + PAGE_SIZE,
+            src,
+            dst,
+            pgmap_owner=self,
+            flags=self.select_self,
+            fault_page=vmf.page,
+        )
         migrate_vma_setup(args)
         self._to_system(src, dst, 1)
         migrate_vma_pages(args)
@@ -120,8 +128,9 @@ class Device:
         else:
             nr = 1 << order
             free = set(self.free)
-            starts = [p for p in sorted(free) if p % nr == 0
-                      and all(q in free for q in range(p, p + nr))]
+            starts = [
+                p for p in sorted(free) if p % nr == 0 and all(q in free for q in range(p, p + nr))
+            ]
             if not starts:
                 raise MemoryError(f"{self!r}: no free order-{order} block")
             pfn = starts[0]
@@ -153,8 +162,9 @@ class Device:
         src = np.zeros(npages, dtype=_U64)
         dst = np.zeros(npages, dtype=_U64)
         flags = MIGRATE_VMA_SELECT_SYSTEM | (MIGRATE_VMA_SELECT_COMPOUND if compound else 0)
-        args = MigrateVma(vma, addr, addr + npages * PAGE_SIZE, src, dst, pgmap_owner=self,
-                          flags=flags)
+        args = MigrateVma(
+            vma, addr, addr + npages * PAGE_SIZE, src, dst, pgmap_owner=self, flags=flags
+        )
         phys = self.machine.phys
         with proc.mm.mmap_lock.read():
             migrate_vma_setup(args)
@@ -184,8 +194,9 @@ class Device:
         vma = proc.mm.find_vma(addr)
         src = np.zeros(npages, dtype=_U64)
         dst = np.zeros(npages, dtype=_U64)
-        args = MigrateVma(vma, addr, addr + npages * PAGE_SIZE, src, dst, pgmap_owner=self,
-                          flags=self.select_self)
+        args = MigrateVma(
+            vma, addr, addr + npages * PAGE_SIZE, src, dst, pgmap_owner=self, flags=self.select_self
+        )
         with proc.mm.mmap_lock.read():
             migrate_vma_setup(args)
             self._to_system(src, dst, npages)
