@@ -166,6 +166,21 @@ def zone_device_page_init(machine: Machine, pfn: int, order: int = 0) -> None:
     phys.refcount[pfn] = 1
 
 
+def zone_device_pages_init(machine: Machine, pfns: np.ndarray) -> None:
+    """``zone_device_page_init`` for many free order-0 device pages at once."""
+    phys = machine.phys
+    if len(pfns) == 0:
+        return
+    if (pfns < phys.ram_pages).any() or (phys.refcount[pfns] != 0).any():
+        raise InvalidArgument("zone_device_pages_init: not free device pages")
+    phys.order[pfns] = 0
+    phys.flags[pfns] = PG_zone_device
+    phys.mapcount[pfns] = 0
+    phys.mapping[pfns] = 0
+    phys.index[pfns] = 0
+    phys.refcount[pfns] = 1
+
+
 def folio_pgmap(machine: Machine, pfn: int) -> DevPagemap | None:
     """``page_pgmap``: the device pagemap of a page, None for RAM."""
     return machine.phys.pgmap_of(pfn)

@@ -277,6 +277,98 @@ def _collect_pmd(
 
 
 def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
+    """Collect a range mapped by PTEs: vectorised unless a large folio is in it."""
+    if not _collect_ptes_vectorised(args, vma, lo, hi):
+        _collect_ptes_one_by_one(args, vma, lo, hi)
+
+
+def _selectable(args: MigrateVma, machine: Machine, pfns: NDArray[np.int64]) -> NDArray[np.bool_]:
+    """``_selects`` for many pfns at once."""
+    phys = machine.phys
+    ok = (pfns < phys.ram_pages) & bool(args.flags & MIGRATE_VMA_SELECT_SYSTEM)
+    for start, end, pgmap in phys.pgmaps:
+        if pgmap.owner is not args.pgmap_owner:
+            continue
+        wanted = (
+            pgmap.type == MEMORY_DEVICE_PRIVATE and args.flags & MIGRATE_VMA_SELECT_DEVICE_PRIVATE
+        ) or (
+            pgmap.type == MEMORY_DEVICE_COHERENT and args.flags & MIGRATE_VMA_SELECT_DEVICE_COHERENT
+        )
+        if wanted:
+            ok |= (pfns >= start) & (pfns < end)
+    return ok
+
+
+def _collect_ptes_vectorised(args: MigrateVma, vma: Vma, lo: int, hi: int) -> bool:
+    """The whole PTE range in array operations; False (nothing done) if a large
+    folio needs splitting first."""
+    machine = vma.mm.machine
+    phys = machine.phys
+    pt = vma.mm.pt
+    src, _ = _entries(args)
+    walk = pt.walk(lo, hi - lo)
+    e = walk.entries
+    kinds = entry_kind(e)
+    pfn = (e & U64(PTE_PFN_MASK)).astype(_I64)
+    present = kinds == KIND_PRESENT
+    zero = present & phys.zero_mask(pfn)
+    cand = (present & ~zero & ((e & U64(PTE_SPECIAL)) == 0)) | (kinds == KIND_DEVICE_PRIVATE)
+    if cand.any():
+        cand[cand] = _selectable(args, machine, pfn[cand])
+    if cand.any():
+        if (phys.order[pfn[cand]] > 0).any():
+            return False  # a large folio: split it first, page by page
+        cand[cand] = phys.mapping[pfn[cand]] != 0
+    i0 = lo - (args.start >> PAGE_SHIFT)
+    out = src[i0 : i0 + (hi - lo)]
+    empty = (kinds == KIND_NONE) if vma.is_anonymous else np.zeros(len(e), dtype=np.bool_)
+    if args.flags & MIGRATE_VMA_SELECT_SYSTEM:
+        empty |= zero
+    out[empty] = U64(MIGRATE_PFN_MIGRATE)
+    args.cpages += int(empty.sum())
+    if not cand.any():
+        return True
+    idx = np.flatnonzero(cand)
+    heads = pfn[idx]
+    fault_head = phys.head(args.fault_page) if args.fault_page is not None else -1
+    flags = phys.flags[heads]
+    locked = ((flags & PG_locked) != 0) & (heads != fault_head)
+    excl = (flags & PG_anon_exclusive) != 0
+    pinned = excl & np.isin(heads, np.fromiter(phys.pins, dtype=_I64, count=len(phys.pins)))
+    ok = ~locked & ~pinned  # trylock failed, or a maybe-pinned page: left alone
+    idx, heads, excl = idx[ok], heads[ok], excl[ok]
+    ent = e[idx]
+    phys.flags[heads[heads != fault_head]] |= np.uint16(PG_locked)
+    dirty = (ent & U64(PTE_DIRTY)) != 0
+    phys.flags[heads[dirty]] |= np.uint16(PG_dirty)
+    is_present = kinds[idx] == KIND_PRESENT
+    typ = (ent & U64(SOFTLEAF_TYPE_MASK)) >> U64(SOFTLEAF_TYPE_SHIFT)
+    write = np.where(is_present, (ent & U64(PTE_WRITE)) != 0, typ == U64(SWP_DEVICE_PRIVATE_WRITE))
+    mtype = np.where(
+        write,
+        U64(SWP_MIGRATION_WRITE),
+        np.where(excl, U64(SWP_MIGRATION_READ_EXCLUSIVE), U64(SWP_MIGRATION_READ)),
+    )
+    migration = (
+        heads.astype(U64)
+        | U64(PTE_SOFTLEAF)
+        | (mtype << U64(SOFTLEAF_TYPE_SHIFT))
+        | (ent & U64(PTE_YOUNG | PTE_DIRTY))
+    )
+    pt.flat[walk.loc[idx]] = migration
+    machine.costs.pte_writes += len(idx)
+    # The collect reference replaces the mapping's: refcount stays, mapcount drops.
+    phys.mapcount[heads] -= 1
+    out[idx] = (
+        (heads.astype(U64) << U64(MIGRATE_PFN_SHIFT))
+        | U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+        | np.where(write, U64(MIGRATE_PFN_WRITE), U64(0))
+    )
+    args.cpages += len(idx)
+    return True
+
+
+def _collect_ptes_one_by_one(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
     machine = vma.mm.machine
     phys = machine.phys
     pt = vma.mm.pt
@@ -427,26 +519,38 @@ def _unmap_entries(
     phys = machine.phys
     restore: list[int] = []
     elsewhere: set[int] = set()
-    for i in range(npages):
-        s = int(src[i])
-        pfn = migrate_pfn_to_page(s)
-        if pfn is None or not s & MIGRATE_PFN_MIGRATE:
-            continue
-        head = phys.head(pfn)
-        if phys.mapcount[head] > 0:
-            # Still mapped elsewhere (a fork child, another mapping): unmap
-            # those too, with CLEAR, as try_to_migrate does.
-            elsewhere.add(head)
-            try_to_unmap(machine, head, _migration_entry_for(machine))
-        extra = 1 + (1 if fault_page is not None and head == phys.head(fault_page) else 0)
-        flags = int(phys.flags[head])
-        if not flags & PG_anon and phys.mapping[head] and not flags & PG_zone_device:
-            extra += 1  # the page cache's reference
-        if flags & PG_swapcache:
-            extra += 1
-        if phys.mapcount[head] > 0 or phys.refcount[head] - extra > phys.mapcount[head]:
-            src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
-            restore.append(i)
+    s_all = src[:npages]
+    sel = np.flatnonzero(
+        (s_all & U64(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID))
+        == U64(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)
+    )
+    if len(sel) == 0:
+        return elsewhere
+    heads = phys.head_of((s_all[sel] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64))
+    for i, head in zip(
+        sel[phys.mapcount[heads] > 0].tolist(),
+        heads[phys.mapcount[heads] > 0].tolist(),
+        strict=True,
+    ):
+        # Still mapped elsewhere (a fork child, another mapping): unmap those
+        # too, with CLEAR, as try_to_migrate does.
+        del i
+        elsewhere.add(head)
+        try_to_unmap(machine, head, _migration_entry_for(machine))
+    flags = phys.flags[heads]
+    extra = np.ones(len(heads), dtype=np.int64)
+    if fault_page is not None:
+        extra += heads == phys.head(fault_page)
+    page_cache = (
+        ((flags & PG_anon) == 0) & (phys.mapping[heads] != 0) & ((flags & PG_zone_device) == 0)
+    )
+    extra += page_cache
+    extra += (flags & PG_swapcache) != 0
+    # Still mapped, or referenced beyond the mappings (pinned): it stays.
+    stuck = (phys.mapcount[heads] > 0) | (phys.refcount[heads] - extra > phys.mapcount[heads])
+    for i in sel[stuck].tolist():
+        src[i] = U64(int(src[i]) & ~MIGRATE_PFN_MIGRATE)
+        restore.append(i)
     for i in restore:
         pfn = migrate_pfn_to_page(int(src[i]))
         assert pfn is not None
@@ -532,12 +636,59 @@ def migrate_device_pages(
     _migrate_pages(machine, args, None)
 
 
+def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.bool_]:
+    """``folio_migrate_mapping`` for order-0 anonymous/device pages in one pass.
+
+    Returns the entries it decided (the generic loop skips them).
+    """
+    phys = machine.phys
+    src, dst = _entries(args)
+    n = args.npages
+    s = src[:n]
+    d = dst[:n]
+    todo = (s & U64(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)) == U64(
+        MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID
+    )
+    todo &= (d & U64(MIGRATE_PFN_VALID)) != 0
+    todo &= ((s | d) & U64(MIGRATE_PFN_COMPOUND)) == 0
+    if not todo.any():
+        return todo
+    idx = np.flatnonzero(todo)
+    spage = (s[idx] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    dpage = (d[idx] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    sflags = phys.flags[spage]
+    simple = (sflags & PG_anon) != 0  # anonymous (RAM or device): no page cache
+    simple &= (sflags & PG_swapcache) == 0
+    simple &= phys.order[spage] == 0
+    for start, end, pgmap in phys.pgmaps:
+        if pgmap.type not in (MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_COHERENT):
+            simple &= ~((dpage >= start) & (dpage < end))
+    idx, spage, dpage = idx[simple], spage[simple], dpage[simple]
+    fault_head = phys.head(args.fault_page) if args.fault_page is not None else -1
+    extra = 1 + (spage == fault_head)
+    ok = (phys.refcount[spage] == extra) & (phys.mapcount[spage] == 0)
+    src[idx[~ok]] &= ~U64(MIGRATE_PFN_MIGRATE)  # somebody took a reference meanwhile
+    sp, dp = spage[ok], dpage[ok]
+    keep = np.uint16(PG_zone_device | PG_locked)
+    moved = np.uint16(int(PER_PAGE_FLAGS) | PG_anon | PG_dirty | PG_swapbacked | PG_uptodate)
+    phys.flags[dp] = (phys.flags[dp] & keep) | (phys.flags[sp] & moved)
+    phys.mapping[dp] = phys.mapping[sp]
+    phys.index[dp] = phys.index[sp]
+    decided = np.zeros(n, dtype=np.bool_)
+    decided[idx] = True
+    return decided
+
+
 def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
+    decided = _migrate_pages_vectorised(machine, args)
     src, dst = _entries(args)
     stack = None  # the MIGRATE invalidation, started at the first hole filled
     try:
         i = 0
         while i < args.npages:
+            if decided[i]:
+                i += 1
+                continue
             s = int(src[i])
             d = int(dst[i])
             dpage = migrate_pfn_to_page(d)

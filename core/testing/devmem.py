@@ -21,10 +21,13 @@ from ..memremap import (
     VmFault,
     memremap_pages,
     zone_device_page_init,
+    zone_device_pages_init,
 )
 from ..migrate import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SHIFT,
+    MIGRATE_PFN_VALID,
     MIGRATE_VMA_SELECT_COMPOUND,
     MIGRATE_VMA_SELECT_DEVICE_COHERENT,
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
@@ -41,6 +44,7 @@ from ..migrate import (
 )
 from ..mm.fault import VM_FAULT_SIGBUS
 from ..mm.pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
+from ..mm.physmem import FrameAllocator, PG_locked
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -67,9 +71,11 @@ class Device:
         self.name = name
         kind = MEMORY_DEVICE_PRIVATE if memory == "private" else MEMORY_DEVICE_COHERENT
         self.pgmap = DevPagemap(kind, owner=self, ops=self)
+        npages = (npages + PMD_PAGES - 1) // PMD_PAGES * PMD_PAGES  # whole 2 MiB blocks
         self.range = memremap_pages(machine, self.pgmap, npages)
-        # Free pages, lowest pfn last (popped first); THP blocks come from the top.
-        self.free: list[int] = list(range(self.range.stop - 1, self.range.start - 1, -1))
+        # The device's own allocator over its pages (2 MiB blocks for THPs).
+        self.allocator = FrameAllocator(npages)
+        self._pending: dict[int, list[int]] = {0: [], PMD_ORDER: []}
         self.fail_migrate_to_ram = False
         self.faults = 0
         self.freed = 0
@@ -89,9 +95,16 @@ class Device:
 
     # ----- dev_pagemap_ops ---------------------------------------------------------
     def folio_free(self, head: int) -> None:
-        nr = 1 << int(self.machine.phys.order[head])
-        self.free.extend(range(head + nr - 1, head - 1, -1))
-        self.freed += nr
+        order = int(self.machine.phys.order[head])
+        # Batched back into the allocator at the next allocation (cheap per call).
+        self._pending[order].append(head - self.range.start)
+        self.freed += 1 << order
+
+    def _reclaim_pending(self) -> None:
+        for order, heads in self._pending.items():
+            if heads:
+                self.allocator.free(np.array(heads, dtype=np.int64), order)
+                heads.clear()
 
     def folio_split(self, head: int, tail: int) -> None:
         """Nothing to do: the free list is per page already."""
@@ -122,36 +135,40 @@ class Device:
     # ----- allocation ----------------------------------------------------------------
     def alloc(self, order: int = 0) -> int:
         """A locked device folio with refcount 1 (``zone_device_folio_init``)."""
-        phys = self.machine.phys
-        if order == 0:
-            pfn = self.free.pop()
-        else:
-            nr = 1 << order
-            free = set(self.free)
-            starts = [
-                p for p in sorted(free) if p % nr == 0 and all(q in free for q in range(p, p + nr))
-            ]
-            if not starts:
-                raise MemoryError(f"{self!r}: no free order-{order} block")
-            pfn = starts[0]
-            taken = set(range(pfn, pfn + nr))
-            self.free = [p for p in self.free if p not in taken]
+        self._reclaim_pending()
+        pfn = self.range.start + int(self.allocator.alloc(order, 1)[0])
         zone_device_page_init(self.machine, pfn, order)
-        phys.folio_lock(pfn)
+        self.machine.phys.folio_lock(pfn)
         return pfn
 
+    def alloc_pages(self, count: int) -> NDArray[np.int64]:
+        """``count`` locked order-0 device pages, in one batch."""
+        self._reclaim_pending()
+        pfns = self.range.start + self.allocator.alloc(0, count)
+        zone_device_pages_init(self.machine, pfns)
+        self.machine.phys.flags[pfns] |= np.uint16(PG_locked)
+        return pfns
+
     def _to_system(self, src: NDArray[np.uint64], dst: NDArray[np.uint64], n: int) -> None:
+        """Locked system pages (THPs for compound entries) with a copy of each source."""
         phys = self.machine.phys
-        for i in range(n):
-            if not int(src[i]) & MIGRATE_PFN_MIGRATE:
-                continue
-            spage = migrate_pfn_to_page(int(src[i]))
-            if spage is None:
-                continue
-            new = phys.alloc_one(0)
+        s = src[:n]
+        want = ((s & _U64(MIGRATE_PFN_MIGRATE)) != 0) & ((s & _U64(MIGRATE_PFN_VALID)) != 0)
+        compound = want & ((s & _U64(MIGRATE_PFN_COMPOUND)) != 0)
+        for i in np.flatnonzero(compound).tolist():
+            spage = int(s[i]) >> MIGRATE_PFN_SHIFT
+            new = phys.alloc_one(PMD_ORDER)
             phys.folio_lock(new)
-            phys.copy_pages(np.array([new]), np.array([spage]))
-            dst[i] = migrate_pfn(new)
+            phys.copy_pages(np.arange(new, new + PMD_PAGES), np.arange(spage, spage + PMD_PAGES))
+            dst[i] = migrate_pfn(new) | MIGRATE_PFN_COMPOUND
+        small = np.flatnonzero(want & ~compound)
+        if len(small) == 0:
+            return
+        spages = (s[small] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        pages = phys.alloc(0, len(small))
+        phys.flags[pages] |= np.uint16(PG_locked)
+        phys.copy_pages(pages, spages)
+        dst[small] = (pages.astype(_U64) << _U64(MIGRATE_PFN_SHIFT)) | _U64(MIGRATE_PFN_VALID)
 
     # ----- migration -------------------------------------------------------------------
     def migrate_to_device(
@@ -168,22 +185,27 @@ class Device:
         phys = self.machine.phys
         with proc.mm.mmap_lock.read():
             migrate_vma_setup(args)
-            i = 0
-            while i < npages:
-                s = int(src[i])
-                if not s & MIGRATE_PFN_MIGRATE:
-                    i += 1
-                    continue
-                nr = PMD_PAGES if s & MIGRATE_PFN_COMPOUND else 1
-                new = self.alloc(PMD_ORDER if nr > 1 else 0)
-                pages = np.arange(new, new + nr)
-                spage = migrate_pfn_to_page(s)
+            selected = (src & _U64(MIGRATE_PFN_MIGRATE)) != 0
+            compound = selected & ((src & _U64(MIGRATE_PFN_COMPOUND)) != 0)
+            for i in np.flatnonzero(compound).tolist():
+                new = self.alloc(PMD_ORDER)
+                pages = np.arange(new, new + PMD_PAGES)
+                spage = migrate_pfn_to_page(int(src[i]))
                 if spage is None:
                     phys.zero_pages(pages)
                 else:
-                    phys.copy_pages(pages, np.arange(spage, spage + nr))
-                dst[i] = migrate_pfn(new) | (MIGRATE_PFN_COMPOUND if nr > 1 else 0)
-                i += nr
+                    phys.copy_pages(pages, np.arange(spage, spage + PMD_PAGES))
+                dst[i] = migrate_pfn(new) | MIGRATE_PFN_COMPOUND
+            small = np.flatnonzero(selected & ~compound)
+            if len(small):
+                new_pages = self.alloc_pages(len(small))
+                has_src = (src[small] & _U64(MIGRATE_PFN_VALID)) != 0
+                spages = (src[small] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
+                phys.copy_pages(new_pages[has_src], spages[has_src])
+                phys.zero_pages(new_pages[~has_src])
+                dst[small] = (new_pages.astype(_U64) << _U64(MIGRATE_PFN_SHIFT)) | _U64(
+                    MIGRATE_PFN_VALID
+                )
             migrate_vma_pages(args)
             moved = _migrated(src)
             migrate_vma_finalize(args)
@@ -195,7 +217,13 @@ class Device:
         src = np.zeros(npages, dtype=_U64)
         dst = np.zeros(npages, dtype=_U64)
         args = MigrateVma(
-            vma, addr, addr + npages * PAGE_SIZE, src, dst, pgmap_owner=self, flags=self.select_self
+            vma,
+            addr,
+            addr + npages * PAGE_SIZE,
+            src,
+            dst,
+            pgmap_owner=self,
+            flags=self.select_self | MIGRATE_VMA_SELECT_COMPOUND,
         )
         with proc.mm.mmap_lock.read():
             migrate_vma_setup(args)
