@@ -527,14 +527,9 @@ def _unmap_entries(
     if len(sel) == 0:
         return elsewhere
     heads = phys.head_of((s_all[sel] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64))
-    for i, head in zip(
-        sel[phys.mapcount[heads] > 0].tolist(),
-        heads[phys.mapcount[heads] > 0].tolist(),
-        strict=True,
-    ):
+    for head in heads[phys.mapcount[heads] > 0].tolist():
         # Still mapped elsewhere (a fork child, another mapping): unmap those
         # too, with CLEAR, as try_to_migrate does.
-        del i
         elsewhere.add(head)
         try_to_unmap(machine, head, _migration_entry_for(machine))
     flags = phys.flags[heads]
