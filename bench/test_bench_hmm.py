@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import hmmsim
 import numpy as np
 import pytest
-
-import hmmsim
 from hmmsim import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from hmmsim.hmm import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HmmRange, hmm_range_fault
 from hmmsim.testing.devmem import Device

@@ -13,6 +13,6 @@ def test_readme_python_examples_run(capsys):
     assert blocks
     namespace: dict[str, object] = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+        exec(compile(block, str(README), "exec"), namespace)
     out = capsys.readouterr().out
     assert "invalidate PROTECTION_PAGE" in out and "invalidate CLEAR" in out
