@@ -78,8 +78,7 @@ def test_fault_and_write_an_empty_range(benchmark: Any) -> None:
     def run() -> None:
         p, a, sub = state["p"], state["a"], state["sub"]
         pfns = np.zeros(size // PAGE, dtype=np.uint64)
-        rng = HmmRange(sub, a, a + size, pfns,
-                       default_flags=HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
+        rng = HmmRange(sub, a, a + size, pfns, default_flags=HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE)
         rng.notifier_seq = hmmsim.mmu_interval_read_begin(sub)
         with p.mm.mmap_lock.read():
             hmm_range_fault(rng)
@@ -98,8 +97,11 @@ def test_migrate_to_device_private_and_back(benchmark: Any, thp: bool) -> None:
     state: dict[str, Any] = {}
 
     def setup() -> tuple[tuple[()], dict[str, Any]]:
-        m = hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=2 * GIB, store_data=False,
-                                                thp="always" if thp else "never"))
+        m = hmmsim.Machine(
+            hmmsim.MachineConfig(
+                ram_bytes=2 * GIB, store_data=False, thp="always" if thp else "never"
+            )
+        )
         dev = Device(m, "private", npages=npages + 1024)
         p = m.spawn()
         a = p.mmap(size, RW, ANON | MAP_POPULATE)

@@ -26,7 +26,8 @@ def test_exclusive_entry_events_both_ways_and_data(machine, proc):
     assert machine.phys.folio_locked(head)
     assert machine.phys.extra_refs[head] == 1  # locked and referenced for the caller
     assert [(e.event, e.start, e.end, e.owner) for e in log.events] == [
-        ("EXCLUSIVE", a, a + PAGE, owner)]
+        ("EXCLUSIVE", a, a + PAGE, owner)
+    ]
     assert proc.pagemap(a, 1)[0].kind == "device_exclusive"
     machine.phys.folio_unlock(head)
     machine.phys.put_page(head)
