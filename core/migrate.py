@@ -79,7 +79,13 @@ from .mm.physmem import (
     PG_uptodate,
     PG_zone_device,
 )
-from .mm.rmap import anon_vma_prepare, rmap_walk, try_to_unmap
+from .mm.rmap import (
+    anon_vma_prepare,
+    migration_entry_for,
+    remove_migration_ptes,
+    rmap_walk,
+    try_to_unmap,
+)
 from .mm.swap import swapcache_del
 from .mm.thp import split_huge_pmd, split_leaf_entries
 from .mm.vma import VM_SPECIAL, VM_WRITE
@@ -445,14 +451,7 @@ def _split_device_folio(machine: Machine, head: int, fault_page: int | None) -> 
         if (hit.levels > 0).any():
             return False
         np.add.at(counts, hit.pfns - head, 1)
-    pages = np.arange(head, head + nr, dtype=_I64)
-    folio_flags = np.uint16(int(phys.flags[head]) & ~PER_PAGE_FLAGS)
-    phys.flags[pages] = (phys.flags[pages] & np.uint16(PER_PAGE_FLAGS)) | folio_flags
-    phys.order[pages] = 0
-    phys.mapcount[pages] = counts
-    phys.refcount[pages] = counts
-    phys.mapping[pages] = phys.mapping[head]
-    phys.index[pages] = phys.index[head] + np.arange(nr, dtype=_I64)
+    pages = phys.split_folio_metadata(head, counts)
     pgmap = phys.pgmap_of(head)
     split = getattr(pgmap.ops, "folio_split", None) if pgmap is not None else None
     for tail in range(head + 1, head + nr):
@@ -531,7 +530,7 @@ def _unmap_entries(
         # Still mapped elsewhere (a fork child, another mapping): unmap those
         # too, with CLEAR, as try_to_migrate does.
         elsewhere.add(head)
-        try_to_unmap(machine, head, _migration_entry_for(machine))
+        try_to_unmap(machine, head, lambda e: migration_entry_for(phys, e))
     flags = phys.flags[heads]
     extra = np.ones(len(heads), dtype=np.int64)
     if fault_page is not None:
@@ -550,65 +549,12 @@ def _unmap_entries(
         pfn = migrate_pfn_to_page(int(src[i]))
         assert pfn is not None
         head = phys.head(pfn)
-        _remove_migration_ptes(machine, head, head)
+        remove_migration_ptes(machine, head, head)
         if fault_page is None or head != phys.head(fault_page):
             phys.folio_unlock(head)
         phys.put_one(head)
         src[i] = U64(0)
     return elsewhere
-
-
-def _migration_entry_for(machine: Machine):  # type: ignore[no-untyped-def]
-    phys = machine.phys
-
-    def make(e: int) -> int:
-        pfn = pfn_of(e)
-        kind = kind_of(e)
-        if kind == KIND_DEVICE_PRIVATE:
-            write = softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE
-        else:
-            write = bool(e & PTE_WRITE)
-        if write:
-            typ = SWP_MIGRATION_WRITE
-        elif phys.flags[pfn] & PG_anon_exclusive:
-            typ = SWP_MIGRATION_READ_EXCLUSIVE
-        else:
-            typ = SWP_MIGRATION_READ
-        return make_softleaf(typ, pfn, keep=e)
-
-    return make
-
-
-def _remove_migration_ptes(machine: Machine, src_head: int, target: int) -> None:
-    """Turn migration entries for ``src_head`` into entries mapping ``target``."""
-    phys = machine.phys
-    device_private = (
-        phys.pgmap_of(target) is not None and phys.pgmap_of(target).type == MEMORY_DEVICE_PRIVATE
-    )
-    for hit in list(rmap_walk(machine, src_head)):
-        pt = hit.vma.mm.pt
-        _, first = np.unique(hit.locs, return_index=True)
-        for i in first.tolist():
-            loc = int(hit.locs[i])
-            e = pt.get(loc)
-            if kind_of(e) != KIND_MIGRATION:
-                continue
-            new_pfn = target + (pfn_of(e) - src_head)
-            write = softleaf_type(e) == SWP_MIGRATION_WRITE
-            huge = bool(hit.levels[i] > 0)
-            if device_private:
-                entry = make_softleaf(
-                    SWP_DEVICE_PRIVATE_WRITE if write else SWP_DEVICE_PRIVATE_READ, new_pfn, keep=e
-                )
-            else:
-                entry = make_present(
-                    new_pfn, write=write, dirty=bool(e & PTE_DIRTY), young=True, huge=huge
-                )
-            pt.set(loc, entry)
-            phys.mapcount[target] += 1
-            phys.refcount[target] += 1
-            machine.costs.pte_writes += 1
-    machine.migration_wq.wake_up_all()
 
 
 # ----- pages + finalize -------------------------------------------------------------
@@ -794,14 +740,9 @@ def _split_migrating_folio(machine: Machine, args: MigrateVma, i: int, spage: in
             t = pt.alloc_table()
             pt.rows[t] = split_leaf_entries(phys, e)
             pt.set(pmdloc, make_table_pointer(t))
-    pages = np.arange(spage, spage + nr, dtype=_I64)
-    folio_flags = np.uint16(int(phys.flags[spage]) & ~PER_PAGE_FLAGS)
-    phys.flags[pages] = (phys.flags[pages] & np.uint16(PER_PAGE_FLAGS)) | folio_flags
-    phys.order[pages] = 0
-    phys.mapping[pages] = phys.mapping[spage]
-    phys.index[pages] = phys.index[spage] + np.arange(nr, dtype=_I64)
-    phys.refcount[pages] = 1  # each page now holds the migration's reference
-    phys.mapcount[pages] = 0
+    # Unmapped: no mappings, and each page now holds the migration's reference.
+    pages = phys.split_folio_metadata(spage, np.zeros(nr, dtype=np.int32))
+    phys.refcount[pages] = 1
     pgmap = phys.pgmap_of(spage)
     split = getattr(pgmap.ops, "folio_split", None) if pgmap is not None else None
     if split is not None:
@@ -914,7 +855,7 @@ def _finalize(
             target = spage
         else:
             target = dpage
-        _remove_migration_ptes(machine, spage, target)
+        remove_migration_ptes(machine, spage, target)
         if spage != fault_head and phys.folio_locked(spage):
             phys.folio_unlock(spage)
         if target != spage:

@@ -21,23 +21,9 @@ import numpy as np
 
 from .. import sched
 from ..errors import OutOfMemory
-from .pagetable import (
-    KIND_MIGRATION,
-    PTE_DIRTY,
-    PTE_WRITE,
-    PTE_YOUNG,
-    SWP_MIGRATION_READ,
-    SWP_MIGRATION_READ_EXCLUSIVE,
-    SWP_MIGRATION_WRITE,
-    kind_of,
-    make_present,
-    make_softleaf,
-    pfn_of,
-    softleaf_type,
-)
-from .physmem import PG_anon, PG_anon_exclusive, PG_hugetlb, PG_locked, PG_swapcache
+from .physmem import PG_anon, PG_hugetlb, PG_locked, PG_swapcache
 from .reclaim import expected_refs
-from .rmap import rmap_walk, try_to_unmap
+from .rmap import migration_entry_for, remove_migration_ptes, try_to_unmap
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -88,8 +74,7 @@ def migrate_folio(machine: Machine, head: int) -> int:
         f.cache[int(phys.index[head])] = new
         phys.refcount[new] += 1  # the page cache's reference moves over
         phys.refcount[head] -= 1
-    _remove_migration_ptes(machine, head, new)
-    machine.migration_wq.wake_up_all()
+    remove_migration_ptes(machine, head, new)
     phys.flags[head] &= np.uint16(~PG_locked & 0xFFFF)
     phys.mapping[head] = 0
     phys.put_one(head)  # the isolation reference: frees the old folio
@@ -99,39 +84,4 @@ def migrate_folio(machine: Machine, head: int) -> int:
 
 def _unmap_to_migration_entries(machine: Machine, head: int) -> None:
     phys = machine.phys
-
-    def migration_entry(e: int) -> int:
-        pfn = pfn_of(e)
-        if e & PTE_WRITE:
-            typ = SWP_MIGRATION_WRITE
-        elif phys.flags[pfn] & PG_anon_exclusive:
-            typ = SWP_MIGRATION_READ_EXCLUSIVE
-        else:
-            typ = SWP_MIGRATION_READ
-        return make_softleaf(typ, pfn, keep=e)
-
-    try_to_unmap(machine, head, migration_entry)
-
-
-def _remove_migration_ptes(machine: Machine, old: int, new: int) -> None:
-    """Turn the migration entries of ``old`` into entries mapping ``new``."""
-    phys = machine.phys
-    for hit in list(rmap_walk(machine, old)):
-        pt = hit.vma.mm.pt
-        _, first = np.unique(hit.locs, return_index=True)
-        for i in first.tolist():
-            loc = int(hit.locs[i])
-            e = pt.get(loc)
-            if kind_of(e) != KIND_MIGRATION:
-                continue
-            entry = make_present(
-                new + (pfn_of(e) - old),
-                write=softleaf_type(e) == SWP_MIGRATION_WRITE,
-                dirty=bool(e & PTE_DIRTY),
-                young=bool(e & PTE_YOUNG),
-                huge=bool(hit.levels[i] > 0),
-            )
-            pt.set(loc, entry)
-            phys.mapcount[new] += 1
-            phys.refcount[new] += 1
-            machine.costs.pte_writes += 1
+    try_to_unmap(machine, head, lambda e: migration_entry_for(phys, e))

@@ -558,5 +558,23 @@ class PhysMem:
     def zero_pages(self, pfns: NDArray[np.int64]) -> None:
         self.flags[pfns] |= np.uint16(PG_zeroed)
 
+    def split_folio_metadata(self, head: int, counts: NDArray[np.int32]) -> NDArray[np.int64]:
+        """Turn a large folio into order-0 folios (``__split_folio_to_order``).
+
+        ``counts[i]`` is the number of mappings of page i, which becomes its
+        mapcount and refcount; folio flags, the rmap key (mapping, index + i)
+        move to every page. Returns the pages.
+        """
+        nr = 1 << int(self.order[head])
+        pages = np.arange(head, head + nr, dtype=I64)
+        folio_flags = np.uint16(int(self.flags[head]) & ~PER_PAGE_FLAGS)
+        self.flags[pages] = (self.flags[pages] & np.uint16(PER_PAGE_FLAGS)) | folio_flags
+        self.order[pages] = 0
+        self.mapcount[pages] = counts
+        self.refcount[pages] = counts
+        self.mapping[pages] = self.mapping[head]
+        self.index[pages] = self.index[head] + np.arange(nr, dtype=I64)
+        return pages
+
     def folio_pages(self, head: int) -> NDArray[np.int64]:
         return np.arange(head, head + (1 << int(self.order[head])), dtype=I64)

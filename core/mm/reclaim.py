@@ -31,7 +31,6 @@ from .pagetable import (
     make_swap,
 )
 from .physmem import (
-    PER_PAGE_FLAGS,
     PG_anon,
     PG_dirty,
     PG_hugetlb,
@@ -86,14 +85,7 @@ def split_folio(machine: Machine, head: int) -> bool:
     counts = np.zeros(nr, dtype=np.int32)
     for hit in rmap_walk(machine, head):
         np.add.at(counts, hit.pfns - head, 1)
-    pages = np.arange(head, head + nr, dtype=_I64)
-    folio_flags = np.uint16(int(phys.flags[head]) & ~PER_PAGE_FLAGS)
-    phys.flags[pages] = (phys.flags[pages] & np.uint16(PER_PAGE_FLAGS)) | folio_flags
-    phys.order[pages] = 0
-    phys.mapcount[pages] = counts
-    phys.refcount[pages] = counts
-    phys.mapping[pages] = phys.mapping[head]
-    phys.index[pages] = phys.index[head] + np.arange(nr, dtype=_I64)
+    pages = phys.split_folio_metadata(head, counts)
     unmapped = pages[counts == 0]
     if len(unmapped):
         # Pages of the folio that nothing maps any more are freed at once.

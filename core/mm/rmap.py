@@ -21,6 +21,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from ..memremap import MEMORY_DEVICE_PRIVATE
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
     KIND_DEVICE_PRIVATE,
@@ -29,9 +30,20 @@ from .pagetable import (
     KIND_PRESENT,
     KIND_PROTNONE,
     PAGE_SHIFT,
+    PTE_DIRTY,
+    PTE_WRITE,
+    SWP_DEVICE_PRIVATE_READ,
+    SWP_DEVICE_PRIVATE_WRITE,
+    SWP_MIGRATION_READ,
+    SWP_MIGRATION_READ_EXCLUSIVE,
+    SWP_MIGRATION_WRITE,
     kind_of,
+    make_present,
+    make_softleaf,
+    pfn_of,
+    softleaf_type,
 )
-from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked
+from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked, PhysMem
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -209,3 +221,61 @@ def try_to_unmap(machine: Machine, head: int, make_entry: Callable[[int], int]) 
                 phys.mapcount[head] -= 1
                 phys.put_one(head)
                 machine.costs.pte_writes += 1
+
+
+def migration_entry_for(phys: PhysMem, e: int) -> int:
+    """The migration entry that replaces mapping entry ``e`` (``try_to_migrate_one``).
+
+    Writable mappings become writable migration entries; read-only ones of an
+    exclusive anonymous page become read-exclusive ones. YOUNG/DIRTY survive.
+    """
+    pfn = pfn_of(e)
+    if kind_of(e) == KIND_DEVICE_PRIVATE:
+        write = softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE
+    else:
+        write = bool(e & PTE_WRITE)
+    if write:
+        typ = SWP_MIGRATION_WRITE
+    elif phys.flags[pfn] & PG_anon_exclusive:
+        typ = SWP_MIGRATION_READ_EXCLUSIVE
+    else:
+        typ = SWP_MIGRATION_READ
+    return make_softleaf(typ, pfn, keep=e)
+
+
+def remove_migration_ptes(machine: Machine, src_head: int, target: int) -> None:
+    """Turn every migration entry of folio ``src_head`` into a mapping of ``target``.
+
+    ``target`` is the new folio (or ``src_head`` itself when a migration is
+    undone). Device-private targets get device-private entries; others get
+    present entries, writable iff the migration entry was.
+    """
+    phys = machine.phys
+    pgmap = phys.pgmap_of(target)
+    device_private = pgmap is not None and pgmap.type == MEMORY_DEVICE_PRIVATE
+    for hit in list(rmap_walk(machine, src_head)):
+        pt = hit.vma.mm.pt
+        _, first = np.unique(hit.locs, return_index=True)
+        for i in first.tolist():
+            loc = int(hit.locs[i])
+            e = pt.get(loc)
+            if kind_of(e) != KIND_MIGRATION:
+                continue
+            new_pfn = target + (pfn_of(e) - src_head)
+            write = softleaf_type(e) == SWP_MIGRATION_WRITE
+            if device_private:
+                typ = SWP_DEVICE_PRIVATE_WRITE if write else SWP_DEVICE_PRIVATE_READ
+                entry = make_softleaf(typ, new_pfn, keep=e)
+            else:
+                entry = make_present(
+                    new_pfn,
+                    write=write,
+                    dirty=bool(e & PTE_DIRTY),
+                    young=True,
+                    huge=bool(hit.levels[i] > 0),
+                )
+            pt.set(loc, entry)
+            phys.mapcount[target] += 1
+            phys.refcount[target] += 1
+            machine.costs.pte_writes += 1
+    machine.migration_wq.wake_up_all()
