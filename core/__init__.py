@@ -9,6 +9,7 @@ name, and the MMU-notifier API.
 from __future__ import annotations
 
 from . import errors, sched
+from .driver import Capability, Device, DevicePte, Driver, Mirror, MirrorStats
 from .errors import (
     Again,
     AlreadyExists,
@@ -29,6 +30,7 @@ from .errors import (
     RemoteIO,
     SegmentationFault,
 )
+from .hookspecs import hookimpl
 from .machine import HUGE_1GB, HUGE_2MB, Machine, MachineConfig
 from .mm.address_space import AddressSpace
 from .mm.file import File

@@ -59,6 +59,7 @@ from .mm.pagetable import (
 from .mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
 from .mm.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 from .notifier import IntervalNotifier, mmu_interval_check_retry
+from .trace import COST_HMM_PAGE_NS, COST_HMM_PASS_NS
 
 if TYPE_CHECKING:
     from .mm.address_space import AddressSpace
@@ -159,7 +160,9 @@ def hmm_range_fault(rng: HmmRange) -> None:
     if len(pfns) != rng.npages:
         raise InvalidArgument(f"hmm_pfns has {len(pfns)} entries for {rng.npages} pages")
     last = rng.start
+    clock = mm.machine.clock
     while True:
+        clock.advance(COST_HMM_PASS_NS + COST_HMM_PAGE_NS * ((rng.end - last) >> PAGE_SHIFT))
         if mmu_interval_check_retry(rng.notifier, rng.notifier_seq):
             raise Busy(
                 f"hmm_range_fault: invalidation of [{rng.start:#x}, {rng.end:#x}) since read_begin"

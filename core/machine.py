@@ -79,6 +79,10 @@ class Machine:
     migration_wq: WaitQueue = attrs.field(factory=lambda: WaitQueue("migration"))
     #: Where ``reclaim`` resumes its scan of physical memory.
     reclaim_cursor: int = 0
+    #: Devices probed on this machine.
+    devices: list[Any] = attrs.field(factory=list)
+    #: The plugin manager ``probe`` uses (built on first use; replaceable).
+    plugin_manager: Any = None
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     _pids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
 
@@ -148,6 +152,25 @@ class Machine:
         if order is None:
             raise InvalidArgument(f"no hugetlb pool of page size {size:#x}")
         return self.hugetlb[order]
+
+    # ----- devices ------------------------------------------------------------
+    def probe(self, name: str, **params: Any) -> Any:
+        """Find the driver ``name`` among the installed plugins and probe a device.
+
+        Two probes of one driver give two independent devices (different
+        owners, separate device memory). Raises ``NoEntry`` for an unknown
+        driver and ``InvalidArgument`` for parameters the driver rejects.
+        """
+        from .plugins import find_driver, get_plugin_manager
+
+        if self.plugin_manager is None:
+            self.plugin_manager = get_plugin_manager()
+        cls = find_driver(self.plugin_manager, name)
+        driver = cls()
+        device = driver.probe(self, **params)
+        self.plugin_manager.hook.hmmsim_driver_probed(driver=driver, device=device)
+        self.devices.append(device)
+        return device
 
     # ----- machine-wide memory management -------------------------------------
     def reclaim(self, nbytes: int) -> int:

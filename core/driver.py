@@ -1,0 +1,168 @@
+"""What a driver plugin implements: ``Driver``, ``Device``, ``Mirror``.
+
+Kernel counterpart: none directly; these are the shapes every HMM consumer
+has (a driver binds devices; opening a device binds it to one process's mm,
+as ``open("/dev/hmm_dmirror0")`` does; the mirror keeps a device page table
+coherent with the CPU's through an interval notifier).
+
+The conformance suite drives every driver through the generic ``Mirror``
+methods; each driver builds them on its own native path (dmirror's ioctls,
+nouveau's fault buffer, amdgpu's userptr BOs …), never beside it.
+Optional operations a driver lacks raise ``NotSupported``.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import itertools
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import attrs
+
+from .errors import NotSupported
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .mm.process import Process
+
+MemoryKind = Literal["system", "device_private", "device_coherent", "p2p"]
+
+
+class Capability(enum.Flag):
+    """What a driver claims; the conformance suite tests exactly that."""
+
+    NONE = 0
+    #: Keeps a device page table that mirrors a process address space.
+    MIRROR = enum.auto()
+    #: Device loads through the mirror.
+    READ = enum.auto()
+    #: Device stores through the mirror (write faults, COW breaking).
+    WRITE = enum.auto()
+    #: Maps more than 4 KiB at once where the CPU does.
+    HUGE_MAPPINGS = enum.auto()
+    #: Has unaddressable device-private memory.
+    DEVICE_PRIVATE = enum.auto()
+    #: Has CPU-coherent device memory.
+    DEVICE_COHERENT = enum.auto()
+    #: Migrates pages into its memory and back.
+    MIGRATE = enum.auto()
+    #: Takes device-exclusive (atomic) access with make_device_exclusive.
+    EXCLUSIVE = enum.auto()
+    #: Exposes or uses PCI peer-to-peer memory.
+    P2P = enum.auto()
+    #: Refuses memory that is not huge (ODP hugetlb MRs).
+    HUGE_ONLY = enum.auto()
+
+
+@attrs.frozen
+class DevicePte:
+    """One entry of a device page table, seen through the test backdoor."""
+
+    addr: int
+    pfn: int
+    writable: bool
+    atomic: bool
+    order: int
+    memory: MemoryKind
+
+
+@attrs.define
+class MirrorStats:
+    """Counters a mirror keeps of its own work."""
+
+    faults: int = 0
+    fault_rounds: int = 0
+    retries: int = 0
+    invalidations: int = 0
+    pages_mapped: int = 0
+    pages_unmapped: int = 0
+    dma_maps: int = 0
+    migrations_to_device: int = 0
+    migrations_to_system: int = 0
+
+
+class Mirror(abc.ABC):
+    """A device's view of one process's address space.
+
+    Every method takes and releases the locks it needs; callers hold none.
+    Errors are the hmmsim exceptions (``BadAddress`` for a range the device
+    may not access, ``NotPermitted`` for a write to read-only memory, …) and
+    leave nothing half-done: a failed ``read`` returns nothing, a failed
+    ``write`` stores nothing through the device.
+    """
+
+    process: Process
+    stats: MirrorStats
+
+    @abc.abstractmethod
+    def read(self, addr: int, length: int) -> bytes:
+        """Device load of ``length`` bytes at ``addr``, faulting through the driver."""
+
+    @abc.abstractmethod
+    def write(self, addr: int, data: bytes) -> None:
+        """Device store of ``data`` at ``addr``, write-faulting through the driver."""
+
+    @abc.abstractmethod
+    def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
+        """The device page table for ``npages`` pages from ``addr`` (None: no entry)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Unbind from the mm: drop every mapping and device page this mirror holds."""
+
+    def migrate_to_device(self, addr: int, npages: int) -> int:
+        """Move the pages into device memory; returns how many now live there."""
+        raise NotSupported(f"{type(self).__name__} has no device memory")
+
+    def migrate_to_system(self, addr: int, npages: int) -> int:
+        """Move this device's pages back to system memory; returns how many moved."""
+        raise NotSupported(f"{type(self).__name__} has no device memory")
+
+    def make_exclusive(self, addr: int, npages: int) -> None:
+        """Take device-exclusive (atomic) access to the pages."""
+        raise NotSupported(f"{type(self).__name__} has no exclusive access")
+
+
+_owners = itertools.count(1)
+
+
+class Device(abc.ABC):
+    """One probed device of a driver, on one machine."""
+
+    driver: Driver
+    machine: Machine
+
+    def __init__(self, driver: Driver, machine: Machine) -> None:
+        self.driver = driver
+        self.machine = machine
+        #: The cookie the device uses as ``pgmap->owner`` and range owner.
+        self.owner_id = next(_owners)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(#{self.owner_id})"
+
+    @abc.abstractmethod
+    def open(self, process: Process) -> Mirror:
+        """Bind the device to ``process``'s address space."""
+
+    @abc.abstractmethod
+    def remove(self) -> None:
+        """Unbind the device from the machine (give back all device memory)."""
+
+
+class Driver(abc.ABC):
+    """A driver plugin: a name, what it can do, and how to probe a device."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capability] = Capability.NONE
+    #: Probe parameters the driver accepts, with a one-line description each.
+    parameters: ClassVar[dict[str, str]] = {}
+
+    def capabilities_for(self, **params: Any) -> Capability:
+        """Capabilities of a device probed with ``params`` (default: the class's)."""
+        return self.capabilities
+
+    @abc.abstractmethod
+    def probe(self, machine: Machine, **params: Any) -> Device:
+        """Create a device on ``machine``; raise ``InvalidArgument`` for bad params."""
