@@ -653,9 +653,11 @@ def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
                     )
                     stack.__enter__()
                 if s & MIGRATE_PFN_COMPOUND and not d & MIGRATE_PFN_COMPOUND:
-                    # A compound hole with small destinations: page by page.
+                    # A compound hole with small destinations: page by page
+                    # (a huge zero PMD there is split to zero-page PTEs first).
                     src[i : i + PMD_PAGES] = U64(MIGRATE_PFN_MIGRATE)
                     s = int(src[i])
+                    split_huge_pmd(vma, (args.start >> PAGE_SHIFT) + i)
                 ok = _insert_page(
                     args,
                     vma,

@@ -239,8 +239,11 @@ class DmirrorDevice(Device):
             phys.folio_lock(new)
             nr = 1 << order
             phys.copy_pages(np.arange(new, new + nr), np.arange(spage, spage + nr))
-            dst[i] = _U64(migrate_pfn(new) | (s & MIGRATE_PFN_WRITE)
-                          | (MIGRATE_PFN_COMPOUND if compound else 0))
+            dst[i] = _U64(
+                migrate_pfn(new)
+                | (s & MIGRATE_PFN_WRITE)
+                | (MIGRATE_PFN_COMPOUND if compound else 0)
+            )
         migrate_device_pages(machine, src, dst, n)
         migrate_device_finalize(machine, src, dst, n)
 
@@ -275,8 +278,11 @@ class DmirrorDevice(Device):
         pgmap = self.machine.phys.pgmap_of(pfn)
         if pgmap is None:
             return "system"
-        return "device_private" if pgmap.type == MEMORY_DEVICE_PRIVATE else (
-            "device_coherent" if pgmap.type == MEMORY_DEVICE_COHERENT else "p2p")
+        return (
+            "device_private"
+            if pgmap.type == MEMORY_DEVICE_PRIVATE
+            else ("device_coherent" if pgmap.type == MEMORY_DEVICE_COHERENT else "p2p")
+        )
 
 
 class _SnapshotOps:
@@ -302,9 +308,7 @@ class DmirrorFile(Mirror):
         self.mutex = sched.Mutex(f"dmirror{device.owner_id}.mutex")
         self.closed = False
         self.warnings: list[str] = []
-        self.notifier = mmu_interval_notifier_insert(
-            self.mm, 0, ULONG_MAX & ~(PAGE_SIZE - 1), self
-        )
+        self.notifier = mmu_interval_notifier_insert(self.mm, 0, ULONG_MAX & ~(PAGE_SIZE - 1), self)
         device.files.append(self)
 
     def __repr__(self) -> str:
@@ -440,8 +444,9 @@ class DmirrorFile(Mirror):
         deadline = clock.now_ns + HMM_RANGE_DEFAULT_TIMEOUT * 1_000_000
         flags = HMM_PFN_REQ_FAULT | (HMM_PFN_REQ_WRITE if write else 0)
         pfns = np.zeros((end - start) >> PAGE_SHIFT, dtype=_U64)
-        rng = HmmRange(self.notifier, start, end, pfns, default_flags=flags,
-                       dev_private_owner=self.device)
+        rng = HmmRange(
+            self.notifier, start, end, pfns, default_flags=flags, dev_private_owner=self.device
+        )
         while True:
             if clock.now_ns > deadline:
                 raise Busy(f"dmirror: fault of [{start:#x}, {end:#x}) timed out")
@@ -500,10 +505,15 @@ class DmirrorFile(Mirror):
             with self.mm.mmap_lock.read():
                 for vma, start, end in self._migration_windows(cmd):
                     n = (end - start) >> PAGE_SHIFT
-                    args = MigrateVma(vma, start, end, np.zeros(n, dtype=_U64),
-                                      np.zeros(n, dtype=_U64), pgmap_owner=self.device,
-                                      flags=MIGRATE_VMA_SELECT_SYSTEM
-                                      | MIGRATE_VMA_SELECT_COMPOUND)
+                    args = MigrateVma(
+                        vma,
+                        start,
+                        end,
+                        np.zeros(n, dtype=_U64),
+                        np.zeros(n, dtype=_U64),
+                        pgmap_owner=self.device,
+                        flags=MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND,
+                    )
                     migrate_vma_setup(args)
                     self._alloc_and_copy_to_device(args)
                     migrate_vma_pages(args)
@@ -647,13 +657,23 @@ class DmirrorFile(Mirror):
         size = PAGE_SIZE << order
         start = vmf.address & ~(size - 1)
         n = size >> PAGE_SHIFT
-        flags = (MIGRATE_VMA_SELECT_DEVICE_PRIVATE if self.device.memory == "private"
-                 else MIGRATE_VMA_SELECT_DEVICE_COHERENT)
+        flags = (
+            MIGRATE_VMA_SELECT_DEVICE_PRIVATE
+            if self.device.memory == "private"
+            else MIGRATE_VMA_SELECT_DEVICE_COHERENT
+        )
         if order:
             flags |= MIGRATE_VMA_SELECT_COMPOUND
-        args = MigrateVma(vmf.vma, start, start + size, np.zeros(n, dtype=_U64),
-                          np.zeros(n, dtype=_U64), pgmap_owner=self.device, flags=flags,
-                          fault_page=vmf.page)
+        args = MigrateVma(
+            vmf.vma,
+            start,
+            start + size,
+            np.zeros(n, dtype=_U64),
+            np.zeros(n, dtype=_U64),
+            pgmap_owner=self.device,
+            flags=flags,
+            fault_page=vmf.page,
+        )
         try:
             migrate_vma_setup(args)
         except HmmsimError:
@@ -669,23 +689,33 @@ class DmirrorFile(Mirror):
     def cmd_migrate_to_sys(self, cmd: DmirrorCmd) -> None:
         if not self.mm.mmget_not_zero():
             raise InvalidArgument("dmirror: the mm is gone")
-        flags = (MIGRATE_VMA_SELECT_DEVICE_PRIVATE if self.device.memory == "private"
-                 else MIGRATE_VMA_SELECT_DEVICE_COHERENT) | MIGRATE_VMA_SELECT_COMPOUND
+        flags = (
+            MIGRATE_VMA_SELECT_DEVICE_PRIVATE
+            if self.device.memory == "private"
+            else MIGRATE_VMA_SELECT_DEVICE_COHERENT
+        ) | MIGRATE_VMA_SELECT_COMPOUND
         try:
             with self.mm.mmap_lock.read():
                 for vma, start, end in self._migration_windows(cmd):
                     n = (end - start) >> PAGE_SHIFT
-                    args = MigrateVma(vma, start, end, np.zeros(n, dtype=_U64),
-                                      np.zeros(n, dtype=_U64), pgmap_owner=self.device,
-                                      flags=flags)
+                    args = MigrateVma(
+                        vma,
+                        start,
+                        end,
+                        np.zeros(n, dtype=_U64),
+                        np.zeros(n, dtype=_U64),
+                        pgmap_owner=self.device,
+                        flags=flags,
+                    )
                     migrate_vma_setup(args)
                     if not self._alloc_and_copy_to_ram(args):
                         migrate_vma_finalize(args)
                         raise OutOfMemory("dmirror: no system memory to migrate back")
                     migrate_vma_pages(args)
                     assert args.src is not None
-                    moved = ((args.src & _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE))
-                             == _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE))
+                    moved = (args.src & _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)) == _U64(
+                        MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE
+                    )
                     cmd.cpages += int(moved.sum())
                     migrate_vma_finalize(args)
                     self.stats.migrations_to_system += 1
@@ -781,11 +811,17 @@ class DmirrorFile(Mirror):
         pgmap = phys.pgmap_of(pfn)
         value = 0
         if pgmap is not None and pgmap.type == MEMORY_DEVICE_PRIVATE:
-            value = (uapi.HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL if pgmap.owner is self.device
-                     else uapi.HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE)
+            value = (
+                uapi.HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL
+                if pgmap.owner is self.device
+                else uapi.HMM_DMIRROR_PROT_DEV_PRIVATE_REMOTE
+            )
         elif pgmap is not None and pgmap.type == MEMORY_DEVICE_COHERENT:
-            value = (uapi.HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL if pgmap.owner is self.device
-                     else uapi.HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE)
+            value = (
+                uapi.HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL
+                if pgmap.owner is self.device
+                else uapi.HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE
+            )
         elif pfn == ZERO_PFN or HUGE_ZERO_PFN <= pfn < HUGE_ZERO_PFN + PMD_PAGES:
             value = uapi.HMM_DMIRROR_PROT_ZERO
         value |= uapi.HMM_DMIRROR_PROT_WRITE if e & HMM_PFN_WRITE else uapi.HMM_DMIRROR_PROT_READ
@@ -859,8 +895,16 @@ class DmirrorFile(Mirror):
                     out.append(None)
                     continue
                 pfn, tag = entry
-                out.append(DevicePte(vpn << PAGE_SHIFT, pfn, tag == TAG_WRITE, tag == TAG_ATOMIC,
-                                     0, self.device.kind_of_page(pfn)))
+                out.append(
+                    DevicePte(
+                        vpn << PAGE_SHIFT,
+                        pfn,
+                        tag == TAG_WRITE,
+                        tag == TAG_ATOMIC,
+                        0,
+                        self.device.kind_of_page(pfn),
+                    )
+                )
             return out
 
     def migrate_to_device(self, addr: int, npages: int) -> int:
@@ -874,8 +918,9 @@ class DmirrorFile(Mirror):
         return cmd.cpages
 
     def make_exclusive(self, addr: int, npages: int) -> None:
-        self.ioctl(uapi.HMM_DMIRROR_EXCLUSIVE,
-                   DmirrorCmd(addr, npages, bytearray(npages << PAGE_SHIFT)))
+        self.ioctl(
+            uapi.HMM_DMIRROR_EXCLUSIVE, DmirrorCmd(addr, npages, bytearray(npages << PAGE_SHIFT))
+        )
 
 
 _HANDLERS: dict[int, Any] = {
@@ -895,8 +940,14 @@ class Dmirror(Driver):
     """The ``dmirror`` driver: ``m.probe("dmirror", memory="private" | "coherent")``."""
 
     name = "dmirror"
-    capabilities = (Capability.MIRROR | Capability.READ | Capability.WRITE | Capability.MIGRATE
-                    | Capability.EXCLUSIVE | Capability.DEVICE_PRIVATE)
+    capabilities = (
+        Capability.MIRROR
+        | Capability.READ
+        | Capability.WRITE
+        | Capability.MIGRATE
+        | Capability.EXCLUSIVE
+        | Capability.DEVICE_PRIVATE
+    )
     parameters: ClassVar[dict[str, str]] = {
         "memory": "private (default) or coherent device memory",
     }

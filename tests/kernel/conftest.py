@@ -63,8 +63,9 @@ def dmirror_cmd(fd, request: int, buf: HmmBuffer, npages: int, addr: int | None 
     return 0
 
 
-def new_buffer(proc, npages: int, prot: int = RW, flags: int = ANON, mirror_bytes=None,
-               **kw) -> HmmBuffer:
+def new_buffer(
+    proc, npages: int, prot: int = RW, flags: int = ANON, mirror_bytes=None, **kw
+) -> HmmBuffer:
     size = npages * P
     ptr = proc.mmap(size, prot, flags, **kw)
     return HmmBuffer(proc, ptr, size, bytearray(size if mirror_bytes is None else mirror_bytes))
@@ -81,8 +82,9 @@ def variant(request):
 
 @pytest.fixture
 def machine():
-    return hmmsim.Machine(hmmsim.MachineConfig(
-        ram_bytes=512 << 20, thp="madvise", hugetlb_pages={2 << 20: 1}))
+    return hmmsim.Machine(
+        hmmsim.MachineConfig(ram_bytes=512 << 20, thp="madvise", hugetlb_pages={2 << 20: 1})
+    )
 
 
 @attrs.define

@@ -399,21 +399,28 @@ def test_snapshot(hmm2):
     assert dmirror_cmd(hmm2.fd0, HMM_DMIRROR_SNAPSHOT, buf, 7) == 0
     assert buf.cpages == 7
     m = list(buf.mirror)
-    assert m[:5] == [HMM_DMIRROR_PROT_ERROR, HMM_DMIRROR_PROT_ERROR,
-                     HMM_DMIRROR_PROT_ZERO | HMM_DMIRROR_PROT_READ, HMM_DMIRROR_PROT_READ,
-                     HMM_DMIRROR_PROT_WRITE]
+    assert m[:5] == [
+        HMM_DMIRROR_PROT_ERROR,
+        HMM_DMIRROR_PROT_ERROR,
+        HMM_DMIRROR_PROT_ZERO | HMM_DMIRROR_PROT_READ,
+        HMM_DMIRROR_PROT_READ,
+        HMM_DMIRROR_PROT_WRITE,
+    ]
     if hmm2.coherent:
-        assert m[5:] == [HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL | HMM_DMIRROR_PROT_WRITE,
-                         HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE | HMM_DMIRROR_PROT_WRITE]
+        assert m[5:] == [
+            HMM_DMIRROR_PROT_DEV_COHERENT_LOCAL | HMM_DMIRROR_PROT_WRITE,
+            HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE | HMM_DMIRROR_PROT_WRITE,
+        ]
     else:
-        assert m[5:] == [HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE,
-                         HMM_DMIRROR_PROT_NONE]
+        assert m[5:] == [
+            HMM_DMIRROR_PROT_DEV_PRIVATE_LOCAL | HMM_DMIRROR_PROT_WRITE,
+            HMM_DMIRROR_PROT_NONE,
+        ]
 
 
 def test_compound(hmm):
     npages = H // P
-    buf = new_buffer(hmm.proc, npages, flags=ANON | hmmsim.MAP_HUGETLB,
-                     mirror_bytes=npages)
+    buf = new_buffer(hmm.proc, npages, flags=ANON | hmmsim.MAP_HUGETLB, mirror_bytes=npages)
     buf.fill(iota(H // 4))
     assert dmirror_cmd(hmm.fd, HMM_DMIRROR_SNAPSHOT, buf, npages) == 0
     assert buf.cpages == npages
