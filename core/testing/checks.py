@@ -1,0 +1,473 @@
+"""The conformance checks: plain functions, a driver spec in, ``AssertionError`` out.
+
+Each check builds a small machine, probes the driver, opens a mirror on a
+process, exercises one behaviour through the generic ``Mirror`` interface
+and checks the invariants (``invariants.check_mirror``) after every step and
+the absence of leaks at the end. A check whose capability the driver does
+not claim raises ``CheckSkipped``; a claimed capability that does not work
+fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import numpy as np
+
+from .. import (
+    MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MADV_PAGEOUT,
+    MAP_ANONYMOUS,
+    MAP_HUGETLB,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from ..driver import Capability, Device, Driver, Mirror
+from ..errors import BadAddress, HmmsimError, NotPermitted
+from ..machine import Machine, MachineConfig
+from ..mm.process import Process
+from ..plugins import find_driver, get_plugin_manager, parse_driver_spec
+from .invariants import check_mirror, check_no_leaks
+
+PAGE = 4096
+HUGE = 2 << 20
+RW = PROT_READ | PROT_WRITE
+ANON = MAP_PRIVATE | MAP_ANONYMOUS
+
+
+class CheckSkipped(Exception):
+    """The driver does not claim what this check needs."""
+
+
+@attrs.frozen
+class DriverSpec:
+    """A driver name plus probe parameters (``NAME[:key=value,...]``)."""
+
+    name: str
+    params: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> DriverSpec:
+        name, params = parse_driver_spec(spec)
+        return cls(name, tuple(sorted(params.items())))
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
+
+    def driver(self, pm: Any = None) -> Driver:
+        return find_driver(pm or get_plugin_manager(), self.name)()
+
+    def capabilities(self, pm: Any = None) -> Capability:
+        return self.driver(pm).capabilities_for(**dict(self.params))
+
+    def machine(self) -> Machine:
+        return Machine(
+            MachineConfig(ram_bytes=256 << 20, swap_bytes=64 << 20, hugetlb_pages={2 << 20: 2})
+        )
+
+
+@attrs.define
+class Env:
+    """What a check works with: machine, device, process, mirror."""
+
+    spec: DriverSpec
+    machine: Machine
+    device: Device
+    proc: Process
+    mirror: Mirror
+    caps: Capability
+
+    def mmap(self, size: int, prot: int = RW, flags: int = ANON, **kw: Any) -> int:
+        return self.proc.mmap(size, prot, flags, **kw)
+
+    def check(self, addr: int, npages: int) -> None:
+        check_mirror(self.mirror, addr, npages)
+
+    def open(self, proc: Process) -> Mirror:
+        return self.device.open(proc)
+
+
+@contextmanager
+def environment(spec: DriverSpec, pm: Any = None) -> Iterator[Env]:
+    """Probe the driver on a fresh machine; close everything and check for leaks."""
+    pm = pm or get_plugin_manager()
+    caps = spec.capabilities(pm)
+    machine = spec.machine()
+    machine.plugin_manager = pm
+    device = machine.probe(spec.name, **dict(spec.params))
+    proc = machine.spawn()
+    mirror = device.open(proc)
+    env = Env(spec, machine, device, proc, mirror, caps)
+    yield env
+    mirror.close()
+    for p in list(machine.processes):
+        p.exit()
+    check_no_leaks(machine)
+
+
+def needs(env: Env, cap: Capability) -> None:
+    if not cap & env.caps:
+        raise CheckSkipped(f"{env.spec} does not claim {cap.name}")
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return (np.arange(n, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()[:n]
+
+
+# ----- coherence ------------------------------------------------------------------------
+
+
+def check_read_anonymous(spec: DriverSpec) -> None:
+    """Device reads see CPU data, zero pages and holes included."""
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = env.mmap(16 * PAGE)
+        data = pattern(8 * PAGE)
+        env.proc.write(a, data)
+        assert env.mirror.read(a, 16 * PAGE) == data + bytes(8 * PAGE)
+        env.check(a, 16)
+
+
+def check_write_anonymous(spec: DriverSpec) -> None:
+    """Device writes land in the process's memory."""
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        a = env.mmap(16 * PAGE)
+        data = pattern(16 * PAGE, 7)
+        env.mirror.write(a, data)
+        assert env.proc.read(a, 16 * PAGE) == data
+        env.check(a, 16)
+
+
+def check_shared_anonymous(spec: DriverSpec) -> None:
+    """shmem: a device write through one process is seen by a forked child."""
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        a = env.mmap(4 * PAGE, flags=MAP_SHARED | MAP_ANONYMOUS)
+        child = env.proc.fork()
+        env.mirror.write(a, pattern(4 * PAGE))
+        assert child.read(a, 4 * PAGE) == pattern(4 * PAGE)
+        env.check(a, 4)
+
+
+def check_file_backed(spec: DriverSpec) -> None:
+    """Shared file mappings: device writes reach the file; private ones copy on write."""
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        f = env.machine.create_file(4 * PAGE)
+        f.pwrite(0, pattern(4 * PAGE, 3))
+        a = env.mmap(4 * PAGE, flags=MAP_SHARED, file=f)
+        assert env.mirror.read(a, 4 * PAGE) == pattern(4 * PAGE, 3)
+        env.mirror.write(a, pattern(PAGE, 9))
+        assert f.pread(0, PAGE) == pattern(PAGE, 9)
+        env.check(a, 4)
+        b = env.mmap(4 * PAGE, flags=MAP_PRIVATE, file=f)
+        env.mirror.write(b + PAGE, pattern(PAGE, 5))
+        assert f.pread(PAGE, PAGE) == pattern(4 * PAGE, 3)[PAGE : 2 * PAGE]
+        assert env.proc.read(b + PAGE, PAGE) == pattern(PAGE, 5)
+        env.check(b, 4)
+
+
+def check_transparent_huge_pages(spec: DriverSpec) -> None:
+    """THP-backed memory reads and writes coherently."""
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        a = env.mmap(2 * HUGE)
+        a = (a + HUGE - 1) & ~(HUGE - 1) if a % HUGE else a
+        env.proc.madvise(a, HUGE, MADV_HUGEPAGE)
+        env.proc.write(a, pattern(PAGE))
+        assert env.proc.pagemap(a, 1)[0].order == 9
+        env.mirror.write(a + 100 * PAGE, pattern(PAGE, 2))
+        assert env.proc.read(a + 100 * PAGE, PAGE) == pattern(PAGE, 2)
+        assert env.mirror.read(a, PAGE) == pattern(PAGE)
+        env.check(a, HUGE // PAGE)
+
+
+def check_hugetlb(spec: DriverSpec) -> None:
+    """hugetlb memory reads and writes coherently."""
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        a = env.mmap(HUGE, flags=ANON | MAP_HUGETLB)
+        env.mirror.write(a + 3 * PAGE, pattern(PAGE, 4))
+        assert env.proc.read(a + 3 * PAGE, PAGE) == pattern(PAGE, 4)
+        env.check(a, HUGE // PAGE)
+
+
+# ----- permissions ------------------------------------------------------------------------
+
+
+def check_permission_errors(spec: DriverSpec) -> None:
+    """No read without VM_READ, no write without VM_WRITE, nothing half-copied."""
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = env.mmap(4 * PAGE)
+        env.proc.write(a, pattern(4 * PAGE))
+        env.proc.mprotect(a + 2 * PAGE, 2 * PAGE, PROT_NONE)
+        try:
+            env.mirror.read(a, 4 * PAGE)
+        except BadAddress:
+            pass
+        else:
+            raise AssertionError("device read of PROT_NONE memory succeeded")
+        env.proc.mprotect(a, 4 * PAGE, PROT_READ)
+        if Capability.WRITE & env.caps:
+            try:
+                env.mirror.write(a, pattern(4 * PAGE, 8))
+            except NotPermitted:
+                pass
+            else:
+                raise AssertionError("device write to read-only memory succeeded")
+        assert env.proc.read(a, 4 * PAGE) == pattern(4 * PAGE)
+        unmapped = env.mmap(PAGE)
+        env.proc.munmap(unmapped, PAGE)
+        try:
+            env.mirror.read(unmapped, PAGE)
+        except BadAddress:
+            pass
+        else:
+            raise AssertionError("device read of unmapped memory succeeded")
+        env.check(a, 4)
+
+
+# ----- invalidation ---------------------------------------------------------------------------
+
+
+def _mapped(env: Env, npages: int, write: bool = True) -> int:
+    a = env.mmap(npages * PAGE)
+    env.proc.write(a, pattern(npages * PAGE))
+    if write and Capability.WRITE & env.caps:
+        env.mirror.write(a, pattern(npages * PAGE))
+    else:
+        env.mirror.read(a, npages * PAGE)
+    assert any(p is not None for p in env.mirror.device_ptes(a, npages)), (
+        "device access left no device mapping"
+    )
+    return a
+
+
+def check_invalidate_on_munmap(spec: DriverSpec) -> None:
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = _mapped(env, 8)
+        env.proc.munmap(a + 2 * PAGE, 4 * PAGE)
+        assert all(p is None for p in env.mirror.device_ptes(a + 2 * PAGE, 4))
+        env.check(a, 8)
+        try:
+            env.mirror.read(a + 2 * PAGE, PAGE)
+        except BadAddress:
+            pass
+        else:
+            raise AssertionError("device read of unmapped memory succeeded")
+
+
+def check_invalidate_on_mprotect(spec: DriverSpec) -> None:
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        a = _mapped(env, 8)
+        env.proc.mprotect(a, 8 * PAGE, PROT_READ)
+        env.check(a, 8)  # nothing device-writable any more
+        assert env.mirror.read(a, 8 * PAGE) == pattern(8 * PAGE)
+
+
+def check_invalidate_on_fork(spec: DriverSpec) -> None:
+    """Fork write-protects; a device write then breaks COW in its own process only."""
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        a = _mapped(env, 4)
+        child = env.proc.fork()
+        env.check(a, 4)
+        env.mirror.write(a, pattern(PAGE, 11))
+        env.check(a, 4)
+        assert env.proc.read(a, PAGE) == pattern(PAGE, 11)
+        assert child.read(a, PAGE) == pattern(4 * PAGE)[:PAGE]
+
+
+def check_device_write_in_fork_child(spec: DriverSpec) -> None:
+    """A mirror opened by the child writes the child's copy only."""
+    with environment(spec) as env:
+        needs(env, Capability.WRITE)
+        a = env.mmap(4 * PAGE)
+        env.proc.write(a, pattern(4 * PAGE))
+        child = env.proc.fork()
+        cm = env.open(child)
+        try:
+            cm.write(a, pattern(4 * PAGE, 12))
+            check_mirror(cm, a, 4)
+            assert child.read(a, 4 * PAGE) == pattern(4 * PAGE, 12)
+            assert env.proc.read(a, 4 * PAGE) == pattern(4 * PAGE)
+        finally:
+            cm.close()
+
+
+def check_invalidate_on_dontneed(spec: DriverSpec) -> None:
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = _mapped(env, 4)
+        env.proc.madvise(a, 4 * PAGE, MADV_DONTNEED)
+        env.check(a, 4)
+        assert env.mirror.read(a, 4 * PAGE) == bytes(4 * PAGE)
+
+
+def check_invalidate_on_swap_out(spec: DriverSpec) -> None:
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = _mapped(env, 4)
+        env.proc.madvise(a, 4 * PAGE, MADV_PAGEOUT)
+        env.check(a, 4)
+        assert env.mirror.read(a, 4 * PAGE) == pattern(4 * PAGE)
+        env.check(a, 4)
+
+
+def check_invalidate_on_page_migration(spec: DriverSpec) -> None:
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = _mapped(env, 4)
+        assert env.proc.move_pages(a, 4) == [0, 0, 0, 0]
+        env.check(a, 4)
+        assert env.mirror.read(a, 4 * PAGE) == pattern(4 * PAGE)
+
+
+def check_invalidate_on_thp_split(spec: DriverSpec) -> None:
+    """After a PMD split the device maps no more than 4 KiB where the CPU maps 4 KiB."""
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = env.mmap(2 * HUGE)
+        a = (a + HUGE - 1) & ~(HUGE - 1) if a % HUGE else a
+        env.proc.madvise(a, HUGE, MADV_HUGEPAGE)
+        env.proc.write(a, pattern(HUGE))
+        env.mirror.read(a, HUGE)
+        env.check(a, HUGE // PAGE)
+        env.proc.munmap(a + HUGE - PAGE, PAGE)  # PTE-mapped THP from now on
+        env.check(a, HUGE // PAGE - 1)
+        assert env.mirror.read(a, HUGE - PAGE) == pattern(HUGE)[: HUGE - PAGE]
+        env.check(a, HUGE // PAGE - 1)
+
+
+# ----- device memory, exclusive access ------------------------------------------------------
+
+
+def check_migration_round_trip(spec: DriverSpec) -> None:
+    with environment(spec) as env:
+        needs(env, Capability.MIGRATE)
+        a = env.mmap(16 * PAGE)
+        env.proc.write(a, pattern(16 * PAGE))
+        assert env.mirror.migrate_to_device(a, 16) == 16
+        kinds = {e.kind for e in env.proc.pagemap(a, 16)}
+        assert kinds <= {"device_private", "device_coherent"}, kinds
+        env.check(a, 16)
+        env.mirror.migrate_to_system(a, 16)
+        assert {e.kind for e in env.proc.pagemap(a, 16)} == {"anon"}
+        assert env.proc.read(a, 16 * PAGE) == pattern(16 * PAGE)
+
+
+def check_cpu_fault_on_device_memory(spec: DriverSpec) -> None:
+    """A CPU touch of device-private memory brings the page back, data intact."""
+    with environment(spec) as env:
+        needs(env, Capability.MIGRATE)
+        needs(env, Capability.DEVICE_PRIVATE)
+        a = env.mmap(4 * PAGE)
+        env.proc.write(a, pattern(4 * PAGE))
+        env.mirror.migrate_to_device(a, 4)
+        assert env.proc.read(a + PAGE, PAGE) == pattern(4 * PAGE)[PAGE : 2 * PAGE]
+        assert env.proc.pagemap(a + PAGE, 1)[0].kind == "anon"
+        env.check(a, 4)
+
+
+def check_exclusive_access(spec: DriverSpec) -> None:
+    with environment(spec) as env:
+        needs(env, Capability.EXCLUSIVE)
+        a = env.mmap(4 * PAGE)
+        env.proc.write(a, pattern(4 * PAGE))
+        env.mirror.make_exclusive(a, 4)
+        assert {e.kind for e in env.proc.pagemap(a, 4)} == {"device_exclusive"}
+        env.check(a, 4)
+        env.proc.write(a, pattern(PAGE, 13))  # the CPU takes it back
+        env.check(a, 4)
+        assert env.mirror.read(a, PAGE) == pattern(PAGE, 13)
+
+
+# ----- teardown ------------------------------------------------------------------------------
+
+
+def check_close_drops_everything(spec: DriverSpec) -> None:
+    """Closing the mirror leaves no device mapping and no leaked page."""
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = _mapped(env, 8)
+        if Capability.MIGRATE & env.caps:
+            env.mirror.migrate_to_device(a, 4)
+        env.mirror.close()
+        assert all(p is None for p in env.mirror.device_ptes(a, 8))
+        assert env.proc.read(a, 8 * PAGE) == pattern(8 * PAGE)
+
+
+def check_exit_with_mirror_open(spec: DriverSpec) -> None:
+    """The process exits first: the mirror sees RELEASE and its mappings go."""
+    with environment(spec) as env:
+        needs(env, Capability.READ)
+        a = _mapped(env, 4)
+        env.proc.exit()
+        assert all(p is None for p in env.mirror.device_ptes(a, 4))
+
+
+# ----- the catalogue -------------------------------------------------------------------------
+
+CHECKS: dict[str, list[Callable[[DriverSpec], None]]] = {
+    "coherence": [
+        check_read_anonymous,
+        check_write_anonymous,
+        check_shared_anonymous,
+        check_file_backed,
+        check_transparent_huge_pages,
+        check_hugetlb,
+    ],
+    "permissions": [check_permission_errors],
+    "invalidation": [
+        check_invalidate_on_munmap,
+        check_invalidate_on_mprotect,
+        check_invalidate_on_fork,
+        check_device_write_in_fork_child,
+        check_invalidate_on_dontneed,
+        check_invalidate_on_swap_out,
+        check_invalidate_on_page_migration,
+        check_invalidate_on_thp_split,
+    ],
+    "device-memory": [check_migration_round_trip, check_cpu_fault_on_device_memory],
+    "exclusive": [check_exclusive_access],
+    "teardown": [check_close_drops_everything, check_exit_with_mirror_open],
+}
+
+
+@attrs.frozen
+class CheckResult:
+    driver: str
+    area: str
+    check: str
+    outcome: str  # passed | failed | skipped
+    message: str = ""
+
+
+def run_check(spec: DriverSpec, area: str, check: Callable[[DriverSpec], None]) -> CheckResult:
+    name = check.__name__
+    try:
+        check(spec)
+    except CheckSkipped as exc:
+        return CheckResult(str(spec), area, name, "skipped", str(exc))
+    except (AssertionError, HmmsimError) as exc:
+        return CheckResult(str(spec), area, name, "failed", f"{type(exc).__name__}: {exc}")
+    return CheckResult(str(spec), area, name, "passed")
+
+
+def all_checks() -> Iterator[tuple[str, Callable[[DriverSpec], None]]]:
+    for area, checks in CHECKS.items():
+        for check in checks:
+            yield area, check

@@ -1,0 +1,108 @@
+"""Invariants every mirror must keep, checked from the outside after any step.
+
+They read CPU page tables and physical memory directly, never through a
+faulting load (which would migrate pages back and disturb the run):
+
+1. the device page table is a subset of the CPU's: a device entry maps the
+   page the CPU maps at that address, or the device's own private page behind
+   a device-private entry (or the page behind a device-exclusive entry);
+2. device-writable implies CPU-writable;
+3. the device never maps more than the CPU does (mapping order);
+4. what the device reads is what the CPU would read;
+5. after close/exit nothing leaks: no stray references, pins, or device pages
+   that nothing maps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..mm.debug import verify_machine
+from ..mm.pagetable import (
+    KIND_DEVICE_EXCLUSIVE,
+    KIND_DEVICE_PRIVATE,
+    KIND_PRESENT,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PTE_WRITE,
+    SWP_DEVICE_PRIVATE_WRITE,
+    softleaf_type,
+)
+
+if TYPE_CHECKING:
+    from ..driver import Mirror
+    from ..machine import Machine
+
+
+def check_mirror(mirror: Mirror, addr: int, npages: int, *, data: bool = True) -> None:
+    """Check invariants 1-4 for [addr, addr + npages pages) of ``mirror``."""
+    mm = mirror.process.mm
+    machine = mm.machine
+    phys = machine.phys
+    ptes = mirror.device_ptes(addr, npages)
+    if not any(p is not None for p in ptes):
+        return
+    walk = mm.pt.walk(addr >> PAGE_SHIFT, npages)
+    kinds = walk.kinds
+    pfns = walk.pfns()
+    orders = walk.order
+    entries = walk.entries
+    owner = getattr(mirror, "device", None)
+    for i, dpte in enumerate(ptes):
+        if dpte is None:
+            continue
+        where = f"{dpte.addr:#x}"
+        kind = int(kinds[i])
+        cpu_pfn = int(pfns[i])
+        e = int(entries[i])
+        if kind == KIND_PRESENT:
+            cpu_writable = bool(e & PTE_WRITE)
+        elif kind == KIND_DEVICE_PRIVATE:
+            pgmap = phys.pgmap_of(cpu_pfn)
+            assert pgmap is not None and (owner is None or pgmap.owner is owner), (
+                f"device maps {where} but the CPU entry is another device's private page"
+            )
+            cpu_writable = softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE
+        elif kind == KIND_DEVICE_EXCLUSIVE:
+            assert dpte.atomic, f"device maps {where} non-atomically behind an exclusive entry"
+            cpu_writable = True
+        else:
+            raise AssertionError(
+                f"device maps {where} (pfn {dpte.pfn:#x}) but the CPU maps nothing there"
+            )
+        assert dpte.pfn == cpu_pfn, (
+            f"device maps pfn {dpte.pfn:#x} at {where} but the CPU maps {cpu_pfn:#x}"
+        )
+        if dpte.writable:
+            assert cpu_writable, f"device may write {where}, which the CPU maps read-only"
+        assert dpte.order <= int(orders[i]), (
+            f"device maps order {dpte.order} at {where} where the CPU maps order {orders[i]}"
+        )
+    if data:
+        idx = [i for i, p in enumerate(ptes) if p is not None]
+        dev_pfns = np.array([ptes[i].pfn for i in idx], dtype=np.int64)  # type: ignore[union-attr]
+        cpu = phys.read_pages(pfns[idx])
+        dev = phys.read_pages(dev_pfns)
+        bad = np.flatnonzero((cpu != dev).any(axis=1))
+        assert len(bad) == 0, (
+            f"device data differs from CPU data at {addr + idx[int(bad[0])] * PAGE_SIZE:#x}"
+        )
+
+
+def check_no_leaks(machine: Machine) -> None:
+    """Invariant 5: consistent accounting, no stray references or device pages."""
+    verify_machine(machine)
+    phys = machine.phys
+    held = {hex(k): v for k, v in phys.extra_refs.items()}
+    assert not held, f"page references still held: {held}"
+    pins = {hex(k): v for k, v in phys.pins.items()}
+    assert not pins, f"pins still held: {pins}"
+    for start, end, pgmap in phys.pgmaps:
+        used = np.flatnonzero(phys.refcount[start:end] > 0)
+        mapped = phys.mapcount[start:end][used] > 0
+        assert mapped.all(), (
+            f"device page {start + int(used[~mapped][0]):#x} of {pgmap!r} is allocated "
+            f"but nothing maps it (leak)"
+        )
