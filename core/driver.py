@@ -158,6 +158,8 @@ class Driver(abc.ABC):
     capabilities: ClassVar[Capability] = Capability.NONE
     #: Probe parameters the driver accepts, with a one-line description each.
     parameters: ClassVar[dict[str, str]] = {}
+    #: The probe-parameter sets tested when none is named (default: one, no params).
+    variants: ClassVar[list[dict[str, str]]] = [{}]
 
     def capabilities_for(self, **params: Any) -> Capability:
         """Capabilities of a device probed with ``params`` (default: the class's)."""

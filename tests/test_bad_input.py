@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmmsim
 import pytest
-from conftest import ANON, PAGE, RW
+from helpers import ANON, PAGE, RW
 from hmmsim import (
     MADV_DONTNEED,
     MAP_FIXED,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmmsim
 import numpy as np
 import pytest
-from conftest import ANON, MB2, PAGE, RW
+from helpers import ANON, MB2, PAGE, RW
 from hmmsim import sched
 from hmmsim.hmm import (
     HMM_PFN_DMA_MAPPED,

@@ -7,7 +7,7 @@ import errno
 import hmmsim
 import numpy as np
 import pytest
-from conftest import ANON, MB2, PAGE, RW, EventLog
+from helpers import ANON, MB2, PAGE, RW, EventLog
 from hmmsim import MAP_POPULATE
 from hmmsim.gup import FOLL_LONGTERM, FOLL_WRITE, pin_user_pages, unpin_user_page
 from hmmsim.memremap import MEMORY_DEVICE_PRIVATE, DevPagemap, memremap_pages, memunmap_pages

@@ -6,7 +6,7 @@ import errno
 
 import hmmsim
 import pytest
-from conftest import ANON, MB2, PAGE, RW, EventLog
+from helpers import ANON, MB2, PAGE, RW, EventLog
 from hmmsim import (
     MADV_COLLAPSE,
     MADV_FREE,

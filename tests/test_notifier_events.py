@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmmsim
 import pytest
-from conftest import ANON, MB2, PAGE, RW, EventLog
+from helpers import ANON, MB2, PAGE, RW, EventLog
 from hmmsim import (
     MADV_COLLAPSE,
     MADV_DONTNEED,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import hmmsim
 import pytest
-from conftest import ANON, PAGE, RW
+from helpers import ANON, PAGE, RW
 from hmmsim import (
     mmu_interval_check_retry,
     mmu_interval_notifier_insert,

@@ -951,6 +951,8 @@ class Dmirror(Driver):
     parameters: ClassVar[dict[str, str]] = {
         "memory": "private (default) or coherent device memory",
     }
+    #: What ``hmmsim check`` and the suite test when no variant is named.
+    variants: ClassVar[list[dict[str, str]]] = [{"memory": "private"}, {"memory": "coherent"}]
 
     def capabilities_for(self, **params: Any) -> Capability:
         if params.get("memory", "private") == "coherent":

@@ -12,7 +12,6 @@ import errno
 import hmmsim
 import numpy as np
 import pytest
-from conftest import ANON, NTIMES, RW, H, HmmBuffer, N, P, dmirror_cmd, iota, new_buffer
 from hmmsim import sched
 from hmmsim.drivers.dmirror import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
@@ -42,6 +41,7 @@ from hmmsim.gup import (
     put_page,
     unpin_user_page,
 )
+from hmmtest import ANON, NTIMES, RW, H, HmmBuffer, N, P, dmirror_cmd, iota, new_buffer
 
 EINVAL, EFAULT, EPERM, ENOENT = -errno.EINVAL, -errno.EFAULT, -errno.EPERM, -errno.ENOENT
 

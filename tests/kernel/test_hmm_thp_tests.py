@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmmsim
 import numpy as np
-from conftest import ANON, RW, H, HmmBuffer, P, dmirror_cmd, iota
 from hmmsim.drivers.dmirror import (
     HMM_DMIRROR_FLAG_FAIL_ALLOC,
     HMM_DMIRROR_FLAGS,
@@ -21,6 +20,7 @@ from hmmsim.drivers.dmirror import (
     HMM_DMIRROR_SNAPSHOT,
 )
 from hmmsim.mm.debug import verify_machine
+from hmmtest import ANON, RW, H, HmmBuffer, P, dmirror_cmd, iota
 
 NPAGES = H // P
 

@@ -1,0 +1,168 @@
+"""The ``hmmsim`` command: ``drivers``, ``check``, ``new-driver``, ``demo``.
+
+Bad input (an unknown driver, a malformed option) gives a one-line error on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import TextIO
+
+import attrs
+
+from .errors import HmmsimError
+from .plugins import driver_classes, get_plugin_manager, plugin_distribution
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hmmsim", description="An executable model of Linux HMM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("demo", help="a short printed tour of the memory model")
+    sub.add_parser("drivers", help="list installed drivers, their version and capabilities")
+    check = sub.add_parser("check", help="run the conformance suite over drivers")
+    check.add_argument(
+        "--driver",
+        action="append",
+        default=[],
+        metavar="NAME[:key=value,...]",
+        help="driver to check (repeatable); default: every installed driver",
+    )
+    check.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    new = sub.add_parser("new-driver", help="write a new driver plugin package")
+    new.add_argument("name", help="the driver's name (a Python identifier)")
+    new.add_argument(
+        "--dir",
+        default=".",
+        metavar="PATH",
+        help="where to create the package directory (default: .)",
+    )
+    return parser
+
+
+def cmd_drivers(out: TextIO) -> int:
+    pm = get_plugin_manager()
+    drivers = driver_classes(pm)
+    if not drivers:
+        print("no drivers installed", file=out)
+        return EXIT_OK
+    rows = []
+    for name, cls in sorted(drivers.items()):
+        dist, version = plugin_distribution(pm, cls)
+        caps = "|".join(
+            c.name for c in type(cls.capabilities) if c in cls.capabilities and c.name and c.value
+        )
+        variants = "; ".join(
+            ",".join(f"{k}={v}" for k, v in p.items()) or "-" for p in cls.variants
+        )
+        rows.append((name, dist, version, caps, variants))
+    _table(["driver", "distribution", "version", "capabilities", "variants"], rows, out)
+    return EXIT_OK
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    print(line, file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)), file=out)
+
+
+def cmd_check(specs_text: list[str], json_path: str | None, out: TextIO) -> int:
+    from .testing.checks import CheckResult, DriverSpec, all_checks, run_check
+    from .testing.plugin import installed_specs
+
+    pm = get_plugin_manager()
+    installed = driver_classes(pm)
+    try:
+        specs = [DriverSpec.parse(s) for s in specs_text] if specs_text else installed_specs()
+    except HmmsimError as exc:
+        raise UsageError(exc.message) from None
+    for spec in specs:
+        if spec.name not in installed:
+            known = ", ".join(sorted(installed)) or "none"
+            raise UsageError(f"no driver named {spec.name!r} (installed: {known})")
+        unknown = {k for k, _ in spec.params} - set(installed[spec.name].parameters)
+        if unknown:
+            names = ", ".join(sorted(unknown))
+            raise UsageError(f"driver {spec.name!r} has no parameter(s) {names}")
+    results: list[CheckResult] = []
+    checks = list(all_checks())
+    for spec in specs:
+        print(f"{spec}: ", end="", file=out, flush=True)
+        for area, check in checks:
+            r = run_check(spec, area, check)
+            results.append(r)
+            print(
+                {"passed": ".", "failed": "F", "skipped": "s"}[r.outcome],
+                end="",
+                file=out,
+                flush=True,
+            )
+        print(file=out)
+    for r in results:
+        if r.outcome == "failed":
+            print(f"FAILED {r.driver} {r.area}/{r.check}: {r.message}", file=out)
+    areas = list(dict.fromkeys(a for a, _ in checks))
+    rows = []
+    for spec in specs:
+        row = [str(spec)]
+        for area in areas:
+            c = Counter(r.outcome for r in results if r.driver == str(spec) and r.area == area)
+            row.append(f"{c['passed']}/{c['failed']}/{c['skipped']}")
+        rows.append(row)
+    print("\nresults (passed/failed/skipped):", file=out)
+    _table(["driver", *areas], rows, out)
+    failed = sum(r.outcome == "failed" for r in results)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(
+                {"results": [attrs.asdict(r) for r in results], "failed": failed}, f, indent=2
+            )
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(lambda line: print(line, file=out))
+        if args.command == "drivers":
+            return cmd_drivers(out)
+        if args.command == "check":
+            return cmd_check(args.driver, args.json, out)
+        if args.command == "new-driver":
+            from .newdriver import write_driver_package
+
+            path = write_driver_package(args.name, args.dir)
+            print(f"wrote {path}", file=out)
+            print(f"install it with: pip install -e {path}", file=out)
+            return EXIT_OK
+    except UsageError as exc:
+        print(f"hmmsim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except HmmsimError as exc:
+        print(f"hmmsim: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    raise AssertionError(f"unhandled command {args.command}")

@@ -1,0 +1,1 @@
+"""The conformance suite: ``pytest --pyargs hmmsim.testing.suite --hmmsim-driver NAME``."""

@@ -1,0 +1,90 @@
+"""The ``hmmsim`` command: drivers, check, new-driver (end to end), bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from hmmsim.cli import main
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(list(argv), out), out.getvalue()
+
+
+def test_drivers_lists_dmirror_with_capabilities():
+    rc, out = run("drivers")
+    assert rc == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("dmirror"))
+    assert "hmmsim" in line and "MIGRATE" in line and "memory=coherent" in line
+
+
+def test_check_runs_the_suite_and_writes_json(tmp_path):
+    path = tmp_path / "r.json"
+    rc, out = run("check", "--driver", "dmirror:memory=coherent", "--json", str(path))
+    assert rc == 0
+    assert "dmirror:memory=coherent" in out and "passed/failed/skipped" in out
+    data = json.loads(path.read_text())
+    outcomes = {r["outcome"] for r in data["results"]}
+    assert data["failed"] == 0 and outcomes <= {"passed", "skipped"}
+    assert any(
+        r["check"] == "check_migration_round_trip" and r["outcome"] == "passed"
+        for r in data["results"]
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["check", "--driver", "nosuch"],
+        ["check", "--driver", "dmirror:memory"],
+        ["check", "--driver", "dmirror:colour=red"],
+        ["frobnicate"],
+        ["new-driver", "Not-A-Name"],
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(argv):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hmmsim", *argv], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("hmmsim")
+
+
+def test_new_driver_installs_and_passes_check(tmp_path):
+    name = "genmirror"
+    rc, _ = run("new-driver", name, "--dir", str(tmp_path))
+    assert rc == 0
+    pkg = tmp_path / f"hmmsim-{name}"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run(
+        [*pip, "install", "-q", "--no-build-isolation", "--no-deps", "-e", str(pkg)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        check = subprocess.run(
+            [sys.executable, "-m", "hmmsim", "check", "--driver", name],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert f"{name}: " in check.stdout
+        tests = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=pkg,
+        )
+        assert tests.returncode == 0, tests.stdout
+    finally:
+        subprocess.run(
+            [*pip, "uninstall", "-q", "-y", f"hmmsim-{name}"], check=False, capture_output=True
+        )
