@@ -96,6 +96,7 @@ from hmmsim.notifier import (
     mmu_interval_read_retry,
     mmu_interval_set_seq,
 )
+from numpy.typing import NDArray
 
 from . import uapi
 from .uapi import DmirrorCmd
@@ -369,28 +370,35 @@ class DmirrorFile(Mirror):
         return cmd.buf
 
     # ----- READ / WRITE --------------------------------------------------------------
+    def _mapped_prefix(self, start: int, end: int, need_write: bool) -> NDArray[np.int64]:
+        """pfns of the pages from ``start`` that the device maps (with write if asked),
+        up to the first one it does not."""
+        pfns = []
+        for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
+            entry = self.pt.get(vpn)
+            if entry is None or (need_write and entry[1] != TAG_WRITE):
+                break
+            pfns.append(entry[0])
+        return np.array(pfns, dtype=np.int64)
+
     def _do_read(self, start: int, end: int, bounce: bytearray, base: int) -> int:
         """Copy mapped pages into ``bounce``; -ENOENT at the first unmapped one."""
-        phys = self.machine.phys
-        for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
-            entry = self.pt.get(vpn)
-            if entry is None:
-                return -errno.ENOENT
-            off = (vpn << PAGE_SHIFT) - base
-            bounce[off : off + PAGE_SIZE] = phys.read(entry[0], 0, PAGE_SIZE)
-            self._cpages += 1
-        return 0
+        pfns = self._mapped_prefix(start, end, need_write=False)
+        off = start - base
+        if len(pfns):
+            view = np.frombuffer(bounce, dtype=np.uint8)
+            view[off : off + len(pfns) * PAGE_SIZE] = self.machine.phys.read_pages(pfns).reshape(-1)
+        self._cpages += len(pfns)
+        return 0 if start + len(pfns) * PAGE_SIZE == end else -errno.ENOENT
 
     def _do_write(self, start: int, end: int, bounce: bytearray, base: int) -> int:
-        phys = self.machine.phys
-        for vpn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT):
-            entry = self.pt.get(vpn)
-            if entry is None or entry[1] != TAG_WRITE:
-                return -errno.ENOENT
-            off = (vpn << PAGE_SHIFT) - base
-            phys.write(entry[0], 0, bounce[off : off + PAGE_SIZE])
-            self._cpages += 1
-        return 0
+        pfns = self._mapped_prefix(start, end, need_write=True)
+        off = start - base
+        if len(pfns):
+            data = np.frombuffer(bounce, dtype=np.uint8)[off : off + len(pfns) * PAGE_SIZE]
+            self.machine.phys.write_pages(pfns, data.reshape(len(pfns), PAGE_SIZE))
+        self._cpages += len(pfns)
+        return 0 if start + len(pfns) * PAGE_SIZE == end else -errno.ENOENT
 
     def _access(self, cmd: DmirrorCmd, write: bool) -> bytearray:
         size = cmd.npages << PAGE_SHIFT
@@ -873,7 +881,7 @@ class DmirrorFile(Mirror):
         self.ioctl(uapi.HMM_DMIRROR_READ, cmd)
         assert cmd.buf is not None
         off = addr - first
-        return bytes(cmd.buf[off : off + length])
+        return bytes(memoryview(cmd.buf)[off : off + length])
 
     def write(self, addr: int, data: bytes) -> None:
         if not data:
