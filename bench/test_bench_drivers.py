@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 import hmmsim
+import pytest
 from hmmsim import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from hmmsim.driver import Capability
 from hmmsim.testing.checks import DriverSpec

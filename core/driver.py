@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import enum
 import itertools
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import attrs
 
@@ -25,8 +25,24 @@ from .errors import NotSupported
 if TYPE_CHECKING:
     from .machine import Machine
     from .mm.process import Process
+    from .mm.vma import Vma
 
 MemoryKind = Literal["system", "device_private", "device_coherent", "p2p"]
+
+
+class FileOperations(Protocol):
+    """What ``Process.mmap(..., file=obj)`` needs of ``obj`` (``file->f_op->mmap``).
+
+    ``mmap(vma)`` runs once the VMA exists. A page-cache file (``hmmsim.File``)
+    enters the VMA in its ``i_mmap`` and lets faults read its pages in. A
+    device file installs its pages itself: ``vm_insert_page`` (which makes the
+    VMA ``VM_MIXEDMAP``), ``remap_pfn_range`` (``VM_IO|VM_PFNMAP``) or
+    ``vmf_insert_pfn``, from ``hmmsim.mm.pfnmap``; or it sets ``vma.vm_ops`` to an
+    object whose ``fault(vma, addr, write) -> vm_fault_t`` fills pages on
+    demand. An exception from ``mmap`` undoes the mapping.
+    """
+
+    def mmap(self, vma: Vma) -> None: ...
 
 
 class Capability(enum.Flag):

@@ -435,9 +435,14 @@ class DmirrorFile(Mirror):
 
     # ----- device fault ------------------------------------------------------------------
     def fault(self, start: int, end: int, write: bool) -> None:
-        """``dmirror_fault``: one fault round over [start, end), in 32-page windows."""
+        """``dmirror_fault``: one fault round over [start, end), in 32-page windows.
+
+        The kernel's fault returns 0 with nothing done when the mm is gone
+        (the caller cannot be running then); here a command can outlive its
+        process, so that case is ``BadAddress`` rather than an endless loop.
+        """
         if not self.mm.mmget_not_zero():
-            return
+            raise BadAddress("dmirror: the mirrored mm is gone")
         try:
             addr = start
             while addr < end:
