@@ -119,6 +119,15 @@ def needs(env: Env, cap: Capability) -> None:
         raise CheckSkipped(f"{env.spec} does not claim {cap.name}")
 
 
+def expect_error(exc: type[Exception], call: Callable[[], object], what: str) -> None:
+    """``call()`` must raise ``exc``; ``what`` says what should have been refused."""
+    try:
+        call()
+    except exc:
+        return
+    raise AssertionError(f"{what} succeeded")
+
+
 def pattern(n: int, seed: int = 1) -> bytes:
     return (np.arange(n, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()[:n]
 
@@ -212,29 +221,22 @@ def check_permission_errors(spec: DriverSpec) -> None:
         a = env.mmap(4 * PAGE)
         env.proc.write(a, pattern(4 * PAGE))
         env.proc.mprotect(a + 2 * PAGE, 2 * PAGE, PROT_NONE)
-        try:
-            env.mirror.read(a, 4 * PAGE)
-        except BadAddress:
-            pass
-        else:
-            raise AssertionError("device read of PROT_NONE memory succeeded")
+        expect_error(
+            BadAddress, lambda: env.mirror.read(a, 4 * PAGE), "device read of PROT_NONE memory"
+        )
         env.proc.mprotect(a, 4 * PAGE, PROT_READ)
         if Capability.WRITE & env.caps:
-            try:
-                env.mirror.write(a, pattern(4 * PAGE, 8))
-            except NotPermitted:
-                pass
-            else:
-                raise AssertionError("device write to read-only memory succeeded")
+            expect_error(
+                NotPermitted,
+                lambda: env.mirror.write(a, pattern(4 * PAGE, 8)),
+                "device write to read-only memory",
+            )
         assert env.proc.read(a, 4 * PAGE) == pattern(4 * PAGE)
         unmapped = env.mmap(PAGE)
         env.proc.munmap(unmapped, PAGE)
-        try:
-            env.mirror.read(unmapped, PAGE)
-        except BadAddress:
-            pass
-        else:
-            raise AssertionError("device read of unmapped memory succeeded")
+        expect_error(
+            BadAddress, lambda: env.mirror.read(unmapped, PAGE), "device read of unmapped memory"
+        )
         env.check(a, 4)
 
 
@@ -261,12 +263,11 @@ def check_invalidate_on_munmap(spec: DriverSpec) -> None:
         env.proc.munmap(a + 2 * PAGE, 4 * PAGE)
         assert all(p is None for p in env.mirror.device_ptes(a + 2 * PAGE, 4))
         env.check(a, 8)
-        try:
-            env.mirror.read(a + 2 * PAGE, PAGE)
-        except BadAddress:
-            pass
-        else:
-            raise AssertionError("device read of unmapped memory succeeded")
+        expect_error(
+            BadAddress,
+            lambda: env.mirror.read(a + 2 * PAGE, PAGE),
+            "device read of unmapped memory",
+        )
 
 
 def check_invalidate_on_mprotect(spec: DriverSpec) -> None:

@@ -535,13 +535,20 @@ class DmirrorFile(Mirror):
                     self.stats.migrations_to_device += 1
         finally:
             self.mm.mmput()
-        # Verification read-back through the device page table.
+        self._read_back(cmd, "some pages are not in this device's page table")
+
+    def _read_back(self, cmd: DmirrorCmd, why: str) -> None:
+        """Read the range through the device page table into the caller's buffer.
+
+        Every page must have an entry, else -ENOENT (nothing copied out).
+        """
+        size = cmd.npages << PAGE_SHIFT
         bounce = bytearray(size)
         self._cpages = 0
         with self.mutex:
             ret = self._do_read(cmd.addr, cmd.addr + size, bounce, cmd.addr)
         if ret:
-            raise NoEntry("dmirror: some pages are not in this device's page table")
+            raise NoEntry(f"dmirror: {why}")
         cmd.cpages = self._cpages
         assert cmd.buf is not None
         cmd.buf[:size] = bounce
@@ -752,15 +759,7 @@ class DmirrorFile(Mirror):
                     phys.put_page(folio)
         finally:
             self.mm.mmput()
-        bounce = bytearray(size)
-        self._cpages = 0
-        with self.mutex:
-            ret = self._do_read(cmd.addr, cmd.addr + size, bounce, cmd.addr)
-        if ret:
-            raise NoEntry("dmirror: exclusive pages vanished before the read-back")
-        cmd.cpages = self._cpages
-        assert cmd.buf is not None
-        cmd.buf[:size] = bounce
+        self._read_back(cmd, "exclusive pages vanished before the read-back")
 
     def cmd_check_exclusive(self, cmd: DmirrorCmd) -> None:
         with self.mutex:
