@@ -115,3 +115,11 @@ def test_optional_operations_raise_not_supported():
     ):
         with pytest.raises(hmmsim.NotSupported):
             call()
+
+
+def test_the_pytest_plugin_env_fixture(hmmsim_env):
+    env = hmmsim_env
+    a = env.mmap(2 * 4096)
+    env.proc.write(a, b"fixture")
+    assert env.mirror.read(a, 7) == b"fixture"
+    env.check(a, 2)

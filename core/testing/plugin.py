@@ -47,6 +47,19 @@ def pytest_generate_tests(metafunc: Any) -> None:
         metafunc.parametrize("hmmsim_driver", specs, ids=[str(s) for s in specs])
 
 
+@pytest.fixture
+def hmmsim_env(hmmsim_driver: DriverSpec) -> Any:
+    """A fresh machine with the driver under test probed, a process and its mirror.
+
+    Yields a ``hmmsim.testing.checks.Env``; at the end the mirror is closed,
+    the processes exit and the machine is checked for leaks.
+    """
+    from .checks import environment
+
+    with environment(hmmsim_driver) as env:
+        yield env
+
+
 def run_or_skip(check: Any, spec: DriverSpec) -> None:
     """Run a check; a missing capability becomes a pytest skip with its reason."""
     try:
