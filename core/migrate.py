@@ -565,6 +565,7 @@ def migrate_vma_pages(args: MigrateVma) -> None:
     vma = args.vma
     assert vma is not None
     vma.mm.mmap_lock.assert_held()
+    sched.point("migrate:before_pages")
     _migrate_pages(vma.mm.machine, args, vma)
 
 
@@ -818,6 +819,7 @@ def migrate_vma_finalize(args: MigrateVma) -> None:
     assert vma is not None
     src, dst = _entries(args)
     machine = vma.mm.machine
+    sched.point("migrate:before_finalize")
     _finalize_in_place(machine, args)
     _finalize(machine, src, dst, args.npages, args.fault_page)
 

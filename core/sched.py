@@ -240,3 +240,28 @@ __all__ = [
     "point",
     "set_active",
 ]
+
+
+# The scheduler lives in its own module (it needs greenlet); it is part of this
+# namespace so that ``hmmsim.sched.Scheduler`` is where users look for it.
+from .scheduler import (  # noqa: E402
+    PCT,
+    BoundedDFS,
+    RandomWalk,
+    Replay,
+    RunResult,
+    Scheduler,
+    decode_schedule,
+    encode_schedule,
+)
+
+__all__ += [
+    "PCT",
+    "BoundedDFS",
+    "RandomWalk",
+    "Replay",
+    "RunResult",
+    "Scheduler",
+    "decode_schedule",
+    "encode_schedule",
+]
