@@ -11,12 +11,15 @@ import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import attrs
 
 from .errors import HmmsimError
 from .plugins import driver_classes, get_plugin_manager, plugin_distribution
+
+if TYPE_CHECKING:
+    from .testing.checks import DriverSpec
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -46,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="driver to check (repeatable); default: every installed driver",
     )
     check.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    exp = sub.add_parser(
+        "explore", help="explore (or replay) the interleavings of one race scenario"
+    )
+    exp.add_argument("scenario", help="a race scenario name (see --list)", nargs="?")
+    exp.add_argument("--list", action="store_true", help="list the race scenarios")
+    exp.add_argument("--driver", default="dmirror", metavar="NAME[:key=value,...]")
+    exp.add_argument("--replay", metavar="ID", help="rerun exactly this schedule id")
+    exp.add_argument(
+        "--strategy", choices=("dfs", "pct", "random"), default="dfs", help="default: dfs"
+    )
+    exp.add_argument("--bound", type=int, default=2, help="DFS preemption bound (default 2)")
+    exp.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
+    exp.add_argument("--schedules", type=int, default=3000, help="at most this many runs")
+    exp.add_argument("--seed", type=int, default=0)
     new = sub.add_parser("new-driver", help="write a new driver plugin package")
     new.add_argument("name", help="the driver's name (a Python identifier)")
     new.add_argument(
@@ -86,14 +103,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) ->
         print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)), file=out)
 
 
-def cmd_check(specs_text: list[str], json_path: str | None, out: TextIO) -> int:
-    from .testing.checks import CheckResult, DriverSpec, all_checks, run_check
-    from .testing.plugin import installed_specs
+def _resolve_specs(specs_text: list[str]) -> list[DriverSpec]:
+    """Parse ``NAME[:key=value,...]`` specs; UsageError for unknown drivers or parameters."""
+    from .testing.checks import DriverSpec
 
-    pm = get_plugin_manager()
-    installed = driver_classes(pm)
+    installed = driver_classes(get_plugin_manager())
     try:
-        specs = [DriverSpec.parse(s) for s in specs_text] if specs_text else installed_specs()
+        specs = [DriverSpec.parse(s) for s in specs_text]
     except HmmsimError as exc:
         raise UsageError(exc.message) from None
     for spec in specs:
@@ -104,6 +120,69 @@ def cmd_check(specs_text: list[str], json_path: str | None, out: TextIO) -> int:
         if unknown:
             names = ", ".join(sorted(unknown))
             raise UsageError(f"driver {spec.name!r} has no parameter(s) {names}")
+    return specs
+
+
+def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
+    from .explore import explore, replay
+    from .scheduler import PCT, BoundedDFS, RandomWalk, Strategy, decode_schedule
+    from .testing.races import RACES, applicable, race_by_name, race_scenario
+
+    if args.list or not args.scenario:
+        if not args.list:
+            raise UsageError("name a scenario (hmmsim explore --list shows them)")
+        _table(
+            ["scenario", "needs", "what"], [(r.name, str(r.needs.name), r.doc) for r in RACES], out
+        )
+        return EXIT_OK
+    try:
+        race = race_by_name(args.scenario)
+    except KeyError as exc:
+        raise UsageError(str(exc.args[0])) from None
+    (spec,) = _resolve_specs([args.driver])
+    if not applicable(spec, race):
+        raise UsageError(f"{spec} does not claim what {race.name} needs ({race.needs.name})")
+    scenario = race_scenario(spec, race)
+    if args.replay is not None:
+        try:
+            decode_schedule(args.replay)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        result = replay(scenario, args.replay)
+        print(result.format_trace(last=len(result.trace)), file=out)
+        print(f"{race.name} on {spec}, schedule {args.replay}: {result.describe()}", file=out)
+        return EXIT_FAILED if result.failed else EXIT_OK
+    strategy: Strategy
+    if args.strategy == "dfs":
+        strategy = BoundedDFS(args.bound)
+    elif args.strategy == "pct":
+        strategy = PCT(seed=args.seed, depth=args.depth, steps=50)
+    else:
+        strategy = RandomWalk(seed=args.seed)
+    res = explore(scenario, strategy, args.schedules)
+    space = " (the whole space)" if res.exhausted else ""
+    print(
+        f"{race.name} on {spec}: {res.schedules} schedules{space}, {res.steps} steps, "
+        f"{res.schedules_per_second:.0f} schedules/s, {len(res.failures)} failing",
+        file=out,
+    )
+    for f in res.failures[:5]:
+        print(f"  schedule {f.schedule} (run {f.run + 1}): {f.description}", file=out)
+    if res.failures:
+        f = res.failures[0]
+        print(f"\ntrace of schedule {f.schedule}:\n{f.trace}", file=out)
+        print(
+            f"\nreplay: hmmsim explore {race.name} --driver {spec} --replay {f.schedule}",
+            file=out,
+        )
+    return EXIT_FAILED if res.failures else EXIT_OK
+
+
+def cmd_check(specs_text: list[str], json_path: str | None, out: TextIO) -> int:
+    from .testing.checks import CheckResult, all_checks, run_check
+    from .testing.plugin import installed_specs
+
+    specs = _resolve_specs(specs_text) if specs_text else installed_specs()
     results: list[CheckResult] = []
     checks = list(all_checks())
     for spec in specs:
@@ -152,6 +231,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
             return cmd_drivers(out)
         if args.command == "check":
             return cmd_check(args.driver, args.json, out)
+        if args.command == "explore":
+            return cmd_explore(args, out)
         if args.command == "new-driver":
             from .newdriver import write_driver_package
 

@@ -121,7 +121,13 @@ class Mirror(abc.ABC):
 
     @abc.abstractmethod
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
-        """The device page table for ``npages`` pages from ``addr`` (None: no entry)."""
+        """The device page table for ``npages`` pages from ``addr`` (None: no entry).
+
+        A debug read of device state, like reading the device's page table over
+        a debug port: it must not take the driver's locks or sleep, because the
+        invariant checks call it between the steps of a scheduled run, while
+        an actor may hold those locks.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:

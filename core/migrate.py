@@ -625,27 +625,27 @@ def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
     decided = _migrate_pages_vectorised(machine, args)
     src, dst = _entries(args)
     stack = None  # the MIGRATE invalidation, started at the first hole filled
+    # Only selected entries need work; a sparse src (an evicted device chunk
+    # with a few pages in use) must not cost a Python step per page.
+    todo = np.flatnonzero(
+        ~decided[: args.npages] & ((src[: args.npages] & U64(MIGRATE_PFN_MIGRATE)) != 0)
+    )
+    pending = [int(x) for x in todo[::-1]]  # a stack, lowest index on top
     try:
-        i = 0
-        while i < args.npages:
-            if decided[i]:
-                i += 1
-                continue
+        while pending:
+            i = pending.pop()
             s = int(src[i])
             d = int(dst[i])
             dpage = migrate_pfn_to_page(d)
             spage = migrate_pfn_to_page(s)
             if not s & MIGRATE_PFN_MIGRATE:
-                i += 1
                 continue
             if dpage is None:
                 src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
-                i += 1
                 continue
             if spage is None:
                 if vma is None:
                     src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
-                    i += 1
                     continue
                 if stack is None:
                     addr = args.start + (i << PAGE_SHIFT)
@@ -658,6 +658,7 @@ def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
                     # (a huge zero PMD there is split to zero-page PTEs first).
                     src[i : i + PMD_PAGES] = U64(MIGRATE_PFN_MIGRATE)
                     s = int(src[i])
+                    pending = _with_tail_entries(pending, i)
                     split_huge_pmd(vma, (args.start >> PAGE_SHIFT) + i)
                 ok = _insert_page(
                     args,
@@ -668,24 +669,26 @@ def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
                 )
                 if not ok:
                     src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
-                i += 1
                 continue
             if s & MIGRATE_PFN_COMPOUND and not d & MIGRATE_PFN_COMPOUND:
                 if not _split_migrating_folio(machine, args, i, spage):
                     src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
-                    i += 1
                     continue
+                pending = _with_tail_entries(pending, i)
                 s = int(src[i])
             elif d & MIGRATE_PFN_COMPOUND and not s & MIGRATE_PFN_COMPOUND:
                 src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
-                i += 1
                 continue
             if not _migrate_mapping(machine, args, spage, dpage):
                 src[i] = U64(s & ~MIGRATE_PFN_MIGRATE)
-            i += 1
     finally:
         if stack is not None:
             stack.__exit__(None, None, None)
+
+
+def _with_tail_entries(pending: list[int], i: int) -> list[int]:
+    """A compound entry at ``i`` was split into small ones: its tails need work too."""
+    return sorted(set(pending) | set(range(i + 1, i + PMD_PAGES)), reverse=True)
 
 
 def _migrate_mapping(machine: Machine, args: MigrateVma, spage: int, dpage: int) -> bool:
@@ -839,7 +842,8 @@ def _finalize(
 ) -> None:
     phys = machine.phys
     fault_head = phys.head(fault_page) if fault_page is not None else None
-    for i in range(npages):
+    # Entries with neither a source nor a destination need nothing.
+    for i in np.flatnonzero((src[:npages] != 0) | (dst[:npages] != 0)).tolist():
         s = int(src[i])
         d = int(dst[i])
         spage = migrate_pfn_to_page(s)
@@ -954,27 +958,25 @@ def migrate_device_range(
 ) -> None:
     """``migrate_device_range``: select every in-use device page of a pfn range."""
     phys = machine.phys
-    i = 0
-    while i < npages:
-        pfn = start_pfn + i
-        src[i] = U64(0)
-        if phys.refcount[pfn] <= 0:
-            i += 1
+    src[:npages] = U64(0)
+    in_use = np.flatnonzero(phys.refcount[start_pfn : start_pfn + npages] > 0)
+    covered = 0  # pages below this index belong to a folio already taken
+    for i in in_use.tolist():
+        if i < covered:
             continue
+        pfn = start_pfn + i
         head = phys.head(pfn)
         if head != pfn:
-            i += 1
             continue
         nr = 1 << int(phys.order[head])
+        covered = i + nr
         phys.refcount[head] += 1
         if not phys.folio_trylock(head):
             phys.put_one(head)
-            i += nr
             continue
         src[i] = U64(
             migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (MIGRATE_PFN_COMPOUND if nr > 1 else 0)
         )
-        i += nr
     _unmap_entries(machine, src, npages, None)
 
 

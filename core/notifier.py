@@ -379,6 +379,12 @@ def _itree_invalidate(subs: Subscriptions, rng: NotifierRange) -> bool:
                 finishes.append((ops, finish))
         else:
             ret = ops.invalidate(sub, rng, cur_seq)
+        if sched.active() is not None:
+            sched.note(
+                "notify",
+                f"{rng.event.name} [{rng.start:#x}, {rng.end:#x}) -> {ops!r}: "
+                f"{'ok' if ret else 'refused'}",
+            )
         if not ret:
             if rng.blockable:
                 # The kernel WARNs and carries on: a blockable invalidation

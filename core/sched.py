@@ -37,6 +37,9 @@ class SchedulerHooks(Protocol):
         """Sleep until ``ready()`` is true; others run meanwhile."""
         ...
 
+    # Optional: ``record(kind, what)`` adds an event (a lock taken, a notifier
+    # call, a device PTE written) to the run's trace. Hooks without it get none.
+
 
 #: The active scheduler, or None for plain sequential execution.
 _active: SchedulerHooks | None = None
@@ -68,6 +71,22 @@ def point(label: str) -> None:
         _active.point(label)
 
 
+def note(kind: str, what: str) -> None:
+    """Record an event in the active scheduler's trace; a no-op outside one.
+
+    Callers pass preformatted text only when ``active()`` is set, so that the
+    plain path stays free of formatting work.
+    """
+    if _active is not None:
+        _record(kind, what)
+
+
+def _record(kind: str, what: str) -> None:
+    record = getattr(_active, "record", None)
+    if record is not None:
+        record(kind, what)
+
+
 def _wait(reason: object, ready: Callable[[], bool]) -> None:
     if ready():
         return
@@ -95,6 +114,8 @@ class Mutex:
         if self.holder is not None:
             _wait(self, lambda: self.holder is None)
         self.holder = me
+        if _active is not None:
+            _record("lock", self.name)
 
     def try_acquire(self) -> bool:
         """``mutex_trylock``: take the lock only if it is free."""
@@ -107,6 +128,8 @@ class Mutex:
         if self.holder is None:
             raise RuntimeError(f"{self.name}: release of an unlocked mutex")
         self.holder = None
+        if _active is not None:
+            _record("unlock", self.name)
 
     def held(self) -> bool:
         """True if the running actor holds the lock (``lockdep_is_held``)."""
@@ -163,6 +186,8 @@ class RwSem:
         if self.writer is not None or self.readers:
             _wait(self, lambda: self.writer is None and not self.readers)
         self.writer = me
+        if _active is not None:
+            _record("lock", f"{self.name} (write)")
 
     def up_write(self) -> None:
         if self.writer != current():
@@ -237,6 +262,7 @@ __all__ = [
     "WaitQueue",
     "active",
     "current",
+    "note",
     "point",
     "set_active",
 ]

@@ -165,6 +165,12 @@ class Scheduler:
             self._main.switch()
         a.blocked_on, a.ready = None, None
 
+    def record(self, kind: str, what: str) -> None:
+        a = self._running
+        if a is None or self._killing or greenlet.getcurrent() is not a.g:
+            return
+        self._trace.append(TraceEntry(self._step, a.name, kind, what))
+
     # ----- running -------------------------------------------------------------------------
     def run(
         self,

@@ -11,11 +11,8 @@ fails.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import attrs
-import numpy as np
 
 from .. import (
     MADV_DONTNEED,
@@ -27,91 +24,23 @@ from .. import (
     MAP_SHARED,
     PROT_NONE,
     PROT_READ,
-    PROT_WRITE,
 )
-from ..driver import Capability, Device, Driver, Mirror
+from ..driver import Capability
 from ..errors import BadAddress, HmmsimError, NotPermitted
-from ..machine import Machine, MachineConfig
-from ..mm.process import Process
-from ..plugins import find_driver, get_plugin_manager, parse_driver_spec
-from .invariants import check_mirror, check_no_leaks
-
-PAGE = 4096
-HUGE = 2 << 20
-RW = PROT_READ | PROT_WRITE
-ANON = MAP_PRIVATE | MAP_ANONYMOUS
-
-
-class CheckSkipped(Exception):
-    """The driver does not claim what this check needs."""
-
-
-@attrs.frozen
-class DriverSpec:
-    """A driver name plus probe parameters (``NAME[:key=value,...]``)."""
-
-    name: str
-    params: tuple[tuple[str, str], ...] = ()
-
-    @classmethod
-    def parse(cls, spec: str) -> DriverSpec:
-        name, params = parse_driver_spec(spec)
-        return cls(name, tuple(sorted(params.items())))
-
-    def __str__(self) -> str:
-        if not self.params:
-            return self.name
-        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
-
-    def driver(self, pm: Any = None) -> Driver:
-        return find_driver(pm or get_plugin_manager(), self.name)()
-
-    def capabilities(self, pm: Any = None) -> Capability:
-        return self.driver(pm).capabilities_for(**dict(self.params))
-
-    def machine(self) -> Machine:
-        return Machine(
-            MachineConfig(ram_bytes=256 << 20, swap_bytes=64 << 20, hugetlb_pages={2 << 20: 2})
-        )
-
-
-@attrs.define
-class Env:
-    """What a check works with: machine, device, process, mirror."""
-
-    spec: DriverSpec
-    machine: Machine
-    device: Device
-    proc: Process
-    mirror: Mirror
-    caps: Capability
-
-    def mmap(self, size: int, prot: int = RW, flags: int = ANON, **kw: Any) -> int:
-        return self.proc.mmap(size, prot, flags, **kw)
-
-    def check(self, addr: int, npages: int) -> None:
-        check_mirror(self.mirror, addr, npages)
-
-    def open(self, proc: Process) -> Mirror:
-        return self.device.open(proc)
-
-
-@contextmanager
-def environment(spec: DriverSpec, pm: Any = None) -> Iterator[Env]:
-    """Probe the driver on a fresh machine; close everything and check for leaks."""
-    pm = pm or get_plugin_manager()
-    caps = spec.capabilities(pm)
-    machine = spec.machine()
-    machine.plugin_manager = pm
-    device = machine.probe(spec.name, **dict(spec.params))
-    proc = machine.spawn()
-    mirror = device.open(proc)
-    env = Env(spec, machine, device, proc, mirror, caps)
-    yield env
-    mirror.close()
-    for p in list(machine.processes):
-        p.exit()
-    check_no_leaks(machine)
+from .env import (
+    ANON,
+    HUGE,
+    PAGE,
+    CheckSkipped,
+    DriverSpec,
+    Env,
+    close_environment,
+    environment,
+    open_environment,
+    pattern,
+)
+from .invariants import check_mirror
+from .races import RACES, race_check
 
 
 def needs(env: Env, cap: Capability) -> None:
@@ -126,10 +55,6 @@ def expect_error(exc: type[Exception], call: Callable[[], object], what: str) ->
     except exc:
         return
     raise AssertionError(f"{what} succeeded")
-
-
-def pattern(n: int, seed: int = 1) -> bytes:
-    return (np.arange(n, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()[:n]
 
 
 # ----- coherence ------------------------------------------------------------------------
@@ -447,6 +372,8 @@ CHECKS: dict[str, list[Callable[[DriverSpec], None]]] = {
     "teardown": [check_close_drops_everything, check_exit_with_mirror_open],
 }
 
+CHECKS["races"] = [race_check(race) for race in RACES]
+
 
 @attrs.frozen
 class CheckResult:
@@ -472,3 +399,20 @@ def all_checks() -> Iterator[tuple[str, Callable[[DriverSpec], None]]]:
     for area, checks in CHECKS.items():
         for check in checks:
             yield area, check
+
+
+__all__ = [
+    "CHECKS",
+    "CheckResult",
+    "CheckSkipped",
+    "DriverSpec",
+    "Env",
+    "all_checks",
+    "close_environment",
+    "environment",
+    "expect_error",
+    "needs",
+    "open_environment",
+    "pattern",
+    "run_check",
+]

@@ -494,6 +494,8 @@ class DmirrorFile(Mirror):
             self.pt[vpn + i] = (hmm_pfn_to_page(e), tag)
             self.stats.faults += 1
             self.stats.pages_mapped += 1
+        if sched.active() is not None:
+            sched.note("dpte", f"{self!r} maps {len(rng.hmm_pfns)} page(s) at {rng.start:#x}")
 
     # ----- migration to the device ----------------------------------------------------
     def _migration_windows(self, cmd: DmirrorCmd) -> list[tuple[Vma, int, int]]:
@@ -899,25 +901,25 @@ class DmirrorFile(Mirror):
         self.ioctl(uapi.HMM_DMIRROR_WRITE, DmirrorCmd(first, n, buf))
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
-        with self.mutex:
-            out: list[DevicePte | None] = []
-            for vpn in range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages):
-                entry = self.pt.get(vpn)
-                if entry is None:
-                    out.append(None)
-                    continue
-                pfn, tag = entry
-                out.append(
-                    DevicePte(
-                        vpn << PAGE_SHIFT,
-                        pfn,
-                        tag == TAG_WRITE,
-                        tag == TAG_ATOMIC,
-                        0,
-                        self.device.kind_of_page(pfn),
-                    )
+        # A debug read, lock-free on purpose (see Mirror.device_ptes).
+        out: list[DevicePte | None] = []
+        for vpn in range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages):
+            entry = self.pt.get(vpn)
+            if entry is None:
+                out.append(None)
+                continue
+            pfn, tag = entry
+            out.append(
+                DevicePte(
+                    vpn << PAGE_SHIFT,
+                    pfn,
+                    tag == TAG_WRITE,
+                    tag == TAG_ATOMIC,
+                    0,
+                    self.device.kind_of_page(pfn),
                 )
-            return out
+            )
+        return out
 
     def migrate_to_device(self, addr: int, npages: int) -> int:
         cmd = DmirrorCmd(addr, npages, bytearray(npages << PAGE_SHIFT))

@@ -12,7 +12,6 @@ import errno
 import hmmsim
 import numpy as np
 import pytest
-from hmmsim import sched
 from hmmsim.drivers.dmirror import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_EXCLUSIVE,
@@ -33,6 +32,7 @@ from hmmsim.drivers.dmirror import (
     HMM_DMIRROR_SNAPSHOT,
     HMM_DMIRROR_WRITE,
 )
+from hmmsim.explore import ScenarioRun, explore
 from hmmsim.gup import (
     FOLL_LONGTERM,
     FOLL_WRITE,
@@ -41,6 +41,8 @@ from hmmsim.gup import (
     put_page,
     unpin_user_page,
 )
+from hmmsim.scheduler import BoundedDFS
+from hmmsim.testing.invariants import check_mirror
 from hmmtest import ANON, NTIMES, RW, H, HmmBuffer, N, P, dmirror_cmd, iota, new_buffer
 
 EINVAL, EFAULT, EPERM, ENOENT = -errno.EINVAL, -errno.EFAULT, -errno.EPERM, -errno.ENOENT
@@ -308,70 +310,49 @@ def test_anon_read_multiple(hmm):
         buf.free()
 
 
-class _MunmapAtPoint:
-    """A stand-in for a second CPU: at the k-th preemption point, munmap."""
-
-    def __init__(self, k, action):
-        self.k = k
-        self.action = action
-        self.seen = 0
-        self.fired = False
-
-    def current(self):
-        return "reader"
-
-    def point(self, label):
-        self.seen += 1
-        if self.seen == self.k and not self.fired:
-            self.fired = True
-            prev = sched.set_active(None)
-            try:
-                self.action()
-            finally:
-                sched.set_active(prev)
-
-    def block(self, reason, ready):
-        raise AssertionError(f"would sleep on {reason}")
-
-
 def test_anon_teardown(hmm):
-    """A munmap of the second half races a device READ; interleaved at every
-    preemption point the READ passes (instead of random sleeps)."""
+    """A munmap of the second half races a device READ. The kernel test relies
+    on random sleeps; here bounded DFS (k = 2) runs every interleaving of the
+    two, with the mirror invariants checked after every step."""
     proc = hmm.proc
-    # A dry run counts the preemption points one READ passes.
-    dry = new_buffer(proc, N)
-    dry.fill(iota(N * P // 4))
-    counter = _MunmapAtPoint(0, lambda: None)
-    prev = sched.set_active(counter)
-    try:
-        assert dmirror_cmd(hmm.fd, HMM_DMIRROR_READ, dry, N) == 0
-    finally:
-        sched.set_active(prev)
-    dry.free()
-    npoints = counter.seen
-    outcomes = set()
-    for k in range(1, npoints + 2):  # the last one: munmap after the READ
-        c = k % NTIMES
+    mirror = hmm.fd  # the open dmirror file is its Mirror
+    outcomes: dict[int, int] = {}
+
+    def scenario() -> ScenarioRun:
+        c = len(outcomes) % NTIMES
         buf = new_buffer(proc, N)
         i = iota(N * P // 4) + c
         buf.fill(i)
         half = buf.size // 2
-        injector = _MunmapAtPoint(k, lambda b=buf, h=half: proc.munmap(b.ptr + h, h))
-        prev = sched.set_active(injector)
-        lock = proc.mm.mmap_lock
-        try:
-            ret = dmirror_cmd(hmm.fd, HMM_DMIRROR_READ, buf, N)
-        finally:
-            sched.set_active(prev)
-        assert not lock.readers and lock.writer is None
-        if ret == 0:
-            assert (buf.cpages, buf.faults) == (N, 1)
-            assert (buf.mirror_ints() == i).all()
-        outcomes.add(ret)
-        if not injector.fired:
+        got: dict[str, int] = {}
+
+        def reader() -> None:
+            got["ret"] = dmirror_cmd(hmm.fd, HMM_DMIRROR_READ, buf, N)
+
+        def unmapper() -> None:
             proc.munmap(buf.ptr + half, half)
-        proc.munmap(buf.ptr, half)
-    assert npoints > 5 and outcomes == {0, EFAULT}
+
+        def check() -> None:
+            check_mirror(mirror, buf.ptr, N, data=False)
+
+        def final(_result: object) -> None:
+            ret = got["ret"]
+            lock = proc.mm.mmap_lock
+            assert not lock.readers and lock.writer is None
+            if ret == 0:
+                assert (buf.cpages, buf.faults) == (N, 1)
+                assert (buf.mirror_ints() == i).all()
+            else:
+                assert ret == EFAULT
+            outcomes[ret] = outcomes.get(ret, 0) + 1
+            proc.munmap(buf.ptr, half)
+
+        return ScenarioRun([("reader", reader), ("munmap", unmapper)], check=check, final=final)
+
+    result = explore(scenario, BoundedDFS(bound=2), max_schedules=5000)
+    assert result.exhausted and not result.failures, result.failures[:1]
+    assert result.schedules > 5
+    assert set(outcomes) == {0, EFAULT}
 
 
 def test_mixedmap(hmm):

@@ -1,0 +1,120 @@
+"""The environment a conformance check runs in: a driver spec, a fresh machine, a mirror.
+
+``DriverSpec`` names a driver and its probe parameters; ``open_environment``
+probes it on a small machine, spawns a process and opens a mirror;
+``close_environment`` tears it all down and checks that nothing leaked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import numpy as np
+
+from .. import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from ..driver import Capability, Device, Driver, Mirror
+from ..machine import Machine, MachineConfig
+from ..mm.process import Process
+from ..plugins import DRIVERS_GROUP, find_driver, get_plugin_manager, parse_driver_spec
+from .invariants import check_mirror, check_no_leaks, check_notifier_contract
+
+PAGE = 4096
+HUGE = 2 << 20
+RW = PROT_READ | PROT_WRITE
+ANON = MAP_PRIVATE | MAP_ANONYMOUS
+
+
+@attrs.frozen
+class DriverSpec:
+    """A driver name plus probe parameters (``NAME[:key=value,...]``)."""
+
+    name: str
+    params: tuple[tuple[str, str], ...] = ()
+    #: The entry-point group the driver comes from (the bug zoo has its own).
+    group: str = DRIVERS_GROUP
+
+    @classmethod
+    def parse(cls, spec: str, group: str = DRIVERS_GROUP) -> DriverSpec:
+        name, params = parse_driver_spec(spec)
+        return cls(name, tuple(sorted(params.items())), group)
+
+    def plugin_manager(self) -> Any:
+        """A plugin manager that knows this driver."""
+        return get_plugin_manager(group=self.group)
+
+    def __str__(self) -> str:
+        if not self.params:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.params)
+
+    def driver(self, pm: Any = None) -> Driver:
+        return find_driver(pm or self.plugin_manager(), self.name)()
+
+    def capabilities(self, pm: Any = None) -> Capability:
+        return self.driver(pm).capabilities_for(**dict(self.params))
+
+    def machine(self) -> Machine:
+        return Machine(
+            MachineConfig(ram_bytes=256 << 20, swap_bytes=64 << 20, hugetlb_pages={2 << 20: 2})
+        )
+
+
+@attrs.define
+class Env:
+    """What a check works with: machine, device, process, mirror."""
+
+    spec: DriverSpec
+    machine: Machine
+    device: Device
+    proc: Process
+    mirror: Mirror
+    caps: Capability
+
+    def mmap(self, size: int, prot: int = RW, flags: int = ANON, **kw: Any) -> int:
+        return self.proc.mmap(size, prot, flags, **kw)
+
+    def check(self, addr: int, npages: int) -> None:
+        check_mirror(self.mirror, addr, npages)
+
+    def open(self, proc: Process) -> Mirror:
+        return self.device.open(proc)
+
+
+def open_environment(spec: DriverSpec, pm: Any = None) -> Env:
+    """Probe the driver on a fresh machine, spawn a process and open a mirror on it."""
+    pm = pm or spec.plugin_manager()
+    caps = spec.capabilities(pm)
+    machine = spec.machine()
+    machine.plugin_manager = pm
+    device = machine.probe(spec.name, **dict(spec.params))
+    proc = machine.spawn()
+    mirror = device.open(proc)
+    return Env(spec, machine, device, proc, mirror, caps)
+
+
+def close_environment(env: Env) -> None:
+    """Close the mirror, let every process exit, and check that nothing leaked."""
+    env.mirror.close()
+    for p in list(env.machine.processes):
+        p.exit()
+    check_no_leaks(env.machine)
+    check_notifier_contract(env.machine)
+
+
+@contextmanager
+def environment(spec: DriverSpec, pm: Any = None) -> Iterator[Env]:
+    """Probe the driver on a fresh machine; close everything and check for leaks."""
+    env = open_environment(spec, pm)
+    yield env
+    close_environment(env)
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return (np.arange(n, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()[:n]
+
+
+class CheckSkipped(Exception):
+    """The driver does not claim what this check needs."""

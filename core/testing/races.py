@@ -1,0 +1,422 @@
+"""Race scenarios: a device access against a CPU page-table change, every interleaving.
+
+Kernel counterpart: the window the ``mmu_interval_read_begin`` →
+``hmm_range_fault`` → driver lock → ``mmu_interval_read_retry`` protocol
+exists for (hmm-core.md §2), which the kernel's ``anon_teardown`` test pokes
+with random sleeps. Here each race is a scenario of two actors run by the
+deterministic scheduler: the device side goes through the generic ``Mirror``
+interface, the CPU side is one mm operation. After every step the mirror
+invariants (``check_mirror``) must hold; at the end the data each side sees
+must be one that some serial order of the two could produce, and nothing may
+leak.
+
+``RACES`` lists them; ``race_scenario(spec, race)`` builds the scenario for
+``explore``; ``explore_race`` runs it with bounded DFS (k = 2) when its
+schedule space is small, else with PCT under a fixed budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+
+from .. import MADV_DONTNEED, MADV_HUGEPAGE, MADV_PAGEOUT, PROT_READ
+from ..driver import Capability, Mirror
+from ..errors import BadAddress, HmmsimError
+from ..explore import ExploreResult, Scenario, ScenarioRun, explore
+from ..scheduler import PCT, BoundedDFS
+from .env import (
+    HUGE,
+    PAGE,
+    CheckSkipped,
+    DriverSpec,
+    Env,
+    close_environment,
+    open_environment,
+    pattern,
+)
+from .invariants import check_mirror, check_notifier_contract
+
+#: Pages each race touches.
+NPAGES = 4
+OLD_SEED, NEW_SEED = 1, 7
+
+#: DFS gives up (and PCT takes over) beyond this many schedules.
+DFS_LIMIT = 3000
+PCT_BUDGET = 300
+
+
+@attrs.define
+class RaceState:
+    """One instance of a race: its environment and what each side observed."""
+
+    env: Env
+    addr: int
+    npages: int = NPAGES
+    mirrors: list[Mirror] = attrs.field(factory=list)
+    device_result: object = None
+    device_error: HmmsimError | None = None
+    extra: dict[str, Any] = attrs.field(factory=dict)
+
+    def pages(self, data: bytes) -> list[bytes]:
+        return [data[i * PAGE : (i + 1) * PAGE] for i in range(self.npages)]
+
+    @property
+    def old(self) -> list[bytes]:
+        return self.pages(pattern(self.npages * PAGE, OLD_SEED))
+
+    @property
+    def new(self) -> list[bytes]:
+        return self.pages(pattern(self.npages * PAGE, NEW_SEED))
+
+    def cpu_pages(self, proc: Any = None) -> list[bytes]:
+        return self.pages((proc or self.env.proc).read(self.addr, self.npages * PAGE))
+
+
+@attrs.frozen
+class Race:
+    """A device access (``device``) against a CPU operation (``cpu``)."""
+
+    name: str
+    needs: Capability
+    #: The device actor's access: "read" or "write".
+    access: str
+    #: The CPU actor.
+    cpu: Callable[[RaceState], None]
+    #: Checks at the end: raise AssertionError if no serial order explains it.
+    outcome: Callable[[RaceState], None]
+    #: Device-access errors the race can legitimately produce.
+    tolerated: tuple[type[HmmsimError], ...] = ()
+    #: Place the buffer in a THP.
+    huge: bool = False
+    #: Map the pages on the device before the race starts (else the device
+    #: access faults them in while the CPU side runs: the retry window).
+    premap: bool = False
+    doc: str = ""
+
+
+def _each_page_one_of(got: list[bytes], *allowed: list[bytes], what: str) -> None:
+    for i, page in enumerate(got):
+        if not any(page == choice[i] for choice in allowed):
+            raise AssertionError(f"{what}: page {i} holds data no serial order produces")
+
+
+def _device_read_is(st: RaceState, *allowed: list[bytes]) -> None:
+    if st.device_error is None and st.device_result is not None:
+        assert isinstance(st.device_result, bytes)
+        _each_page_one_of(st.pages(st.device_result), *allowed, what="device read")
+
+
+# ----- the CPU sides and the outcomes ---------------------------------------------------------
+
+
+def _munmap(st: RaceState) -> None:
+    st.env.proc.munmap(st.addr, st.npages * PAGE)
+
+
+def _after_munmap(st: RaceState) -> None:
+    _device_read_is(st, st.old)
+
+
+def _mprotect_ro(st: RaceState) -> None:
+    st.env.proc.mprotect(st.addr, st.npages * PAGE, PROT_READ)
+
+
+def _after_write(st: RaceState) -> None:
+    got = st.cpu_pages()
+    if st.device_error is None:
+        assert got == st.new, "the device write succeeded but the CPU does not see it"
+    else:
+        _each_page_one_of(got, st.old, st.new, what="CPU after a failed device write")
+
+
+def _fork(st: RaceState) -> None:
+    st.extra["child"] = st.env.proc.fork()
+
+
+def _after_fork(st: RaceState) -> None:
+    assert st.device_error is None, f"device write failed: {st.device_error}"
+    assert st.cpu_pages() == st.new, "the parent does not see the device's write"
+    # The child sees, page by page, the data as of the fork.
+    _each_page_one_of(st.cpu_pages(st.extra["child"]), st.old, st.new, what="fork child")
+
+
+def _dontneed(st: RaceState) -> None:
+    st.env.proc.madvise(st.addr, st.npages * PAGE, MADV_DONTNEED)
+
+
+def _after_dontneed(st: RaceState) -> None:
+    zero = [bytes(PAGE)] * st.npages
+    _device_read_is(st, st.old, zero)
+    assert st.cpu_pages() == zero
+
+
+def _move_pages(st: RaceState) -> None:
+    st.env.proc.move_pages(st.addr, st.npages)
+
+
+def _pageout(st: RaceState) -> None:
+    st.env.proc.madvise(st.addr, st.npages * PAGE, MADV_PAGEOUT)
+
+
+def _data_kept(st: RaceState) -> None:
+    _device_read_is(st, st.old)
+    assert st.cpu_pages() == st.old, "the CPU lost data"
+
+
+def _split_thp(st: RaceState) -> None:
+    # Unmapping the THP's last page splits its PMD: PTE-mapped THP from now on.
+    st.env.proc.munmap(st.addr + HUGE - PAGE, PAGE)
+
+
+def _second_device_migrates(st: RaceState) -> None:
+    other = st.extra["other"]
+    other.migrate_to_device(st.addr, st.npages)
+
+
+def _open_and_read(st: RaceState) -> None:
+    m = st.env.device.open(st.env.proc)
+    st.mirrors.append(m)
+    st.extra["late_read"] = m.read(st.addr, st.npages * PAGE)
+
+
+def _after_late_open(st: RaceState) -> None:
+    zero = [bytes(PAGE)] * st.npages
+    _device_read_is(st, st.old, zero)
+    _each_page_one_of(st.pages(st.extra["late_read"]), st.old, zero, what="new mirror's read")
+
+
+def _close_second(st: RaceState) -> None:
+    st.extra["other_mirror"].close()
+
+
+def _after_close(st: RaceState) -> None:
+    m = st.extra["other_mirror"]
+    assert all(p is None for p in m.device_ptes(st.addr, st.npages)), "closed mirror maps pages"
+    _after_dontneed(st)
+
+
+RACES: list[Race] = [
+    Race(
+        "read_vs_munmap",
+        Capability.READ,
+        "read",
+        _munmap,
+        _after_munmap,
+        (BadAddress,),
+        doc="a device read against munmap of its pages",
+    ),
+    Race(
+        "write_vs_mprotect",
+        Capability.WRITE,
+        "write",
+        _mprotect_ro,
+        _after_write,
+        (HmmsimError,),
+        doc="a device write against mprotect(PROT_READ)",
+    ),
+    Race(
+        "write_vs_fork",
+        Capability.WRITE,
+        "write",
+        _fork,
+        _after_fork,
+        doc="a device write against fork's write-protection (COW)",
+    ),
+    Race(
+        "read_vs_dontneed",
+        Capability.READ,
+        "read",
+        _dontneed,
+        _after_dontneed,
+        doc="a device read against MADV_DONTNEED",
+    ),
+    Race(
+        "read_vs_page_migration",
+        Capability.READ,
+        "read",
+        _move_pages,
+        _data_kept,
+        doc="a device read against move_pages",
+    ),
+    Race(
+        "read_vs_reclaim",
+        Capability.READ,
+        "read",
+        _pageout,
+        _data_kept,
+        doc="a device read against reclaim (MADV_PAGEOUT)",
+    ),
+    Race(
+        "read_vs_thp_split",
+        Capability.READ,
+        "read",
+        _split_thp,
+        _data_kept,
+        huge=True,
+        doc="a device read of a THP against the split of its PMD",
+    ),
+    Race(
+        "write_vs_second_device_migration",
+        Capability.WRITE | Capability.MIGRATE,
+        "write",
+        _second_device_migrates,
+        _after_write,
+        doc="a device write against a second device migrating the pages to itself",
+    ),
+    Race(
+        "notifier_insert_vs_invalidation",
+        Capability.READ,
+        "read",
+        _open_and_read,
+        _after_late_open,
+        premap=False,
+        doc="opening a mirror (notifier insert) and reading against MADV_DONTNEED",
+    ),
+    Race(
+        "notifier_remove_vs_invalidation",
+        Capability.READ,
+        "read",
+        _close_second,
+        _after_close,
+        premap=True,
+        doc="closing a mirror (notifier remove) against MADV_DONTNEED",
+    ),
+]
+
+# The last two put the CPU operation (MADV_DONTNEED) on the device's side of
+# the table: their "cpu" actor is the notifier change, and the device actor is
+# replaced below by the invalidation.
+_NOTIFIER_RACES = {"notifier_insert_vs_invalidation", "notifier_remove_vs_invalidation"}
+
+
+def race_by_name(name: str) -> Race:
+    for race in RACES:
+        if race.name == name:
+            return race
+    raise KeyError(f"no race named {name!r}; known: {', '.join(r.name for r in RACES)}")
+
+
+def applicable(spec: DriverSpec, race: Race, pm: Any = None) -> bool:
+    caps = spec.capabilities(pm)
+    return (race.needs & caps) == race.needs
+
+
+def _setup(spec: DriverSpec, race: Race, pm: Any) -> RaceState:
+    env = open_environment(spec, pm)
+    n = NPAGES
+    if race.huge:
+        raw = env.mmap(2 * HUGE)
+        a = (raw + HUGE - 1) & ~(HUGE - 1)
+        env.proc.madvise(a, HUGE, MADV_HUGEPAGE)
+        env.proc.write(a, pattern(HUGE, OLD_SEED))
+    else:
+        a = env.mmap(n * PAGE)
+        env.proc.write(a, pattern(n * PAGE, OLD_SEED))
+    st = RaceState(env, a, n, [env.mirror])
+    if race.premap:
+        env.mirror.read(a, n * PAGE)
+    if race.name == "write_vs_second_device_migration":
+        other_dev = env.machine.probe(spec.name, **dict(spec.params))
+        st.extra["other"] = other_dev.open(env.proc)
+        st.mirrors.append(st.extra["other"])
+    if race.name == "notifier_remove_vs_invalidation":
+        m = env.device.open(env.proc)
+        m.read(a, n * PAGE)
+        st.extra["other_mirror"] = m
+        st.mirrors.append(m)
+    return st
+
+
+def _device_actor(st: RaceState, race: Race) -> Callable[[], None]:
+    def device() -> None:
+        try:
+            if race.access == "write":
+                st.env.mirror.write(st.addr, pattern(st.npages * PAGE, NEW_SEED))
+            else:
+                st.device_result = st.env.mirror.read(st.addr, st.npages * PAGE)
+        except race.tolerated as exc:
+            st.device_error = exc
+
+    return device
+
+
+def race_scenario(spec: DriverSpec, race: Race, pm: Any = None) -> Scenario:
+    """The scenario ``explore`` runs: fresh state, two actors, checks."""
+    pm = pm or spec.plugin_manager()
+
+    def scenario() -> ScenarioRun:
+        st = _setup(spec, race, pm)
+        if race.name in _NOTIFIER_RACES:
+            actors = [("notifier", lambda: race.cpu(st)), ("cpu", lambda: _dontneed(st))]
+        else:
+            actors = [("device", _device_actor(st, race)), ("cpu", lambda: race.cpu(st))]
+
+        def check() -> None:
+            for m in st.mirrors:
+                check_mirror(m, st.addr, st.npages)
+            check_notifier_contract(st.env.machine)
+
+        def final(_result: object) -> None:
+            race.outcome(st)
+            for m in st.mirrors:
+                check_mirror(m, st.addr, st.npages)
+                if m is not st.env.mirror:
+                    m.close()
+            close_environment(st.env)
+
+        return ScenarioRun(actors, check=check, final=final, state=st)
+
+    return scenario
+
+
+def explore_race(
+    spec: DriverSpec,
+    race: Race,
+    *,
+    pm: Any = None,
+    bound: int = 2,
+    dfs_limit: int = DFS_LIMIT,
+    pct_budget: int = PCT_BUDGET,
+    seed: int = 0,
+    stop_at_first: bool = True,
+) -> ExploreResult:
+    """Bounded DFS when the space fits in ``dfs_limit`` schedules, else PCT (depth 2)."""
+    scenario = race_scenario(spec, race, pm)
+    result = explore(scenario, BoundedDFS(bound), dfs_limit, stop_at_first=stop_at_first)
+    if result.exhausted or result.failures:
+        return result
+    pct = explore(
+        scenario,
+        PCT(seed=seed, depth=3, steps=max(result.steps // max(result.schedules, 1), 10)),
+        pct_budget,
+        stop_at_first=stop_at_first,
+    )
+    pct.schedules += result.schedules
+    pct.steps += result.steps
+    pct.seconds += result.seconds
+    return pct
+
+
+def race_check(race: Race) -> Callable[[DriverSpec], None]:
+    """The race as a conformance check: every schedule explored must pass."""
+
+    def check(spec: DriverSpec) -> None:
+        if not applicable(spec, race):
+            raise CheckSkipped(f"{spec} does not claim {race.needs!r}")
+        result = explore_race(spec, race)
+        if result.failures:
+            f = result.failures[0]
+            raise AssertionError(
+                f"{race.name}: {f.description} after {f.run + 1} schedule(s); "
+                f"replay with: hmmsim explore {race.name} --driver {spec} --replay {f.schedule}"
+                f"\n{f.trace}"
+            )
+
+    check.race = race  # type: ignore[attr-defined]  # the bug zoo explores it directly
+    check.__name__ = f"check_race_{race.name}"
+    check.__qualname__ = check.__name__
+    check.__doc__ = f"Race: {race.doc}; every interleaving keeps the invariants."
+    return check
