@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="driver to check (repeatable); default: every installed driver",
     )
     check.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    check.add_argument(
+        "--bugzoo",
+        action="store_true",
+        help="run the suite on every deliberately broken driver of the bug zoo instead",
+    )
     exp = sub.add_parser(
         "explore", help="explore (or replay) the interleavings of one race scenario"
     )
@@ -178,6 +183,35 @@ def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_FAILED if res.failures else EXIT_OK
 
 
+def cmd_bugzoo(names: list[str], out: TextIO) -> int:
+    """The suite on every mutant: caught or not, by which check, after how many schedules."""
+    import time
+
+    from .testing.bugzoo import MUTANTS, run_zoo
+
+    known = {m.name for m in MUTANTS}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UsageError(f"no mutant named {unknown[0]!r} (see hmmsim check --bugzoo)")
+    t0 = time.perf_counter()
+    rows = []
+    for r in run_zoo(names or None):
+        schedules = "-" if r.schedules is None else str(r.schedules)
+        rows.append(
+            (r.mutant, "yes" if r.caught else "NO", r.check or "-", schedules, f"{r.seconds:.1f}s")
+        )
+        print(
+            f"{r.mutant}: {'caught by ' + r.check if r.caught else 'NOT caught'}",
+            file=out,
+            flush=True,
+        )
+    print(file=out)
+    _table(["mutant", "caught", "by", "schedules", "time"], rows, out)
+    caught = sum(row[1] == "yes" for row in rows)
+    print(f"\nkill rate: {caught}/{len(rows)} in {time.perf_counter() - t0:.1f}s", file=out)
+    return EXIT_OK if caught == len(rows) else EXIT_FAILED
+
+
 def cmd_check(specs_text: list[str], json_path: str | None, out: TextIO) -> int:
     from .testing.checks import CheckResult, all_checks, run_check
     from .testing.plugin import installed_specs
@@ -230,6 +264,8 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "drivers":
             return cmd_drivers(out)
         if args.command == "check":
+            if args.bugzoo:
+                return cmd_bugzoo(args.driver, out)
             return cmd_check(args.driver, args.json, out)
         if args.command == "explore":
             return cmd_explore(args, out)

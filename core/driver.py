@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import abc
 import enum
-import itertools
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import attrs
@@ -146,9 +145,6 @@ class Mirror(abc.ABC):
         raise NotSupported(f"{type(self).__name__} has no exclusive access")
 
 
-_owners = itertools.count(1)
-
-
 class Device(abc.ABC):
     """One probed device of a driver, on one machine."""
 
@@ -159,7 +155,7 @@ class Device(abc.ABC):
         self.driver = driver
         self.machine = machine
         #: The cookie the device uses as ``pgmap->owner`` and range owner.
-        self.owner_id = next(_owners)
+        self.owner_id = machine.new_device_id()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(#{self.owner_id})"

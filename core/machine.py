@@ -85,6 +85,10 @@ class Machine:
     plugin_manager: Any = None
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
     _pids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    #: Names of mms and devices count per machine, so a replayed run is
+    #: named (and traced) exactly like the original.
+    _mm_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
+    _device_ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1))
 
     def __attrs_post_init__(self) -> None:
         cfg = self.config
@@ -118,6 +122,12 @@ class Machine:
         return mid
 
     # ----- processes and files ----------------------------------------------
+    def new_mm_id(self) -> int:
+        return next(self._mm_ids)
+
+    def new_device_id(self) -> int:
+        return next(self._device_ids)
+
     def spawn(self) -> Process:
         """A new process with an empty address space."""
         from .mm.process import Process

@@ -6,8 +6,9 @@ another CPU may interleave with the running one.
 
 Every lock in hmmsim is one of these, so that a deterministic scheduler can
 take control of interleavings: when a scheduler is active (see
-``Scheduler``), ``point()``, a contended acquire and a ``WaitQueue`` sleep hand
-control to it. Outside a scheduler they are plain, cheap bookkeeping: an
+``Scheduler``), ``point()``, a contended acquire, every release (where a
+waiter may get the lock first) and a ``WaitQueue`` sleep hand control to it.
+Outside a scheduler they are plain, cheap bookkeeping: an
 uncontended acquire is a few attribute writes, ``point()`` is one global read,
 and a contended acquire or an unsatisfiable wait raises ``Deadlock`` (there is
 no other CPU that could ever release it).
@@ -130,6 +131,7 @@ class Mutex:
         self.holder = None
         if _active is not None:
             _record("unlock", self.name)
+            _active.point(f"{self.name}:released")
 
     def held(self) -> bool:
         """True if the running actor holds the lock (``lockdep_is_held``)."""
@@ -178,6 +180,8 @@ class RwSem:
             del self.readers[me]
         else:
             self.readers[me] = count - 1
+        if _active is not None:
+            _active.point(f"{self.name}:up_read")
 
     def down_write(self) -> None:
         me = current()
@@ -193,6 +197,8 @@ class RwSem:
         if self.writer != current():
             raise RuntimeError(f"{self.name}: up_write by a non-holder")
         self.writer = None
+        if _active is not None:
+            _active.point(f"{self.name}:up_write")
 
     def held_read(self) -> bool:
         return current() in self.readers

@@ -7,7 +7,6 @@ subscriptions and flags such as ``MMF_UNSTABLE`` (set by the OOM reaper).
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING
 
 import attrs
@@ -20,15 +19,15 @@ if TYPE_CHECKING:
     from ..machine import Machine
     from ..notifier import Subscriptions
 
-_mm_ids = itertools.count(1)
-
 
 @attrs.define(eq=False, repr=False)
 class AddressSpace:
     """An mm: VMAs, page tables, ``mmap_lock`` and notifier subscriptions."""
 
     machine: Machine
-    id: int = attrs.field(factory=_mm_ids.__next__)
+    id: int = attrs.field(
+        default=attrs.Factory(lambda self: self.machine.new_mm_id(), takes_self=True)
+    )
     pt: PageTable = attrs.field(factory=PageTable)
     vmas: VmaSet = attrs.field(factory=VmaSet)
     mmap_lock: RwSem = attrs.field(init=False)

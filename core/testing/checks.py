@@ -186,7 +186,9 @@ def check_invalidate_on_munmap(spec: DriverSpec) -> None:
         needs(env, Capability.READ)
         a = _mapped(env, 8)
         env.proc.munmap(a + 2 * PAGE, 4 * PAGE)
-        assert all(p is None for p in env.mirror.device_ptes(a + 2 * PAGE, 4))
+        assert all(p is None for p in env.mirror.device_ptes(a + 2 * PAGE, 4)), (
+            "the device still maps pages after munmap"
+        )
         env.check(a, 8)
         expect_error(
             BadAddress,

@@ -56,7 +56,11 @@ class DriverSpec:
     def capabilities(self, pm: Any = None) -> Capability:
         return self.driver(pm).capabilities_for(**dict(self.params))
 
-    def machine(self) -> Machine:
+    def machine(self, small: bool = False) -> Machine:
+        """The checks' machine; ``small`` for the race scenarios, built thousands
+        of times (no hugetlb pool, less RAM to index)."""
+        if small:
+            return Machine(MachineConfig(ram_bytes=32 << 20, swap_bytes=8 << 20))
         return Machine(
             MachineConfig(ram_bytes=256 << 20, swap_bytes=64 << 20, hugetlb_pages={2 << 20: 2})
         )
@@ -83,11 +87,11 @@ class Env:
         return self.device.open(proc)
 
 
-def open_environment(spec: DriverSpec, pm: Any = None) -> Env:
+def open_environment(spec: DriverSpec, pm: Any = None, *, small: bool = False) -> Env:
     """Probe the driver on a fresh machine, spawn a process and open a mirror on it."""
     pm = pm or spec.plugin_manager()
     caps = spec.capabilities(pm)
-    machine = spec.machine()
+    machine = spec.machine(small)
     machine.plugin_manager = pm
     device = machine.probe(spec.name, **dict(spec.params))
     proc = machine.spawn()

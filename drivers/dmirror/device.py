@@ -484,6 +484,9 @@ class DmirrorFile(Mirror):
 
     def _do_fault(self, rng: HmmRange, write: bool) -> None:
         """``dmirror_do_fault``: program the device page table from ``hmm_pfns``."""
+        # Held: the driver lock. Another CPU may run meanwhile; its invalidate
+        # must wait for the lock (or, if non-blockable, be refused).
+        sched.point("dmirror:programming")
         vpn = rng.start >> PAGE_SHIFT
         for i, e in enumerate(rng.hmm_pfns.tolist()):
             if e & HMM_PFN_ERROR or not e & HMM_PFN_VALID:

@@ -41,7 +41,7 @@ from hmmsim.gup import (
     put_page,
     unpin_user_page,
 )
-from hmmsim.scheduler import BoundedDFS
+from hmmsim.scheduler import PCT, BoundedDFS
 from hmmsim.testing.invariants import check_mirror
 from hmmtest import ANON, NTIMES, RW, H, HmmBuffer, N, P, dmirror_cmd, iota, new_buffer
 
@@ -310,16 +310,13 @@ def test_anon_read_multiple(hmm):
         buf.free()
 
 
-def test_anon_teardown(hmm):
-    """A munmap of the second half races a device READ. The kernel test relies
-    on random sleeps; here bounded DFS (k = 2) runs every interleaving of the
-    two, with the mirror invariants checked after every step."""
+def _anon_teardown_scenario(hmm, outcomes: dict[int, int]):
+    """A munmap of the second half races a device READ of the whole buffer."""
     proc = hmm.proc
     mirror = hmm.fd  # the open dmirror file is its Mirror
-    outcomes: dict[int, int] = {}
 
     def scenario() -> ScenarioRun:
-        c = len(outcomes) % NTIMES
+        c = sum(outcomes.values()) % NTIMES
         buf = new_buffer(proc, N)
         i = iota(N * P // 4) + c
         buf.fill(i)
@@ -333,12 +330,14 @@ def test_anon_teardown(hmm):
             proc.munmap(buf.ptr + half, half)
 
         def check() -> None:
-            check_mirror(mirror, buf.ptr, N, data=False)
+            # The half being unmapped is where a stale device entry would be.
+            check_mirror(mirror, buf.ptr + half, N // 2, data=False)
 
         def final(_result: object) -> None:
             ret = got["ret"]
             lock = proc.mm.mmap_lock
             assert not lock.readers and lock.writer is None
+            check_mirror(mirror, buf.ptr, N)
             if ret == 0:
                 assert (buf.cpages, buf.faults) == (N, 1)
                 assert (buf.mirror_ints() == i).all()
@@ -349,9 +348,25 @@ def test_anon_teardown(hmm):
 
         return ScenarioRun([("reader", reader), ("munmap", unmapper)], check=check, final=final)
 
-    result = explore(scenario, BoundedDFS(bound=2), max_schedules=5000)
+    return scenario
+
+
+def test_anon_teardown(hmm):
+    """The kernel test relies on random sleeps; here PCT (depth 3) picks the
+    interleavings, deterministically, with the invariants checked at every step."""
+    outcomes: dict[int, int] = {}
+    result = explore(_anon_teardown_scenario(hmm, outcomes), PCT(seed=1, depth=3, steps=150), 30)
+    assert not result.failures, result.failures[:1]
+    assert set(outcomes) == {0, EFAULT}
+
+
+def test_anon_teardown_at_every_single_preemption(hmm):
+    """Bounded DFS, k = 1: the munmap lands at every preemption point of the
+    READ (and the READ at every point of the munmap)."""
+    outcomes: dict[int, int] = {}
+    result = explore(_anon_teardown_scenario(hmm, outcomes), BoundedDFS(bound=1), 5000)
     assert result.exhausted and not result.failures, result.failures[:1]
-    assert result.schedules > 5
+    assert result.schedules > 50
     assert set(outcomes) == {0, EFAULT}
 
 

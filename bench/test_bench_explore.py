@@ -1,0 +1,92 @@
+"""Race exploration throughput, and the cost of the scheduling primitives outside it.
+
+* ``scheduler``: a 2-actor scenario of 50 steps with a trivial check — the
+  scheduler's own overhead (greenlet switches, strategy, trace);
+* ``race``: the ``read_vs_munmap`` race on dmirror, its whole bounded-DFS
+  (k = 2) space, invariants checked after every step — schedules per second
+  is in ``extra_info``;
+* ``primitives A/B``: a device fault path (first-touch read of 1 MiB through
+  dmirror) with the real ``sched`` primitives and with them replaced by bare
+  no-ops, in the same process: the difference is what the scheduling hooks
+  cost when no scheduler runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hmmsim
+import pytest
+from hmmsim import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE, sched
+from hmmsim.explore import ScenarioRun, explore
+from hmmsim.scheduler import BoundedDFS, RandomWalk
+from hmmsim.testing.checks import DriverSpec
+from hmmsim.testing.races import race_by_name, race_scenario
+
+PAGE = 4096
+
+
+def _fifty_step_scenario() -> ScenarioRun:
+    state = {"n": 0}
+
+    def actor() -> None:
+        for _ in range(24):
+            state["n"] += 1
+            sched.point("step")
+
+    def check() -> None:
+        assert state["n"] <= 48
+
+    return ScenarioRun([("a", actor), ("b", actor)], check=check)
+
+
+def test_bench_scheduler_two_actors_fifty_steps(benchmark: Any) -> None:
+    result = benchmark(lambda: explore(_fifty_step_scenario, RandomWalk(seed=1), 200))
+    assert result.schedules == 200 and not result.failures
+    assert result.steps == 200 * 50
+    benchmark.extra_info["schedules_per_second"] = result.schedules_per_second
+
+
+def test_bench_race_read_vs_munmap_whole_space(benchmark: Any) -> None:
+    scenario = race_scenario(DriverSpec.parse("dmirror"), race_by_name("read_vs_munmap"))
+    result = benchmark(lambda: explore(scenario, BoundedDFS(2), 10_000))
+    assert result.exhausted and not result.failures
+    benchmark.extra_info["schedules"] = result.schedules
+    benchmark.extra_info["steps_per_schedule"] = result.steps / result.schedules
+    benchmark.extra_info["schedules_per_second"] = result.schedules_per_second
+
+
+class _NoOpMutex:
+    def acquire(self) -> None:
+        self.holder = "main"
+
+    def release(self) -> None:
+        self.holder = None
+
+
+def _fault_path() -> Any:
+    m = hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=64 << 20))
+    dev = m.probe("dmirror")
+    proc = m.spawn()
+    mirror = dev.open(proc)
+    a = proc.mmap(1 << 20, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS)
+    proc.write(a, b"x" * (1 << 20))
+
+    def run() -> None:
+        mirror.read(a, 1 << 20)
+        proc.madvise(a, 1 << 20, hmmsim.MADV_DONTNEED)  # next round faults again
+        proc.write(a, b"x" * (1 << 20))
+
+    return run
+
+
+@pytest.mark.parametrize("primitives", ["real", "no-op"])
+def test_bench_primitives_outside_a_scheduler(
+    benchmark: Any, primitives: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _fault_path()
+    if primitives == "no-op":
+        monkeypatch.setattr(sched, "point", lambda label: None)
+        monkeypatch.setattr(sched.Mutex, "acquire", _NoOpMutex.acquire)
+        monkeypatch.setattr(sched.Mutex, "release", _NoOpMutex.release)
+    benchmark(run)

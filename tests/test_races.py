@@ -1,0 +1,55 @@
+"""Race scenarios: the reference driver survives every explored interleaving;
+a broken one is reported with a schedule id that replays the failure."""
+
+from __future__ import annotations
+
+import pytest
+from hmmsim.explore import explore, replay
+from hmmsim.plugins import BUGZOO_GROUP
+from hmmsim.scheduler import BoundedDFS
+from hmmsim.testing.checks import CHECKS, DriverSpec
+from hmmsim.testing.races import RACES, explore_race, race_by_name, race_scenario
+
+DMIRROR = DriverSpec.parse("dmirror")
+NO_RETRY = DriverSpec("zoo_dmirror_no_read_retry", (), BUGZOO_GROUP)
+
+
+def test_every_race_is_a_conformance_check():
+    names = [c.__name__ for c in CHECKS["races"]]
+    assert names == [f"check_race_{r.name}" for r in RACES]
+
+
+@pytest.mark.parametrize("race", [r.name for r in RACES])
+def test_dmirror_race_space_is_small_enough_for_exhaustive_dfs(race):
+    result = explore_race(DMIRROR, race_by_name(race))
+    assert result.exhausted, f"{race}: {result.schedules} schedules, not exhausted"
+    assert not result.failures
+    assert result.schedules >= 9
+
+
+def test_a_failing_schedule_replays_to_the_same_failure_and_trace():
+    scenario = race_scenario(NO_RETRY, race_by_name("read_vs_munmap"))
+    result = explore(scenario, BoundedDFS(2), 1000, stop_at_first=True)
+    (failure,) = result.failures
+    assert "but the CPU maps nothing there" in failure.description
+    again = replay(scenario, failure.schedule)
+    assert again.describe() == failure.description
+    assert again.format_trace() == failure.trace
+
+
+def test_the_race_check_names_the_replay_command():
+    check = next(c for c in CHECKS["races"] if c.__name__ == "check_race_read_vs_munmap")
+    with pytest.raises(AssertionError) as info:
+        check(NO_RETRY)
+    text = str(info.value)
+    assert "hmmsim explore read_vs_munmap --driver zoo_dmirror_no_read_retry --replay " in text
+    assert " dpte " in text  # the trace shows the stale device PTE being written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["dmirror", "dmirror:memory=coherent"])
+@pytest.mark.parametrize("race", [r.name for r in RACES])
+def test_dmirror_survives_every_schedule_with_three_preemptions(spec, race):
+    scenario = race_scenario(DriverSpec.parse(spec), race_by_name(race))
+    result = explore(scenario, BoundedDFS(3), 20_000)
+    assert result.exhausted and not result.failures, result.failures[:1]
