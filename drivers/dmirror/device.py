@@ -146,6 +146,9 @@ class DmirrorDevice(Device):
         self.pgmap_type = MEMORY_DEVICE_PRIVATE if memory == "private" else MEMORY_DEVICE_COHERENT
         self.chunks: list[_Chunk] = []
         self.free_pages: list[int] = []
+        #: Pages never handed out yet, as ranges taken from the front: a new
+        #: chunk costs nothing until its pages are used.
+        self.fresh_pages: list[range] = []
         self.free_folios: list[int] = []
         self.calloc = 0
         self.cfree = 0
@@ -168,20 +171,32 @@ class DmirrorDevice(Device):
         if with_folios:
             self.free_folios.extend(range(r.stop - PMD_PAGES, r.start - 1, -PMD_PAGES))
         else:
-            self.free_pages.extend(range(r.stop - 1, r.start - 1, -1))
+            self.fresh_pages.append(r)
         return True
+
+    def _take_free(self, order: int) -> int | None:
+        """A free page (freed ones first, last freed first) or folio, or None."""
+        free = self.free_folios if order else self.free_pages
+        if free:
+            return free.pop()
+        while not order and self.fresh_pages:
+            r = self.fresh_pages[-1]
+            if len(r):
+                self.fresh_pages[-1] = r[1:]
+                return r[0]
+            self.fresh_pages.pop()
+        return None
 
     def alloc_page(self, mirror: DmirrorFile | None, order: int) -> int | None:
         """``dmirror_devmem_alloc_page``: a locked device page or folio, or None."""
         if mirror is not None and mirror.flags & uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC:
             mirror.flags &= ~uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC  # one shot
             return None
-        free = self.free_folios if order else self.free_pages
-        if not free and not self._add_chunk(with_folios=bool(order)):
+        pfn = self._take_free(order)
+        if pfn is None and self._add_chunk(with_folios=bool(order)):
+            pfn = self._take_free(order)
+        if pfn is None:
             return None
-        if not free:
-            return None
-        pfn = free.pop()
         zone_device_page_init(self.machine, pfn, order)
         self.machine.phys.folio_lock(pfn)
         self.calloc += 1 << order
@@ -259,11 +274,13 @@ class DmirrorDevice(Device):
                 chunk.removing = True
                 r = chunk.pfns
                 self.free_pages = [p for p in self.free_pages if p not in r]
+                self.fresh_pages = [f for f in self.fresh_pages if not (f and f[0] in r)]
                 self.free_folios = [p for p in self.free_folios if p not in r]
                 self.evict_chunk(chunk)
                 memunmap_pages(chunk.pgmap)
             self.chunks.clear()
             self.free_pages.clear()
+            self.fresh_pages.clear()
             self.free_folios.clear()
 
     def remove(self) -> None:
