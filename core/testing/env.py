@@ -60,7 +60,7 @@ class DriverSpec:
         """The checks' machine; ``small`` for the race scenarios, built thousands
         of times (no hugetlb pool, less RAM to index)."""
         if small:
-            return Machine(MachineConfig(ram_bytes=32 << 20, swap_bytes=8 << 20))
+            return Machine(MachineConfig(ram_bytes=16 << 20, swap_bytes=1 << 20))
         return Machine(
             MachineConfig(ram_bytes=256 << 20, swap_bytes=64 << 20, hugetlb_pages={2 << 20: 2})
         )
