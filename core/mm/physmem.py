@@ -27,6 +27,7 @@ batch in one vectorised call.
 
 from __future__ import annotations
 
+import mmap
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -178,7 +179,9 @@ class FrameAllocator:
 class PageArena:
     """Page contents by pfn, in segments: RAM first, then each device memory range.
 
-    Each segment is one ``np.zeros`` block, which the host maps lazily. A
+    Each segment is one anonymous ``mmap`` of the host, zero-filled lazily
+    page by page (``np.zeros`` may instead take a recycled heap block and
+    clear all of it, a cost paid per machine whatever is touched). A
     gather or scatter that stays inside one segment (the usual case) is one
     fancy-indexing operation.
     """
@@ -191,7 +194,8 @@ class PageArena:
     def add(self, start: int, npages: int) -> None:
         self.starts.append(start)
         self.ends.append(start + npages)
-        self.blocks.append(np.zeros((npages, PAGE_SIZE), dtype=np.uint8))
+        area = mmap.mmap(-1, npages * PAGE_SIZE)
+        self.blocks.append(np.frombuffer(area, dtype=np.uint8).reshape(npages, PAGE_SIZE))
 
     def _segment(self, pfns: NDArray[np.int64]) -> int:
         """Index of the one segment holding all ``pfns``, or -1 if they straddle."""

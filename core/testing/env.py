@@ -7,6 +7,7 @@ probes it on a small machine, spawns a process and opens a mirror;
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -116,7 +117,10 @@ def environment(spec: DriverSpec, pm: Any = None) -> Iterator[Env]:
     close_environment(env)
 
 
+@functools.lru_cache(maxsize=64)
 def pattern(n: int, seed: int = 1) -> bytes:
+    """``n`` bytes that differ from page to page and from seed to seed (cached:
+    the race scenarios ask for the same ones thousands of times)."""
     return (np.arange(n, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()[:n]
 
 
