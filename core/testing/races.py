@@ -378,8 +378,10 @@ def race_scenario(spec: DriverSpec, race: Race, pm: Any = None) -> Scenario:
             actors = [("device", _device_actor(st, race)), ("cpu", _cpu_actor(st, race))]
 
         def check() -> None:
+            # Per step, identity of pages is enough: a device entry that maps
+            # the CPU's page reads the CPU's data. Contents are compared at the end.
             for m in st.mirrors:
-                check_mirror(m, st.addr, st.npages)
+                check_mirror(m, st.addr, st.npages, data=False)
             check_notifier_contract(st.env.machine)
 
         def final(_result: object) -> None:
