@@ -119,6 +119,9 @@ class {cls}Mirror(Mirror):
                     for i, e in enumerate(rng.hmm_pfns.tolist()):
                         self.pt[lo // PAGE + i] = (hmm_pfn_to_page(e), bool(e & HMM_PFN_WRITE))
                     self.stats.pages_mapped += len(rng.hmm_pfns)
+                    if sched.active() is not None:  # the explorer's trace
+                        n = len(rng.hmm_pfns)
+                        sched.note("dpte", f"{name} maps {{n}} page(s) at {{lo:#x}}")
                 break
         self.stats.fault_rounds += 1
 
