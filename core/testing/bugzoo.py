@@ -29,7 +29,7 @@ from ..hookspecs import hookimpl
 from ..newdriver import class_name, render_module
 from ..plugins import BUGZOO_GROUP, get_plugin_manager
 from .checks import CheckSkipped, DriverSpec, all_checks
-from .races import explore_race
+from .races import applicable, explore_race
 
 
 @attrs.frozen
@@ -336,8 +336,6 @@ def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, int | None, str]:
     for area, check in all_checks():
         race = getattr(check, "race", None)
         if race is not None:
-            from .races import applicable
-
             if not applicable(spec, race, pm):
                 continue
             result = explore_race(spec, race, pm=pm)

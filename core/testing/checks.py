@@ -16,7 +16,6 @@ import attrs
 
 from .. import (
     MADV_DONTNEED,
-    MADV_HUGEPAGE,
     MADV_PAGEOUT,
     MAP_ANONYMOUS,
     MAP_HUGETLB,
@@ -115,9 +114,7 @@ def check_transparent_huge_pages(spec: DriverSpec) -> None:
     """THP-backed memory reads and writes coherently."""
     with environment(spec) as env:
         needs(env, Capability.WRITE)
-        a = env.mmap(2 * HUGE)
-        a = (a + HUGE - 1) & ~(HUGE - 1) if a % HUGE else a
-        env.proc.madvise(a, HUGE, MADV_HUGEPAGE)
+        a = env.thp_region()
         env.proc.write(a, pattern(PAGE))
         assert env.proc.pagemap(a, 1)[0].order == 9
         env.mirror.write(a + 100 * PAGE, pattern(PAGE, 2))
@@ -268,9 +265,7 @@ def check_invalidate_on_thp_split(spec: DriverSpec) -> None:
     """After a PMD split the device maps no more than 4 KiB where the CPU maps 4 KiB."""
     with environment(spec) as env:
         needs(env, Capability.READ)
-        a = env.mmap(2 * HUGE)
-        a = (a + HUGE - 1) & ~(HUGE - 1) if a % HUGE else a
-        env.proc.madvise(a, HUGE, MADV_HUGEPAGE)
+        a = env.thp_region()
         env.proc.write(a, pattern(HUGE))
         env.mirror.read(a, HUGE)
         env.check(a, HUGE // PAGE)

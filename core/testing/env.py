@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from .. import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from .. import MADV_HUGEPAGE, MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from ..driver import Capability, Device, Driver, Mirror
 from ..machine import Machine, MachineConfig
 from ..mm.process import Process
@@ -80,6 +80,12 @@ class Env:
 
     def mmap(self, size: int, prot: int = RW, flags: int = ANON, **kw: Any) -> int:
         return self.proc.mmap(size, prot, flags, **kw)
+
+    def thp_region(self) -> int:
+        """A 2 MiB-aligned, MADV_HUGEPAGE region of 2 MiB (its first fault makes a THP)."""
+        a = (self.mmap(2 * HUGE) + HUGE - 1) & ~(HUGE - 1)
+        self.proc.madvise(a, HUGE, MADV_HUGEPAGE)
+        return a
 
     def check(self, addr: int, npages: int) -> None:
         check_mirror(self.mirror, addr, npages)

@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from .. import MADV_DONTNEED, MADV_HUGEPAGE, MADV_PAGEOUT, PROT_READ
+from .. import MADV_DONTNEED, MADV_PAGEOUT, PROT_READ
 from ..driver import Capability, Mirror
 from ..errors import BadAddress, HmmsimError, NoEntry
 from ..explore import ExploreResult, Scenario, ScenarioRun, explore
@@ -97,6 +97,11 @@ class Race:
     #: access faults them in while the CPU side runs: the retry window).
     premap: bool = False
     doc: str = ""
+    #: More set-up once the buffer exists (a second device, a second mirror).
+    prepare: Callable[[RaceState], None] | None = None
+    #: Replaces the device access as the first actor (named ``first_name``).
+    first: Callable[[RaceState], None] | None = None
+    first_name: str = "device"
 
 
 def _each_page_one_of(got: list[bytes], *allowed: list[bytes], what: str) -> None:
@@ -171,6 +176,20 @@ def _data_kept(st: RaceState) -> None:
 def _split_thp(st: RaceState) -> None:
     # Unmapping the THP's last page splits its PMD: PTE-mapped THP from now on.
     st.env.proc.munmap(st.addr + HUGE - PAGE, PAGE)
+
+
+def _probe_second_device(st: RaceState) -> None:
+    spec = st.env.spec
+    other = st.env.machine.probe(spec.name, **dict(spec.params)).open(st.env.proc)
+    st.extra["other"] = other
+    st.mirrors.append(other)
+
+
+def _open_second_mirror(st: RaceState) -> None:
+    m = st.env.device.open(st.env.proc)
+    m.read(st.addr, st.npages * PAGE)
+    st.extra["other_mirror"] = m
+    st.mirrors.append(m)
 
 
 def _second_device_migrates(st: RaceState) -> None:
@@ -277,32 +296,34 @@ RACES: list[Race] = [
         # dmirror's MIGRATE_TO_DEV reads the pages back through its own page
         # table and says ENOENT when the racing write already took some back.
         cpu_tolerated=(NoEntry,),
+        prepare=_probe_second_device,
         doc="a device write against a second device migrating the pages to itself",
     ),
+    # The notifier races put the notifier change in the device's seat, against
+    # MADV_DONTNEED.
     Race(
         "notifier_insert_vs_invalidation",
         Capability.READ,
         "read",
-        _open_and_read,
+        _dontneed,
         _after_late_open,
-        premap=False,
+        first=_open_and_read,
+        first_name="notifier",
         doc="opening a mirror (notifier insert) and reading against MADV_DONTNEED",
     ),
     Race(
         "notifier_remove_vs_invalidation",
         Capability.READ,
         "read",
-        _close_second,
+        _dontneed,
         _after_close,
         premap=True,
+        prepare=_open_second_mirror,
+        first=_close_second,
+        first_name="notifier",
         doc="closing a mirror (notifier remove) against MADV_DONTNEED",
     ),
 ]
-
-# The last two put the CPU operation (MADV_DONTNEED) on the device's side of
-# the table: their "cpu" actor is the notifier change, and the device actor is
-# replaced below by the invalidation.
-_NOTIFIER_RACES = {"notifier_insert_vs_invalidation", "notifier_remove_vs_invalidation"}
 
 
 def race_by_name(name: str) -> Race:
@@ -321,9 +342,7 @@ def _setup(spec: DriverSpec, race: Race, pm: Any) -> RaceState:
     env = open_environment(spec, pm, small=True)
     n = NPAGES
     if race.huge:
-        raw = env.mmap(2 * HUGE)
-        a = (raw + HUGE - 1) & ~(HUGE - 1)
-        env.proc.madvise(a, HUGE, MADV_HUGEPAGE)
+        a = env.thp_region()
         env.proc.write(a, pattern(HUGE, OLD_SEED))
     else:
         a = env.mmap(n * PAGE)
@@ -331,15 +350,8 @@ def _setup(spec: DriverSpec, race: Race, pm: Any) -> RaceState:
     st = RaceState(env, a, n, [env.mirror])
     if race.premap:
         env.mirror.read(a, n * PAGE)
-    if race.name == "write_vs_second_device_migration":
-        other_dev = env.machine.probe(spec.name, **dict(spec.params))
-        st.extra["other"] = other_dev.open(env.proc)
-        st.mirrors.append(st.extra["other"])
-    if race.name == "notifier_remove_vs_invalidation":
-        m = env.device.open(env.proc)
-        m.read(a, n * PAGE)
-        st.extra["other_mirror"] = m
-        st.mirrors.append(m)
+    if race.prepare is not None:
+        race.prepare(st)
     return st
 
 
@@ -372,10 +384,9 @@ def race_scenario(spec: DriverSpec, race: Race, pm: Any = None) -> Scenario:
 
     def scenario() -> ScenarioRun:
         st = _setup(spec, race, pm)
-        if race.name in _NOTIFIER_RACES:
-            actors = [("notifier", lambda: race.cpu(st)), ("cpu", lambda: _dontneed(st))]
-        else:
-            actors = [("device", _device_actor(st, race)), ("cpu", _cpu_actor(st, race))]
+        first = race.first
+        first_actor = (lambda: first(st)) if first is not None else _device_actor(st, race)
+        actors = [(race.first_name, first_actor), ("cpu", _cpu_actor(st, race))]
 
         def check() -> None:
             # Per step, identity of pages is enough: a device entry that maps
@@ -408,7 +419,7 @@ def explore_race(
     seed: int = 0,
     stop_at_first: bool = True,
 ) -> ExploreResult:
-    """Bounded DFS when the space fits in ``dfs_limit`` schedules, else PCT (depth 2)."""
+    """Bounded DFS when the space fits in ``dfs_limit`` schedules, else PCT (depth 3)."""
     scenario = race_scenario(spec, race, pm)
     result = explore(scenario, BoundedDFS(bound), dfs_limit, stop_at_first=stop_at_first)
     if result.exhausted or result.failures:

@@ -531,6 +531,19 @@ class DmirrorFile(Mirror):
             addr = nxt
         return out
 
+    def _migrate_args(self, vma: Vma, start: int, end: int, flags: int) -> MigrateVma:
+        """Empty src/dst arrays for one window, this device as the pgmap owner."""
+        n = (end - start) >> PAGE_SHIFT
+        return MigrateVma(
+            vma,
+            start,
+            end,
+            np.zeros(n, dtype=_U64),
+            np.zeros(n, dtype=_U64),
+            pgmap_owner=self.device,
+            flags=flags,
+        )
+
     def cmd_migrate_to_dev(self, cmd: DmirrorCmd) -> None:
         size = cmd.npages << PAGE_SHIFT
         self._buffer(cmd, size)
@@ -539,15 +552,8 @@ class DmirrorFile(Mirror):
         try:
             with self.mm.mmap_lock.read():
                 for vma, start, end in self._migration_windows(cmd):
-                    n = (end - start) >> PAGE_SHIFT
-                    args = MigrateVma(
-                        vma,
-                        start,
-                        end,
-                        np.zeros(n, dtype=_U64),
-                        np.zeros(n, dtype=_U64),
-                        pgmap_owner=self.device,
-                        flags=MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND,
+                    args = self._migrate_args(
+                        vma, start, end, MIGRATE_VMA_SELECT_SYSTEM | MIGRATE_VMA_SELECT_COMPOUND
                     )
                     migrate_vma_setup(args)
                     self._alloc_and_copy_to_device(args)
@@ -739,16 +745,7 @@ class DmirrorFile(Mirror):
         try:
             with self.mm.mmap_lock.read():
                 for vma, start, end in self._migration_windows(cmd):
-                    n = (end - start) >> PAGE_SHIFT
-                    args = MigrateVma(
-                        vma,
-                        start,
-                        end,
-                        np.zeros(n, dtype=_U64),
-                        np.zeros(n, dtype=_U64),
-                        pgmap_owner=self.device,
-                        flags=flags,
-                    )
+                    args = self._migrate_args(vma, start, end, flags)
                     migrate_vma_setup(args)
                     if not self._alloc_and_copy_to_ram(args):
                         migrate_vma_finalize(args)
