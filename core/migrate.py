@@ -578,26 +578,26 @@ def migrate_device_pages(
     _migrate_pages(machine, args, None)
 
 
-def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.bool_]:
+def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.int64]:
     """``folio_migrate_mapping`` for order-0 anonymous/device pages in one pass.
 
-    Returns the entries it decided (the generic loop skips them).
+    Returns the selected entries it left undecided, for the generic loop.
     """
     phys = machine.phys
     src, dst = _entries(args)
-    n = args.npages
-    s = src[:n]
-    d = dst[:n]
-    todo = (s & U64(MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID)) == U64(
-        MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID
-    )
+    # Only selected entries matter; a sparse src (an evicted device chunk with
+    # a few pages in use) costs one pass over the array, then its few entries.
+    selected = np.flatnonzero(src[: args.npages] & U64(MIGRATE_PFN_MIGRATE))
+    s = src[selected]
+    d = dst[selected]
+    todo = (s & U64(MIGRATE_PFN_VALID)) != 0
     todo &= (d & U64(MIGRATE_PFN_VALID)) != 0
     todo &= ((s | d) & U64(MIGRATE_PFN_COMPOUND)) == 0
     if not todo.any():
-        return todo
-    idx = np.flatnonzero(todo)
-    spage = (s[idx] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
-    dpage = (d[idx] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+        return selected
+    pos = np.flatnonzero(todo)  # positions in ``selected``
+    spage = (s[pos] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    dpage = (d[pos] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
     sflags = phys.flags[spage]
     simple = (sflags & PG_anon) != 0  # anonymous (RAM or device): no page cache
     simple &= (sflags & PG_swapcache) == 0
@@ -605,7 +605,8 @@ def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.
     for start, end, pgmap in phys.pgmaps:
         if pgmap.type not in (MEMORY_DEVICE_PRIVATE, MEMORY_DEVICE_COHERENT):
             simple &= ~((dpage >= start) & (dpage < end))
-    idx, spage, dpage = idx[simple], spage[simple], dpage[simple]
+    pos, spage, dpage = pos[simple], spage[simple], dpage[simple]
+    idx = selected[pos]
     fault_head = phys.head(args.fault_page) if args.fault_page is not None else -1
     extra = 1 + (spage == fault_head)
     ok = (phys.refcount[spage] == extra) & (phys.mapcount[spage] == 0)
@@ -616,21 +617,16 @@ def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.
     phys.flags[dp] = (phys.flags[dp] & keep) | (phys.flags[sp] & moved)
     phys.mapping[dp] = phys.mapping[sp]
     phys.index[dp] = phys.index[sp]
-    decided = np.zeros(n, dtype=np.bool_)
-    decided[idx] = True
-    return decided
+    undecided = np.ones(len(selected), dtype=np.bool_)
+    undecided[pos] = False
+    return selected[undecided]
 
 
 def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
-    decided = _migrate_pages_vectorised(machine, args)
+    todo = _migrate_pages_vectorised(machine, args)
     src, dst = _entries(args)
     stack = None  # the MIGRATE invalidation, started at the first hole filled
-    # Only selected entries need work; a sparse src (an evicted device chunk
-    # with a few pages in use) must not cost a Python step per page.
-    todo = np.flatnonzero(
-        ~decided[: args.npages] & ((src[: args.npages] & U64(MIGRATE_PFN_MIGRATE)) != 0)
-    )
-    pending = [int(x) for x in todo[::-1]]  # a stack, lowest index on top
+    pending = todo[::-1].tolist()  # a stack, lowest index on top
     try:
         while pending:
             i = pending.pop()

@@ -6,7 +6,14 @@ import hmmsim
 import numpy as np
 import pytest
 from hmmsim.mm import pagetable as ptm
-from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, FrameAllocator, PG_zeroed, PhysMem
+from hmmsim.mm.physmem import (
+    HUGE_ZERO_PFN,
+    ZERO_PFN,
+    FrameAllocator,
+    PG_zeroed,
+    PG_zone_device,
+    PhysMem,
+)
 from hmmsim.trace import Costs
 
 
@@ -115,3 +122,45 @@ def test_unaligned_walk_over_several_tables():
     w = pt.walk(999, 2003)
     assert w.pfns()[1:2001].tolist() == vpns.tolist()
     assert w.entries[0] == 0 and w.entries[-1] == 0
+
+
+def test_walk_inside_one_chunk_matches_the_walk_across_chunks():
+    # A walk inside one 2 MiB chunk takes a scalar fast path; every field must
+    # equal the slice of a walk over several chunks, for each way a chunk maps.
+    pt = ptm.PageTable()
+    pt.set_ptes(512 + 3, np.array([ptm.make_present(77), ptm.make_swap(5)], dtype=np.uint64))
+    pt.set(pt.pmd_loc(1024, alloc=True), ptm.make_present(4096, huge=True))
+    pt.set(pt.pud_loc(1 << 18, alloc=True), ptm.make_present(1 << 18, huge=True))
+    cases = [(0, 0, 512), (512, 512, 512), (1024, 1024, 512), (1 << 18, (1 << 18) + 512, 512)]
+    cases.append((1 << 28, 1 << 28, 512))  # no PUD table at all
+    for first, vpn, n in cases:
+        whole = pt.walk(first - 512 if first else 0, 2048)
+        base = vpn - whole.vpn
+        for off, length in [(0, n), (3, 2), (511, 1), (100, 300)]:
+            one = pt.walk(vpn + off, length)
+            assert one.entries.tolist() == whole.entries[base + off : base + off + length].tolist()
+            assert one.level.tolist() == whole.level[base + off : base + off + length].tolist()
+            assert one.loc.tolist() == whole.loc[base + off : base + off + length].tolist()
+            assert one.pfns().tolist() == whole.pfns()[base + off : base + off + length].tolist()
+            assert one.order.tolist() == whole.order[base + off : base + off + length].tolist()
+            assert one.huge == bool(whole.level[base + off : base + off + length].any())
+            assert pt.walk(vpn + off, length, per_page=False).entries.size == 0
+
+
+def test_device_ranges_beyond_the_metadata_reserve_keep_earlier_metadata():
+    phys = PhysMem(16 << 20, store_data=True, costs=Costs())
+    ram = phys.ram_pages
+    first = phys.add_device_range(8, pgmap="a")
+    phys.refcount[first] = 3
+    phys.write_pages(np.array([first], dtype=np.int64), np.full((1, 4096), 9, dtype=np.uint8))
+    # More device memory than the reserve: the metadata moves, keeping its values.
+    big = phys.add_device_range(2 * (1 << 18), pgmap="b")
+    assert first == ram and big > first
+    assert phys.capacity == big + 2 * (1 << 18)
+    assert len(phys.refcount) == len(phys.flags) == phys.capacity
+    assert phys.refcount[first] == 3
+    assert phys.flags[first] & PG_zone_device and phys.flags[big + 5] & PG_zone_device
+    assert phys.read_pages(np.array([first], dtype=np.int64))[0, 0] == 9
+    assert phys.pgmap_of(big + 1) == "b" and phys.pgmap_of(first + 1) == "a"
+    with pytest.raises(IndexError):
+        phys.refcount[phys.capacity]

@@ -557,6 +557,8 @@ class PageTable:
             raise ValueError("empty walk")
         c0 = vpn >> PMD_ORDER
         c1 = (vpn + npages - 1) >> PMD_ORDER
+        if c0 == c1:
+            return self._walk_one_chunk(vpn, npages, per_page)
         nc = c1 - c0 + 1
         ckind = np.zeros(nc, dtype=np.int8)
         ctable = np.zeros(nc, dtype=np.int64)
@@ -600,6 +602,39 @@ class PageTable:
             if leaf.any():
                 entries2d[leaf] = centry[leaf][:, None]
         entries = entries2d.reshape(-1)[off : off + npages]
+        return Walk(vpn, npages, entries, ckind, ctable, cloc, centry)
+
+    def _walk_one_chunk(self, vpn: int, npages: int, per_page: bool) -> Walk:
+        """``walk`` of a range inside one 2 MiB chunk: scalar descent, one slice.
+
+        Most walks (fault windows, races, small buffers) are this case, where
+        the general path's per-level array set-up would cost more than the walk.
+        """
+        flat = self.flat
+        kind, table, loc, entry = CHUNK_NONE, 0, -1, 0
+        pudloc = self.pud_loc(vpn)
+        if pudloc >= 0:
+            pude = int(flat[pudloc])
+            if pude != 0 and is_table_pointer(pude):
+                loc = pfn_of(pude) * PTRS_PER_TABLE + ((vpn >> PMD_ORDER) & 511)
+                pmde = int(flat[loc])
+                if pmde != 0 and is_table_pointer(pmde):
+                    kind, table = CHUNK_TABLE, pfn_of(pmde)
+                elif pmde != 0:
+                    kind, entry = CHUNK_PMD, pmde
+            elif pude != 0:
+                kind, entry, loc = CHUNK_PUD, pude, pudloc
+        ckind = np.array([kind], dtype=np.int8)
+        ctable = np.array([table], dtype=np.int64)
+        cloc = np.array([loc], dtype=np.int64)
+        centry = np.array([entry], dtype=U64)
+        if not per_page:
+            entries = np.empty(0, dtype=U64)
+        elif kind == CHUNK_TABLE:
+            off = vpn & 511
+            entries = self.rows[table, off : off + npages].copy()
+        else:
+            entries = np.full(npages, entry, dtype=U64)
         return Walk(vpn, npages, entries, ckind, ctable, cloc, centry)
 
     def ensure_ptes(self, vpn: int, npages: int) -> NDArray[np.int64]:

@@ -12,8 +12,10 @@ folio (so the head of any pfn is ``pfn & ~((1 << order) - 1)``), and
 mappings the way the kernel's large mapcount does: a PMD or PUD mapping counts
 once, every PTE mapping counts once. Each mapping holds one reference.
 
-Page contents live in a NumPy arena created with ``np.zeros`` (the host maps
-it lazily). A freshly allocated page is only *flagged* zero (``PG_zeroed``);
+The metadata arrays and the page contents live in anonymous host mappings
+(zero-filled lazily by the host), so device memory ranges added later extend
+the metadata without copying it, and untouched memory costs nothing. A
+freshly allocated page is only *flagged* zero (``PG_zeroed``);
 the arena row is cleared the first time the page is written, so untouched
 memory costs neither time nor host RAM. With ``store_data=False`` there is no
 arena: reads return zeros and writes are dropped (metadata-only runs).
@@ -63,6 +65,31 @@ ZERO_PFN: Final = 0
 HUGE_ZERO_PFN: Final = PMD_PAGES
 
 I64 = np.int64
+
+#: Host mappings for metadata and contents: private (shared anonymous memory
+#: is shmem, dearer to fault in and to free).
+_PRIVATE_ANON: Final = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+
+#: The folio metadata arrays, indexed by pfn.
+_META_FIELDS: Final = (
+    ("refcount", np.int32),
+    ("mapcount", np.int32),
+    ("order", np.uint8),
+    ("flags", np.uint16),
+    ("mapping", np.int32),
+    ("index", np.int64),
+)
+#: Metadata room reserved beyond RAM for device memory ranges (1 GiB of pages):
+#: ranges added within it cost no copy.
+DEVICE_RESERVE_PAGES: Final = 1 << 18
+
+
+def lazy_zeros(n: int, dtype: Any) -> NDArray[Any]:
+    """A zeroed array in its own anonymous host mapping, zero-filled page by page
+    on first touch (``np.zeros`` may take a recycled heap block and clear it all)."""
+    itemsize = np.dtype(dtype).itemsize
+    area = mmap.mmap(-1, max(n * itemsize, 1), flags=_PRIVATE_ANON)
+    return np.frombuffer(area, dtype=dtype, count=n)
 
 
 def as_pfns(pfns: NDArray[np.integer] | list[int] | int) -> NDArray[np.int64]:
@@ -194,7 +221,7 @@ class PageArena:
     def add(self, start: int, npages: int) -> None:
         self.starts.append(start)
         self.ends.append(start + npages)
-        area = mmap.mmap(-1, npages * PAGE_SIZE)
+        area = mmap.mmap(-1, npages * PAGE_SIZE, flags=_PRIVATE_ANON)
         self.blocks.append(np.frombuffer(area, dtype=np.uint8).reshape(npages, PAGE_SIZE))
 
     def _segment(self, pfns: NDArray[np.int64]) -> int:
@@ -255,12 +282,14 @@ class PhysMem:
         self.allocator = FrameAllocator(self.ram_pages)
         n = self.ram_pages
         self.capacity = n
-        self.refcount = np.zeros(n, dtype=np.int32)
-        self.mapcount = np.zeros(n, dtype=np.int32)
-        self.order = np.zeros(n, dtype=np.uint8)
-        self.flags = np.zeros(n, dtype=np.uint16)
-        self.mapping = np.zeros(n, dtype=np.int32)
-        self.index = np.zeros(n, dtype=np.int64)
+        self.refcount: NDArray[np.int32]
+        self.mapcount: NDArray[np.int32]
+        self.order: NDArray[np.uint8]
+        self.flags: NDArray[np.uint16]
+        self.mapping: NDArray[np.int32]
+        self.index: NDArray[np.int64]
+        self._meta: dict[str, NDArray[Any]] = {}
+        self._reserve_metadata(n + DEVICE_RESERVE_PAGES)
         self.arena: PageArena | None = PageArena() if store_data else None
         if self.arena is not None:
             self.arena.add(0, n)
@@ -317,16 +346,29 @@ class PhysMem:
             raise ValueError("a device range needs pages")
         start = (self.capacity + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
         end = start + ((npages + PMD_PAGES - 1) & ~(PMD_PAGES - 1))
-        grow = end - self.capacity
-        for name in ("refcount", "mapcount", "order", "flags", "mapping", "index"):
-            old = getattr(self, name)
-            setattr(self, name, np.concatenate([old, np.zeros(grow, dtype=old.dtype)]))
+        if end > len(self._meta["refcount"]):
+            self._reserve_metadata(max(end, 2 * len(self._meta["refcount"])))
         self.capacity = end
+        self._expose_metadata()
         if self.arena is not None:
             self.arena.add(start, end - start)
         self.flags[start:end] = PG_zone_device
         self.pgmaps.append((start, start + npages, pgmap))
         return start
+
+    def _reserve_metadata(self, npfns: int) -> None:
+        """Room for the metadata of ``npfns`` pfns (keeping what is there)."""
+        old = self._meta
+        self._meta = {name: lazy_zeros(npfns, dtype) for name, dtype in _META_FIELDS}
+        for name, arr in old.items():
+            self._meta[name][: self.capacity] = arr[: self.capacity]
+        self._expose_metadata()
+
+    def _expose_metadata(self) -> None:
+        # The public arrays are views of exactly ``capacity`` pfns, so an
+        # out-of-range pfn still raises IndexError.
+        for name, _ in _META_FIELDS:
+            setattr(self, name, self._meta[name][: self.capacity])
 
     def remove_device_range(self, pgmap: Any) -> None:
         self.pgmaps = [r for r in self.pgmaps if r[2] is not pgmap]

@@ -234,7 +234,9 @@ class DmirrorDevice(Device):
         """``dmirror_device_evict_chunk``: every page in use goes back to RAM."""
         machine = self.machine
         phys = machine.phys
-        n = len(chunk.pfns)
+        n = self._handed_out(chunk)
+        if n == 0:
+            return
         src = np.zeros(n, dtype=_U64)
         dst = np.zeros(n, dtype=_U64)
         migrate_device_range(machine, src, chunk.pfns.start, n)
@@ -262,6 +264,17 @@ class DmirrorDevice(Device):
             )
         migrate_device_pages(machine, src, dst, n)
         migrate_device_finalize(machine, src, dst, n)
+
+    def _handed_out(self, chunk: _Chunk) -> int:
+        """How many pages from the chunk's start may be in use: all but the
+        never-handed-out tail. (The kernel scans the whole chunk; the pages
+        of that tail have no references, so ``migrate_device_range`` would
+        skip them: leaving them out only saves scanning 64 Ki free pages.)"""
+        pfns = chunk.pfns
+        for fresh in self.fresh_pages:
+            if fresh.stop == pfns.stop and fresh.start >= pfns.start:
+                return fresh.start - pfns.start
+        return len(pfns)
 
     def evict_all(self) -> None:
         for chunk in list(self.chunks):
