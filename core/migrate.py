@@ -109,6 +109,11 @@ MIGRATE_VMA_SELECT_COMPOUND: Final = 1 << 3
 
 _I64 = np.int64
 
+#: Up to this many pages, collect/pages/finalize take the per-entry paths:
+#: array set-up costs more than it saves on a fault's one page (the
+#: vectorised paths pay off on migration windows of tens of pages and more).
+SCALAR_MAX_PAGES: Final = 8
+
 
 def migrate_pfn(pfn: int) -> int:
     return (pfn << MIGRATE_PFN_SHIFT) | MIGRATE_PFN_VALID
@@ -283,8 +288,8 @@ def _collect_pmd(
 
 
 def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
-    """Collect a range mapped by PTEs: vectorised unless a large folio is in it."""
-    if not _collect_ptes_vectorised(args, vma, lo, hi):
+    """Collect a range mapped by PTEs: vectorised unless small or a large folio is in it."""
+    if hi - lo <= SCALAR_MAX_PAGES or not _collect_ptes_vectorised(args, vma, lo, hi):
         _collect_ptes_one_by_one(args, vma, lo, hi)
 
 
@@ -585,6 +590,8 @@ def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.
     """
     phys = machine.phys
     src, dst = _entries(args)
+    if args.npages <= SCALAR_MAX_PAGES:
+        return np.flatnonzero(src[: args.npages] & U64(MIGRATE_PFN_MIGRATE))
     # Only selected entries matter; a sparse src (an evicted device chunk with
     # a few pages in use) costs one pass over the array, then its few entries.
     selected = np.flatnonzero(src[: args.npages] & U64(MIGRATE_PFN_MIGRATE))
@@ -883,8 +890,8 @@ def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
     phys = machine.phys
     src, dst = _entries(args)
     n = args.npages
-    if n == 0:
-        return
+    if n <= SCALAR_MAX_PAGES:
+        return  # the generic pass is cheaper
     s = src[:n]
     d = dst[:n]
     has = (s & U64(MIGRATE_PFN_VALID)) != 0

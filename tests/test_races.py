@@ -53,3 +53,36 @@ def test_dmirror_survives_every_schedule_with_three_preemptions(spec, race):
     scenario = race_scenario(DriverSpec.parse(spec), race_by_name(race))
     result = explore(scenario, BoundedDFS(3), 20_000)
     assert result.exhausted and not result.failures, result.failures[:1]
+
+
+def test_mirror_watch_reverifies_whenever_either_page_table_changes():
+    from hmmsim.testing.env import close_environment, open_environment
+    from hmmsim.testing.invariants import MirrorWatch
+
+    env = open_environment(DMIRROR, small=True)
+    a = env.mmap(4 * 4096)
+    env.proc.write(a, b"x" * 4 * 4096)
+    env.mirror.read(a, 4 * 4096)
+    watch = MirrorWatch(env.mirror, a, 4)
+    watch.check()
+    watch.check()  # unchanged: nothing to re-verify, still passes
+    pt = env.proc.mm.pt
+    loc0, e0, _ = pt.lookup(a >> 12)
+    loc1, e1, _ = pt.lookup((a >> 12) + 1)
+    # The CPU side changes under the device (a missed invalidation): caught.
+    pt.set(loc0, e1)
+    pt.set(loc1, e0)
+    with pytest.raises(AssertionError, match="device maps pfn"):
+        watch.check()
+    pt.set(loc0, e0)
+    pt.set(loc1, e1)
+    watch.check()
+    # The device side changes (a stale entry written): caught as well.
+    vpn = a >> 12
+    pfn, tag = env.mirror.pt[vpn]
+    env.mirror.pt[vpn] = (env.mirror.pt[vpn + 1][0], tag)
+    with pytest.raises(AssertionError, match="device maps pfn"):
+        watch.check()
+    env.mirror.pt[vpn] = (pfn, tag)
+    watch.check()
+    close_environment(env)

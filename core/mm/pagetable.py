@@ -294,6 +294,8 @@ CHUNK_NONE: Final = 0
 CHUNK_TABLE: Final = 1
 CHUNK_PMD: Final = 2
 CHUNK_PUD: Final = 3
+#: The level of the entry that maps a chunk's pages, by chunk kind.
+_CHUNK_LEVEL: Final = (LEVEL_PTE, LEVEL_PTE, LEVEL_PMD, LEVEL_PUD)
 
 
 @attrs.define(eq=False)
@@ -331,11 +333,15 @@ class Walk:
     @property
     def huge(self) -> bool:
         """Some page of the range is mapped by a PMD or PUD entry."""
+        if len(self.chunk_kind) == 1:
+            return int(self.chunk_kind[0]) >= CHUNK_PMD
         return bool((self.chunk_kind >= CHUNK_PMD).any())
 
     @property
     def level(self) -> NDArray[np.int8]:
         ck = self.chunk_kind
+        if len(ck) == 1:  # one chunk (the usual small walk): one level
+            return np.full(self.npages, _CHUNK_LEVEL[int(ck[0])], dtype=np.int8)
         lvl = np.where(ck == CHUNK_PUD, LEVEL_PUD, np.where(ck == CHUNK_PMD, LEVEL_PMD, 0))
         return self._expand(lvl.astype(np.int8))  # type: ignore[return-value]
 
@@ -343,12 +349,21 @@ class Walk:
     def order(self) -> NDArray[np.uint8]:
         """CPU mapping order of each page: 0 (PTE), 9 (PMD) or 18 (PUD)."""
         ck = self.chunk_kind
+        if len(ck) == 1:
+            return np.full(self.npages, LEVEL_ORDER[_CHUNK_LEVEL[int(ck[0])]], dtype=np.uint8)
         lvl = np.where(ck == CHUNK_PUD, PUD_ORDER, np.where(ck == CHUNK_PMD, PMD_ORDER, 0))
         return self._expand(lvl.astype(np.uint8))  # type: ignore[return-value]
 
     @property
     def loc(self) -> NDArray[np.int64]:
         ck = self.chunk_kind
+        if len(ck) == 1:
+            kind = int(ck[0])
+            if kind == CHUNK_TABLE:
+                first = int(self.chunk_table[0]) * PTRS_PER_TABLE + (self.vpn & 511)
+                return np.arange(first, first + self.npages, dtype=np.int64)
+            loc = int(self.chunk_loc[0]) if kind >= CHUNK_PMD else -1
+            return np.full(self.npages, loc, dtype=np.int64)
         loc2d = np.full((len(ck), PTRS_PER_TABLE), -1, dtype=np.int64)
         tab = ck == CHUNK_TABLE
         if tab.any():
@@ -368,6 +383,10 @@ class Walk:
     def pfns(self) -> NDArray[np.int64]:
         """pfn (or softleaf offset) per page, with the offset inside huge leaves added."""
         base = entry_pfn(self.entries)
+        if len(self.chunk_kind) == 1 and int(self.chunk_kind[0]) >= CHUNK_PMD:
+            nr = 1 << LEVEL_ORDER[_CHUNK_LEVEL[int(self.chunk_kind[0])]]
+            first = self.vpn & (nr - 1)
+            return base + np.arange(first, first + self.npages, dtype=np.int64)
         if self.huge:
             vpns = np.arange(self.vpn, self.vpn + self.npages, dtype=np.int64)
             order = self.order.astype(np.int64)

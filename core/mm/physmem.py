@@ -114,7 +114,10 @@ class FrameAllocator:
         if self.used[sl].any():
             raise ValueError("reserving frames that are in use")
         self.used[sl] = True
-        np.add.at(self.block_used, np.arange(pfn, pfn + count) >> PMD_ORDER, 1)
+        for block in range(pfn >> PMD_ORDER, ((pfn + count - 1) >> PMD_ORDER) + 1):
+            lo = max(pfn, block << PMD_ORDER)
+            hi = min(pfn + count, (block + 1) << PMD_ORDER)
+            self.block_used[block] += hi - lo
         self.nr_free -= count
 
     def alloc(self, order: int, count: int = 1) -> NDArray[np.int64]:

@@ -268,6 +268,12 @@ class Process:
             locs = walk.loc
             pt.flat[locs] |= U64(PTE_YOUNG | (PTE_DIRTY if write else 0))
             off = lo - (vpn0 << PAGE_SHIFT)
+            if write and off == 0 and hi - lo == n << PAGE_SHIFT:
+                # Whole pages overwritten: nothing of the old contents survives.
+                assert data is not None
+                stored = np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo - addr)
+                phys.write_pages(pfns, stored.reshape(n, PAGE_SIZE))
+                continue
             pages = phys.read_pages(pfns).reshape(-1)
             if write:
                 assert data is not None

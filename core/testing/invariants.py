@@ -31,35 +31,72 @@ from ..mm.pagetable import (
     PAGE_SIZE,
     PTE_WRITE,
     SWP_DEVICE_PRIVATE_WRITE,
+    Walk,
     softleaf_type,
 )
 
 if TYPE_CHECKING:
-    from ..driver import Mirror
+    from ..driver import DevicePte, Mirror
     from ..machine import Machine
 
 
 def check_mirror(mirror: Mirror, addr: int, npages: int, *, data: bool = True) -> None:
     """Check invariants 1-4 for [addr, addr + npages pages) of ``mirror``."""
     mm = mirror.process.mm
-    machine = mm.machine
-    phys = machine.phys
     ptes = mirror.device_ptes(addr, npages)
     if not any(p is not None for p in ptes):
         return
-    walk = mm.pt.walk(addr >> PAGE_SHIFT, npages)
+    _check_entries(mirror, addr, ptes, mm.pt.walk(addr >> PAGE_SHIFT, npages), data)
+
+
+class MirrorWatch:
+    """``check_mirror(data=False)`` of one range after every step of a run,
+    re-verifying only when something it depends on changed.
+
+    Invariants 1-3 are a function of the device's entries, the CPU's entries
+    (with the level that maps them) and which device owns which pfn (fixed
+    once memory is added), so a step that changed neither entry set cannot
+    break them: comparing both against the last verified state is exact.
+    """
+
+    def __init__(self, mirror: Mirror, addr: int, npages: int) -> None:
+        self.mirror = mirror
+        self.addr = addr
+        self.npages = npages
+        self._verified: tuple[object, ...] | None = None
+
+    def check(self) -> None:
+        ptes = self.mirror.device_ptes(self.addr, self.npages)
+        if not any(p is not None for p in ptes):
+            self._verified = None
+            return
+        walk = self.mirror.process.mm.pt.walk(self.addr >> PAGE_SHIFT, self.npages)
+        state = (walk.entries.tobytes(), walk.chunk_kind.tobytes(), tuple(ptes))
+        if state == self._verified:
+            return
+        _check_entries(self.mirror, self.addr, ptes, walk, data=False)
+        self._verified = state
+
+
+def _check_entries(
+    mirror: Mirror, addr: int, ptes: list[DevicePte | None], walk: Walk, data: bool
+) -> None:
+    phys = mirror.process.mm.machine.phys
     kinds = walk.kinds
     pfns = walk.pfns()
-    orders = walk.order
-    entries = walk.entries
+    # Python ints for the per-entry loop (numpy scalars are slow to compare).
+    kind_list = kinds.tolist()
+    pfn_list = pfns.tolist()
+    order_list = walk.order.tolist()
+    entry_list = walk.entries.tolist()
     owner = getattr(mirror, "device", None)
     for i, dpte in enumerate(ptes):
         if dpte is None:
             continue
+        kind = kind_list[i]
+        cpu_pfn = pfn_list[i]
+        e = entry_list[i]
         where = f"{dpte.addr:#x}"
-        kind = int(kinds[i])
-        cpu_pfn = int(pfns[i])
-        e = int(entries[i])
         if kind == KIND_PRESENT:
             cpu_writable = bool(e & PTE_WRITE)
         elif kind == KIND_DEVICE_PRIVATE:
@@ -86,8 +123,8 @@ def check_mirror(mirror: Mirror, addr: int, npages: int, *, data: bool = True) -
         )
         if dpte.writable:
             assert cpu_writable, f"device may write {where}, which the CPU maps read-only"
-        assert dpte.order <= int(orders[i]), (
-            f"device maps order {dpte.order} at {where} where the CPU maps order {orders[i]}"
+        assert dpte.order <= order_list[i], (
+            f"device maps order {dpte.order} at {where} where the CPU maps order {order_list[i]}"
         )
     if data:
         idx = [i for i, p in enumerate(ptes) if p is not None and kinds[i] != KIND_MIGRATION]

@@ -932,6 +932,8 @@ class DmirrorFile(Mirror):
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
         # A debug read, lock-free on purpose (see Mirror.device_ptes).
+        if not self.pt:
+            return [None] * npages
         out: list[DevicePte | None] = []
         for vpn in range(addr >> PAGE_SHIFT, (addr >> PAGE_SHIFT) + npages):
             entry = self.pt.get(vpn)
