@@ -38,7 +38,7 @@ def exit_mmap(mm: AddressSpace) -> None:
         mmu_notifier_release(mm)
         for vma in mm.vmas:
             unmap_vma(vma)
-        mm.pt = PageTable()  # every table is empty now: drop them all at once
+        mm.pt = PageTable(capacity=8)  # every table is empty now: drop them all at once
 
 
 def oom_reap(mm: AddressSpace) -> list[str]:

@@ -440,7 +440,9 @@ class Walk:
 class PageTable:
     """One mm's page tables: a pool of 512-entry tables, the PGD at row 0."""
 
-    def __init__(self, capacity: int = 64) -> None:
+    def __init__(self, capacity: int = 16) -> None:
+        # Small to start (an mm with a few mappings needs 4 tables per region);
+        # the pool doubles as tables are needed.
         capacity = max(8, capacity)
         self.rows: NDArray[np.uint64] = np.zeros((capacity, PTRS_PER_TABLE), dtype=U64)
         self.flat: NDArray[np.uint64] = self.rows.reshape(-1)

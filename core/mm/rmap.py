@@ -29,6 +29,7 @@ from .pagetable import (
     KIND_MIGRATION,
     KIND_PRESENT,
     KIND_PROTNONE,
+    LEVEL_PTE,
     PAGE_SHIFT,
     PTE_DIRTY,
     PTE_WRITE,
@@ -153,6 +154,20 @@ def rmap_walk(machine: Machine, head: int) -> Iterator[RmapHit]:
         hi = min(first_vpn + nr, vma.end_vpn)
         if lo >= hi:
             continue
+        if nr == 1:
+            # An order-0 folio (the common case): one entry to look at.
+            loc, e, level = vma.mm.pt.lookup(lo)
+            if level == LEVEL_PTE:
+                if loc >= 0 and kind_of(e) in _MAPPING_KINDS and pfn_of(e) == head:
+                    yield RmapHit(
+                        vma,
+                        np.array([lo], dtype=np.int64),
+                        np.array([head], dtype=np.int64),
+                        np.array([loc], dtype=np.int64),
+                        np.zeros(1, dtype=np.int8),
+                        np.array([e], dtype=np.uint64),
+                    )
+                continue
         walk = vma.mm.pt.walk(lo, hi - lo)
         kinds = walk.kinds
         pfns = walk.pfns()
@@ -255,8 +270,11 @@ def remove_migration_ptes(machine: Machine, src_head: int, target: int) -> None:
     device_private = pgmap is not None and pgmap.type == MEMORY_DEVICE_PRIVATE
     for hit in list(rmap_walk(machine, src_head)):
         pt = hit.vma.mm.pt
-        _, first = np.unique(hit.locs, return_index=True)
-        for i in first.tolist():
+        if len(hit.locs) == 1:
+            first = [0]
+        else:
+            first = np.unique(hit.locs, return_index=True)[1].tolist()
+        for i in first:
             loc = int(hit.locs[i])
             e = pt.get(loc)
             if kind_of(e) != KIND_MIGRATION:
