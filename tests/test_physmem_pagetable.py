@@ -164,3 +164,19 @@ def test_device_ranges_beyond_the_metadata_reserve_keep_earlier_metadata():
     assert phys.pgmap_of(big + 1) == "b" and phys.pgmap_of(first + 1) == "a"
     with pytest.raises(IndexError):
         phys.refcount[phys.capacity]
+
+
+def test_signature_changes_with_any_entry_or_level_of_the_range():
+    pt = ptm.PageTable()
+    empty = pt.signature(512, 4)
+    pt.set_ptes(512, np.array([ptm.make_present(77)], dtype=np.uint64))
+    one = pt.signature(512, 4)
+    assert one != empty
+    assert pt.signature(516, 4) == pt.signature(520, 4)  # untouched pages alike
+    pt.set(pt.pte_loc(515), ptm.make_swap(3))
+    assert pt.signature(512, 4) != one
+    pmdloc = pt.pmd_loc(512)
+    pt.set(pmdloc, ptm.make_present(4096, huge=True))  # the same chunk, now a PMD
+    huge = pt.signature(512, 4)
+    assert huge not in (empty, one) and huge == pt.signature(600, 4)
+    assert pt.signature(510, 4) != pt.signature(506, 4)  # across chunks: a walk

@@ -658,6 +658,26 @@ class PageTable:
             entries = np.full(npages, entry, dtype=U64)
         return Walk(vpn, npages, entries, ckind, ctable, cloc, centry)
 
+    def signature(self, vpn: int, npages: int) -> bytes:
+        """A byte string that changes whenever an entry mapping [vpn, vpn +
+        npages) changes (its value or the level that maps it): a cheap test
+        for "did anything here change" between two moments."""
+        c0 = vpn >> PMD_ORDER
+        if c0 != (vpn + npages - 1) >> PMD_ORDER:
+            walk = self.walk(vpn, npages)
+            return walk.entries.tobytes() + walk.chunk_kind.tobytes()
+        pudloc = self.pud_loc(vpn)
+        if pudloc < 0:
+            return b"none"
+        pude = int(self.flat[pudloc])
+        if pude == 0 or not is_table_pointer(pude):
+            return b"pud" + pude.to_bytes(8, "little")
+        pmde = int(self.flat[pfn_of(pude) * PTRS_PER_TABLE + (c0 & 511)])
+        if pmde == 0 or not is_table_pointer(pmde):
+            return b"pmd" + pmde.to_bytes(8, "little")
+        off = vpn & 511
+        return b"pte" + self.rows[pfn_of(pmde), off : off + npages].tobytes()
+
     def ensure_ptes(self, vpn: int, npages: int) -> NDArray[np.int64]:
         """Flat indices of the PTEs for [vpn, vpn+npages), allocating tables.
 

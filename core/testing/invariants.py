@@ -70,11 +70,12 @@ class MirrorWatch:
         if not any(p is not None for p in ptes):
             self._verified = None
             return
-        walk = self.mirror.process.mm.pt.walk(self.addr >> PAGE_SHIFT, self.npages)
-        state = (walk.entries.tobytes(), walk.chunk_kind.tobytes(), tuple(ptes))
+        pt = self.mirror.process.mm.pt
+        vpn = self.addr >> PAGE_SHIFT
+        state = (pt.signature(vpn, self.npages), tuple(ptes))
         if state == self._verified:
             return
-        _check_entries(self.mirror, self.addr, ptes, walk, data=False)
+        _check_entries(self.mirror, self.addr, ptes, pt.walk(vpn, self.npages), data=False)
         self._verified = state
 
 
