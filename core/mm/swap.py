@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from ..errors import OutOfMemory
 from .pagetable import PAGE_SIZE
-from .physmem import PG_swapcache, PhysMem
+from .physmem import PG_swapcache, PhysMem, lazy_zeros
 
 
 @attrs.define(eq=False)
@@ -38,8 +38,10 @@ class SwapDevice:
     def __attrs_post_init__(self) -> None:
         self.count = np.zeros(self.nslots, dtype=np.int32)
         self.zero = np.zeros(self.nslots, dtype=np.bool_)
+        # Slot contents in a lazily zero-filled host mapping: a machine that
+        # never swaps pays nothing for its swap area.
         self.data = (
-            np.zeros((self.nslots, PAGE_SIZE), dtype=np.uint8)
+            lazy_zeros(self.nslots * PAGE_SIZE, np.uint8).reshape(self.nslots, PAGE_SIZE)
             if self.store_data and self.nslots
             else None
         )
