@@ -590,11 +590,11 @@ def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.
     """
     phys = machine.phys
     src, dst = _entries(args)
-    if args.npages <= SCALAR_MAX_PAGES:
-        return np.flatnonzero(src[: args.npages] & U64(MIGRATE_PFN_MIGRATE))
     # Only selected entries matter; a sparse src (an evicted device chunk with
     # a few pages in use) costs one pass over the array, then its few entries.
     selected = np.flatnonzero(src[: args.npages] & U64(MIGRATE_PFN_MIGRATE))
+    if args.npages <= SCALAR_MAX_PAGES:
+        return selected  # the generic loop is cheaper
     s = src[selected]
     d = dst[selected]
     todo = (s & U64(MIGRATE_PFN_VALID)) != 0

@@ -631,6 +631,23 @@ class PageTable:
         Most walks (fault windows, races, small buffers) are this case, where
         the general path's per-level array set-up would cost more than the walk.
         """
+        kind, table, loc, entry = self._chunk(vpn)
+        ckind = np.array([kind], dtype=np.int8)
+        ctable = np.array([table], dtype=np.int64)
+        cloc = np.array([loc], dtype=np.int64)
+        centry = np.array([entry], dtype=U64)
+        if not per_page:
+            entries = np.empty(0, dtype=U64)
+        elif kind == CHUNK_TABLE:
+            off = vpn & 511
+            entries = self.rows[table, off : off + npages].copy()
+        else:
+            entries = np.full(npages, entry, dtype=U64)
+        return Walk(vpn, npages, entries, ckind, ctable, cloc, centry)
+
+    def _chunk(self, vpn: int) -> tuple[int, int, int, int]:
+        """How the 2 MiB chunk holding ``vpn`` is mapped, as ``Walk``'s per-chunk
+        fields: (kind, PTE table index, loc of the PMD/PUD entry, that entry)."""
         flat = self.flat
         kind, table, loc, entry = CHUNK_NONE, 0, -1, 0
         pudloc = self.pud_loc(vpn)
@@ -645,38 +662,20 @@ class PageTable:
                     kind, entry = CHUNK_PMD, pmde
             elif pude != 0:
                 kind, entry, loc = CHUNK_PUD, pude, pudloc
-        ckind = np.array([kind], dtype=np.int8)
-        ctable = np.array([table], dtype=np.int64)
-        cloc = np.array([loc], dtype=np.int64)
-        centry = np.array([entry], dtype=U64)
-        if not per_page:
-            entries = np.empty(0, dtype=U64)
-        elif kind == CHUNK_TABLE:
-            off = vpn & 511
-            entries = self.rows[table, off : off + npages].copy()
-        else:
-            entries = np.full(npages, entry, dtype=U64)
-        return Walk(vpn, npages, entries, ckind, ctable, cloc, centry)
+        return kind, table, loc, entry
 
     def signature(self, vpn: int, npages: int) -> bytes:
         """A byte string that changes whenever an entry mapping [vpn, vpn +
         npages) changes (its value or the level that maps it): a cheap test
         for "did anything here change" between two moments."""
-        c0 = vpn >> PMD_ORDER
-        if c0 != (vpn + npages - 1) >> PMD_ORDER:
+        if vpn >> PMD_ORDER != (vpn + npages - 1) >> PMD_ORDER:
             walk = self.walk(vpn, npages)
             return walk.entries.tobytes() + walk.chunk_kind.tobytes()
-        pudloc = self.pud_loc(vpn)
-        if pudloc < 0:
-            return b"none"
-        pude = int(self.flat[pudloc])
-        if pude == 0 or not is_table_pointer(pude):
-            return b"pud" + pude.to_bytes(8, "little")
-        pmde = int(self.flat[pfn_of(pude) * PTRS_PER_TABLE + (c0 & 511)])
-        if pmde == 0 or not is_table_pointer(pmde):
-            return b"pmd" + pmde.to_bytes(8, "little")
-        off = vpn & 511
-        return b"pte" + self.rows[pfn_of(pmde), off : off + npages].tobytes()
+        kind, table, _, entry = self._chunk(vpn)
+        if kind == CHUNK_TABLE:
+            off = vpn & 511
+            return bytes([kind]) + self.rows[table, off : off + npages].tobytes()
+        return bytes([kind]) + entry.to_bytes(8, "little")
 
     def ensure_ptes(self, vpn: int, npages: int) -> NDArray[np.int64]:
         """Flat indices of the PTEs for [vpn, vpn+npages), allocating tables.
