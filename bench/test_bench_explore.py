@@ -7,6 +7,9 @@
   schedules per second and steps per schedule are in ``extra_info``. The
   ~50-step, 2-actor scenario the speed target names is
   ``write_vs_second_device_migration`` (53 steps);
+* ``race, 2 jobs``: the same spaces explored by two worker processes
+  (``explore(..., jobs=2)``), one per core of the 2-core target machine,
+  fork and work stealing included;
 * ``primitives A/B``: a device fault path (first-touch read of 1 MiB through
   dmirror) with the real ``sched`` primitives and with them replaced by bare
   no-ops, in the same process: the difference is what the scheduling hooks
@@ -49,10 +52,11 @@ def test_bench_scheduler_two_actors_fifty_steps(benchmark: Any) -> None:
     benchmark.extra_info["schedules_per_second"] = result.schedules_per_second
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
 @pytest.mark.parametrize("race", [r.name for r in RACES])
-def test_bench_race_dfs_space(benchmark: Any, race: str) -> None:
+def test_bench_race_dfs_space(benchmark: Any, race: str, jobs: int) -> None:
     scenario = race_scenario(DriverSpec.parse("dmirror"), race_by_name(race))
-    result = benchmark(lambda: explore(scenario, BoundedDFS(2), 400))
+    result = benchmark(lambda: explore(scenario, BoundedDFS(2), 400, jobs=jobs))
     assert not result.failures
     benchmark.extra_info["schedules"] = result.schedules
     benchmark.extra_info["steps_per_schedule"] = result.steps / result.schedules

@@ -67,13 +67,14 @@ class ExploreResult:
         return self.schedules / self.seconds if self.seconds else float("inf")
 
 
-def _run_one(
+def run_one(
     scenario: Scenario,
     strategy: Strategy,
     run: int,
     check: Callable[[], None] | None,
     step_budget: int,
 ) -> RunResult:
+    """One fresh instance of ``scenario`` under ``strategy``, checked at every step and the end."""
     inst = scenario()
 
     def every_step() -> None:
@@ -101,12 +102,32 @@ def explore(
     *,
     stop_at_first: bool = False,
     step_budget: int = DEFAULT_STEP_BUDGET,
+    jobs: int = 1,
 ) -> ExploreResult:
-    """Run ``scenario`` under up to ``max_schedules`` schedules of ``strategy``."""
+    """Run ``scenario`` under up to ``max_schedules`` schedules of ``strategy``.
+
+    ``jobs`` > 1 runs the schedules in that many forked worker processes
+    (``hmmsim.parallel``); an exhaustive DFS, or any budget of a seeded
+    strategy, then returns what one process returns, only sooner.
+    """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    if jobs > 1 and max_schedules > 1:
+        from .parallel import explore_parallel
+
+        return explore_parallel(
+            scenario,
+            strategy,
+            max_schedules,
+            check,
+            stop_at_first=stop_at_first,
+            step_budget=step_budget,
+            jobs=jobs,
+        )
     out = ExploreResult()
     t0 = time.perf_counter()
     for run in range(max_schedules):
-        result = _run_one(scenario, strategy, run, check, step_budget)
+        result = run_one(scenario, strategy, run, check, step_budget)
         out.schedules += 1
         out.steps += result.steps
         if result.failed:
@@ -129,4 +150,4 @@ def replay(
     step_budget: int = DEFAULT_STEP_BUDGET,
 ) -> RunResult:
     """Rerun ``scenario`` along the schedule id ``schedule``."""
-    return _run_one(scenario, Replay(schedule), 0, check, step_budget)
+    return run_one(scenario, Replay(schedule), 0, check, step_budget)

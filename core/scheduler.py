@@ -364,10 +364,23 @@ class BoundedDFS:
 
     def __init__(self, bound: int = 2) -> None:
         self.bound = bound
+        #: One entry per decision of the current run: the options there, and
+        #: the index of the one taken.
         self.stack: list[tuple[list[int], int]] = []
+        #: Entries below this are a fixed prefix: the search covers only the
+        #: subtree under it (``below``).
+        self.floor = 0
         self.pos = 0
         self.preemptions = 0
         self.exhausted = False
+
+    @classmethod
+    def below(cls, bound: int, prefix: list[tuple[list[int], int]]) -> BoundedDFS:
+        """A search of only the schedules that start with the decisions ``prefix``."""
+        dfs = cls(bound)
+        dfs.stack = list(prefix)
+        dfs.floor = len(prefix)
+        return dfs
 
     def begin(self, run: int) -> None:
         self.pos = 0
@@ -390,10 +403,22 @@ class BoundedDFS:
         self.pos += 1
         return pick
 
+    def leaf_key(self) -> tuple[int, ...]:
+        """The run just ended, as the indices it took: sorting keys gives DFS order."""
+        return tuple(idx for _, idx in self.stack[: self.pos])
+
+    def next_key(self) -> tuple[int, ...]:
+        """After ``advance``: every schedule still to come has a key at least this."""
+        return tuple(idx for _, idx in self.stack)
+
     def advance(self) -> bool:
         """Move to the next unexplored schedule; False when the space is exhausted."""
+        if self.pos < self.floor:
+            raise RuntimeError(
+                "the scenario is not deterministic: a run ended inside the prefix it replays"
+            )
         del self.stack[self.pos :]
-        while self.stack:
+        while len(self.stack) > self.floor:
             options, idx = self.stack[-1]
             if idx + 1 < len(options):
                 self.stack[-1] = (options, idx + 1)
@@ -401,3 +426,19 @@ class BoundedDFS:
             self.stack.pop()
         self.exhausted = True
         return False
+
+    def split(self) -> list[list[tuple[list[int], int]]]:
+        """Give away the shallowest untried alternatives, as prefixes for ``below``.
+
+        Called between runs (after ``advance``). The search keeps the branch
+        it is in and drops the alternatives it gave away; together, the
+        subtrees it still covers and the ones returned are exactly what it
+        covered before. The shallowest branch point holds the largest subtree.
+        """
+        for p in range(self.floor, len(self.stack)):
+            options, idx = self.stack[p]
+            if idx + 1 < len(options):
+                given = [[*self.stack[:p], (options, j)] for j in range(idx + 1, len(options))]
+                self.stack[p] = (options[: idx + 1], idx)
+                return given
+        return []

@@ -40,6 +40,14 @@ def test_replay_prints_the_trace_of_that_schedule():
     assert any(re.search(r"cpu lock +mm\d+\.mmap_lock \(write\)$", line) for line in lines)
 
 
+def test_jobs_explore_the_same_space_in_worker_processes():
+    head = "read_vs_munmap on dmirror: 51 schedules (the whole space), 598 steps"
+    _, alone = run("explore", "read_vs_munmap")
+    rc, text = run("explore", "read_vs_munmap", "--jobs", "2")
+    assert rc == 0
+    assert head in alone and head in text
+
+
 def test_pct_and_random_strategies_run_a_budget():
     for strategy in ("pct", "random"):
         rc, text = run("explore", "read_vs_dontneed", "--strategy", strategy, "--schedules", "7")
@@ -53,6 +61,7 @@ def test_pct_and_random_strategies_run_a_budget():
         (["explore"], "name a scenario"),
         (["explore", "read_vs_munmap", "--replay", "0x"], "not a schedule id"),
         (["explore", "read_vs_munmap", "--driver", "nosuch"], "no driver named 'nosuch'"),
+        (["explore", "read_vs_munmap", "--jobs", "-1"], "--jobs must be 0"),
     ],
 )
 def test_bad_explore_input_is_a_usage_error(argv, message, capsys):

@@ -421,10 +421,14 @@ def explore_race(
     pct_budget: int = PCT_BUDGET,
     seed: int = 0,
     stop_at_first: bool = True,
+    jobs: int = 1,
 ) -> ExploreResult:
-    """Bounded DFS when the space fits in ``dfs_limit`` schedules, else PCT (depth 3)."""
+    """Bounded DFS when the space fits in ``dfs_limit`` schedules, else PCT (depth 3).
+
+    ``jobs`` worker processes share the work (see ``explore``).
+    """
     scenario = race_scenario(spec, race, pm)
-    result = explore(scenario, BoundedDFS(bound), dfs_limit, stop_at_first=stop_at_first)
+    result = explore(scenario, BoundedDFS(bound), dfs_limit, stop_at_first=stop_at_first, jobs=jobs)
     if result.exhausted or result.failures:
         return result
     pct = explore(
@@ -432,6 +436,7 @@ def explore_race(
         PCT(seed=seed, depth=3, steps=max(result.steps // max(result.schedules, 1), 10)),
         pct_budget,
         stop_at_first=stop_at_first,
+        jobs=jobs,
     )
     pct.schedules += result.schedules
     pct.steps += result.steps
