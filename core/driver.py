@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import attrs
@@ -127,6 +128,18 @@ class Mirror(abc.ABC):
         invariant checks call it between the steps of a scheduled run, while
         an actor may hold those locks.
         """
+
+    def device_pte_state(self, addr: int, npages: int) -> Hashable | None:
+        """A fingerprint of ``device_ptes(addr, npages)``, or None if it maps nothing there.
+
+        Equal fingerprints must mean equal entries: the invariant watch that
+        runs after every step of an exploration re-verifies a range only when
+        its fingerprint (or the CPU's entries) changed. The same rules as
+        ``device_ptes`` apply: no locks, no sleeping. This default builds the
+        entries; a driver that can read its page table more cheaply overrides it.
+        """
+        ptes = self.device_ptes(addr, npages)
+        return tuple(ptes) if any(p is not None for p in ptes) else None
 
     @abc.abstractmethod
     def close(self) -> None:

@@ -21,6 +21,15 @@ def memory(request):
     return request.param
 
 
+@pytest.fixture(autouse=True, params=["vectorised", "per-entry"])
+def migrate_path(request, monkeypatch):
+    """Every test runs on both implementations of the migrate phases, which must agree
+    (by default ranges of up to ``SCALAR_MAX_PAGES`` take the per-entry one)."""
+    threshold = 0 if request.param == "vectorised" else 1 << 30
+    monkeypatch.setattr(hmmsim.migrate, "SCALAR_MAX_PAGES", threshold)
+    return request.param
+
+
 def _fill(p, a, n):
     data = bytes((i * 7 + j) % 251 for i in range(n) for j in range(0, PAGE, 512))
     for i in range(n):

@@ -86,3 +86,33 @@ def test_mirror_watch_reverifies_whenever_either_page_table_changes():
     env.mirror.pt[vpn] = (pfn, tag)
     watch.check()
     close_environment(env)
+
+
+def test_dmirror_fingerprint_changes_exactly_when_its_device_entries_do():
+    from hmmsim import MADV_DONTNEED
+    from hmmsim.driver import Mirror
+    from hmmsim.testing.env import close_environment, open_environment
+
+    env = open_environment(DMIRROR, small=True)
+    a = env.mmap(4 * 4096)
+    m = env.mirror
+    steps = [
+        lambda: None,  # nothing mapped on the device
+        lambda: env.proc.write(a, b"x" * 4 * 4096),  # CPU only: still nothing
+        lambda: m.read(a, 2 * 4096),  # two pages
+        lambda: m.read(a, 4 * 4096),  # all four
+        lambda: m.read(a, 4 * 4096),  # the same again
+        lambda: env.proc.madvise(a + 4096, 4096, MADV_DONTNEED),  # some dropped
+    ]
+    own, generic = [], []
+    for step in steps:
+        step()
+        own.append(m.device_pte_state(a, 4))
+        generic.append(Mirror.device_pte_state(m, a, 4))
+    assert own[0] is None and own[1] is None and generic[:2] == [None, None]
+    assert all(x is not None for x in own[2:])
+    for i in range(len(steps)):
+        for j in range(len(steps)):
+            assert (own[i] == own[j]) == (generic[i] == generic[j]), (i, j)
+    assert own[3] == own[4] and len(set(own)) == 4
+    close_environment(env)

@@ -56,7 +56,8 @@ class MirrorWatch:
     Invariants 1-3 are a function of the device's entries, the CPU's entries
     (with the level that maps them) and which device owns which pfn (fixed
     once memory is added), so a step that changed neither entry set cannot
-    break them: comparing both against the last verified state is exact.
+    break them: comparing both (the device's through ``device_pte_state``)
+    against the last verified state is exact.
     """
 
     def __init__(self, mirror: Mirror, addr: int, npages: int) -> None:
@@ -66,15 +67,16 @@ class MirrorWatch:
         self._verified: tuple[object, ...] | None = None
 
     def check(self) -> None:
-        ptes = self.mirror.device_ptes(self.addr, self.npages)
-        if not any(p is not None for p in ptes):
+        device = self.mirror.device_pte_state(self.addr, self.npages)
+        if device is None:  # the device maps nothing here: nothing to hold
             self._verified = None
             return
         pt = self.mirror.process.mm.pt
         vpn = self.addr >> PAGE_SHIFT
-        state = (pt.signature(vpn, self.npages), tuple(ptes))
+        state = (pt.signature(vpn, self.npages), device)
         if state == self._verified:
             return
+        ptes = self.mirror.device_ptes(self.addr, self.npages)
         _check_entries(self.mirror, self.addr, ptes, pt.walk(vpn, self.npages), data=False)
         self._verified = state
 

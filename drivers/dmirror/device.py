@@ -19,6 +19,7 @@ system page; the device page table stores the device page itself.
 from __future__ import annotations
 
 import errno
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import numpy as np
@@ -952,6 +953,15 @@ class DmirrorFile(Mirror):
                 )
             )
         return out
+
+    def device_pte_state(self, addr: int, npages: int) -> Hashable | None:
+        # The raw (pfn, tag) entries determine device_ptes (a pfn's memory
+        # kind never changes), at a fraction of the cost of building them.
+        if not self.pt:
+            return None
+        vpn = addr >> PAGE_SHIFT
+        state = tuple(map(self.pt.get, range(vpn, vpn + npages)))
+        return state if state.count(None) < npages else None
 
     def migrate_to_device(self, addr: int, npages: int) -> int:
         cmd = DmirrorCmd(addr, npages, bytearray(npages << PAGE_SHIFT))
