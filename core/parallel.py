@@ -148,7 +148,7 @@ class _Coordinator:
                 break
             if self.dfs and self.idle and not self.budget_spent:
                 for w in sorted(self.busy - self.asked - self.dry):
-                    self.conns[w].send(("split",))
+                    self._send(w, ("split",))
                     self.asked.add(w)
             waiting = [self.conns[w] for w in sorted(self.busy | self.asked)]
             for conn in multiprocessing.connection.wait(waiting):
@@ -165,17 +165,31 @@ class _Coordinator:
             w = min(self.idle)
             self.idle.discard(w)
             self.busy.add(w)
-            self.conns[w].send(unit)
+            self._send(w, unit)
         if self.budget_spent and self.queue:
             self.queue.clear()
             self.cut = True
 
+    def _gone(self, w: int) -> WorkerFailed:
+        self.procs[w].join(timeout=5)
+        code = self.procs[w].exitcode
+        return WorkerFailed(f"exploration worker {w} exited (exit code {code})")
+
+    def _send(self, w: int, msg: tuple[Any, ...]) -> None:
+        try:
+            self.conns[w].send(msg)
+        except OSError:
+            # The worker is gone; what it said last (an error, usually) explains why.
+            conn = self.conns[w]
+            while conn.poll():
+                self._receive(w, conn)
+            raise self._gone(w) from None
+
     def _receive(self, w: int, conn: multiprocessing.connection.Connection) -> None:
         try:
             msg = conn.recv()
-        except EOFError:
-            code = self.procs[w].exitcode
-            raise WorkerFailed(f"exploration worker {w} exited (exit code {code})") from None
+        except (EOFError, OSError):
+            raise self._gone(w) from None
         kind = msg[0]
         if kind == "leaf":
             self.dry.discard(w)
@@ -201,16 +215,17 @@ class _Coordinator:
 
     def _leaf(self, key: Key, steps: int, failure: tuple[str, str, str] | None) -> None:
         if self.budget_spent:
-            return  # ran past the budget while the stop was on its way
+            self.cut = True  # ran past the budget while the stop was on its way
+            return
         self.leaves[key] = (steps, failure)
         if failure is not None and self.stop_at_first and (self.bound is None or key < self.bound):
             self.bound = key
-            for conn in self.conns:
-                conn.send(("bound", key))
+            for w in range(len(self.conns)):
+                self._send(w, ("bound", key))
         if len(self.leaves) >= self.max_schedules:
             self.budget_spent = True
             for b in self.busy:
-                self.conns[b].send(("stop",))
+                self._send(b, ("stop",))
 
     def _result(self) -> ExploreResult:
         out = ExploreResult()

@@ -24,7 +24,7 @@ import contextlib
 import random
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 import greenlet
@@ -57,8 +57,9 @@ class _Actor:
     ready: Callable[[], bool] | None = None
 
 
-@attrs.frozen
-class TraceEntry:
+class TraceEntry(NamedTuple):
+    """One event of a run (a tuple: dozens are made per run, so they must be cheap)."""
+
     step: int
     actor: str
     kind: str

@@ -98,8 +98,7 @@ def test_parallel_dfs_stops_at_the_first_failure_in_dfs_order():
     one = explore(scenario, BoundedDFS(2), 10_000, stop_at_first=True)
     three = explore(scenario, BoundedDFS(2), 10_000, stop_at_first=True, jobs=3)
     assert three.failures == one.failures
-    assert three.first_failure_at == one.first_failure_at
-    assert not three.exhausted
+    assert three.first_failure_at == one.first_failure_at == 2
 
 
 @pytest.mark.parametrize("strategy", [lambda: RandomWalk(seed=4), lambda: PCT(seed=4, steps=8)])
@@ -138,6 +137,18 @@ def test_an_error_in_a_worker_is_raised_with_its_traceback():
     with pytest.raises(ValueError, match="set-up broke") as info:
         explore(scenario, BoundedDFS(2), 100, jobs=2)
     assert any("raised in exploration worker" in note for note in info.value.__notes__)
+
+
+def test_a_worker_that_dies_is_reported_with_its_exit_code():
+    import os
+
+    from hmmsim.parallel import WorkerFailed
+
+    def scenario() -> ScenarioRun:
+        return ScenarioRun([("a", lambda: os._exit(3)), ("b", lambda: None)])
+
+    with pytest.raises(WorkerFailed, match=r"exploration worker \d exited \(exit code 3\)"):
+        explore(scenario, BoundedDFS(2), 100, jobs=2)
 
 
 def test_jobs_must_be_positive():

@@ -25,6 +25,29 @@ def test_allocator_hands_out_naturally_aligned_blocks_of_every_order():
     assert a.nr_free == (1 << 19) - sum(1 << o for o in range(19))
 
 
+def test_one_page_allocations_match_the_general_path():
+    one, many = (PhysMem(16 << 20, True, Costs()) for _ in range(2))
+    rng = np.random.default_rng(5)
+    live: list[int] = []
+    for step in range(3000):
+        if live and rng.random() < 0.4:
+            pfn = live.pop(int(rng.integers(len(live))))
+            for phys in (one, many):
+                phys.refcount[pfn] = 0
+                phys.allocator.free(np.array([pfn]), 0)
+            continue
+        a = one.alloc_one(0, flags=step & 1)
+        b = int(many.alloc(0, 1, flags=step & 1)[0])
+        assert a == b
+        live.append(a)
+    for name in ("refcount", "mapcount", "order", "flags", "mapping", "index"):
+        assert (getattr(one, name) == getattr(many, name)).all(), name
+    assert (one.allocator.used == many.allocator.used).all()
+    assert (one.allocator.block_used == many.allocator.block_used).all()
+    assert one.allocator.nr_free == many.allocator.nr_free
+    assert one.costs.pages_allocated == many.costs.pages_allocated
+
+
 def test_allocator_is_all_or_nothing_and_reports_oom():
     a = FrameAllocator(4096)
     a.alloc(0, 4000)
@@ -60,6 +83,22 @@ def test_new_pages_read_as_zero_without_touching_the_arena():
     assert phys.read(pfn, 0, 4) == bytes(4)
     phys.write(pfn, 10, b"x")
     assert phys.read(pfn, 8, 4) == b"\0\0x\0"
+
+
+@pytest.mark.parametrize("npages", [1, 3])
+def test_copy_pages_copies_contents_and_keeps_zero_pages_lazy(npages):
+    phys = PhysMem(16 << 20, True, Costs())
+    data, zero, dst = (phys.alloc(0, npages) for _ in range(3))
+    payload = np.arange(npages * 4096, dtype=np.uint32).astype(np.uint8).reshape(npages, 4096)
+    phys.write_pages(data, payload)
+    phys.write_pages(dst, payload[::-1] + 1)
+    phys.copy_pages(dst, data)
+    assert (phys.read_pages(dst) == payload).all()
+    assert not (phys.flags[dst] & PG_zeroed).any()
+    phys.copy_pages(dst, zero)  # never written: stays lazily zero
+    assert (phys.flags[dst] & PG_zeroed).all()
+    assert not phys.read_pages(dst).any()
+    assert phys.costs.pages_copied == 2 * npages
 
 
 def test_zero_pages_are_reserved():

@@ -150,13 +150,25 @@ class FrameAllocator:
         return groups.astype(I64) << order
 
     def _alloc_one_small(self) -> NDArray[np.int64]:
+        return np.array([self._pick_one_page()], dtype=I64)
+
+    def _pick_one_page(self) -> int:
         b = self._hint
         if self.block_used[b] < PMD_PAGES:
-            slot = int(np.argmin(self.used2d[b]))
-            return np.array([b * PMD_PAGES + slot], dtype=I64)
-        heads = self._alloc_small(0, 1)
-        self._hint = int(heads[0]) >> PMD_ORDER
-        return heads
+            return b * PMD_PAGES + int(np.argmin(self.used2d[b]))
+        pfn = int(self._alloc_small(0, 1)[0])
+        self._hint = pfn >> PMD_ORDER
+        return pfn
+
+    def alloc_page(self) -> int:
+        """``alloc(0)`` for one frame, with scalars (the fault paths' common case)."""
+        if self.nr_free < 1:
+            raise OutOfMemory("cannot allocate 1 block(s) of order 0")
+        pfn = self._pick_one_page()
+        self.used[pfn] = True
+        self.block_used[pfn >> PMD_ORDER] += 1
+        self.nr_free -= 1
+        return pfn
 
     def _alloc_small(self, order: int, count: int) -> NDArray[np.int64]:
         size = 1 << order
@@ -459,7 +471,18 @@ class PhysMem:
             arr[self.pages_of(heads, order)] = value
 
     def alloc_one(self, order: int = 0, flags: int = 0) -> int:
-        return int(self.alloc(order, 1, flags)[0])
+        if order:
+            return int(self.alloc(order, 1, flags)[0])
+        pfn = self.allocator.alloc_page()
+        # init_folios for one order-0 folio.
+        self.order[pfn] = 0
+        self.flags[pfn] = PG_zeroed | flags
+        self.mapcount[pfn] = 0
+        self.mapping[pfn] = 0
+        self.index[pfn] = 0
+        self.refcount[pfn] = 1
+        self.costs.pages_allocated += 1
+        return pfn
 
     def get_page(self, pfn: int) -> int:
         """``get_page``/``folio_get``: an extra reference; returns the folio head."""
@@ -595,6 +618,15 @@ class PhysMem:
         self.costs.pages_copied += len(dst)
         self.costs.bytes_copied += len(dst) * PAGE_SIZE
         if self.arena is None:
+            return
+        if len(dst) == 1:
+            # One page (a fault's migration): scalars beat building masks.
+            d, s = int(dst[0]), int(src[0])
+            if self.flags[s] & PG_zeroed:
+                self.flags[d] |= np.uint16(PG_zeroed)
+            else:
+                self.arena.page(d)[:] = self.arena.page(s)
+                self.flags[d] &= np.uint16(~PG_zeroed & 0xFFFF)
             return
         src_zero = (self.flags[src] & PG_zeroed) != 0
         keep = ~src_zero
