@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import pickle
 import sys
 import time
 import traceback
@@ -224,7 +225,7 @@ class _Coordinator:
                 self._send(w, ("bound", key))
         if len(self.leaves) >= self.max_schedules:
             self.budget_spent = True
-            for b in self.busy:
+            for b in sorted(self.busy):
                 self._send(b, ("stop",))
 
     def _result(self) -> ExploreResult:
@@ -268,9 +269,10 @@ def _worker(
     except BaseException as exc:  # reported to the parent, which raises it
         text = traceback.format_exc()
         try:
-            conn.send(("error", exc, text))
-        except Exception:  # the exception does not pickle: send its text
-            conn.send(("error", WorkerFailed(f"{type(exc).__name__}: {exc}"), text))
+            pickle.loads(pickle.dumps(exc))  # the parent must be able to rebuild it
+        except Exception:
+            exc = WorkerFailed(f"{type(exc).__name__}: {exc}")
+        conn.send(("error", exc, text))
     finally:
         conn.close()
 

@@ -139,6 +139,21 @@ def test_an_error_in_a_worker_is_raised_with_its_traceback():
     assert any("raised in exploration worker" in note for note in info.value.__notes__)
 
 
+class _Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:  # pickling passes only args
+        super().__init__(f"{a}+{b}")
+
+
+def test_an_error_the_parent_cannot_rebuild_arrives_as_text():
+    from hmmsim.parallel import WorkerFailed
+
+    def scenario() -> ScenarioRun:
+        raise _Unpicklable(1, 2)
+
+    with pytest.raises(WorkerFailed, match=r"_Unpicklable: 1\+2"):
+        explore(scenario, BoundedDFS(2), 100, jobs=2)
+
+
 def test_a_worker_that_dies_is_reported_with_its_exit_code():
     import os
 
