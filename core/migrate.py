@@ -271,11 +271,7 @@ def _collect_pmd(
     if not as_compound:
         split_huge_pmd(vma, vpn)
         return False
-    write = (
-        bool(e & PTE_WRITE)
-        if kind == KIND_PRESENT
-        else (softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE)
-    )
+    write = _entry_writable(e, kind)
     if _isolate_one(args, vma, pmdloc, e, pfn, pfn, write):
         src[i] = U64(
             migrate_pfn(pfn)
@@ -285,6 +281,13 @@ def _collect_pmd(
         )
         args.cpages += 1
     return True
+
+
+def _entry_writable(e: int, kind: int) -> bool:
+    """A present entry's write bit, or a device-private entry's write type."""
+    if kind == KIND_PRESENT:
+        return bool(e & PTE_WRITE)
+    return softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE
 
 
 def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
@@ -417,11 +420,7 @@ def _collect_ptes_one_by_one(args: MigrateVma, vma: Vma, lo: int, hi: int) -> No
                 vpn = hi
                 continue
             continue  # look at the same page again, now order 0
-        write = (
-            bool(e & PTE_WRITE)
-            if kind == KIND_PRESENT
-            else (softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE)
-        )
+        write = _entry_writable(e, kind)
         if _isolate_one(args, vma, loc, e, pfn, head, write):
             src[i] = U64(
                 migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (MIGRATE_PFN_WRITE if write else 0)

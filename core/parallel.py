@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .explore import ExploreResult, Failure, Scenario, run_one
-from .scheduler import BoundedDFS, RunResult, Strategy
+from .scheduler import BoundedDFS, RunResult, Strategy, prefix_key
 
 #: Runs per block handed to a worker by seeded strategies (small enough to
 #: balance the last blocks, large enough that messages cost nothing).
@@ -77,11 +77,8 @@ def explore_parallel(
     try:
         for _ in range(jobs):
             here, there = ctx.Pipe()
-            proc = ctx.Process(
-                target=_worker,
-                args=(there, scenario, strategy, check, step_budget, stop_at_first),
-                daemon=True,
-            )
+            worker = _Worker(there, scenario, strategy, check, step_budget, stop_at_first)
+            proc = ctx.Process(target=worker.main, daemon=True)
             proc.start()
             there.close()
             conns.append(here)
@@ -249,35 +246,12 @@ class _Coordinator:
 
 
 def _first_key(unit: tuple[Any, ...]) -> Key:
-    if unit[0] == "unit":
-        return tuple(idx for _, idx in unit[1])
-    return unit[1]
-
-
-def _worker(
-    conn: multiprocessing.connection.Connection,
-    scenario: Scenario,
-    strategy: Strategy,
-    check: Callable[[], None] | None,
-    step_budget: int,
-    stop_at_first: bool,
-) -> None:
-    """A worker's life: take units until told to exit; report every run."""
-    worker = _Worker(conn, scenario, strategy, check, step_budget, stop_at_first)
-    try:
-        worker.serve()
-    except BaseException as exc:  # reported to the parent, which raises it
-        text = traceback.format_exc()
-        try:
-            pickle.loads(pickle.dumps(exc))  # the parent must be able to rebuild it
-        except Exception:
-            exc = WorkerFailed(f"{type(exc).__name__}: {exc}")
-        conn.send(("error", exc, text))
-    finally:
-        conn.close()
+    return prefix_key(unit[1]) if unit[0] == "unit" else unit[1]
 
 
 class _Worker:
+    """A worker's side: take units until told to exit; report every run."""
+
     def __init__(
         self,
         conn: multiprocessing.connection.Connection,
@@ -296,6 +270,20 @@ class _Worker:
         self.bound: Key | None = None
         self.stopped = False
         self.search: BoundedDFS | None = None
+
+    def main(self) -> None:
+        """The process's target: serve, and hand any error to the parent, which raises it."""
+        try:
+            self.serve()
+        except BaseException as exc:
+            text = traceback.format_exc()
+            try:
+                pickle.loads(pickle.dumps(exc))  # the parent must be able to rebuild it
+            except Exception:
+                exc = WorkerFailed(f"{type(exc).__name__}: {exc}")
+            self.conn.send(("error", exc, text))
+        finally:
+            self.conn.close()
 
     def serve(self) -> None:
         while True:
@@ -317,8 +305,7 @@ class _Worker:
         if kind == "split":
             self.conn.send(("units", self.search.split() if self.search is not None else []))
         elif kind == "bound":
-            if self.bound is None or msg[1] < self.bound:
-                self.bound = msg[1]
+            self._lower_bound(msg[1])
         elif kind == "stop":
             self.stopped = True
         else:
@@ -332,9 +319,14 @@ class _Worker:
         failure = None
         if result.failed:
             failure = (result.schedule, result.describe(), result.format_trace())
-            if self.stop_at_first and (self.bound is None or key < self.bound):
-                self.bound = key
+            if self.stop_at_first:
+                self._lower_bound(key)
         self.conn.send(("leaf", key, result.steps, failure))
+
+    def _lower_bound(self, key: Key) -> None:
+        """Schedules after ``key`` (a failure) in DFS order are no longer needed."""
+        if self.bound is None or key < self.bound:
+            self.bound = key
 
     def _explore_subtree(self, prefix: Prefix) -> bool:
         assert isinstance(self.strategy, BoundedDFS)

@@ -356,6 +356,11 @@ class Replay:
         return runnable[0]
 
 
+def prefix_key(decisions: Sequence[tuple[list[int], int]]) -> tuple[int, ...]:
+    """The option indices a sequence of DFS decisions took; keys sort in DFS order."""
+    return tuple(idx for _, idx in decisions)
+
+
 class BoundedDFS:
     """Every schedule with at most ``bound`` preemptions, depth first (as in CHESS).
 
@@ -406,11 +411,11 @@ class BoundedDFS:
 
     def leaf_key(self) -> tuple[int, ...]:
         """The run just ended, as the indices it took: sorting keys gives DFS order."""
-        return tuple(idx for _, idx in self.stack[: self.pos])
+        return prefix_key(self.stack[: self.pos])
 
     def next_key(self) -> tuple[int, ...]:
         """After ``advance``: every schedule still to come has a key at least this."""
-        return tuple(idx for _, idx in self.stack)
+        return prefix_key(self.stack)
 
     def advance(self) -> bool:
         """Move to the next unexplored schedule; False when the space is exhausted."""

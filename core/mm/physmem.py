@@ -426,18 +426,28 @@ class PhysMem:
         self.init_folios(heads, order, flags)
         return heads
 
-    def init_folios(self, heads: NDArray[np.int64], order: int, flags: int) -> None:
-        """Fresh folio metadata for just-allocated blocks: refcount 1, contents zero."""
+    def init_folios(self, heads: NDArray[np.int64] | int, order: int, flags: int) -> None:
+        """Fresh folio metadata for just-allocated blocks: refcount 1, contents zero.
+
+        ``heads`` may be one order-0 pfn (an int), which spares the fault paths' single
+        page allocations the cost of index arrays.
+        """
         size = 1 << order
-        self.set_folio_field(self.order, heads, order, order)
-        self.set_folio_field(self.flags, heads, order, PG_zeroed | flags)  # on every page
+        if order == 0:
+            self.order[heads] = 0
+            self.flags[heads] = PG_zeroed | flags
+        elif isinstance(heads, int):
+            raise ValueError("init_folios takes a single pfn only for an order-0 folio")
+        else:
+            self.set_folio_field(self.order, heads, order, order)
+            self.set_folio_field(self.flags, heads, order, PG_zeroed | flags)  # on every page
         # Free frames always have refcount and mapcount 0 (``release`` keeps it
         # so); mapping and index are only meaningful at the head.
         self.mapcount[heads] = 0
         self.mapping[heads] = 0
         self.index[heads] = 0
         self.refcount[heads] = 1
-        self.costs.pages_allocated += size * len(heads)
+        self.costs.pages_allocated += size * np.size(heads)
 
     def pages_of(self, heads: NDArray[np.int64], order: int) -> NDArray[np.int64]:
         """Every pfn of the given folios, in order."""
@@ -474,14 +484,7 @@ class PhysMem:
         if order:
             return int(self.alloc(order, 1, flags)[0])
         pfn = self.allocator.alloc_page()
-        # init_folios for one order-0 folio.
-        self.order[pfn] = 0
-        self.flags[pfn] = PG_zeroed | flags
-        self.mapcount[pfn] = 0
-        self.mapping[pfn] = 0
-        self.index[pfn] = 0
-        self.refcount[pfn] = 1
-        self.costs.pages_allocated += 1
+        self.init_folios(pfn, 0, flags)
         return pfn
 
     def get_page(self, pfn: int) -> int:
