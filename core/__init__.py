@@ -20,6 +20,7 @@ from .errors import (
     HardwarePoison,
     HmmsimError,
     InvalidArgument,
+    KernelBug,
     NoEntry,
     NoProcess,
     NotPermitted,

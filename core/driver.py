@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import attrs
 
-from .errors import NotSupported
+from .errors import BadAddress, InvalidArgument, NotSupported
+from .mm.uapi import PAGE_SIZE, TASK_SIZE
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -96,6 +97,42 @@ class MirrorStats:
     dma_maps: int = 0
     migrations_to_device: int = 0
     migrations_to_system: int = 0
+
+
+def check_user_range(addr: int, length: int, what: str) -> None:
+    """Check a range a ``Mirror`` method was handed, as an ioctl checks its arguments.
+
+    A driver's generic methods call this first, so bad input is a typed error
+    and never a ``MemoryError`` or a NumPy exception from deep inside.
+
+    Args:
+        addr: the first byte.
+        length: the number of bytes (``npages * PAGE_SIZE`` for page counts).
+        what: the method's name, for the message.
+
+    Raises:
+        InvalidArgument: ``addr`` or ``length`` is negative or not an int.
+        BadAddress: the range passes ``TASK_SIZE`` (``access_ok`` fails).
+    """
+    for name, value in (("address", addr), ("length", length)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidArgument(f"{what}: {name} {value!r} is not a non-negative int")
+    if addr + length > TASK_SIZE:
+        raise BadAddress(f"{what}: [{addr:#x}, +{length:#x}) passes TASK_SIZE")
+
+
+def check_user_pages(addr: int, npages: int, what: str) -> None:
+    """``check_user_range`` for a page count; ``addr`` must be page aligned.
+
+    Raises:
+        InvalidArgument: a negative count or address, or an unaligned address.
+        BadAddress: the range passes ``TASK_SIZE``.
+    """
+    if not isinstance(npages, int) or isinstance(npages, bool) or npages < 0:
+        raise InvalidArgument(f"{what}: page count {npages!r} is not a non-negative int")
+    check_user_range(addr, npages * PAGE_SIZE, what)
+    if addr % PAGE_SIZE:
+        raise InvalidArgument(f"{what}: address {addr:#x} is not page aligned")
 
 
 class Mirror(abc.ABC):

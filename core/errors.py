@@ -127,6 +127,20 @@ class Deadlock(RuntimeError):
     """A lock or wait that can never be satisfied (nobody else can run)."""
 
 
+class KernelBug(AssertionError):
+    """A broken kernel *contract*, where the kernel would BUG() or WARN().
+
+    Bad input to a syscall or an HMM entry point is an ``HmmsimError`` with the
+    errno the kernel returns. Misuse of an in-kernel contract is different: a
+    ``put_page`` without a matching get, a lock released by a task that does
+    not hold it, ``hmm_range_fault`` without the ``mmap_lock``, an even
+    sequence passed to ``mmu_interval_set_seq``. The kernel has no errno for
+    these; it crashes or warns. The model raises ``KernelBug``, an
+    ``AssertionError``, so the conformance suite and pytest count it as a
+    failed check, never as an expected error.
+    """
+
+
 __all__ = [
     "Again",
     "AlreadyExists",
@@ -137,6 +151,7 @@ __all__ = [
     "HardwarePoison",
     "HmmsimError",
     "InvalidArgument",
+    "KernelBug",
     "NoEntry",
     "NoProcess",
     "NotPermitted",

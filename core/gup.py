@@ -147,8 +147,14 @@ def put_page(machine: Machine, pfn: int) -> None:
 
 
 def unpin_user_page(machine: Machine, pfn: int) -> None:
-    """Release a page pinned with ``pin_user_pages``."""
+    """Release a page pinned with ``pin_user_pages``.
+
+    Raises:
+        InvalidArgument: ``pfn`` is not a frame of this machine, or not pinned.
+    """
     phys = machine.phys
+    if not phys.valid_pfn(pfn):
+        raise InvalidArgument(f"unpin_user_page: pfn {pfn:#x} is not a frame of this machine")
     if phys.is_zero_pfn(pfn):
         return
     head = phys.head(pfn)

@@ -159,6 +159,8 @@ def hmm_range_fault(rng: HmmRange) -> None:
         raise InvalidArgument("hmm_pfns must be a one-dimensional numpy.uint64 array")
     if len(pfns) != rng.npages:
         raise InvalidArgument(f"hmm_pfns has {len(pfns)} entries for {rng.npages} pages")
+    if not pfns.flags.writeable:
+        raise InvalidArgument("hmm_pfns is read-only: hmm_range_fault writes its output there")
     last = rng.start
     clock = mm.machine.clock
     while True:

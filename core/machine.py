@@ -39,24 +39,55 @@ def _check_thp(_inst: object, _attr: object, value: str) -> None:
 
 
 def _check_hugetlb(_inst: object, _attr: object, value: dict[int, int]) -> None:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"hugetlb_pages must be a dict, not {type(value).__name__}")
     for size, count in value.items():
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise InvalidArgument(f"hugetlb page count {count!r} is not an int")
         if size not in _HUGE_ORDERS:
             raise InvalidArgument(f"hugetlb page size {size:#x} is not 2 MiB or 1 GiB")
         if count < 0:
             raise InvalidArgument("negative hugetlb page count")
 
 
+#: The smallest machine: eight 2 MiB blocks, so THP and hugetlb tests fit.
+MIN_RAM_BYTES = 16 << 20
+
+
+def _check_bytes(minimum: int) -> Callable[[object, Any, object], None]:
+    def check(_inst: object, attr: Any, value: object) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidArgument(f"{attr.name} must be an int, not {type(value).__name__}")
+        if value < minimum:
+            raise InvalidArgument(f"{attr.name} {value:#x} is below the minimum {minimum:#x}")
+        if value % PAGE_SIZE:
+            raise InvalidArgument(f"{attr.name} {value:#x} is not a multiple of the page size")
+
+    return check
+
+
+def _check_bool(_inst: object, attr: Any, value: object) -> None:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{attr.name} must be a bool, not {type(value).__name__}")
+
+
 @attrs.frozen
 class MachineConfig:
-    """What the simulated machine looks like. Every field has a default."""
+    """What the simulated machine looks like. Every field has a default.
 
-    ram_bytes: int = 1 << 30
-    swap_bytes: int = 0
+    Every field is checked when the config is built: a wrong type, a size below
+    the minimum (``ram_bytes`` at least 16 MiB, ``swap_bytes`` at least 0) or
+    not a multiple of 4 KiB, an unknown THP mode or hugetlb page size raises
+    ``InvalidArgument``.
+    """
+
+    ram_bytes: int = attrs.field(default=1 << 30, validator=_check_bytes(MIN_RAM_BYTES))
+    swap_bytes: int = attrs.field(default=0, validator=_check_bytes(0))
     thp: ThpMode = attrs.field(default="madvise", validator=_check_thp)
     hugetlb_pages: dict[int, int] = attrs.field(factory=dict, validator=_check_hugetlb)
-    store_data: bool = True
+    store_data: bool = attrs.field(default=True, validator=_check_bool)
     #: ``transparent_hugepage/use_zero_page``: read faults map the huge zero page.
-    thp_use_zero_page: bool = True
+    thp_use_zero_page: bool = attrs.field(default=True, validator=_check_bool)
 
 
 @attrs.define(eq=False, repr=False)

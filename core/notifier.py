@@ -37,7 +37,7 @@ import attrs
 import numpy as np
 
 from . import sched
-from .errors import Again, InvalidArgument, Overflow
+from .errors import Again, InvalidArgument, KernelBug, Overflow
 from .trace import COST_INVALIDATION_NS
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ class IntervalTree:
     def remove(self, sub: IntervalNotifier) -> None:
         i = bisect.bisect_left(self._keys, (sub.start, sub.id))
         if i == len(self._subs) or self._subs[i] is not sub:
-            raise ValueError("subscription not in the tree")
+            raise KernelBug("subscription not in the tree")
         del self._keys[i]
         del self._subs[i]
         sub.in_tree = False
@@ -252,7 +252,11 @@ def mmu_interval_notifier_insert(
     without ``invalidate_finish``. The subscription may only join the tree
     when the running invalidations end: callers must use read_begin/retry.
     """
-    if length == 0 or start < 0 or start + length - 1 > ULONG_MAX:
+    # start and length are unsigned longs: a negative length is a huge one,
+    # and the kernel's check_add_overflow turns any wrap into -EOVERFLOW.
+    start &= ULONG_MAX
+    length &= ULONG_MAX
+    if length == 0 or start + length - 1 > ULONG_MAX:
         raise Overflow(f"interval [{start:#x}, +{length:#x}) is empty or wraps")
     if mm.users <= 0:
         raise InvalidArgument("mmu_interval_notifier_insert on an mm with no users")
@@ -329,7 +333,7 @@ def mmu_interval_check_retry(sub: IntervalNotifier, seq: int) -> bool:
 def mmu_interval_set_seq(sub: IntervalNotifier, cur_seq: int) -> None:
     """Record an invalidation (from ``invalidate``, under the driver lock)."""
     if not cur_seq & 1:
-        raise ValueError("cur_seq is always odd")
+        raise KernelBug(f"mmu_interval_set_seq: cur_seq {cur_seq} is even; invalidations are odd")
     sub.invalidate_seq = cur_seq
 
 
@@ -490,7 +494,7 @@ def invalidation(
 def invalidate_range_start_nonblock(rng: NotifierRange) -> None:
     """Non-blockable start (OOM reaper); raises ``Again`` if a notifier refuses."""
     if rng.blockable:
-        raise ValueError("use a non-blockable range")
+        raise KernelBug("use a non-blockable range")
     if not invalidate_range_start(rng):
         raise Again(
             f"a notifier refused the non-blockable {rng.event.name} of "

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from .errors import Deadlock
+from .errors import Deadlock, KernelBug
 
 
 class SchedulerHooks(Protocol):
@@ -127,7 +127,7 @@ class Mutex:
 
     def release(self) -> None:
         if self.holder is None:
-            raise RuntimeError(f"{self.name}: release of an unlocked mutex")
+            raise KernelBug(f"{self.name}: release of an unlocked mutex")
         self.holder = None
         if _active is not None:
             _record("unlock", self.name)
@@ -175,7 +175,7 @@ class RwSem:
         me = current()
         count = self.readers.get(me, 0)
         if count == 0:
-            raise RuntimeError(f"{self.name}: up_read by {me!r}, which holds no read lock")
+            raise KernelBug(f"{self.name}: up_read by {me!r}, which holds no read lock")
         if count == 1:
             del self.readers[me]
         else:
@@ -195,7 +195,7 @@ class RwSem:
 
     def up_write(self) -> None:
         if self.writer != current():
-            raise RuntimeError(f"{self.name}: up_write by a non-holder")
+            raise KernelBug(f"{self.name}: up_write by a non-holder")
         self.writer = None
         if _active is not None:
             _active.point(f"{self.name}:up_write")
@@ -213,12 +213,12 @@ class RwSem:
     def assert_held(self) -> None:
         """``mmap_assert_locked``: the running actor holds the lock (any mode)."""
         if not self.held():
-            raise AssertionError(f"{self.name} must be held by {current()!r}")
+            raise KernelBug(f"{self.name} must be held by {current()!r}")
 
     def assert_held_write(self) -> None:
         """``mmap_assert_write_locked``."""
         if not self.held_write():
-            raise AssertionError(f"{self.name} must be held for write by {current()!r}")
+            raise KernelBug(f"{self.name} must be held for write by {current()!r}")
 
     @contextmanager
     def read(self) -> Iterator[RwSem]:

@@ -9,6 +9,7 @@ import hmmsim
 import pytest
 from helpers import ANON, PAGE, RW
 from hmmsim import (
+    KernelBug,
     mmu_interval_check_retry,
     mmu_interval_notifier_insert,
     mmu_interval_notifier_remove,
@@ -106,7 +107,7 @@ def test_without_set_seq_read_retry_misses_the_invalidation(proc):
 
 def test_set_seq_rejects_even_values(proc):
     sub = mmu_interval_notifier_insert(proc.mm, 0x10000, PAGE, Ops())
-    with pytest.raises(ValueError):
+    with pytest.raises(KernelBug, match="even"):
         mmu_interval_set_seq(sub, 4)
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from ..errors import KernelBug
 from ..sched import RwSem
 from .pagetable import PageTable
 from .vma import Vma, VmaSet
@@ -59,7 +60,7 @@ class AddressSpace:
         from .exit import exit_mmap
 
         if self.users <= 0:
-            raise AssertionError("mmput on an mm with no users")
+            raise KernelBug("mmput on an mm with no users")
         self.users -= 1
         if self.users == 0:
             exit_mmap(self)

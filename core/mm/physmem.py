@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import OutOfMemory
+from ..errors import InvalidArgument, KernelBug, OutOfMemory
 from ..sched import WaitQueue
 from ..trace import Costs
 from .pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
@@ -214,7 +214,7 @@ class FrameAllocator:
     def free(self, heads: NDArray[np.int64], order: int) -> None:
         size = 1 << order
         if not self.used[heads].all():
-            raise AssertionError("double free of page frames")
+            raise KernelBug("double free of page frames")
         self._mark(heads, size, False)
 
 
@@ -343,7 +343,7 @@ class PhysMem:
 
     def folio_unlock(self, head: int) -> None:
         if not self.flags[head] & PG_locked:
-            raise AssertionError(f"folio_unlock of unlocked folio {head:#x}")
+            raise KernelBug(f"folio_unlock of unlocked folio {head:#x}")
         self.flags[head] &= np.uint16(~PG_locked & 0xFFFF)
         self.lock_wq.wake_up_all()
 
@@ -487,21 +487,37 @@ class PhysMem:
         self.init_folios(pfn, 0, flags)
         return pfn
 
+    def _check_pfn(self, pfn: int, what: str) -> None:
+        if not isinstance(pfn, int | np.integer) or not self.valid_pfn(int(pfn)):
+            raise InvalidArgument(f"{what}: pfn {pfn!r} is not a frame of this machine")
+
     def get_page(self, pfn: int) -> int:
-        """``get_page``/``folio_get``: an extra reference; returns the folio head."""
+        """``get_page``/``folio_get``: an extra reference; returns the folio head.
+
+        Raises:
+            InvalidArgument: ``pfn`` is not a frame of this machine.
+            KernelBug: the frame is free (a reference to a page nobody holds).
+        """
+        self._check_pfn(pfn, "get_page")
         head = self.head(pfn)
         if self.refcount[head] <= 0:
-            raise AssertionError(f"get_page on free frame {pfn:#x}")
+            raise KernelBug(f"get_page on free frame {pfn:#x}")
         self.refcount[head] += 1
         self.extra_refs[head] = self.extra_refs.get(head, 0) + 1
         return head
 
     def put_page(self, pfn: int) -> None:
-        """``put_page``: drop a reference taken with ``get_page``."""
+        """``put_page``: drop a reference taken with ``get_page``.
+
+        Raises:
+            InvalidArgument: ``pfn`` is not a frame of this machine.
+            KernelBug: no ``get_page`` on this folio is outstanding.
+        """
+        self._check_pfn(pfn, "put_page")
         head = self.head(pfn)
         held = self.extra_refs.get(head, 0)
         if held <= 0:
-            raise AssertionError(f"put_page on {pfn:#x} without a matching get_page")
+            raise KernelBug(f"put_page on {pfn:#x} without a matching get_page")
         if held == 1:
             del self.extra_refs[head]
         else:
@@ -535,7 +551,7 @@ class PhysMem:
             if len(dead) > 1 and self.order[dead].any():
                 dead = np.unique(dead)  # a large folio appears once per mapping
             if (self.refcount[dead] < 0).any():
-                raise AssertionError("folio refcount underflow")
+                raise KernelBug("folio refcount underflow")
             self.release(dead)
 
     def put_one(self, head: int) -> None:
@@ -544,7 +560,7 @@ class PhysMem:
         if rc == 0:
             self.release(np.array([head], dtype=I64))
         elif rc < 0:
-            raise AssertionError(f"folio refcount underflow at pfn {head:#x}")
+            raise KernelBug(f"folio refcount underflow at pfn {head:#x}")
 
     def release(self, heads: NDArray[np.int64]) -> None:
         """Free folios whose last reference is gone."""

@@ -22,7 +22,14 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import BusError, InvalidArgument, NoProcess, OutOfMemory, SegmentationFault
+from ..errors import (
+    BadAddress,
+    BusError,
+    InvalidArgument,
+    NoProcess,
+    OutOfMemory,
+    SegmentationFault,
+)
 from ..memremap import KIND_NAMES
 from .address_space import AddressSpace
 from .fault import (
@@ -58,6 +65,7 @@ from .pagetable import (
     U64,
 )
 from .physmem import PG_anon, PG_hugetlb, PG_swapbacked, PG_zone_device
+from .uapi import TASK_SIZE
 from .vma import VM_READ, VM_WRITE
 
 if TYPE_CHECKING:
@@ -160,8 +168,13 @@ class Process:
         when the page is pinned or locked, -ENOMEM when no frame is free.
         """
         self._alive()
-        if addr % PAGE_SIZE or npages <= 0:
+        if addr % PAGE_SIZE or npages <= 0 or addr < 0:
             raise InvalidArgument("move_pages: page-aligned address and npages > 0 required")
+        if addr + npages * PAGE_SIZE > TASK_SIZE:
+            # The kernel looks up each address on its own and would report
+            # -EFAULT per page, but a caller's status array that large cannot
+            # exist: its copy_to_user fails first.
+            raise BadAddress(f"move_pages: [{addr:#x}, +{npages} pages) passes TASK_SIZE")
         status = [0] * npages
         machine = self.machine
         phys = machine.phys

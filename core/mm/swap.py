@@ -15,7 +15,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import OutOfMemory
+from ..errors import KernelBug, OutOfMemory
 from .pagetable import PAGE_SIZE
 from .physmem import PG_swapcache, PhysMem, lazy_zeros
 
@@ -71,12 +71,12 @@ class SwapDevice:
         """Drop one reference; a slot with no users left is free again."""
         self.count[slot] -= 1
         if self.count[slot] < 0:
-            raise AssertionError(f"swap slot {slot} use count underflow")
+            raise KernelBug(f"swap slot {slot} use count underflow")
 
     def put_many(self, slots: NDArray[np.int64]) -> None:
         np.subtract.at(self.count, slots, 1)
         if (self.count[slots] < 0).any():
-            raise AssertionError("swap slot use count underflow")
+            raise KernelBug("swap slot use count underflow")
 
     def write(self, slot: int, page: NDArray[np.uint8] | None) -> None:
         """Write a page out (``page`` None means it was all zero)."""
