@@ -66,6 +66,7 @@ from hmmsim.memremap import (
 from hmmsim.migrate import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SHIFT,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
     MIGRATE_VMA_SELECT_COMPOUND,
@@ -84,9 +85,10 @@ from hmmsim.migrate import (
     migrate_vma_setup,
 )
 from hmmsim.mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
+from hmmsim.mm.oom import alloc_folio_nofail
 from hmmsim.mm.pagetable import PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_PAGES, PUD_ORDER
 from hmmsim.mm.pfnmap import vm_insert_page
-from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
+from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, PG_locked
 from hmmsim.mm.vma import VM_READ
 from hmmsim.notifier import (
     ULONG_MAX,
@@ -232,39 +234,85 @@ class DmirrorDevice(Device):
 
     # ----- eviction and removal ---------------------------------------------------
     def evict_chunk(self, chunk: _Chunk) -> None:
-        """``dmirror_device_evict_chunk``: every page in use goes back to RAM."""
+        """``dmirror_device_evict_chunk``: every page in use goes back to RAM.
+
+        Destinations are allocated as with ``__GFP_NOFAIL``: when RAM is
+        exhausted, reclaim runs and then the OOM killer kills the process
+        with the largest footprint (possibly the owner of these very pages,
+        whose device pages are then simply freed). Migration is never left
+        half-way: ``migrate_device_pages`` and ``migrate_device_finalize``
+        always run, so no migration entry outlives the call. Only when
+        nothing is left to kill (where the kernel panics) does
+        ``OutOfMemory`` propagate; the pages that got no destination then
+        stay in device memory, mapped as before.
+
+        A device THP whose PMD-sized destination cannot be allocated falls
+        back to 512 order-0 destinations (the kernel has no fallback: its
+        compound allocation is not ``__GFP_NOFAIL``).
+        """
         machine = self.machine
-        phys = machine.phys
         n = self._handed_out(chunk)
         if n == 0:
             return
         src = np.zeros(n, dtype=_U64)
         dst = np.zeros(n, dtype=_U64)
         migrate_device_range(machine, src, chunk.pfns.start, n)
-        for i in np.flatnonzero((src & _U64(MIGRATE_PFN_MIGRATE)) != 0).tolist():
-            s = int(src[i])
-            spage = migrate_pfn_to_page(s)
-            if spage is None:
-                continue
-            compound = bool(s & MIGRATE_PFN_COMPOUND)
-            order = PMD_ORDER if compound else 0
-            try:
-                new = phys.alloc_one(order)
-            except OutOfMemory:
-                if not compound:
-                    raise
-                order, compound = 0, False
-                new = phys.alloc_one(0)
-            phys.folio_lock(new)
-            nr = 1 << order
-            phys.copy_pages(np.arange(new, new + nr), np.arange(spage, spage + nr))
-            dst[i] = _U64(
-                migrate_pfn(new)
-                | (s & MIGRATE_PFN_WRITE)
-                | (MIGRATE_PFN_COMPOUND if compound else 0)
+        try:
+            selected = np.flatnonzero(
+                (src & _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE))
+                == _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
             )
-        migrate_device_pages(machine, src, dst, n)
-        migrate_device_finalize(machine, src, dst, n)
+            compound = (src[selected] & _U64(MIGRATE_PFN_COMPOUND)) != 0
+            self._evict_small(src, dst, selected[~compound])
+            for i in selected[compound].tolist():
+                self._evict_folio(src, dst, i)
+        finally:
+            # Whatever happened above, the selected pages leave their migration
+            # entries: those with a destination move, the others stay.
+            migrate_device_pages(machine, src, dst, n)
+            migrate_device_finalize(machine, src, dst, n)
+
+    def _evict_small(
+        self, src: NDArray[np.uint64], dst: NDArray[np.uint64], idx: NDArray[np.int64]
+    ) -> None:
+        """Destinations for order-0 sources: one allocation for all when RAM
+        allows, else page by page with ``__GFP_NOFAIL``."""
+        if len(idx) == 0:
+            return
+        phys = self.machine.phys
+        spages = (src[idx] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        write = src[idx] & _U64(MIGRATE_PFN_WRITE)
+        try:
+            new = phys.alloc(0, len(idx))
+        except OutOfMemory:
+            for k, i in enumerate(idx.tolist()):
+                page = alloc_folio_nofail(self.machine, 0)
+                phys.folio_lock(page)
+                phys.copy_pages(np.array([page]), spages[k : k + 1])
+                dst[i] = _U64(migrate_pfn(page)) | write[k]
+            return
+        phys.flags[new] |= np.uint16(PG_locked)  # fresh pages: nobody else holds them
+        phys.copy_pages(new, spages)
+        dst[idx] = (new.astype(_U64) << _U64(MIGRATE_PFN_SHIFT)) | _U64(MIGRATE_PFN_VALID) | write
+
+    def _evict_folio(self, src: NDArray[np.uint64], dst: NDArray[np.uint64], i: int) -> None:
+        """The destination of a device THP: a PMD-sized folio, else 512 pages."""
+        phys = self.machine.phys
+        s = int(src[i])
+        spage = s >> MIGRATE_PFN_SHIFT
+        write = s & MIGRATE_PFN_WRITE
+        try:
+            new = phys.alloc_one(PMD_ORDER)
+        except OutOfMemory:
+            for j in range(PMD_PAGES):
+                page = alloc_folio_nofail(self.machine, 0)
+                phys.folio_lock(page)
+                phys.copy_pages(np.array([page]), np.array([spage + j]))
+                dst[i + j] = _U64(migrate_pfn(page) | write)
+            return
+        phys.folio_lock(new)
+        phys.copy_pages(np.arange(new, new + PMD_PAGES), np.arange(spage, spage + PMD_PAGES))
+        dst[i] = _U64(migrate_pfn(new) | write | MIGRATE_PFN_COMPOUND)
 
     def _handed_out(self, chunk: _Chunk) -> int:
         """How many pages from the chunk's start may be in use: all but the
