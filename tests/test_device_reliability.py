@@ -132,3 +132,28 @@ def test_evicting_a_device_thp_without_a_free_pmd_block_moves_all_512_pages(make
     p.exit()
     hog.exit()
     check_no_leaks(m)
+
+
+def test_exclusive_subpage_of_a_pte_mapped_thp_maps_that_page(make_machine):
+    m = make_machine(thp="always")
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    size = 2 << 20
+    raw = p.mmap(2 * size, RW, ANON)
+    a = (raw + size - 1) & ~(size - 1)
+    data = b"".join(bytes([k % 256]) * PAGE for k in range(512))
+    p.write(a, data)
+    p.mprotect(a + size - PAGE, PAGE, hmmsim.PROT_READ)  # the THP is now PTE-mapped
+    p.mprotect(a + size - PAGE, PAGE, RW)
+    cpu = p.pagemap(a + 5 * PAGE, 1)[0]
+    assert cpu.order == 0 and m.phys.order[cpu.pfn] == 9  # a PTE-mapped large folio
+    fd.make_exclusive(a + 5 * PAGE, 1)
+    (dpte,) = fd.device_ptes(a + 5 * PAGE, 1)
+    assert dpte is not None and dpte.atomic and dpte.pfn == cpu.pfn
+    assert p.pagemap(a + 5 * PAGE, 1)[0].kind == "device_exclusive"
+    assert fd.read(a + 5 * PAGE, PAGE) == bytes([5]) * PAGE
+    assert p.read(a + 5 * PAGE, PAGE) == bytes([5]) * PAGE
+    fd.close()
+    p.exit()
+    check_no_leaks(m)

@@ -833,9 +833,9 @@ class DmirrorFile(Mirror):
         try:
             with self.mm.mmap_lock.read():
                 for addr in range(cmd.addr, cmd.addr + size, PAGE_SIZE):
-                    folio = make_device_exclusive(self.mm, addr, None)
+                    page, folio = make_device_exclusive(self.mm, addr, None)
                     with self.mutex:
-                        self.pt[addr >> PAGE_SHIFT] = (folio, TAG_ATOMIC)
+                        self.pt[addr >> PAGE_SHIFT] = (page, TAG_ATOMIC)
                     phys.folio_unlock(folio)
                     phys.put_page(folio)
         finally:
