@@ -771,7 +771,12 @@ def _migrate_mapping(machine: Machine, args: MigrateVma, spage: int, dpage: int)
 
 
 def _split_migrating_folio(machine: Machine, args: MigrateVma, i: int, spage: int) -> bool:
-    """A compound source with small destinations: split the (unmapped) folio."""
+    """A compound source with small destinations: split the (unmapped) folio.
+
+    In a ``migrate_to_ram`` of the folio, the fault path's reference (and its
+    lock, which every page now has) stays with the faulting page, whose folio
+    it becomes; that page then migrates like the others.
+    """
     phys = machine.phys
     src, _ = _entries(args)
     nr = 1 << int(phys.order[spage])
@@ -787,6 +792,12 @@ def _split_migrating_folio(machine: Machine, args: MigrateVma, i: int, spage: in
     # Unmapped: no mappings, and each page now holds the migration's reference.
     pages = phys.split_folio_metadata(spage, np.zeros(nr, dtype=np.int32))
     phys.refcount[pages] = 1
+    fault = args.fault_page
+    if fault is not None and spage <= fault < spage + nr:
+        extra = phys.extra_refs.pop(spage, 0)
+        if extra:
+            phys.extra_refs[fault] = extra
+            phys.refcount[fault] += extra
     pgmap = phys.pgmap_of(spage)
     split = getattr(pgmap.ops, "folio_split", None) if pgmap is not None else None
     if split is not None:

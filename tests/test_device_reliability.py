@@ -157,3 +157,93 @@ def test_exclusive_subpage_of_a_pte_mapped_thp_maps_that_page(make_machine):
     fd.close()
     p.exit()
     check_no_leaks(m)
+
+
+def _hog_leaving(m: hmmsim.Machine, free: int) -> tuple[hmmsim.Process, int, int]:
+    """A process that takes all but ``free`` pages of RAM, in small pages."""
+    hog = m.spawn()
+    n = m.phys.allocator.nr_free - free
+    b = hog.mmap(n * PAGE, RW, ANON)
+    hog.madvise(b, n * PAGE, hmmsim.MADV_NOHUGEPAGE)
+    hog.write(b, b"h" * (n * PAGE))
+    return hog, b, n
+
+
+def _kinds(p: hmmsim.Process, a: int, npages: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for e in p.pagemap(a, npages):
+        out[e.kind] = out.get(e.kind, 0) + 1
+    return out
+
+
+def test_migrate_to_system_out_of_ram_half_way_keeps_every_page_whole(make_machine):
+    m = make_machine(ram_bytes=16 << 20, swap_bytes=8 << 20)
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    a = p.mmap(64 * PAGE, RW, ANON)
+    p.write(a, PATTERN)
+    assert fd.migrate_to_device(a, 64) == 64
+    hog, b, n = _hog_leaving(m, 10)
+    with pytest.raises(hmmsim.OutOfMemory):
+        fd.migrate_to_system(a, 64)
+    assert _kinds(p, a, 64) == {"anon": 10, "device_private": 54}
+    assert _migration_entries(p, a, 64) == 0
+    hog.munmap(b, n * PAGE)
+    assert m.reclaim(64 * PAGE) == 10 * PAGE  # the 10 moved pages swap out like any others
+    assert p.read(a, 64 * PAGE) == PATTERN
+    fd.close()
+    p.exit()
+    hog.exit()
+    check_no_leaks(m)
+
+
+def test_cpu_fault_on_a_device_thp_out_of_ram_half_way_keeps_every_page_whole(make_machine):
+    m = make_machine(ram_bytes=16 << 20, thp="always", swap_bytes=8 << 20)
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    size = 2 << 20
+    raw = p.mmap(2 * size, RW, ANON)
+    a = (raw + size - 1) & ~(size - 1)
+    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    p.write(a, data)
+    assert fd.migrate_to_device(a, 512) == 512
+    hog, b, n = _hog_leaving(m, 100)  # 100 small pages, no PMD block
+    with pytest.raises(hmmsim.OutOfMemory):
+        p.read(a, 1)  # migrate_to_ram of the whole PMD-mapped folio fails half-way
+    assert _kinds(p, a, 512) == {"anon": 100, "device_private": 412}  # the fault page too
+    assert _migration_entries(p, a, 512) == 0
+    hog.munmap(b, n * PAGE)
+    assert m.reclaim(512 * PAGE) == 100 * PAGE
+    assert p.read(a, size) == data
+    fd.close()
+    p.exit()
+    hog.exit()
+    check_no_leaks(m)
+
+
+def test_cpu_fault_on_a_device_thp_without_a_pmd_block_moves_the_faulting_page_too(
+    make_machine,
+):
+    m = make_machine(ram_bytes=16 << 20, thp="always")
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    size = 2 << 20
+    raw = p.mmap(2 * size, RW, ANON)
+    a = (raw + size - 1) & ~(size - 1)
+    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
+    p.write(a, data)
+    assert fd.migrate_to_device(a, 512) == 512
+    hog, b = _fill_ram(m)
+    for k in range(0, 1024, 2):  # 512 free pages, no free 2 MiB block
+        hog.munmap(b + k * PAGE, PAGE)
+    assert p.read(a + 7 * PAGE, 3) == data[7 * PAGE : 7 * PAGE + 3]
+    assert _kinds(p, a, 512) == {"anon": 512}
+    assert m.phys.allocator.nr_free == 0  # every destination page is in use
+    assert p.read(a, size) == data
+    fd.close()
+    p.exit()
+    hog.exit()
+    check_no_leaks(m)

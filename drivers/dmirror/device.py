@@ -713,7 +713,9 @@ class DmirrorFile(Mirror):
     def _alloc_and_copy_to_ram(self, args: MigrateVma) -> bool:
         """Allocate system pages for each migrating device page, copy, erase device entries.
 
-        Returns False if an allocation failed.
+        Returns False if an allocation failed; that page's ``dst`` stays 0, so
+        ``migrate_vma_pages`` leaves it on the device (the caller always runs
+        pages, then finalize).
         """
         phys = self.machine.phys
         assert args.src is not None and args.dst is not None
@@ -788,11 +790,13 @@ class DmirrorFile(Mirror):
             migrate_vma_setup(args)
         except HmmsimError:
             return VM_FAULT_SIGBUS
-        if not self._alloc_and_copy_to_ram(args):
-            migrate_vma_finalize(args)
-            return VM_FAULT_OOM
+        # Pages and finalize run even when an allocation failed: the page
+        # that got no destination stays on the device (dst 0).
+        ok = self._alloc_and_copy_to_ram(args)
         migrate_vma_pages(args)
         migrate_vma_finalize(args)
+        if not ok:
+            return VM_FAULT_OOM
         self.stats.migrations_to_system += 1
         return 0
 
@@ -809,9 +813,9 @@ class DmirrorFile(Mirror):
                 for vma, start, end in self._migration_windows(cmd):
                     args = self._migrate_args(vma, start, end, flags)
                     migrate_vma_setup(args)
-                    if not self._alloc_and_copy_to_ram(args):
-                        migrate_vma_finalize(args)
-                        raise OutOfMemory("dmirror: no system memory to migrate back")
+                    # Pages and finalize run even when an allocation failed:
+                    # what got no destination stays on the device (dst 0).
+                    ok = self._alloc_and_copy_to_ram(args)
                     migrate_vma_pages(args)
                     assert args.src is not None
                     moved = (args.src & _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)) == _U64(
@@ -819,6 +823,8 @@ class DmirrorFile(Mirror):
                     )
                     cmd.cpages += int(moved.sum())
                     migrate_vma_finalize(args)
+                    if not ok:
+                        raise OutOfMemory("dmirror: no system memory to migrate back")
                     self.stats.migrations_to_system += 1
         finally:
             self.mm.mmput()
