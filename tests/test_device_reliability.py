@@ -4,12 +4,19 @@ device stores into shmem, and sub-page device stores racing CPU stores."""
 
 from __future__ import annotations
 
+import attrs
 import hmmsim
 import pytest
 from helpers import ANON, PAGE, RW
-from hmmsim.drivers.dmirror import HMM_DMIRROR_RELEASE, DmirrorCmd
+from hmmsim.driver import Capability
+from hmmsim.drivers.dmirror import HMM_DMIRROR_RELEASE, HMM_DMIRROR_WRITE, DmirrorCmd
+from hmmsim.explore import explore
 from hmmsim.mm.pagetable import KIND_MIGRATION, entry_kind
+from hmmsim.scheduler import BoundedDFS
+from hmmsim.testing.checks import DriverSpec
+from hmmsim.testing.env import pattern
 from hmmsim.testing.invariants import check_no_leaks
+from hmmsim.testing.races import OLD_SEED, Race, RaceState, race_scenario
 
 PATTERN = bytes(range(256)) * (64 * PAGE // 256)
 
@@ -247,3 +254,144 @@ def test_cpu_fault_on_a_device_thp_without_a_pmd_block_moves_the_faulting_page_t
     p.exit()
     hog.exit()
     check_no_leaks(m)
+
+
+def test_device_store_into_a_clean_writable_shmem_page_survives_reclaim(make_machine):
+    m = make_machine(ram_bytes=16 << 20)
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    a = p.mmap(2 * PAGE, RW, hmmsim.MAP_SHARED | hmmsim.MAP_ANONYMOUS)
+    assert p.read(a, 2 * PAGE) == bytes(2 * PAGE)  # read faults: writable, clean
+    e = p.pagemap(a, 1)[0]
+    assert e.kind == "shmem" and e.writable and not e.dirty
+    fd.ioctl(HMM_DMIRROR_WRITE, DmirrorCmd(a, 2, bytearray(b"D" * 2 * PAGE)))
+    p.madvise(a, 2 * PAGE, hmmsim.MADV_PAGEOUT)
+    assert p.pagemap(a, 2)[0].kind == "none"  # reclaimed
+    assert p.read(a, 2 * PAGE) == b"D" * 2 * PAGE
+    fd.close()
+    p.exit()
+    check_no_leaks(m)
+
+
+def test_device_store_into_a_lazy_free_page_is_not_discarded(make_machine):
+    m = make_machine(ram_bytes=16 << 20, swap_bytes=1 << 20)
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    a = p.mmap(PAGE, RW, ANON)
+    p.write(a, b"cpu")
+    p.madvise(a, PAGE, hmmsim.MADV_FREE)  # clean and lazy-free; the PTE stays writable
+    fd.ioctl(HMM_DMIRROR_WRITE, DmirrorCmd(a, 1, bytearray(b"dev".ljust(PAGE, b"\0"))))
+    p.madvise(a, PAGE, hmmsim.MADV_PAGEOUT)
+    assert p.read(a, 3) == b"dev"
+    fd.close()
+    p.exit()
+    check_no_leaks(m)
+
+
+# ----- a sub-page device store racing a CPU store to the same page ---------------------------
+
+DEVICE_AT, CPU_AT, STORE = 100, 2000, 16
+
+
+def _device_subpage_store(st: RaceState) -> None:
+    st.env.mirror.write(st.addr + DEVICE_AT, b"D" * STORE)
+
+
+def _cpu_subpage_store(st: RaceState) -> None:
+    st.env.proc.write(st.addr + CPU_AT, b"C" * STORE)
+
+
+def _both_stores_kept(st: RaceState) -> None:
+    want = bytearray(pattern(st.npages * PAGE, OLD_SEED))
+    want[DEVICE_AT : DEVICE_AT + STORE] = b"D" * STORE
+    want[CPU_AT : CPU_AT + STORE] = b"C" * STORE
+    got = st.env.proc.read(st.addr, st.npages * PAGE)
+    assert got[:PAGE] == want[:PAGE], "a store to the page was lost"
+    assert got == want
+
+
+SUBPAGE_RACE = Race(
+    "subpage_write_vs_cpu_write",
+    Capability.WRITE,
+    "write",
+    _cpu_subpage_store,
+    _both_stores_kept,
+    first=_device_subpage_store,
+    doc="a device store of a few bytes against a CPU store elsewhere in the same page",
+)
+
+
+@pytest.mark.parametrize("premap", [False, True])
+@pytest.mark.parametrize("spec", ["dmirror", "dmirror:memory=coherent"])
+def test_subpage_device_store_racing_a_cpu_store_keeps_both(spec, premap):
+    race = attrs.evolve(SUBPAGE_RACE, premap=premap)
+    result = explore(race_scenario(DriverSpec.parse(spec), race), BoundedDFS(2), 3000)
+    assert result.exhausted and result.schedules >= 2
+    assert not result.failures, result.failures[0].description
+
+
+@pytest.mark.parametrize("memory", ["private", "coherent"])
+def test_device_stores_at_any_offset_write_exactly_their_bytes(make_machine, memory):
+    import random
+
+    m = make_machine(ram_bytes=32 << 20)
+    dev = m.probe("dmirror", memory=memory)
+    p = m.spawn()
+    fd = dev.open(p)
+    n = 6
+    a = p.mmap(n * PAGE, RW, ANON)
+    model = bytearray(pattern(n * PAGE, 3))
+    p.write(a, model)
+    rng = random.Random(5)
+    for step in range(60):
+        off = rng.randrange(n * PAGE)
+        length = rng.choice([1, 7, PAGE - 1, PAGE, PAGE + 3, 2 * PAGE + 5, 3 * PAGE])
+        length = min(length, n * PAGE - off)
+        data = bytes(rng.randrange(256) for _ in range(length))
+        if step % 3 == 0:
+            p.write(a + off, data)
+        else:
+            fd.write(a + off, data)
+        model[off : off + length] = data
+        if step % 10 == 9:
+            fd.migrate_to_device(a, n)  # device-private pages: stores land there
+    assert fd.read(a, n * PAGE) == model
+    assert p.read(a, n * PAGE) == model
+    fd.write(a, b"")  # an empty store does nothing
+    with pytest.raises(hmmsim.BadAddress):
+        fd.write(a + n * PAGE - 2, b"abcd")  # runs past the mapping: nothing stored
+    assert p.read(a + n * PAGE - 2, 2) == model[-2:]
+    fd.close()
+    with pytest.raises(hmmsim.BadAddress):
+        fd.write(a, b"x")
+    p.exit()
+    check_no_leaks(m)
+
+
+def test_template_driver_store_into_a_clean_shmem_page_survives_reclaim(make_machine):
+    import sys
+    import types
+
+    from hmmsim.newdriver import class_name, render_module
+
+    mod = types.ModuleType("hmmsim_tmpl_reliability")
+    sys.modules[mod.__name__] = mod  # attrs and dataclasses look their module up
+    try:
+        exec(compile(render_module("tmpl"), mod.__name__, "exec"), mod.__dict__)
+        m = make_machine(ram_bytes=16 << 20)
+        dev = getattr(mod, class_name("tmpl"))().probe(m)
+        p = m.spawn()
+        fd = dev.open(p)
+        a = p.mmap(PAGE, RW, hmmsim.MAP_SHARED | hmmsim.MAP_ANONYMOUS)
+        assert p.read(a, 4) == bytes(4)  # writable and clean
+        fd.write(a + 10, b"tmpl")
+        p.madvise(a, PAGE, hmmsim.MADV_PAGEOUT)
+        assert p.pagemap(a, 1)[0].kind == "none"
+        assert p.read(a + 8, 8) == b"\0\0tmpl\0\0"
+        fd.close()
+        p.exit()
+        check_no_leaks(m)
+    finally:
+        del sys.modules[mod.__name__]

@@ -88,7 +88,7 @@ from hmmsim.mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
 from hmmsim.mm.oom import alloc_folio_nofail
 from hmmsim.mm.pagetable import PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_PAGES, PUD_ORDER
 from hmmsim.mm.pfnmap import vm_insert_page
-from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, PG_locked
+from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, PG_dirty, PG_locked
 from hmmsim.mm.vma import VM_READ
 from hmmsim.notifier import (
     ULONG_MAX,
@@ -471,11 +471,22 @@ class DmirrorFile(Mirror):
         return 0 if start + len(pfns) * PAGE_SIZE == end else -errno.ENOENT
 
     def _do_write(self, start: int, end: int, bounce: bytearray, base: int) -> int:
+        """Copy ``bounce`` into the mapped pages, marking their folios dirty.
+
+        Departure from lib/test_hmm.c, on purpose: its ``dmirror_do_write``
+        copies into the page and never dirties it, so a store into a page the
+        CPU maps writable but clean (a shmem page after a read fault, a
+        lazy-free anonymous page) would be dropped by reclaim. Real drivers
+        dirty what the device wrote (ODP's unmap path calls
+        ``set_page_dirty``); the model must lose no data, so it does too.
+        """
         pfns = self._mapped_prefix(start, end, need_write=True)
         off = start - base
         if len(pfns):
+            phys = self.machine.phys
             data = np.frombuffer(bounce, dtype=np.uint8)[off : off + len(pfns) * PAGE_SIZE]
-            self.machine.phys.write_pages(pfns, data.reshape(len(pfns), PAGE_SIZE))
+            phys.write_pages(pfns, data.reshape(len(pfns), PAGE_SIZE))
+            phys.flags[phys.head_of(pfns)] |= np.uint16(PG_dirty)
         self._cpages += len(pfns)
         return 0 if start + len(pfns) * PAGE_SIZE == end else -errno.ENOENT
 
@@ -975,15 +986,51 @@ class DmirrorFile(Mirror):
         return bytes(memoryview(cmd.buf)[off : off + length])
 
     def write(self, addr: int, data: bytes) -> None:
+        """A device store of exactly ``data``: the bytes around it are never rewritten.
+
+        The WRITE command stores whole pages; a sub-page store built on it
+        would read the pages first and write them back, losing a CPU store
+        to the same page in between. So the store runs the command's fault
+        loop and, once every page is mapped writable, copies only its own
+        bytes, all under the mirror lock (an invalidation cannot split it:
+        nothing is stored unless every page is mapped).
+        """
         if not data:
             return
+        if self.closed:
+            raise BadAddress("dmirror: write on a closed file")
         first, n = self._pages_covering(addr, len(data))
-        buf = bytearray(n << PAGE_SHIFT)
-        off = addr - first
-        if off or len(data) % PAGE_SIZE:
-            buf[:] = self.read(first, n << PAGE_SHIFT)  # keep the bytes around the store
-        buf[off : off + len(data)] = data
-        self.ioctl(uapi.HMM_DMIRROR_WRITE, DmirrorCmd(first, n, buf))
+        end = first + (n << PAGE_SHIFT)
+        if end > ULONG_MAX:
+            raise InvalidArgument("dmirror: wrapping range")
+        start = first
+        while True:
+            with self.mutex:
+                pfns = self._mapped_prefix(first, end, need_write=True)
+                if len(pfns) == n:
+                    self._store(pfns, addr - first, memoryview(data))
+                    return
+            start = first + (len(pfns) << PAGE_SHIFT)
+            self.fault(start, end, True)  # raises on failure
+            self.stats.fault_rounds += 1
+
+    def _store(self, pfns: NDArray[np.int64], off: int, data: memoryview) -> None:
+        """Copy ``data`` to byte ``off`` of the pages ``pfns`` (whole middle pages
+        in one scatter) and dirty their folios, as ``_do_write`` does."""
+        phys = self.machine.phys
+        n = len(pfns)
+        head = min(len(data), PAGE_SIZE - off) if off else 0
+        full = (len(data) - head) // PAGE_SIZE
+        if head:
+            phys.write(int(pfns[0]), off, data[:head])
+        if full:
+            k = 1 if head else 0
+            body = np.frombuffer(data[head : head + full * PAGE_SIZE], dtype=np.uint8)
+            phys.write_pages(pfns[k : k + full], body.reshape(full, PAGE_SIZE))
+        tail = data[head + full * PAGE_SIZE :]
+        if len(tail):
+            phys.write(int(pfns[n - 1]), 0, tail)
+        phys.flags[phys.head_of(pfns)] |= np.uint16(PG_dirty)
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
         # A debug read, lock-free on purpose (see Mirror.device_ptes).
