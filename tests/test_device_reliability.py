@@ -11,7 +11,7 @@ from helpers import ANON, PAGE, RW
 from hmmsim.driver import Capability
 from hmmsim.drivers.dmirror import HMM_DMIRROR_RELEASE, HMM_DMIRROR_WRITE, DmirrorCmd
 from hmmsim.explore import explore
-from hmmsim.mm.pagetable import KIND_MIGRATION, entry_kind
+from hmmsim.mm.pagetable import KIND_DEVICE_PRIVATE, KIND_MIGRATION, entry_kind
 from hmmsim.scheduler import BoundedDFS
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.env import pattern
@@ -395,3 +395,58 @@ def test_template_driver_store_into_a_clean_shmem_page_survives_reclaim(make_mac
         check_no_leaks(m)
     finally:
         del sys.modules[mod.__name__]
+
+
+def test_eviction_with_nothing_left_to_kill_leaves_the_pages_on_the_device(make_machine):
+    m = make_machine(ram_bytes=16 << 20, hugetlb_pages={2 << 20: 6})
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    a = p.mmap(64 * PAGE, RW, ANON)
+    p.write(a, PATTERN)
+    assert fd.migrate_to_device(a, 64) == 64
+    n = m.phys.allocator.nr_free
+    b = p.mmap(n * PAGE, RW, ANON)
+    p.write(b, b"o" * (n * PAGE))
+    mm = p.mm
+    assert mm.mmget_not_zero()  # the mm outlives its process: nothing the OOM killer sees
+    p.exit()
+    assert m.processes == []
+    with pytest.raises(hmmsim.OutOfMemory, match="no process left to kill"):
+        fd.close()  # where the kernel panics
+    assert fd.closed and fd not in dev.files and fd.device_ptes(a, 1) == [None]
+    walk = mm.pt.walk(a // PAGE, 64)
+    assert (entry_kind(walk.entries) == KIND_DEVICE_PRIVATE).all()  # whole, still mapped
+    mm.mmput()  # the last user: the address space and its device pages go
+    dev.remove()
+    assert dev.chunks == [] and dev.calloc == dev.cfree
+    check_no_leaks(m)
+
+
+# ----- the same rules for the core's testing device ----------------------------------------
+
+
+def test_devmem_migrations_that_run_out_of_memory_leave_no_migration_entry(make_machine):
+    from hmmsim.testing.devmem import Device
+
+    m = make_machine(ram_bytes=16 << 20, swap_bytes=8 << 20)
+    dev = Device(m, npages=512)
+    p = m.spawn()
+    a = p.mmap(600 * PAGE, RW, ANON)
+    data = pattern(600 * PAGE, 9)
+    p.write(a, data)
+    moved, _ = dev.migrate_to_device(p, a, 600)  # the device holds 512 pages
+    assert moved == 512
+    assert _kinds(p, a, 600) == {"device_private": 512, "anon": 88}
+    hog, _, _ = _hog_leaving(m, 10)
+    with pytest.raises(hmmsim.OutOfMemory):
+        dev.migrate_to_system(p, a, 512)
+    assert _kinds(p, a, 600) == {"anon": 98, "device_private": 502}
+    assert _migration_entries(p, a, 600) == 0
+    assert dev.evict() == 502  # __GFP_NOFAIL: direct reclaim swaps the hog out for it
+    assert not hog.exited and m.swap.nr_free < m.swap.nslots
+    assert _kinds(p, a, 600) == {"anon": 600}
+    assert p.read(a, 600 * PAGE) == data
+    p.exit()
+    hog.exit()
+    check_no_leaks(m)

@@ -964,10 +964,13 @@ class DmirrorFile(Mirror):
             return
         mmu_interval_notifier_remove(self.notifier)
         self.closed = True
-        self.device.evict_all()
-        self.pt.clear()
-        if self in self.device.files:
-            self.device.files.remove(self)
+        try:
+            self.device.evict_all()
+        finally:
+            # Closed even if eviction found nothing left to kill (see evict_chunk).
+            self.pt.clear()
+            if self in self.device.files:
+                self.device.files.remove(self)
 
     # ----- the generic Mirror API, built on the commands above ----------------------------------
     def _pages_covering(self, addr: int, length: int) -> tuple[int, int]:
