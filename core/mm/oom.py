@@ -11,8 +11,9 @@ Device memory counts in a process's footprint like the pages it replaced,
 so a process whose data sits mostly in device memory can be the victim.
 
 Departure from the kernel, on purpose: when nothing is left to kill the
-kernel panics ("Out of memory and no killable processes"); the model raises
-``OutOfMemory`` instead, so that the caller can leave its state whole.
+kernel panics ("Out of memory and no killable processes"); the model's
+``alloc_pages_nofail`` then returns the pages it got, so that the caller can
+leave its state whole before it reports ``OutOfMemory``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
-from ..errors import OutOfMemory
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
     KIND_DEVICE_PRIVATE,
@@ -89,21 +90,29 @@ def out_of_memory(machine: Machine) -> bool:
     return True
 
 
-def alloc_folio_nofail(machine: Machine, order: int = 0) -> int:
-    """An order-``order`` folio with ``__GFP_NOFAIL``: reclaim, then OOM-kill, until it fits.
+def alloc_pages_nofail(machine: Machine, count: int) -> NDArray[np.int64]:
+    """``count`` order-0 pages with ``__GFP_NOFAIL``, in as few batches as RAM allows.
 
-    Returns the head pfn (refcount 1). Raises ``OutOfMemory`` only when there
-    is nothing left to reclaim or kill (where the kernel panics).
+    Takes what is free, then reclaims (and if that frees nothing, OOM-kills)
+    for the rest. Returns fewer than ``count`` pages only when nothing is
+    left to reclaim or kill (where the kernel panics); the caller decides
+    what to do with the pages it got.
     """
     phys = machine.phys
-    while True:
-        try:
-            return phys.alloc_one(order)
-        except OutOfMemory:
-            pass
-        if machine.reclaim(PAGE_SIZE << order) > 0:
-            continue  # direct reclaim made progress: try again
+    got: list[NDArray[np.int64]] = []
+    need = count
+    while need > 0:
+        free = phys.allocator.nr_free
+        if free:
+            # Order-0 blocks never fragment: any free frame will do.
+            batch = phys.alloc(0, min(free, need))
+            got.append(batch)
+            need -= len(batch)
+            continue
+        if machine.reclaim(need * PAGE_SIZE) > 0:
+            continue
         if not out_of_memory(machine):
-            raise OutOfMemory(
-                f"no order-{order} folio and no process left to kill (the kernel panics here)"
-            ) from None
+            break
+    if not got:
+        return np.empty(0, dtype=np.int64)
+    return got[0] if len(got) == 1 else np.concatenate(got)

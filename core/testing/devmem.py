@@ -44,7 +44,7 @@ from ..migrate import (
     migrate_vma_setup,
 )
 from ..mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
-from ..mm.oom import alloc_folio_nofail
+from ..mm.oom import alloc_pages_nofail
 from ..mm.pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
 from ..mm.physmem import FrameAllocator, PG_locked
 
@@ -182,17 +182,10 @@ class Device:
             dst[i] = migrate_pfn(new) | MIGRATE_PFN_COMPOUND
         if len(small) == 0:
             return True
-        try:
-            pages = phys.alloc(0, len(small))
-        except OutOfMemory:
-            # Page by page: as many as RAM (or, with nofail, the OOM killer) allows.
-            got: list[int] = []
-            for _ in range(len(small)):
-                try:
-                    got.append(alloc_folio_nofail(self.machine) if nofail else phys.alloc_one(0))
-                except OutOfMemory:
-                    break
-            pages = np.array(got, dtype=np.int64)
+        if nofail:
+            pages = alloc_pages_nofail(self.machine, len(small))
+        else:  # as many as are free (order-0 frames never fragment)
+            pages = phys.alloc(0, min(phys.allocator.nr_free, len(small)))
         complete = len(pages) == len(small)
         small, spages = small[: len(pages)], spages[: len(pages)]
         phys.flags[pages] |= np.uint16(PG_locked)

@@ -85,7 +85,7 @@ from hmmsim.migrate import (
     migrate_vma_setup,
 )
 from hmmsim.mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
-from hmmsim.mm.oom import alloc_folio_nofail
+from hmmsim.mm.oom import alloc_pages_nofail
 from hmmsim.mm.pagetable import PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_PAGES, PUD_ORDER
 from hmmsim.mm.pfnmap import vm_insert_page
 from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, PG_dirty, PG_locked
@@ -263,7 +263,13 @@ class DmirrorDevice(Device):
                 == _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
             )
             compound = (src[selected] & _U64(MIGRATE_PFN_COMPOUND)) != 0
-            self._evict_small(src, dst, selected[~compound])
+            small = selected[~compound]
+            self._evict_small(
+                dst,
+                small,
+                (src[small] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64),
+                src[small] & _U64(MIGRATE_PFN_WRITE),
+            )
             for i in selected[compound].tolist():
                 self._evict_folio(src, dst, i)
         finally:
@@ -273,30 +279,35 @@ class DmirrorDevice(Device):
             migrate_device_finalize(machine, src, dst, n)
 
     def _evict_small(
-        self, src: NDArray[np.uint64], dst: NDArray[np.uint64], idx: NDArray[np.int64]
+        self,
+        dst: NDArray[np.uint64],
+        idx: NDArray[np.int64],
+        spages: NDArray[np.int64],
+        write: NDArray[np.uint64],
     ) -> None:
-        """Destinations for order-0 sources: one allocation for all when RAM
-        allows, else page by page with ``__GFP_NOFAIL``."""
+        """Locked order-0 copies in RAM of ``spages``, as ``dst[idx]``, ``__GFP_NOFAIL``.
+
+        Raises ``OutOfMemory`` when nothing is left to kill, after setting the
+        destinations it got (the others stay 0)."""
         if len(idx) == 0:
             return
         phys = self.machine.phys
-        spages = (src[idx] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
-        write = src[idx] & _U64(MIGRATE_PFN_WRITE)
-        try:
-            new = phys.alloc(0, len(idx))
-        except OutOfMemory:
-            for k, i in enumerate(idx.tolist()):
-                page = alloc_folio_nofail(self.machine, 0)
-                phys.folio_lock(page)
-                phys.copy_pages(np.array([page]), spages[k : k + 1])
-                dst[i] = _U64(migrate_pfn(page)) | write[k]
-            return
+        new = alloc_pages_nofail(self.machine, len(idx))
+        got = len(new)
         phys.flags[new] |= np.uint16(PG_locked)  # fresh pages: nobody else holds them
-        phys.copy_pages(new, spages)
-        dst[idx] = (new.astype(_U64) << _U64(MIGRATE_PFN_SHIFT)) | _U64(MIGRATE_PFN_VALID) | write
+        phys.copy_pages(new, spages[:got])
+        dst[idx[:got]] = (
+            (new.astype(_U64) << _U64(MIGRATE_PFN_SHIFT)) | _U64(MIGRATE_PFN_VALID) | write[:got]
+        )
+        if got < len(idx):
+            raise OutOfMemory(
+                f"dmirror: no RAM for {len(idx) - got} evicted page(s) and no process "
+                "left to kill (the kernel panics here)"
+            )
 
     def _evict_folio(self, src: NDArray[np.uint64], dst: NDArray[np.uint64], i: int) -> None:
-        """The destination of a device THP: a PMD-sized folio, else 512 pages."""
+        """The destination of a device THP: a PMD-sized folio, else 512 pages
+        (``migrate_device_pages`` then splits the source folio)."""
         phys = self.machine.phys
         s = int(src[i])
         spage = s >> MIGRATE_PFN_SHIFT
@@ -304,11 +315,12 @@ class DmirrorDevice(Device):
         try:
             new = phys.alloc_one(PMD_ORDER)
         except OutOfMemory:
-            for j in range(PMD_PAGES):
-                page = alloc_folio_nofail(self.machine, 0)
-                phys.folio_lock(page)
-                phys.copy_pages(np.array([page]), np.array([spage + j]))
-                dst[i + j] = _U64(migrate_pfn(page) | write)
+            self._evict_small(
+                dst,
+                np.arange(i, i + PMD_PAGES, dtype=np.int64),
+                np.arange(spage, spage + PMD_PAGES, dtype=np.int64),
+                np.full(PMD_PAGES, write, dtype=_U64),
+            )
             return
         phys.folio_lock(new)
         phys.copy_pages(np.arange(new, new + PMD_PAGES), np.arange(spage, spage + PMD_PAGES))
