@@ -879,6 +879,7 @@ def migrate_vma_finalize(args: MigrateVma) -> None:
 def migrate_device_finalize(
     machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
 ) -> None:
+    _finalize_device_in_place(machine, src, dst, npages)
     _finalize(machine, src, dst, npages, None)
 
 
@@ -941,30 +942,91 @@ def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
     s = src[:n]
     d = dst[:n]
     has = (s & U64(MIGRATE_PFN_VALID)) != 0
-    has &= (s & U64(MIGRATE_PFN_COMPOUND)) == 0
+    has &= ((s | d) & U64(MIGRATE_PFN_COMPOUND)) == 0
     if not has.any():
         return
     spage = (s >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
-    dpage = (d >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
-    dvalid = (d & U64(MIGRATE_PFN_VALID)) != 0
-    has &= (d & U64(MIGRATE_PFN_COMPOUND)) == 0
     has &= phys.order[np.where(has, spage, 0)] == 0
     if args.unmapped_elsewhere:
         has &= ~np.isin(spage, np.fromiter(args.unmapped_elsewhere, dtype=_I64))
-    walk = vma.mm.pt.walk(args.start >> PAGE_SHIFT, n)
-    e = walk.entries
+    idx = np.flatnonzero(has)
+    if len(idx):
+        vpns = (args.start >> PAGE_SHIFT) + idx.astype(_I64)
+        _finalize_at(machine, vma, idx, vpns, src, dst, args.fault_page)
+
+
+def _finalize_device_in_place(
+    machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
+) -> None:
+    """``migrate_device_finalize``'s common case, vectorised: order-0 anonymous
+    sources whose anon_vma has one VMA, so that their only possible migration
+    entry is at their linear address in it (an evicted chunk's pages).
+
+    Handled entries are cleared from ``src``/``dst`` so the generic pass
+    skips them.
+    """
+    phys = machine.phys
+    if npages <= SCALAR_MAX_PAGES:
+        return
+    s = src[:npages]
+    d = dst[:npages]
+    idx = np.flatnonzero(
+        ((s & U64(MIGRATE_PFN_VALID)) != 0) & (((s | d) & U64(MIGRATE_PFN_COMPOUND)) == 0)
+    )
+    if len(idx) <= SCALAR_MAX_PAGES:
+        return
+    spage = (s[idx] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    ok = (phys.order[spage] == 0) & ((phys.flags[spage] & PG_anon) != 0)
+    idx, spage = idx[ok], spage[ok]
+    mapping = phys.mapping[spage]
+    for mid in np.unique(mapping).tolist():
+        owner = machine.mappings.get(int(mid))
+        if owner is None or len(owner.vmas) != 1:
+            continue  # several VMAs may map these pages: the rmap walk finds them
+        (vma,) = owner.vmas
+        sel = mapping == mid
+        vpns = vma.start_vpn + phys.index[spage[sel]].astype(_I64) - vma.pgoff
+        inside = (vpns >= vma.start_vpn) & (vpns < vma.end_vpn)
+        if inside.any():
+            _finalize_at(machine, vma, idx[sel][inside], vpns[inside], src, dst, None)
+
+
+def _finalize_at(
+    machine: Machine,
+    vma: Vma,
+    idx: NDArray[np.int64],
+    vpns: NDArray[np.int64],
+    src: NDArray[np.uint64],
+    dst: NDArray[np.uint64],
+    fault_page: int | None,
+) -> None:
+    """Finalize entries ``idx`` (order-0, not compound, with a source) whose
+    migration entry, if any, is the PTE at ``vpns`` in ``vma``.
+
+    Entries whose PTE holds that migration entry are finalized here and
+    cleared from ``src``/``dst``; the others are left to the generic pass.
+    """
+    phys = machine.phys
+    lo = int(vpns.min())
+    walk = vma.mm.pt.walk(lo, int(vpns.max()) + 1 - lo)
+    off = vpns - lo
+    e = walk.entries[off]
+    s = src[idx]
+    spage = (s >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
     ours = (
-        has
-        & (entry_kind(e) == KIND_MIGRATION)
+        (entry_kind(e) == KIND_MIGRATION)
         & ((e & U64(PTE_PFN_MASK)).astype(_I64) == spage)
-        & (walk.level == 0)
+        & (walk.level[off] == 0)
     )
     if not ours.any():
         return
-    idx = np.flatnonzero(ours)
-    use_dst = ((s[idx] & U64(MIGRATE_PFN_MIGRATE)) != 0) & dvalid[idx]
-    target = np.where(use_dst, dpage[idx], spage[idx])
-    ent = e[idx]
+    k = np.flatnonzero(ours)
+    idx, s, spage, ent, locs = idx[k], s[k], spage[k], e[k], walk.loc[off][k]
+    d = dst[idx]
+    dpage = (d >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    dvalid = (d & U64(MIGRATE_PFN_VALID)) != 0
+    use_dst = ((s & U64(MIGRATE_PFN_MIGRATE)) != 0) & dvalid
+    target = np.where(use_dst, dpage, spage)
     write = ((ent & U64(SOFTLEAF_TYPE_MASK)) >> U64(SOFTLEAF_TYPE_SHIFT)) == U64(
         SWP_MIGRATION_WRITE
     )
@@ -977,23 +1039,21 @@ def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
     present |= np.where(write, U64(PTE_WRITE), U64(0))
     dp_type = np.where(write, U64(SWP_DEVICE_PRIVATE_WRITE), U64(SWP_DEVICE_PRIVATE_READ))
     devpriv = target.astype(U64) | U64(PTE_SOFTLEAF) | (dp_type << U64(SOFTLEAF_TYPE_SHIFT)) | keep
-    vma.mm.pt.flat[walk.loc[idx]] = np.where(private, devpriv, present)
+    vma.mm.pt.flat[locs] = np.where(private, devpriv, present)
     machine.costs.pte_writes += len(idx)
     phys.mapcount[target] += 1
     phys.refcount[target] += 1
     machine.migration_wq.wake_up_all()
     # Unlock and release: the sources (collect reference), the destinations
     # (allocation reference; the new mappings hold theirs), unused destinations.
-    fault_head = phys.head(args.fault_page) if args.fault_page is not None else -1
-    srcs = spage[idx]
-    unlock = srcs[srcs != fault_head]
+    fault_head = phys.head(fault_page) if fault_page is not None else -1
+    unlock = spage[spage != fault_head]
     phys.flags[unlock] &= np.uint16(~PG_locked & 0xFFFF)
-    moved = srcs[use_dst]
-    phys.mapping[moved] = 0
-    dsts = dpage[idx][dvalid[idx]]
+    phys.mapping[spage[use_dst]] = 0
+    dsts = dpage[dvalid]
     phys.flags[dsts] &= np.uint16(~PG_locked & 0xFFFF)
     phys.lock_wq.wake_up_all()
-    phys.put(srcs)
+    phys.put(spage)
     phys.put(dsts)
     src[idx] = U64(0)
     dst[idx] = U64(0)

@@ -450,3 +450,42 @@ def test_devmem_migrations_that_run_out_of_memory_leave_no_migration_entry(make_
     p.exit()
     hog.exit()
     check_no_leaks(m)
+
+
+def test_eviction_restores_every_mapping_exactly(make_machine):
+    m = make_machine(ram_bytes=64 << 20)
+    dev = m.probe("dmirror")
+    p = m.spawn()
+    fd = dev.open(p)
+    a = p.mmap(64 * PAGE, RW, ANON)
+    p.write(a, pattern(64 * PAGE, 1))
+    b0 = p.mmap(64 * PAGE, RW, ANON)
+    p.write(b0, pattern(64 * PAGE, 2))
+    flags = hmmsim.MREMAP_MAYMOVE | hmmsim.MREMAP_FIXED
+    b = p.mremap(b0 + 16 * PAGE, 32 * PAGE, 32 * PAGE, flags, a + 1024 * PAGE)
+    for addr, npages in ((a, 64), (b, 32)):
+        assert fd.migrate_to_device(addr, npages) == npages
+    p.mprotect(a + 8 * PAGE, 8 * PAGE, hmmsim.PROT_READ)
+    fd.close()
+    assert p.read(a, 64 * PAGE) == pattern(64 * PAGE, 1)
+    assert p.read(b, 32 * PAGE) == pattern(64 * PAGE, 2)[16 * PAGE : 48 * PAGE]
+    entries = p.pagemap(a, 64)
+    assert {e.kind for e in entries} == {"anon"}
+    assert [e.writable for e in entries] == [not 8 <= i < 16 for i in range(64)]
+    assert all(e.kind == "anon" and e.writable for e in p.pagemap(b, 32))
+    # Pages two mms map (after fork) go back to both.
+    fd = dev.open(p)
+    c = p.mmap(32 * PAGE, RW, ANON)
+    p.write(c, pattern(32 * PAGE, 3))
+    assert fd.migrate_to_device(c, 32) == 32
+    child = p.fork()
+    fd.close()
+    for proc in (p, child):
+        assert {e.kind for e in proc.pagemap(c, 32)} == {"anon"}
+        assert proc.read(c, 32 * PAGE) == pattern(32 * PAGE, 3)
+    p.write(c, b"parent")
+    assert child.read(c, 6) == pattern(6, 3)  # COW still separates them
+    child.exit()
+    p.exit()
+    dev.remove()
+    check_no_leaks(m)
