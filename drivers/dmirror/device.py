@@ -1018,7 +1018,6 @@ class DmirrorFile(Mirror):
         end = first + (n << PAGE_SHIFT)
         if end > ULONG_MAX:
             raise InvalidArgument("dmirror: wrapping range")
-        start = first
         while True:
             with self.mutex:
                 pfns = self._mapped_prefix(first, end, need_write=True)
