@@ -489,3 +489,105 @@ def test_eviction_restores_every_mapping_exactly(make_machine):
     p.exit()
     dev.remove()
     check_no_leaks(m)
+
+
+# ----- random sequences under memory pressure --------------------------------------------------
+
+_TOLERATED = (
+    hmmsim.OutOfMemory,
+    hmmsim.BadAddress,
+    hmmsim.NoEntry,
+    hmmsim.Busy,
+    hmmsim.InvalidArgument,
+    hmmsim.NotSupported,
+)
+
+
+_OPS = ("cpu", "dev", "todev", "tosys", "hog", "unhog", "pageout", "excl", "close", "fork")
+_OPS += ("read", "release")
+
+
+def _random_run(make_machine, seed: int, steps: int = 80) -> None:
+    """CPU and device stores, migrations both ways, exclusive access, reclaim,
+    close and RELEASE, fork, with other processes taking most of RAM; after
+    every step the machine and mirror invariants hold, and at the end the data
+    is what the successful stores wrote and nothing leaks."""
+    import random
+
+    from hmmsim.drivers.dmirror import HMM_DMIRROR_RELEASE, DmirrorCmd
+    from hmmsim.mm.debug import verify_machine
+    from hmmsim.testing.invariants import check_mirror
+
+    r = random.Random(seed)
+    m = make_machine(
+        ram_bytes=16 << 20, swap_bytes=r.choice([0, 2 << 20]), thp=r.choice(["always", "never"])
+    )
+    dev = m.probe("dmirror", memory=r.choice(["private", "coherent"]))
+    p = m.spawn()
+    fd = dev.open(p)
+    n = 96
+    a = p.mmap(n * PAGE, RW, r.choice([ANON, hmmsim.MAP_SHARED | hmmsim.MAP_ANONYMOUS]))
+    model = bytearray(n * PAGE)
+    others: list[hmmsim.Process] = []
+    for _ in range(steps):
+        op = r.choice(_OPS)
+        off = r.randrange(n) * PAGE + r.choice([0, 1, 100, PAGE - 3])
+        length = min(r.choice([1, 50, PAGE, 3 * PAGE + 7]), n * PAGE - off)
+        count = r.randrange(1, 40)
+        first = a + r.randrange(n - count + 1) * PAGE
+        data = bytes([r.randrange(1, 256)]) * length
+        try:
+            if op == "cpu":
+                p.write(a + off, data)
+                model[off : off + length] = data
+            elif op == "dev":
+                fd.write(a + off, data)
+                model[off : off + length] = data
+            elif op == "todev":
+                fd.migrate_to_device(first, count)
+            elif op == "tosys":
+                fd.migrate_to_system(first, count)
+            elif op == "hog":
+                hog, _, _ = _hog_leaving(m, min(r.randrange(0, 30), m.phys.allocator.nr_free - 1))
+                others.append(hog)
+            elif op == "unhog":
+                live = [q for q in others if not q.exited]
+                if live:
+                    live[0].exit()
+            elif op == "pageout":
+                p.madvise(a, n * PAGE, hmmsim.MADV_PAGEOUT)
+            elif op == "excl":
+                fd.make_exclusive(first, min(count, 4))
+            elif op == "close":
+                fd.close()
+                fd = dev.open(p)
+            elif op == "release":
+                fd.ioctl(HMM_DMIRROR_RELEASE, DmirrorCmd(a, 1, None))
+            elif op == "fork":
+                others.append(p.fork())
+            else:
+                assert fd.read(a + off, length) == model[off : off + length]
+        except _TOLERATED:
+            pass  # a failed store stores nothing: the model stays as it is
+        assert not p.exited  # the processes that take RAM are always larger
+        verify_machine(m)
+        check_mirror(fd, a, n)
+    for q in others:
+        if not q.exited:
+            q.exit()
+    assert p.read(a, n * PAGE) == model
+    fd.close()
+    p.exit()
+    dev.remove()
+    check_no_leaks(m)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_device_sequences_under_memory_pressure_lose_nothing(make_machine, seed):
+    _random_run(make_machine, seed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(6, 200))
+def test_random_device_sequences_under_memory_pressure_lose_nothing_long(make_machine, seed):
+    _random_run(make_machine, seed, steps=120)
