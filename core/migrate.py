@@ -771,7 +771,12 @@ def _migrate_mapping(machine: Machine, args: MigrateVma, spage: int, dpage: int)
 
 
 def _split_migrating_folio(machine: Machine, args: MigrateVma, i: int, spage: int) -> bool:
-    """A compound source with small destinations: split the (unmapped) folio."""
+    """A compound source with small destinations: split the (unmapped) folio.
+
+    In a ``migrate_to_ram`` of the folio, the fault path's reference (and its
+    lock, which every page now has) stays with the faulting page, whose folio
+    it becomes; that page then migrates like the others.
+    """
     phys = machine.phys
     src, _ = _entries(args)
     nr = 1 << int(phys.order[spage])
@@ -787,6 +792,12 @@ def _split_migrating_folio(machine: Machine, args: MigrateVma, i: int, spage: in
     # Unmapped: no mappings, and each page now holds the migration's reference.
     pages = phys.split_folio_metadata(spage, np.zeros(nr, dtype=np.int32))
     phys.refcount[pages] = 1
+    fault = args.fault_page
+    if fault is not None and spage <= fault < spage + nr:
+        extra = phys.extra_refs.pop(spage, 0)
+        if extra:
+            phys.extra_refs[fault] = extra
+            phys.refcount[fault] += extra
     pgmap = phys.pgmap_of(spage)
     split = getattr(pgmap.ops, "folio_split", None) if pgmap is not None else None
     if split is not None:
@@ -868,6 +879,7 @@ def migrate_vma_finalize(args: MigrateVma) -> None:
 def migrate_device_finalize(
     machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
 ) -> None:
+    _finalize_device_in_place(machine, src, dst, npages)
     _finalize(machine, src, dst, npages, None)
 
 
@@ -930,30 +942,91 @@ def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
     s = src[:n]
     d = dst[:n]
     has = (s & U64(MIGRATE_PFN_VALID)) != 0
-    has &= (s & U64(MIGRATE_PFN_COMPOUND)) == 0
+    has &= ((s | d) & U64(MIGRATE_PFN_COMPOUND)) == 0
     if not has.any():
         return
     spage = (s >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
-    dpage = (d >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
-    dvalid = (d & U64(MIGRATE_PFN_VALID)) != 0
-    has &= (d & U64(MIGRATE_PFN_COMPOUND)) == 0
     has &= phys.order[np.where(has, spage, 0)] == 0
     if args.unmapped_elsewhere:
         has &= ~np.isin(spage, np.fromiter(args.unmapped_elsewhere, dtype=_I64))
-    walk = vma.mm.pt.walk(args.start >> PAGE_SHIFT, n)
-    e = walk.entries
+    idx = np.flatnonzero(has)
+    if len(idx):
+        vpns = (args.start >> PAGE_SHIFT) + idx.astype(_I64)
+        _finalize_at(machine, vma, idx, vpns, src, dst, args.fault_page)
+
+
+def _finalize_device_in_place(
+    machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
+) -> None:
+    """``migrate_device_finalize``'s common case, vectorised: order-0 anonymous
+    sources whose anon_vma has one VMA, so that their only possible migration
+    entry is at their linear address in it (an evicted chunk's pages).
+
+    Handled entries are cleared from ``src``/``dst`` so the generic pass
+    skips them.
+    """
+    phys = machine.phys
+    if npages <= SCALAR_MAX_PAGES:
+        return
+    s = src[:npages]
+    d = dst[:npages]
+    idx = np.flatnonzero(
+        ((s & U64(MIGRATE_PFN_VALID)) != 0) & (((s | d) & U64(MIGRATE_PFN_COMPOUND)) == 0)
+    )
+    if len(idx) <= SCALAR_MAX_PAGES:
+        return
+    spage = (s[idx] >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    ok = (phys.order[spage] == 0) & ((phys.flags[spage] & PG_anon) != 0)
+    idx, spage = idx[ok], spage[ok]
+    mapping = phys.mapping[spage]
+    for mid in np.unique(mapping).tolist():
+        owner = machine.mappings.get(int(mid))
+        if owner is None or len(owner.vmas) != 1:
+            continue  # several VMAs may map these pages: the rmap walk finds them
+        (vma,) = owner.vmas
+        sel = mapping == mid
+        vpns = vma.start_vpn + phys.index[spage[sel]].astype(_I64) - vma.pgoff
+        inside = (vpns >= vma.start_vpn) & (vpns < vma.end_vpn)
+        if inside.any():
+            _finalize_at(machine, vma, idx[sel][inside], vpns[inside], src, dst, None)
+
+
+def _finalize_at(
+    machine: Machine,
+    vma: Vma,
+    idx: NDArray[np.int64],
+    vpns: NDArray[np.int64],
+    src: NDArray[np.uint64],
+    dst: NDArray[np.uint64],
+    fault_page: int | None,
+) -> None:
+    """Finalize entries ``idx`` (order-0, not compound, with a source) whose
+    migration entry, if any, is the PTE at ``vpns`` in ``vma``.
+
+    Entries whose PTE holds that migration entry are finalized here and
+    cleared from ``src``/``dst``; the others are left to the generic pass.
+    """
+    phys = machine.phys
+    lo = int(vpns.min())
+    walk = vma.mm.pt.walk(lo, int(vpns.max()) + 1 - lo)
+    off = vpns - lo
+    e = walk.entries[off]
+    s = src[idx]
+    spage = (s >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
     ours = (
-        has
-        & (entry_kind(e) == KIND_MIGRATION)
+        (entry_kind(e) == KIND_MIGRATION)
         & ((e & U64(PTE_PFN_MASK)).astype(_I64) == spage)
-        & (walk.level == 0)
+        & (walk.level[off] == 0)
     )
     if not ours.any():
         return
-    idx = np.flatnonzero(ours)
-    use_dst = ((s[idx] & U64(MIGRATE_PFN_MIGRATE)) != 0) & dvalid[idx]
-    target = np.where(use_dst, dpage[idx], spage[idx])
-    ent = e[idx]
+    k = np.flatnonzero(ours)
+    idx, s, spage, ent, locs = idx[k], s[k], spage[k], e[k], walk.loc[off][k]
+    d = dst[idx]
+    dpage = (d >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
+    dvalid = (d & U64(MIGRATE_PFN_VALID)) != 0
+    use_dst = ((s & U64(MIGRATE_PFN_MIGRATE)) != 0) & dvalid
+    target = np.where(use_dst, dpage, spage)
     write = ((ent & U64(SOFTLEAF_TYPE_MASK)) >> U64(SOFTLEAF_TYPE_SHIFT)) == U64(
         SWP_MIGRATION_WRITE
     )
@@ -966,23 +1039,21 @@ def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
     present |= np.where(write, U64(PTE_WRITE), U64(0))
     dp_type = np.where(write, U64(SWP_DEVICE_PRIVATE_WRITE), U64(SWP_DEVICE_PRIVATE_READ))
     devpriv = target.astype(U64) | U64(PTE_SOFTLEAF) | (dp_type << U64(SOFTLEAF_TYPE_SHIFT)) | keep
-    vma.mm.pt.flat[walk.loc[idx]] = np.where(private, devpriv, present)
+    vma.mm.pt.flat[locs] = np.where(private, devpriv, present)
     machine.costs.pte_writes += len(idx)
     phys.mapcount[target] += 1
     phys.refcount[target] += 1
     machine.migration_wq.wake_up_all()
     # Unlock and release: the sources (collect reference), the destinations
     # (allocation reference; the new mappings hold theirs), unused destinations.
-    fault_head = phys.head(args.fault_page) if args.fault_page is not None else -1
-    srcs = spage[idx]
-    unlock = srcs[srcs != fault_head]
+    fault_head = phys.head(fault_page) if fault_page is not None else -1
+    unlock = spage[spage != fault_head]
     phys.flags[unlock] &= np.uint16(~PG_locked & 0xFFFF)
-    moved = srcs[use_dst]
-    phys.mapping[moved] = 0
-    dsts = dpage[idx][dvalid[idx]]
+    phys.mapping[spage[use_dst]] = 0
+    dsts = dpage[dvalid]
     phys.flags[dsts] &= np.uint16(~PG_locked & 0xFFFF)
     phys.lock_wq.wake_up_all()
-    phys.put(srcs)
+    phys.put(spage)
     phys.put(dsts)
     src[idx] = U64(0)
     dst[idx] = U64(0)
@@ -1062,12 +1133,15 @@ def migrate_device_coherent_folio(machine: Machine, head: int) -> None:
 # ----- device-exclusive access ----------------------------------------------------------
 
 
-def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> int:
+def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> tuple[int, int]:
     """Give a device exclusive access to the anonymous page at ``addr``.
 
-    Returns the folio (head pfn), locked and referenced: the caller programs
-    its device mapping, then ``folio_unlock``s and ``put_page``s it. The CPU's
-    next touch restores the PTE and sends ``MMU_NOTIFY_EXCLUSIVE`` (owner None).
+    Returns ``(page, folio)``: the pfn of the page at ``addr`` and the head
+    pfn of its folio (they differ inside a PTE-mapped large folio), as the
+    kernel returns the page and fills ``*foliop``. The folio is locked and
+    referenced: the caller maps ``page`` in its device page table, then
+    ``folio_unlock``s and ``put_page``s the folio. The CPU's next touch
+    restores the PTE and sends ``MMU_NOTIFY_EXCLUSIVE`` (owner None).
     """
     from .gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, get_user_pages
 
@@ -1100,7 +1174,7 @@ def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> int:
                 pt.set(loc, make_softleaf(SWP_DEVICE_EXCLUSIVE, pfn))
                 machine.costs.pte_writes += 1
         if ok:
-            return head
+            return pfn, head
         phys.folio_unlock(head)
         phys.put_page(pfn)
 

@@ -58,6 +58,7 @@ from hmmsim.hmm import (
     hmm_pfn_to_page,
     hmm_range_fault,
 )
+from hmmsim.mm.physmem import PG_dirty
 from hmmsim.notifier import ULONG_MAX
 
 PAGE = 4096
@@ -139,7 +140,10 @@ class {cls}Mirror(Mirror):
                         page_start = first + i * PAGE
                         lo, hi = max(addr, page_start), min(addr + length, page_start + PAGE)
                         if write:
+                            # Only the store's own bytes; and dirty the folio, or
+                            # reclaim drops a clean page the device wrote.
                             phys.write(pfn, lo - page_start, data[lo - addr:hi - addr])
+                            phys.flags[phys.head(pfn)] |= PG_dirty
                         else:
                             out += phys.read(pfn, lo - page_start, hi - lo)
                     return bytes(out)

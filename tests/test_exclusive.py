@@ -21,8 +21,8 @@ def test_exclusive_entry_events_both_ways_and_data(machine, proc):
     pfn = proc.pagemap(a, 1)[0].pfn
     owner = object()
     log.clear()
-    head = _exclusive(proc, a, owner)
-    assert head == pfn
+    page, head = _exclusive(proc, a, owner)
+    assert page == head == pfn
     assert machine.phys.folio_locked(head)
     assert machine.phys.extra_refs[head] == 1  # locked and referenced for the caller
     assert [(e.event, e.start, e.end, e.owner) for e in log.events] == [
@@ -44,8 +44,8 @@ def test_exclusive_breaks_cow_first(machine, proc):
     proc.write(a, b"cow")
     child = proc.fork()
     shared = proc.pagemap(a, 1)[0].pfn
-    head = _exclusive(proc, a, "dev")
-    assert head != shared  # a private copy was made for the parent
+    page, head = _exclusive(proc, a, "dev")
+    assert page == head != shared  # a private copy was made for the parent
     assert child.pagemap(a, 1)[0].pfn == shared
     machine.phys.folio_unlock(head)
     machine.phys.put_page(head)
@@ -57,11 +57,12 @@ def test_exclusive_splits_a_thp_mapping(make_machine):
     m = make_machine(thp="always")
     p = m.spawn()
     a = p.mmap(MB2, RW, ANON | hmmsim.MAP_POPULATE)
-    head = _exclusive(p, a + 3 * PAGE, "dev")
+    page, folio = _exclusive(p, a + 3 * PAGE, "dev")
     e = p.pagemap(a + 3 * PAGE, 1)[0]
     assert e.kind == "device_exclusive" and p.pagemap(a, 1)[0].order == 0
-    m.phys.folio_unlock(m.phys.head(head))
-    m.phys.put_page(head)
+    assert e.pfn == page == folio + 3 and m.phys.order[folio] == 9  # the PTE-mapped THP's page 3
+    m.phys.folio_unlock(folio)
+    m.phys.put_page(folio)
     verify_machine(m)
 
 
@@ -86,7 +87,7 @@ def test_exclusive_on_unmapped_address_is_efault(proc):
 def test_fork_restores_device_exclusive_entries(machine, proc):
     a = proc.mmap(PAGE, RW, ANON)
     proc.write(a, b"fork")
-    head = _exclusive(proc, a, "dev")
+    _page, head = _exclusive(proc, a, "dev")
     machine.phys.folio_unlock(head)
     machine.phys.put_page(head)
     child = proc.fork()

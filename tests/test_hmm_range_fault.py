@@ -343,7 +343,7 @@ def test_row_device_exclusive(p, m, req):
     p.write(a, b"x")
     owner = object()
     with p.mm.mmap_lock.read():
-        head = make_device_exclusive(p.mm, a, owner)
+        _page, head = make_device_exclusive(p.mm, a, owner)
     m.phys.folio_unlock(head)
     m.phys.put_page(head)
     assert p.pagemap(a, 1)[0].kind == "device_exclusive"

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from ..errors import OutOfMemory
 from ..memremap import (
     MEMORY_DEVICE_COHERENT,
     MEMORY_DEVICE_PRIVATE,
@@ -42,7 +43,8 @@ from ..migrate import (
     migrate_vma_pages,
     migrate_vma_setup,
 )
-from ..mm.fault import VM_FAULT_SIGBUS
+from ..mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
+from ..mm.oom import alloc_pages_nofail
 from ..mm.pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
 from ..mm.physmem import FrameAllocator, PG_locked
 
@@ -127,10 +129,12 @@ class Device:
             fault_page=vmf.page,
         )
         migrate_vma_setup(args)
-        self._to_system(src, dst, 1)
+        # Pages and finalize run whatever the allocation gave: a page without
+        # a destination just stays here.
+        ok = self._to_system(src, dst, 1)
         migrate_vma_pages(args)
         migrate_vma_finalize(args)
-        return 0
+        return 0 if ok else VM_FAULT_OOM
 
     # ----- allocation ----------------------------------------------------------------
     def alloc(self, order: int = 0) -> int:
@@ -149,26 +153,45 @@ class Device:
         self.machine.phys.flags[pfns] |= np.uint16(PG_locked)
         return pfns
 
-    def _to_system(self, src: NDArray[np.uint64], dst: NDArray[np.uint64], n: int) -> None:
-        """Locked system pages (THPs for compound entries) with a copy of each source."""
+    def _to_system(
+        self, src: NDArray[np.uint64], dst: NDArray[np.uint64], n: int, *, nofail: bool = False
+    ) -> bool:
+        """Locked system pages (THPs for compound entries) with a copy of each source.
+
+        A THP that finds no free PMD block gets 512 small pages. An entry whose
+        page cannot be allocated keeps ``dst`` 0 (its page stays here); returns
+        False if that happened. With ``nofail`` (eviction) allocations reclaim
+        and OOM-kill as ``__GFP_NOFAIL`` does.
+        """
         phys = self.machine.phys
         s = src[:n]
         want = ((s & _U64(MIGRATE_PFN_MIGRATE)) != 0) & ((s & _U64(MIGRATE_PFN_VALID)) != 0)
         compound = want & ((s & _U64(MIGRATE_PFN_COMPOUND)) != 0)
+        small = np.flatnonzero(want & ~compound)
+        spages = (s[small] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
         for i in np.flatnonzero(compound).tolist():
             spage = int(s[i]) >> MIGRATE_PFN_SHIFT
-            new = phys.alloc_one(PMD_ORDER)
+            try:
+                new = phys.alloc_one(PMD_ORDER)
+            except OutOfMemory:
+                small = np.concatenate([small, np.arange(i, i + PMD_PAGES)])
+                spages = np.concatenate([spages, np.arange(spage, spage + PMD_PAGES)])
+                continue
             phys.folio_lock(new)
             phys.copy_pages(np.arange(new, new + PMD_PAGES), np.arange(spage, spage + PMD_PAGES))
             dst[i] = migrate_pfn(new) | MIGRATE_PFN_COMPOUND
-        small = np.flatnonzero(want & ~compound)
         if len(small) == 0:
-            return
-        spages = (s[small] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
-        pages = phys.alloc(0, len(small))
+            return True
+        if nofail:
+            pages = alloc_pages_nofail(self.machine, len(small))
+        else:  # as many as are free (order-0 frames never fragment)
+            pages = phys.alloc(0, min(phys.allocator.nr_free, len(small)))
+        complete = len(pages) == len(small)
+        small, spages = small[: len(pages)], spages[: len(pages)]
         phys.flags[pages] |= np.uint16(PG_locked)
         phys.copy_pages(pages, spages)
         dst[small] = (pages.astype(_U64) << _U64(MIGRATE_PFN_SHIFT)) | _U64(MIGRATE_PFN_VALID)
+        return complete
 
     # ----- migration -------------------------------------------------------------------
     def migrate_to_device(
@@ -188,7 +211,10 @@ class Device:
             selected = (src & _U64(MIGRATE_PFN_MIGRATE)) != 0
             compound = selected & ((src & _U64(MIGRATE_PFN_COMPOUND)) != 0)
             for i in np.flatnonzero(compound).tolist():
-                new = self.alloc(PMD_ORDER)
+                try:
+                    new = self.alloc(PMD_ORDER)
+                except OutOfMemory:
+                    continue  # no device folio: dst stays 0 and the THP stays in RAM
                 pages = np.arange(new, new + PMD_PAGES)
                 spage = migrate_pfn_to_page(int(src[i]))
                 if spage is None:
@@ -197,6 +223,8 @@ class Device:
                     phys.copy_pages(pages, np.arange(spage, spage + PMD_PAGES))
                 dst[i] = migrate_pfn(new) | MIGRATE_PFN_COMPOUND
             small = np.flatnonzero(selected & ~compound)
+            self._reclaim_pending()
+            small = small[: self.allocator.nr_free]  # the rest stays in RAM (dst 0)
             if len(small):
                 new_pages = self.alloc_pages(len(small))
                 has_src = (src[small] & _U64(MIGRATE_PFN_VALID)) != 0
@@ -227,10 +255,12 @@ class Device:
         )
         with proc.mm.mmap_lock.read():
             migrate_vma_setup(args)
-            self._to_system(src, dst, npages)
+            ok = self._to_system(src, dst, npages)
             migrate_vma_pages(args)
             moved = _migrated(src)
             migrate_vma_finalize(args)
+        if not ok:
+            raise OutOfMemory(f"devmem: RAM ran out; {moved} page(s) moved back")
         return moved
 
     def evict(self) -> int:
@@ -239,10 +269,14 @@ class Device:
         src = np.zeros(n, dtype=_U64)
         dst = np.zeros(n, dtype=_U64)
         migrate_device_range(self.machine, src, self.range.start, n)
-        self._to_system(src, dst, n)
+        # Even with nothing left to kill, pages and finalize run: no migration
+        # entry stays behind, and what got no destination stays here.
+        ok = self._to_system(src, dst, n, nofail=True)
         migrate_device_pages(self.machine, src, dst, n)
         moved = _migrated(src)
         migrate_device_finalize(self.machine, src, dst, n)
+        if not ok:
+            raise OutOfMemory(f"devmem: nothing left to kill; {moved} page(s) evicted")
         return moved
 
     def in_use(self) -> int:

@@ -66,6 +66,7 @@ from hmmsim.memremap import (
 from hmmsim.migrate import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SHIFT,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
     MIGRATE_VMA_SELECT_COMPOUND,
@@ -84,9 +85,10 @@ from hmmsim.migrate import (
     migrate_vma_setup,
 )
 from hmmsim.mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
+from hmmsim.mm.oom import alloc_pages_nofail
 from hmmsim.mm.pagetable import PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_PAGES, PUD_ORDER
 from hmmsim.mm.pfnmap import vm_insert_page
-from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
+from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, PG_dirty, PG_locked
 from hmmsim.mm.vma import VM_READ
 from hmmsim.notifier import (
     ULONG_MAX,
@@ -232,39 +234,97 @@ class DmirrorDevice(Device):
 
     # ----- eviction and removal ---------------------------------------------------
     def evict_chunk(self, chunk: _Chunk) -> None:
-        """``dmirror_device_evict_chunk``: every page in use goes back to RAM."""
+        """``dmirror_device_evict_chunk``: every page in use goes back to RAM.
+
+        Destinations are allocated as with ``__GFP_NOFAIL``: when RAM is
+        exhausted, reclaim runs and then the OOM killer kills the process
+        with the largest footprint (possibly the owner of these very pages,
+        whose device pages are then simply freed). Migration is never left
+        half-way: ``migrate_device_pages`` and ``migrate_device_finalize``
+        always run, so no migration entry outlives the call. Only when
+        nothing is left to kill (where the kernel panics) does
+        ``OutOfMemory`` propagate; the pages that got no destination then
+        stay in device memory, mapped as before.
+
+        A device THP whose PMD-sized destination cannot be allocated falls
+        back to 512 order-0 destinations (the kernel has no fallback: its
+        compound allocation is not ``__GFP_NOFAIL``).
+        """
         machine = self.machine
-        phys = machine.phys
         n = self._handed_out(chunk)
         if n == 0:
             return
         src = np.zeros(n, dtype=_U64)
         dst = np.zeros(n, dtype=_U64)
         migrate_device_range(machine, src, chunk.pfns.start, n)
-        for i in np.flatnonzero((src & _U64(MIGRATE_PFN_MIGRATE)) != 0).tolist():
-            s = int(src[i])
-            spage = migrate_pfn_to_page(s)
-            if spage is None:
-                continue
-            compound = bool(s & MIGRATE_PFN_COMPOUND)
-            order = PMD_ORDER if compound else 0
-            try:
-                new = phys.alloc_one(order)
-            except OutOfMemory:
-                if not compound:
-                    raise
-                order, compound = 0, False
-                new = phys.alloc_one(0)
-            phys.folio_lock(new)
-            nr = 1 << order
-            phys.copy_pages(np.arange(new, new + nr), np.arange(spage, spage + nr))
-            dst[i] = _U64(
-                migrate_pfn(new)
-                | (s & MIGRATE_PFN_WRITE)
-                | (MIGRATE_PFN_COMPOUND if compound else 0)
+        try:
+            selected = np.flatnonzero(
+                (src & _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE))
+                == _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
             )
-        migrate_device_pages(machine, src, dst, n)
-        migrate_device_finalize(machine, src, dst, n)
+            compound = (src[selected] & _U64(MIGRATE_PFN_COMPOUND)) != 0
+            small = selected[~compound]
+            self._evict_small(
+                dst,
+                small,
+                (src[small] >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64),
+                src[small] & _U64(MIGRATE_PFN_WRITE),
+            )
+            for i in selected[compound].tolist():
+                self._evict_folio(src, dst, i)
+        finally:
+            # Whatever happened above, the selected pages leave their migration
+            # entries: those with a destination move, the others stay.
+            migrate_device_pages(machine, src, dst, n)
+            migrate_device_finalize(machine, src, dst, n)
+
+    def _evict_small(
+        self,
+        dst: NDArray[np.uint64],
+        idx: NDArray[np.int64],
+        spages: NDArray[np.int64],
+        write: NDArray[np.uint64],
+    ) -> None:
+        """Locked order-0 copies in RAM of ``spages``, as ``dst[idx]``, ``__GFP_NOFAIL``.
+
+        Raises ``OutOfMemory`` when nothing is left to kill, after setting the
+        destinations it got (the others stay 0)."""
+        if len(idx) == 0:
+            return
+        phys = self.machine.phys
+        new = alloc_pages_nofail(self.machine, len(idx))
+        got = len(new)
+        phys.flags[new] |= np.uint16(PG_locked)  # fresh pages: nobody else holds them
+        phys.copy_pages(new, spages[:got])
+        dst[idx[:got]] = (
+            (new.astype(_U64) << _U64(MIGRATE_PFN_SHIFT)) | _U64(MIGRATE_PFN_VALID) | write[:got]
+        )
+        if got < len(idx):
+            raise OutOfMemory(
+                f"dmirror: no RAM for {len(idx) - got} evicted page(s) and no process "
+                "left to kill (the kernel panics here)"
+            )
+
+    def _evict_folio(self, src: NDArray[np.uint64], dst: NDArray[np.uint64], i: int) -> None:
+        """The destination of a device THP: a PMD-sized folio, else 512 pages
+        (``migrate_device_pages`` then splits the source folio)."""
+        phys = self.machine.phys
+        s = int(src[i])
+        spage = s >> MIGRATE_PFN_SHIFT
+        write = s & MIGRATE_PFN_WRITE
+        try:
+            new = phys.alloc_one(PMD_ORDER)
+        except OutOfMemory:
+            self._evict_small(
+                dst,
+                np.arange(i, i + PMD_PAGES, dtype=np.int64),
+                np.arange(spage, spage + PMD_PAGES, dtype=np.int64),
+                np.full(PMD_PAGES, write, dtype=_U64),
+            )
+            return
+        phys.folio_lock(new)
+        phys.copy_pages(np.arange(new, new + PMD_PAGES), np.arange(spage, spage + PMD_PAGES))
+        dst[i] = _U64(migrate_pfn(new) | write | MIGRATE_PFN_COMPOUND)
 
     def _handed_out(self, chunk: _Chunk) -> int:
         """How many pages from the chunk's start may be in use: all but the
@@ -423,11 +483,22 @@ class DmirrorFile(Mirror):
         return 0 if start + len(pfns) * PAGE_SIZE == end else -errno.ENOENT
 
     def _do_write(self, start: int, end: int, bounce: bytearray, base: int) -> int:
+        """Copy ``bounce`` into the mapped pages, marking their folios dirty.
+
+        Departure from lib/test_hmm.c, on purpose: its ``dmirror_do_write``
+        copies into the page and never dirties it, so a store into a page the
+        CPU maps writable but clean (a shmem page after a read fault, a
+        lazy-free anonymous page) would be dropped by reclaim. Real drivers
+        dirty what the device wrote (ODP's unmap path calls
+        ``set_page_dirty``); the model must lose no data, so it does too.
+        """
         pfns = self._mapped_prefix(start, end, need_write=True)
         off = start - base
         if len(pfns):
+            phys = self.machine.phys
             data = np.frombuffer(bounce, dtype=np.uint8)[off : off + len(pfns) * PAGE_SIZE]
-            self.machine.phys.write_pages(pfns, data.reshape(len(pfns), PAGE_SIZE))
+            phys.write_pages(pfns, data.reshape(len(pfns), PAGE_SIZE))
+            phys.flags[phys.head_of(pfns)] |= np.uint16(PG_dirty)
         self._cpages += len(pfns)
         return 0 if start + len(pfns) * PAGE_SIZE == end else -errno.ENOENT
 
@@ -665,7 +736,9 @@ class DmirrorFile(Mirror):
     def _alloc_and_copy_to_ram(self, args: MigrateVma) -> bool:
         """Allocate system pages for each migrating device page, copy, erase device entries.
 
-        Returns False if an allocation failed.
+        Returns False if an allocation failed; that page's ``dst`` stays 0, so
+        ``migrate_vma_pages`` leaves it on the device (the caller always runs
+        pages, then finalize).
         """
         phys = self.machine.phys
         assert args.src is not None and args.dst is not None
@@ -740,11 +813,13 @@ class DmirrorFile(Mirror):
             migrate_vma_setup(args)
         except HmmsimError:
             return VM_FAULT_SIGBUS
-        if not self._alloc_and_copy_to_ram(args):
-            migrate_vma_finalize(args)
-            return VM_FAULT_OOM
+        # Pages and finalize run even when an allocation failed: the page
+        # that got no destination stays on the device (dst 0).
+        ok = self._alloc_and_copy_to_ram(args)
         migrate_vma_pages(args)
         migrate_vma_finalize(args)
+        if not ok:
+            return VM_FAULT_OOM
         self.stats.migrations_to_system += 1
         return 0
 
@@ -761,9 +836,9 @@ class DmirrorFile(Mirror):
                 for vma, start, end in self._migration_windows(cmd):
                     args = self._migrate_args(vma, start, end, flags)
                     migrate_vma_setup(args)
-                    if not self._alloc_and_copy_to_ram(args):
-                        migrate_vma_finalize(args)
-                        raise OutOfMemory("dmirror: no system memory to migrate back")
+                    # Pages and finalize run even when an allocation failed:
+                    # what got no destination stays on the device (dst 0).
+                    ok = self._alloc_and_copy_to_ram(args)
                     migrate_vma_pages(args)
                     assert args.src is not None
                     moved = (args.src & _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)) == _U64(
@@ -771,6 +846,8 @@ class DmirrorFile(Mirror):
                     )
                     cmd.cpages += int(moved.sum())
                     migrate_vma_finalize(args)
+                    if not ok:
+                        raise OutOfMemory("dmirror: no system memory to migrate back")
                     self.stats.migrations_to_system += 1
         finally:
             self.mm.mmput()
@@ -785,9 +862,9 @@ class DmirrorFile(Mirror):
         try:
             with self.mm.mmap_lock.read():
                 for addr in range(cmd.addr, cmd.addr + size, PAGE_SIZE):
-                    folio = make_device_exclusive(self.mm, addr, None)
+                    page, folio = make_device_exclusive(self.mm, addr, None)
                     with self.mutex:
-                        self.pt[addr >> PAGE_SHIFT] = (folio, TAG_ATOMIC)
+                        self.pt[addr >> PAGE_SHIFT] = (page, TAG_ATOMIC)
                     phys.folio_unlock(folio)
                     phys.put_page(folio)
         finally:
@@ -899,10 +976,13 @@ class DmirrorFile(Mirror):
             return
         mmu_interval_notifier_remove(self.notifier)
         self.closed = True
-        self.device.evict_all()
-        self.pt.clear()
-        if self in self.device.files:
-            self.device.files.remove(self)
+        try:
+            self.device.evict_all()
+        finally:
+            # Closed even if eviction found nothing left to kill (see evict_chunk).
+            self.pt.clear()
+            if self in self.device.files:
+                self.device.files.remove(self)
 
     # ----- the generic Mirror API, built on the commands above ----------------------------------
     def _pages_covering(self, addr: int, length: int) -> tuple[int, int]:
@@ -921,15 +1001,50 @@ class DmirrorFile(Mirror):
         return bytes(memoryview(cmd.buf)[off : off + length])
 
     def write(self, addr: int, data: bytes) -> None:
+        """A device store of exactly ``data``: the bytes around it are never rewritten.
+
+        The WRITE command stores whole pages; a sub-page store built on it
+        would read the pages first and write them back, losing a CPU store
+        to the same page in between. So the store runs the command's fault
+        loop and, once every page is mapped writable, copies only its own
+        bytes, all under the mirror lock (an invalidation cannot split it:
+        nothing is stored unless every page is mapped).
+        """
         if not data:
             return
+        if self.closed:
+            raise BadAddress("dmirror: write on a closed file")
         first, n = self._pages_covering(addr, len(data))
-        buf = bytearray(n << PAGE_SHIFT)
-        off = addr - first
-        if off or len(data) % PAGE_SIZE:
-            buf[:] = self.read(first, n << PAGE_SHIFT)  # keep the bytes around the store
-        buf[off : off + len(data)] = data
-        self.ioctl(uapi.HMM_DMIRROR_WRITE, DmirrorCmd(first, n, buf))
+        end = first + (n << PAGE_SHIFT)
+        if end > ULONG_MAX:
+            raise InvalidArgument("dmirror: wrapping range")
+        while True:
+            with self.mutex:
+                pfns = self._mapped_prefix(first, end, need_write=True)
+                if len(pfns) == n:
+                    self._store(pfns, addr - first, memoryview(data))
+                    return
+            start = first + (len(pfns) << PAGE_SHIFT)
+            self.fault(start, end, True)  # raises on failure
+            self.stats.fault_rounds += 1
+
+    def _store(self, pfns: NDArray[np.int64], off: int, data: memoryview) -> None:
+        """Copy ``data`` to byte ``off`` of the pages ``pfns`` (whole middle pages
+        in one scatter) and dirty their folios, as ``_do_write`` does."""
+        phys = self.machine.phys
+        n = len(pfns)
+        head = min(len(data), PAGE_SIZE - off) if off else 0
+        full = (len(data) - head) // PAGE_SIZE
+        if head:
+            phys.write(int(pfns[0]), off, data[:head])
+        if full:
+            k = 1 if head else 0
+            body = np.frombuffer(data[head : head + full * PAGE_SIZE], dtype=np.uint8)
+            phys.write_pages(pfns[k : k + full], body.reshape(full, PAGE_SIZE))
+        tail = data[head + full * PAGE_SIZE :]
+        if len(tail):
+            phys.write(int(pfns[n - 1]), 0, tail)
+        phys.flags[phys.head_of(pfns)] |= np.uint16(PG_dirty)
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
         # A debug read, lock-free on purpose (see Mirror.device_ptes).
