@@ -179,3 +179,29 @@ def test_check_user_pages_rejects_negative_counts_and_unaligned_addresses():
     with pytest.raises(BadAddress):
         check_user_pages(0x1000, 1 << 60, "migrate_to_device")
     check_user_pages(0x1000, 0, "migrate_to_device")
+
+
+@pytest.mark.parametrize(
+    ("call", "exc"),
+    [
+        (lambda m, a: m.read(a, -1), InvalidArgument),
+        (lambda m, a: m.read(a, 1 << 62), BadAddress),
+        (lambda m, a: m.write(-PAGE, b"x"), InvalidArgument),
+        (lambda m, a: m.device_ptes(a, -5), InvalidArgument),
+        (lambda m, a: m.device_ptes(a, 1 << 60), BadAddress),
+        (lambda m, a: m.migrate_to_device(a, -1), InvalidArgument),
+        (lambda m, a: m.migrate_to_device(a, 1 << 60), BadAddress),
+        (lambda m, a: m.migrate_to_system(a + 1, 1), InvalidArgument),
+        (lambda m, a: m.make_exclusive(a, -1), InvalidArgument),
+    ],
+)
+def test_mirror_methods_type_negative_huge_and_unaligned_arguments(machine, call, exc):
+    p = machine.spawn()
+    a = p.mmap(4 * PAGE, RW, ANON)
+    p.write(a, b"keep")
+    mirror = machine.probe("dmirror").open(p)
+    with pytest.raises(exc):
+        call(mirror, a)
+    # Nothing was done: the page is the CPU's, with its data.
+    assert p.pagemap(a, 1)[0].kind == "anon" and p.read(a, 4) == b"keep"
+    mirror.close()

@@ -32,6 +32,8 @@ from hmmsim.driver import (
     MemoryKind,
     Mirror,
     MirrorStats,
+    check_user_pages,
+    check_user_range,
 )
 from hmmsim.errors import (
     BadAddress,
@@ -991,7 +993,8 @@ class DmirrorFile(Mirror):
         return first, (end - first) >> PAGE_SHIFT
 
     def read(self, addr: int, length: int) -> bytes:
-        if length <= 0:
+        check_user_range(addr, length, "dmirror read")
+        if length == 0:
             return b""
         first, n = self._pages_covering(addr, length)
         cmd = DmirrorCmd(first, n, bytearray(n << PAGE_SHIFT))
@@ -1010,6 +1013,7 @@ class DmirrorFile(Mirror):
         bytes, all under the mirror lock (an invalidation cannot split it:
         nothing is stored unless every page is mapped).
         """
+        check_user_range(addr, len(data), "dmirror write")
         if not data:
             return
         if self.closed:
@@ -1048,6 +1052,7 @@ class DmirrorFile(Mirror):
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
         # A debug read, lock-free on purpose (see Mirror.device_ptes).
+        check_user_pages(addr & ~(PAGE_SIZE - 1), npages, "dmirror device_ptes")
         if not self.pt:
             return [None] * npages
         out: list[DevicePte | None] = []
@@ -1079,16 +1084,19 @@ class DmirrorFile(Mirror):
         return state if state.count(None) < npages else None
 
     def migrate_to_device(self, addr: int, npages: int) -> int:
+        check_user_pages(addr, npages, "dmirror migrate_to_device")
         cmd = DmirrorCmd(addr, npages, bytearray(npages << PAGE_SHIFT))
         self.ioctl(uapi.HMM_DMIRROR_MIGRATE_TO_DEV, cmd)
         return cmd.cpages
 
     def migrate_to_system(self, addr: int, npages: int) -> int:
+        check_user_pages(addr, npages, "dmirror migrate_to_system")
         cmd = DmirrorCmd(addr, npages)
         self.ioctl(uapi.HMM_DMIRROR_MIGRATE_TO_SYS, cmd)
         return cmd.cpages
 
     def make_exclusive(self, addr: int, npages: int) -> None:
+        check_user_pages(addr, npages, "dmirror make_exclusive")
         self.ioctl(
             uapi.HMM_DMIRROR_EXCLUSIVE, DmirrorCmd(addr, npages, bytearray(npages << PAGE_SHIFT))
         )
