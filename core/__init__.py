@@ -8,6 +8,8 @@ name, and the MMU-notifier API.
 
 from __future__ import annotations
 
+import importlib.metadata as _metadata
+
 from . import errors, sched
 from .driver import Capability, Device, DevicePte, Driver, Mirror, MirrorStats
 from .errors import (
@@ -95,6 +97,6 @@ from .notifier import (
     mmu_notifier_unregister,
 )
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("hmmsim")  # the installed distribution's version
 
 __all__ = [name for name in dir() if not name.startswith("_")]

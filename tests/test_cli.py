@@ -21,6 +21,9 @@ def test_drivers_lists_dmirror_with_capabilities():
     assert rc == 0
     line = next(ln for ln in out.splitlines() if ln.startswith("dmirror"))
     assert "hmmsim" in line and "MIGRATE" in line and "memory=coherent" in line
+    assert "Capability" not in out  # names, never enum reprs
+    param = next(ln for ln in out.splitlines() if ln.strip().startswith("memory="))
+    assert "private|coherent" in param and "default private" in param
 
 
 def test_check_runs_the_suite_and_writes_json(tmp_path):
@@ -32,7 +35,9 @@ def test_check_runs_the_suite_and_writes_json(tmp_path):
     outcomes = {r["outcome"] for r in data["results"]}
     assert data["failed"] == 0 and outcomes <= {"passed", "skipped"}
     assert any(
-        r["check"] == "check_migration_round_trip" and r["outcome"] == "passed"
+        r["check"] == "migration_round_trip"
+        and r["id"] == "device-memory/migration_round_trip"
+        and r["outcome"] == "passed"
         for r in data["results"]
     )
 
@@ -75,7 +80,7 @@ def test_new_driver_installs_and_passes_check(tmp_path):
             check=False,
         )
         assert check.returncode == 0, check.stdout + check.stderr
-        assert f"{name}: " in check.stdout
+        assert f"{name} coherence " in check.stdout
         tests = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
             capture_output=True,

@@ -28,7 +28,7 @@ from ..driver import Driver
 from ..hookspecs import hookimpl
 from ..newdriver import class_name, render_module
 from ..plugins import BUGZOO_GROUP, get_plugin_manager
-from .checks import CheckSkipped, DriverSpec, all_checks
+from .checks import CheckSkipped, DriverSpec, all_checks, check_id
 from .races import applicable, explore_race
 
 
@@ -348,7 +348,7 @@ def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, int | None, str]:
         except CheckSkipped:
             continue
         except Exception as exc:
-            return f"{area}/{check.__name__}", None, f"{type(exc).__name__}: {exc}"
+            return check_id(area, check), None, f"{type(exc).__name__}: {exc}"
     return "", None, ""
 
 

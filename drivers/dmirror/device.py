@@ -19,7 +19,7 @@ system page; the device page table stores the device page itself.
 from __future__ import annotations
 
 import errno
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import numpy as np
@@ -32,6 +32,7 @@ from hmmsim.driver import (
     MemoryKind,
     Mirror,
     MirrorStats,
+    Parameter,
 )
 from hmmsim.errors import (
     BadAddress,
@@ -1004,8 +1005,12 @@ class Dmirror(Driver):
         | Capability.EXCLUSIVE
         | Capability.DEVICE_PRIVATE
     )
-    parameters: ClassVar[dict[str, str]] = {
-        "memory": "private (default) or coherent device memory",
+    parameters: ClassVar[Mapping[str, Parameter | str]] = {
+        "memory": Parameter(
+            "the kind of device memory: unaddressable device-private or CPU-coherent",
+            choices=("private", "coherent"),
+            default="private",
+        ),
     }
     #: What ``hmmsim check`` and the suite test when no variant is named.
     variants: ClassVar[list[dict[str, str]]] = [{"memory": "private"}, {"memory": "coherent"}]
