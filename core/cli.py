@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
@@ -186,9 +187,16 @@ def _resolve_specs(specs_text: list[str]) -> list[DriverSpec]:
     return specs
 
 
-def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
-    from .explore import explore, replay
-    from .scheduler import PCT, BoundedDFS, RandomWalk, Strategy, decode_schedule
+def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .explore import ExploreResult, explore, replay
+    from .scheduler import (
+        PCT,
+        BoundedDFS,
+        RandomWalk,
+        Strategy,
+        decode_schedule,
+        encode_schedule,
+    )
     from .testing.races import RACES, applicable, race_by_name, race_scenario
 
     if args.list or not args.scenario:
@@ -207,6 +215,12 @@ def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{spec} does not claim what {race.name} needs ({race.needs.name})")
     if args.jobs < 0:
         raise UsageError(f"--jobs must be 0 (one per core) or more, not {args.jobs}")
+    if args.bound < 0:
+        raise UsageError(f"--bound must be 0 or more, not {args.bound}")
+    if args.schedules < 1:
+        raise UsageError(f"--schedules must be 1 or more, not {args.schedules}")
+    if args.depth < 1:
+        raise UsageError(f"--depth must be 1 or more, not {args.depth}")
     jobs = args.jobs or os.cpu_count() or 1
     scenario = race_scenario(spec, race)
     if args.replay is not None:
@@ -215,6 +229,13 @@ def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         result = replay(scenario, args.replay)
+        wanted = encode_schedule(decode_schedule(args.replay))
+        if result.schedule != wanted:
+            raise UsageError(
+                f"schedule {args.replay} is not a schedule of {race.name} on {spec}: "
+                f"the run it starts is {result.schedule} (schedule ids come from "
+                "hmmsim explore; see hmmsim explore --help)"
+            )
         print(result.format_trace(last=len(result.trace)), file=out)
         print(f"{race.name} on {spec}, schedule {args.replay}: {result.describe()}", file=out)
         return EXIT_FAILED if result.failed else EXIT_OK
@@ -225,7 +246,27 @@ def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         strategy = PCT(seed=args.seed, depth=args.depth, steps=50)
     else:
         strategy = RandomWalk(seed=args.seed)
-    res = explore(scenario, strategy, args.schedules, jobs=jobs)
+    live = bool(getattr(err, "isatty", lambda: False)())
+    last = [time.perf_counter()]
+
+    def progress(done: ExploreResult) -> None:
+        now = time.perf_counter()
+        if now - last[0] < (0.2 if live else 5.0):
+            return
+        last[0] = now
+        line = (
+            f"{race.name}: {done.schedules}/{args.schedules} schedules, "
+            f"{len(done.failures)} failing"
+        )
+        if live:
+            err.write(f"\r\x1b[K{line}")
+        else:
+            print(line, file=err)
+        err.flush()
+
+    res = explore(scenario, strategy, args.schedules, jobs=jobs, progress=progress)
+    if live:
+        err.write("\r\x1b[K")
     space = " (the whole space)" if res.exhausted else ""
     print(
         f"{race.name} on {spec}: {res.schedules} schedules{space}, {res.steps} steps, "
@@ -355,7 +396,7 @@ def main(
                 err=err,
             )
         if args.command == "explore":
-            return cmd_explore(args, out)
+            return cmd_explore(args, out, err)
         if args.command == "new-driver":
             from .newdriver import write_driver_package
 
