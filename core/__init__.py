@@ -1,6 +1,6 @@
 """hmmsim: an executable model of Linux HMM for people who write device drivers.
 
-The public API (see DESIGN.md §3) is importable from here: ``Machine``,
+The public API is importable from here: ``Machine``,
 ``MachineConfig``, ``Process``, ``File``, ``PagemapEntry``, the error classes,
 every ``PROT_*``/``MAP_*``/``MADV_*``/``MREMAP_*`` constant under its Linux
 name, and the MMU-notifier API.

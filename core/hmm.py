@@ -4,7 +4,7 @@ Kernel counterpart: include/linux/hmm.h and mm/hmm.c, mainline 6.19+ (the
 6.16+ bit layout with sticky DMA bits and ``HMM_PFN_ORDER_SHIFT = 53``,
 device-private THP reported at order 9, faults run from the walk callbacks).
 
-The algorithm is hmm-core.md §1.5–§1.6, pass for pass:
+The algorithm is the kernel's, pass for pass (docs/hmm-protocol.md §1):
 
 * before every pass, ``mmu_interval_check_retry`` → ``Busy``;
 * a pass walks [last, end) in address order, VMA by VMA; it stops at the

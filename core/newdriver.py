@@ -1,6 +1,6 @@
 """``hmmsim new-driver NAME``: write a small installable driver plugin package.
 
-The generated driver follows the documented mirror pattern (hmm-core.md §5):
+The generated driver follows the mirror pattern of docs/hmm-protocol.md §4:
 an interval notifier over the whole address space, a device page table
 under a mutex, faults through ``mmu_interval_read_begin`` →
 ``hmm_range_fault`` → driver lock → ``mmu_interval_read_retry``, and an

@@ -2,7 +2,7 @@
 
 Kernel counterpart: the window the ``mmu_interval_read_begin`` →
 ``hmm_range_fault`` → driver lock → ``mmu_interval_read_retry`` protocol
-exists for (hmm-core.md §2), which the kernel's ``anon_teardown`` test pokes
+exists for (docs/hmm-protocol.md §2), which the kernel's ``anon_teardown`` test pokes
 with random sleeps. Here each race is a scenario of two actors run by the
 deterministic scheduler: the device side goes through the generic ``Mirror``
 interface, the CPU side is one mm operation. After every step the mirror

@@ -1,6 +1,6 @@
 """dmirror: the kernel's HMM test driver (lib/test_hmm.c), modelled.
 
-Kernel counterpart: lib/test_hmm.c as hmm-selftests.md §1 describes it (the
+Kernel counterpart: lib/test_hmm.c with its hmm-tests selftests (the
 2026 version: device-private THP, 32-page fault windows, eviction on close).
 
 * A ``DmirrorDevice`` owns device memory in 256 MiB chunks (``memremap_pages``)
