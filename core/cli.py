@@ -12,8 +12,9 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .driver import Capability
 from .errors import HmmsimError
@@ -376,6 +377,16 @@ def main(
 ) -> int:
     out = out or sys.stdout
     err = err or sys.stderr
+    with warnings.catch_warnings():
+        # A plugin that cannot be loaded is one line, not a warning with a source line.
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            print(f"hmmsim: warning: {message}", file=err)
+
+        warnings.showwarning = show
+        return _main(argv, out, err)
+
+
+def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "demo":

@@ -80,7 +80,7 @@ def test_new_driver_installs_and_passes_check(tmp_path):
             check=False,
         )
         assert check.returncode == 0, check.stdout + check.stderr
-        assert f"{name} coherence " in check.stdout
+        assert f"{name} coherence " in check.stdout and "31 checks: 27 passed" in check.stdout
         tests = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
             capture_output=True,

@@ -29,7 +29,7 @@ def test_plain_output_is_one_line_per_driver_and_area_then_totals():
         [DriverSpec("dmirror", (("memory", "coherent"),))], Progress(out, live=False), FAST
     )
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("dmirror:memory=coherent coherence ...... (")
+    assert lines[0].startswith("dmirror:memory=coherent coherence     ...... (")
     assert "\r" not in out.getvalue()
     # Skips give their reason, capabilities by name.
     assert (

@@ -262,3 +262,15 @@ def test_pytest_from_the_folder_holding_a_clone_named_hmmsim_says_why(tmp_path):
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "hides the installed hmmsim package" in text and str(clone) in text
+
+
+def test_explore_names_a_broken_plugin_in_one_warning_line(broken_site):
+    proc = hmmsim(
+        "explore", "read_vs_munmap", "--strategy", "random", "--schedules", "3", site=broken_site
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == (
+        "hmmsim: warning: plugin 'ghost' cannot be loaded: "
+        "ModuleNotFoundError: No module named 'hmmsim_ghost_missing'\n"
+    )
+    assert hmmsim("drivers", site=broken_site).stderr == ""  # listed there, not warned

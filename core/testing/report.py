@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 import attrs
 
-from .checks import CheckResult, DriverSpec, all_checks, check_name, run_check
+from .checks import CHECKS, CheckResult, DriverSpec, all_checks, check_name, run_check
 
 #: Bumped when a field of the JSON report changes meaning or goes away.
 SCHEMA_VERSION = 2
@@ -61,6 +61,7 @@ class Progress:
         self.live = live
         self.verbose = verbose
         self._status = False
+        self._width = max(len(area) for area in CHECKS)
 
     def _clear(self) -> None:
         if self._status:
@@ -78,7 +79,7 @@ class Progress:
         self._clear()
         marks = "".join(OUTCOME_CHAR[r.outcome] for r in results)
         secs = sum(r.seconds for r in results)
-        print(f"{spec} {area} {marks} ({secs:.1f}s)", file=self.out, flush=True)
+        print(f"{spec} {area.ljust(self._width)} {marks} ({secs:.1f}s)", file=self.out, flush=True)
         for r in results:
             if self.verbose:
                 print(f"  {r.outcome:7s} {r.id} ({r.seconds:.2f}s)", file=self.out)
