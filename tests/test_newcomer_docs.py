@@ -104,3 +104,18 @@ def test_readme_keeps_exactly_two_setup_commands():
         ".venv/bin/python -m pytest -q",
     ]
     assert shlex.split(blocks[0])  # parses as one shell line
+
+
+def test_ci_runs_the_readmes_main_job_on_a_plain_install():
+    ci = (ROOT / ".ci" / "run").read_text()
+    line = next(ln for ln in ci.splitlines() if ln.startswith("main_job=$("))
+    awk = re.search(r"awk '([^']*)' README\.md", line)
+    assert awk is not None
+    proc = subprocess.run(
+        ["awk", awk.group(1), "README.md"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.strip() == (
+        "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/hmmsim check"
+    )
+    plain = ci.index('bash -c "$main_job"')
+    assert ci.index("rm -rf .venv") < plain < ci.index("pip install -q -e '.[test]'")
