@@ -274,3 +274,34 @@ def test_explore_names_a_broken_plugin_in_one_warning_line(broken_site):
         "ModuleNotFoundError: No module named 'hmmsim_ghost_missing'\n"
     )
     assert hmmsim("drivers", site=broken_site).stderr == ""  # listed there, not warned
+
+
+def test_validate_spec_is_a_usage_error_only_for_what_the_user_gave():
+    import types
+
+    import hmmsim
+    from hmmsim import hookimpl
+    from hmmsim.driver import Driver
+    from hmmsim.plugins import get_plugin_manager
+    from hmmsim.testing.checks import DriverSpec, validate_spec
+
+    class Boom(Driver):
+        name = "boom"
+
+        def probe(self, machine, **params):
+            raise RuntimeError("boom: firmware missing")
+
+    class Picky(Driver):
+        name = "picky"
+        parameters = {"speed": "how fast (a bare description, as older plugins give)"}
+
+        def probe(self, machine, **params):
+            raise hmmsim.InvalidArgument(f"picky: speed={params['speed']} is not supported")
+
+    pm = get_plugin_manager()
+    plugin = types.SimpleNamespace(hmmsim_register_drivers=hookimpl(lambda: [Boom, Picky]))
+    pm.register(plugin, name="toys")
+    validate_spec(DriverSpec("boom"), pm)  # the driver's own bug: left to the checks
+    with pytest.raises(hmmsim.InvalidArgument, match="speed=fast is not supported"):
+        validate_spec(DriverSpec("picky", (("speed", "fast"),)), pm)
+    assert Picky.parameter("speed").choices == ()

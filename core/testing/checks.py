@@ -28,7 +28,7 @@ from .. import (
     PROT_READ,
 )
 from ..driver import Capability
-from ..errors import BadAddress, HmmsimError, NotPermitted
+from ..errors import BadAddress, InvalidArgument, NotPermitted
 from ..plugins import driver_classes, find_driver, get_plugin_manager
 from .env import (
     ANON,
@@ -470,9 +470,9 @@ def validate_spec(spec: DriverSpec, pm: Any = None) -> None:
     Raises ``NoEntry`` for a driver that is not installed and ``InvalidArgument``
     for a parameter it does not declare or a value outside its choices — what
     a user mistyped. Then probes one device on a small machine, so that values
-    the driver refuses in ``probe`` are caught here too (as the hmmsim error
-    ``probe`` raises); anything else ``probe`` raises is the driver's own
-    failure and is left to the checks to report.
+    the driver refuses in ``probe`` (``InvalidArgument``, as the ``Driver``
+    contract says) are caught here too. Anything else ``probe`` raises is the
+    driver's own failure, left to the checks to report one by one.
     """
     pm = pm or spec.plugin_manager()
     cls = find_driver(pm, spec.name)
@@ -480,12 +480,11 @@ def validate_spec(spec: DriverSpec, pm: Any = None) -> None:
     machine = spec.machine(small=True)
     machine.plugin_manager = pm
     try:
-        device = machine.probe(spec.name, **dict(spec.params))
-    except HmmsimError:
+        machine.probe(spec.name, **dict(spec.params)).remove()
+    except InvalidArgument:
         raise
-    except Exception:
+    except Exception:  # the driver's failure, not the user's: the checks report it
         return
-    device.remove()
 
 
 def unique_specs(specs: list[DriverSpec]) -> list[DriverSpec]:
