@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import xml.etree.ElementTree as ET
+from typing import ClassVar
 
 import pytest
 
@@ -293,7 +294,7 @@ def test_validate_spec_is_a_usage_error_only_for_what_the_user_gave():
 
     class Picky(Driver):
         name = "picky"
-        parameters = {"speed": "how fast (a bare description, as older plugins give)"}
+        parameters: ClassVar = {"speed": "how fast (a bare description, as older plugins give)"}
 
         def probe(self, machine, **params):
             raise hmmsim.InvalidArgument(f"picky: speed={params['speed']} is not supported")
