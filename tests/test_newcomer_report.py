@@ -153,3 +153,21 @@ def test_version_flag(capsys):
     import hmmsim
 
     assert hmmsim.__version__ == "0.1.0"
+
+
+def test_an_interrupted_run_keeps_the_results_so_far():
+    def check_stops(spec):
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    run = run_suite(
+        [DriverSpec("dmirror")],
+        Progress(out, live=False),
+        [*FAST[:2], ("teardown", check_stops), *FAST[2:]],
+    )
+    assert run.interrupted and [r.check for r in run.results] == [
+        "read_anonymous",
+        "write_anonymous",
+    ]
+    data = to_json(run)
+    assert data["interrupted"] is True and data["totals"]["passed"] == 2
