@@ -10,6 +10,7 @@ for CI dashboards. Nothing here needs pytest.
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -71,7 +72,10 @@ class Progress:
     def check_started(self, spec: DriverSpec, area: str, name: str, done: int, total: int) -> None:
         if self.live:
             self._clear()
-            self.out.write(f"[{done}/{total}] {spec} {area}/{name} ...")
+            line = f"[{done}/{total}] {spec} {area}/{name} ..."
+            # A wrapped line cannot be overwritten: keep it within the terminal.
+            width = shutil.get_terminal_size().columns - 1
+            self.out.write(line if len(line) <= width else line[: max(width - 3, 1)] + "...")
             self.out.flush()
             self._status = True
 
