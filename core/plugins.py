@@ -207,5 +207,7 @@ def parse_driver_spec(spec: str) -> tuple[str, dict[str, str]]:
             key, eq, value = item.partition("=")
             if not eq or not key:
                 raise InvalidArgument(f"bad driver parameter {item!r} in {spec!r} (key=value)")
+            if key in params:
+                raise InvalidArgument(f"driver parameter {key!r} given twice in {spec!r}")
             params[key] = value
     return name, params

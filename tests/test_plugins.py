@@ -122,7 +122,7 @@ def test_driver_specs_parse():
         "dmirror",
         {"memory": "coherent", "x": "1"},
     )
-    for bad in (":x=1", "dmirror:memory", "dmirror:=x"):
+    for bad in (":x=1", "dmirror:memory", "dmirror:=x", "dmirror:memory=private,memory=coherent"):
         with pytest.raises(hmmsim.InvalidArgument):
             parse_driver_spec(bad)
 
