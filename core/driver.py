@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import attrs
 
-from .errors import InvalidArgument, NotSupported
+from .errors import NotSupported
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -218,6 +218,8 @@ class Driver(abc.ABC):
 
         Raises ``InvalidArgument`` naming the parameter and what it accepts.
         """
+        from .errors import InvalidArgument
+
         unknown = sorted(set(params) - set(cls.parameters))
         if unknown:
             known = ", ".join(sorted(cls.parameters)) or "none"
