@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 
@@ -26,20 +25,7 @@ def test_drivers_lists_dmirror_with_capabilities():
     assert "private|coherent" in param and "default private" in param
 
 
-def test_check_runs_the_suite_and_writes_json(tmp_path):
-    path = tmp_path / "r.json"
-    rc, out = run("check", "--driver", "dmirror:memory=coherent", "--json", str(path))
-    assert rc == 0
-    assert "dmirror:memory=coherent" in out and "passed/failed/skipped" in out
-    data = json.loads(path.read_text())
-    outcomes = {r["outcome"] for r in data["results"]}
-    assert data["failed"] == 0 and outcomes <= {"passed", "skipped"}
-    assert any(
-        r["check"] == "migration_round_trip"
-        and r["id"] == "device-memory/migration_round_trip"
-        and r["outcome"] == "passed"
-        for r in data["results"]
-    )
+# hmmsim check end to end, --json and --junit-xml: tests/test_newcomer_report.py.
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,13 @@ def test_json_has_schema_versions_durations_and_totals(tmp_path):
     assert data["totals"]["seconds"] > 0
     assert all(r["seconds"] >= 0 for r in data["results"])
     assert data["drivers"] == ["dmirror:memory=coherent"]
+    assert "passed/failed/skipped" in out.getvalue()
+    assert any(
+        r["check"] == "migration_round_trip"
+        and r["id"] == "device-memory/migration_round_trip"
+        and r["outcome"] == "passed"
+        for r in data["results"]
+    )
     root = ET.parse(xml).getroot()
     assert root.tag == "testsuites" and root.get("tests") == "31"
     (suite,) = root
