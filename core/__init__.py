@@ -1,12 +1,14 @@
 """hmmsim: an executable model of Linux HMM for people who write device drivers.
 
-The public API (see DESIGN.md §3) is importable from here: ``Machine``,
+The public API is importable from here: ``Machine``,
 ``MachineConfig``, ``Process``, ``File``, ``PagemapEntry``, the error classes,
 every ``PROT_*``/``MAP_*``/``MADV_*``/``MREMAP_*`` constant under its Linux
 name, and the MMU-notifier API.
 """
 
 from __future__ import annotations
+
+import importlib.metadata as _metadata
 
 from . import errors, sched
 from .driver import Capability, Device, DevicePte, Driver, Mirror, MirrorStats
@@ -96,6 +98,6 @@ from .notifier import (
     mmu_notifier_unregister,
 )
 
-__version__ = "0.1.0"
+__version__ = _metadata.version("hmmsim")  # the installed distribution's version
 
 __all__ = [name for name in dir() if not name.startswith("_")]

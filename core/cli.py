@@ -7,19 +7,27 @@ stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
-from collections import Counter
+import time
+import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import attrs
-
+from .driver import Capability
 from .errors import HmmsimError
-from .plugins import driver_classes, get_plugin_manager, plugin_distribution
+from .plugins import (
+    broken_plugins,
+    driver_classes,
+    get_plugin_manager,
+    mark_reported,
+    plugin_distribution,
+)
 
 if TYPE_CHECKING:
+    from .driver import Driver
     from .testing.checks import DriverSpec
 
 EXIT_OK = 0
@@ -36,38 +44,66 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def hmmsim_version() -> str:
+    """The installed hmmsim distribution's version."""
+    try:
+        return importlib.metadata.version("hmmsim")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hmmsim", description="An executable model of Linux HMM.")
+    parser.add_argument("--version", action="version", version=f"hmmsim {hmmsim_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("demo", help="a short printed tour of the memory model")
-    sub.add_parser("drivers", help="list installed drivers, their version and capabilities")
+    sub.add_parser(
+        "drivers", help="list installed drivers: version, capabilities, parameters, variants"
+    )
     check = sub.add_parser("check", help="run the conformance suite over drivers")
     check.add_argument(
         "--driver",
         action="append",
         default=[],
         metavar="NAME[:key=value,...]",
-        help="driver to check (repeatable); default: every installed driver",
+        help="driver to check (repeatable); default: every installed driver, each variant",
     )
     check.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    check.add_argument("--junit-xml", metavar="PATH", help="also write the results as JUnit XML")
+    check.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print each failure's traceback and each check's name and time",
+    )
     check.add_argument(
         "--bugzoo",
         action="store_true",
         help="run the suite on every deliberately broken driver of the bug zoo instead",
     )
     exp = sub.add_parser(
-        "explore", help="explore (or replay) the interleavings of one race scenario"
+        "explore",
+        help="explore (or replay) the interleavings of one race scenario",
+        description="Run one race scenario under many schedules. A schedule id lists "
+        "the actor picked at each point where more than one could run, as runs "
+        "separated by dots: 0x3.1x5 is actor 0 three times, then actor 1 five times "
+        "(actor 0 is the first actor --list shows, 1 the cpu). Every failure names "
+        "its id; --replay ID reruns exactly that interleaving and prints its trace.",
     )
     exp.add_argument("scenario", help="a race scenario name (see --list)", nargs="?")
     exp.add_argument("--list", action="store_true", help="list the race scenarios")
     exp.add_argument("--driver", default="dmirror", metavar="NAME[:key=value,...]")
-    exp.add_argument("--replay", metavar="ID", help="rerun exactly this schedule id")
+    exp.add_argument(
+        "--replay", metavar="ID", help="rerun exactly this schedule id (e.g. 0x3.1x5) and trace it"
+    )
     exp.add_argument(
         "--strategy", choices=("dfs", "pct", "random"), default="dfs", help="default: dfs"
     )
     exp.add_argument("--bound", type=int, default=2, help="DFS preemption bound (default 2)")
     exp.add_argument("--depth", type=int, default=3, help="PCT bug depth (default 3)")
-    exp.add_argument("--schedules", type=int, default=3000, help="at most this many runs")
+    exp.add_argument(
+        "--schedules", type=int, default=3000, help="at most this many runs (default 3000)"
+    )
     exp.add_argument("--seed", type=int, default=0)
     exp.add_argument(
         "--jobs",
@@ -88,23 +124,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _caps_text(caps: Capability) -> str:
+    """Capabilities as names joined by ``|`` (``NONE`` for none), never an enum repr."""
+    names = [c.name for c in Capability if c.value and c in caps and c.name]
+    return "|".join(names) or "NONE"
+
+
+def _param_text(cls: type[Driver], key: str) -> str:
+    p = cls.parameter(key)
+    values = "|".join(p.choices) if p.choices else "any value"
+    default = f", default {p.default}" if p.default is not None else ""
+    return f"{key}={values}{default}: {p.description}"
+
+
 def cmd_drivers(out: TextIO) -> int:
+    """One line per driver, its name first; then its parameters, indented; then broken plugins."""
     pm = get_plugin_manager()
-    drivers = driver_classes(pm)
+    drivers = driver_classes(pm, warn=False)
     if not drivers:
         print("no drivers installed", file=out)
-        return EXIT_OK
-    rows = []
+    width = max([len(n) for n in drivers] + [len(b.name) for b in broken_plugins(pm)] + [1])
     for name, cls in sorted(drivers.items()):
         dist, version = plugin_distribution(pm, cls)
-        caps = "|".join(
-            c.name for c in type(cls.capabilities) if c in cls.capabilities and c.name and c.value
-        )
         variants = "; ".join(
             ",".join(f"{k}={v}" for k, v in p.items()) or "-" for p in cls.variants
         )
-        rows.append((name, dist, version, caps, variants))
-    _table(["driver", "distribution", "version", "capabilities", "variants"], rows, out)
+        print(
+            f"{name.ljust(width)}  {dist} {version}  capabilities: {_caps_text(cls.capabilities)}"
+            f"  variants: {variants}",
+            file=out,
+        )
+        for key in cls.parameters:
+            print(f"{' ' * width}    {_param_text(cls, key)}", file=out)
+    for b in broken_plugins(pm):
+        print(f"{b.name.ljust(width)}  BROKEN: cannot be loaded: {b.reason}", file=out)
+    mark_reported(pm)
     return EXIT_OK
 
 
@@ -118,28 +172,32 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) ->
 
 
 def _resolve_specs(specs_text: list[str]) -> list[DriverSpec]:
-    """Parse ``NAME[:key=value,...]`` specs; UsageError for unknown drivers or parameters."""
-    from .testing.checks import DriverSpec
+    """Parse and validate ``NAME[:key=value,...]`` specs once, before anything runs.
 
-    installed = driver_classes(get_plugin_manager())
+    Repeats are dropped. UsageError for an unknown driver, an undeclared
+    parameter, a value outside the declared choices, or one ``probe`` refuses.
+    """
+    from .testing.checks import DriverSpec, unique_specs, validate_spec
+
     try:
-        specs = [DriverSpec.parse(s) for s in specs_text]
+        specs = unique_specs([DriverSpec.parse(s) for s in specs_text])
+        for spec in specs:
+            validate_spec(spec)
     except HmmsimError as exc:
         raise UsageError(exc.message) from None
-    for spec in specs:
-        if spec.name not in installed:
-            known = ", ".join(sorted(installed)) or "none"
-            raise UsageError(f"no driver named {spec.name!r} (installed: {known})")
-        unknown = {k for k, _ in spec.params} - set(installed[spec.name].parameters)
-        if unknown:
-            names = ", ".join(sorted(unknown))
-            raise UsageError(f"driver {spec.name!r} has no parameter(s) {names}")
     return specs
 
 
-def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
-    from .explore import explore, replay
-    from .scheduler import PCT, BoundedDFS, RandomWalk, Strategy, decode_schedule
+def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .explore import ExploreResult, explore, replay
+    from .scheduler import (
+        PCT,
+        BoundedDFS,
+        RandomWalk,
+        Strategy,
+        decode_schedule,
+        encode_schedule,
+    )
     from .testing.races import RACES, applicable, race_by_name, race_scenario
 
     if args.list or not args.scenario:
@@ -158,6 +216,12 @@ def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"{spec} does not claim what {race.name} needs ({race.needs.name})")
     if args.jobs < 0:
         raise UsageError(f"--jobs must be 0 (one per core) or more, not {args.jobs}")
+    if args.bound < 0:
+        raise UsageError(f"--bound must be 0 or more, not {args.bound}")
+    if args.schedules < 1:
+        raise UsageError(f"--schedules must be 1 or more, not {args.schedules}")
+    if args.depth < 1:
+        raise UsageError(f"--depth must be 1 or more, not {args.depth}")
     jobs = args.jobs or os.cpu_count() or 1
     scenario = race_scenario(spec, race)
     if args.replay is not None:
@@ -166,6 +230,13 @@ def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         result = replay(scenario, args.replay)
+        wanted = encode_schedule(decode_schedule(args.replay))
+        if result.schedule != wanted:
+            raise UsageError(
+                f"schedule {args.replay} is not a schedule of {race.name} on {spec}: "
+                f"the run it starts is {result.schedule} (schedule ids come from "
+                "hmmsim explore; see hmmsim explore --help)"
+            )
         print(result.format_trace(last=len(result.trace)), file=out)
         print(f"{race.name} on {spec}, schedule {args.replay}: {result.describe()}", file=out)
         return EXIT_FAILED if result.failed else EXIT_OK
@@ -176,7 +247,27 @@ def cmd_explore(args: argparse.Namespace, out: TextIO) -> int:
         strategy = PCT(seed=args.seed, depth=args.depth, steps=50)
     else:
         strategy = RandomWalk(seed=args.seed)
-    res = explore(scenario, strategy, args.schedules, jobs=jobs)
+    live = bool(getattr(err, "isatty", lambda: False)())
+    last = [time.perf_counter()]
+
+    def progress(done: ExploreResult) -> None:
+        now = time.perf_counter()
+        if now - last[0] < (0.2 if live else 5.0):
+            return
+        last[0] = now
+        line = (
+            f"{race.name}: {done.schedules}/{args.schedules} schedules, "
+            f"{len(done.failures)} failing"
+        )
+        if live:
+            err.write(f"\r\x1b[K{line}")
+        else:
+            print(line, file=err)
+        err.flush()
+
+    res = explore(scenario, strategy, args.schedules, jobs=jobs, progress=progress)
+    if live:
+        err.write("\r\x1b[K")
     space = " (the whole space)" if res.exhausted else ""
     print(
         f"{race.name} on {spec}: {res.schedules} schedules{space}, {res.steps} steps, "
@@ -224,49 +315,78 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
     return EXIT_OK if caught == len(rows) else EXIT_FAILED
 
 
-def cmd_check(specs_text: list[str], json_path: str | None, out: TextIO) -> int:
-    from .testing.checks import CheckResult, all_checks, run_check
-    from .testing.plugin import installed_specs
+def _writable_path(path: str, option: str) -> None:
+    """UsageError now, before the run, if a report could not be written to ``path``."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UsageError(f"{option} {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path}: not writable")
 
-    specs = _resolve_specs(specs_text) if specs_text else installed_specs()
-    results: list[CheckResult] = []
-    checks = list(all_checks())
+
+def cmd_check(
+    specs_text: list[str],
+    json_path: str | None,
+    out: TextIO,
+    *,
+    junit_path: str | None = None,
+    verbose: bool = False,
+    err: TextIO | None = None,
+) -> int:
+    """Run the suite; one line per failure, a summary, the reports; exit 1 on any failure."""
+    from .testing.checks import installed_specs
+    from .testing.report import Progress, run_suite, summary, to_json, to_junit
+
+    err = err or sys.stderr
+    if json_path:
+        _writable_path(json_path, "--json")
+    if junit_path:
+        _writable_path(junit_path, "--junit-xml")
+    pm = get_plugin_manager()
+    drivers = driver_classes(pm, warn=False)
+    for b in broken_plugins(pm):
+        print(f"hmmsim: warning: {b}", file=err)
+    mark_reported(pm)
+    specs = _resolve_specs(specs_text) if specs_text else installed_specs(pm)
+    if not specs:
+        raise UsageError("no drivers installed (hmmsim drivers lists them)")
+    live = bool(getattr(out, "isatty", lambda: False)())
+    run = run_suite(specs, Progress(out, live=live, verbose=verbose))
+    run.broken = [(b.name, b.reason) for b in broken_plugins(pm)]
     for spec in specs:
-        print(f"{spec}: ", end="", file=out, flush=True)
-        for area, check in checks:
-            r = run_check(spec, area, check)
-            results.append(r)
-            print(
-                {"passed": ".", "failed": "F", "skipped": "s"}[r.outcome],
-                end="",
-                file=out,
-                flush=True,
-            )
-        print(file=out)
-    for r in results:
-        if r.outcome == "failed":
-            print(f"FAILED {r.driver} {r.area}/{r.check}: {r.message}", file=out)
-    areas = list(dict.fromkeys(a for a, _ in checks))
-    rows = []
-    for spec in specs:
-        row = [str(spec)]
-        for area in areas:
-            c = Counter(r.outcome for r in results if r.driver == str(spec) and r.area == area)
-            row.append(f"{c['passed']}/{c['failed']}/{c['skipped']}")
-        rows.append(row)
-    print("\nresults (passed/failed/skipped):", file=out)
-    _table(["driver", *areas], rows, out)
-    failed = sum(r.outcome == "failed" for r in results)
+        cls = drivers.get(spec.name)
+        if cls is not None:
+            run.plugins[spec.name] = plugin_distribution(pm, cls)
+    summary(run, out)
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(
-                {"results": [attrs.asdict(r) for r in results], "failed": failed}, f, indent=2
-            )
-    return EXIT_FAILED if failed else EXIT_OK
+            json.dump(to_json(run), f, indent=2)
+            f.write("\n")
+    if junit_path:
+        with open(junit_path, "wb") as fb:
+            fb.write(to_junit(run))
+    if run.interrupted:
+        return 130
+    return EXIT_FAILED if run.failed else EXIT_OK
 
 
-def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
+def main(
+    argv: list[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
     out = out or sys.stdout
+    err = err or sys.stderr
+    with warnings.catch_warnings():
+        # A plugin that cannot be loaded is one line, not a warning with a source line.
+        def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+            print(f"hmmsim: warning: {message}", file=err)
+
+        warnings.showwarning = show
+        return _main(argv, out, err)
+
+
+def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "demo":
@@ -278,9 +398,16 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
         if args.command == "check":
             if args.bugzoo:
                 return cmd_bugzoo(args.driver, out)
-            return cmd_check(args.driver, args.json, out)
+            return cmd_check(
+                args.driver,
+                args.json,
+                out,
+                junit_path=args.junit_xml,
+                verbose=args.verbose,
+                err=err,
+            )
         if args.command == "explore":
-            return cmd_explore(args, out)
+            return cmd_explore(args, out, err)
         if args.command == "new-driver":
             from .newdriver import write_driver_package
 
@@ -289,9 +416,9 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
             print(f"install it with: pip install -e {path}", file=out)
             return EXIT_OK
     except UsageError as exc:
-        print(f"hmmsim: error: {exc}", file=sys.stderr)
+        print(f"hmmsim: error: {exc}", file=err)
         return EXIT_USAGE
     except HmmsimError as exc:
-        print(f"hmmsim: error: {exc}", file=sys.stderr)
+        print(f"hmmsim: error: {exc.message}", file=err)
         return EXIT_USAGE
     raise AssertionError(f"unhandled command {args.command}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import attrs
@@ -219,15 +219,56 @@ class Device(abc.ABC):
         """Unbind the device from the machine (give back all device memory)."""
 
 
+@attrs.frozen
+class Parameter:
+    """A probe parameter a driver declares: what it means and the values it takes.
+
+    ``choices`` empty means any string; ``default`` is what ``probe`` uses when
+    the parameter is not given (None: no default, or not meaningful to show).
+    """
+
+    description: str
+    choices: tuple[str, ...] = ()
+    default: str | None = None
+
+
 class Driver(abc.ABC):
     """A driver plugin: a name, what it can do, and how to probe a device."""
 
     name: ClassVar[str]
     capabilities: ClassVar[Capability] = Capability.NONE
-    #: Probe parameters the driver accepts, with a one-line description each.
-    parameters: ClassVar[dict[str, str]] = {}
+    #: Probe parameters the driver accepts: a ``Parameter`` each, or (older
+    #: plugins) a one-line description.
+    parameters: ClassVar[Mapping[str, Parameter | str]] = {}
     #: The probe-parameter sets tested when none is named (default: one, no params).
     variants: ClassVar[list[dict[str, str]]] = [{}]
+
+    @classmethod
+    def parameter(cls, key: str) -> Parameter:
+        """The declaration of parameter ``key`` (a bare description becomes a ``Parameter``)."""
+        p = cls.parameters[key]
+        return p if isinstance(p, Parameter) else Parameter(str(p))
+
+    @classmethod
+    def check_parameters(cls, params: Mapping[str, object]) -> None:
+        """Refuse unknown parameters and values outside a parameter's ``choices``.
+
+        Raises ``InvalidArgument`` naming the parameter and what it accepts.
+        """
+        from .errors import InvalidArgument
+
+        unknown = sorted(set(params) - set(cls.parameters))
+        if unknown:
+            known = ", ".join(sorted(cls.parameters)) or "none"
+            raise InvalidArgument(
+                f"driver {cls.name!r} has no parameter {unknown[0]!r} (parameters: {known})"
+            )
+        for key, value in params.items():
+            p = cls.parameter(key)
+            if p.choices and str(value) not in p.choices:
+                raise InvalidArgument(
+                    f"driver {cls.name!r}: {key}={value} is not one of {', '.join(p.choices)}"
+                )
 
     def capabilities_for(self, **params: Any) -> Capability:
         """Capabilities of a device probed with ``params`` (default: the class's)."""

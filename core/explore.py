@@ -103,12 +103,15 @@ def explore(
     stop_at_first: bool = False,
     step_budget: int = DEFAULT_STEP_BUDGET,
     jobs: int = 1,
+    progress: Callable[[ExploreResult], None] | None = None,
 ) -> ExploreResult:
     """Run ``scenario`` under up to ``max_schedules`` schedules of ``strategy``.
 
     ``jobs`` > 1 runs the schedules in that many forked worker processes
     (``hmmsim.parallel``); an exhaustive DFS, or any budget of a seeded
     strategy, then returns what one process returns, only sooner.
+    ``progress`` is called with the result so far after every run of a
+    single-process exploration (it decides itself how often to say so).
     """
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, not {jobs}")
@@ -136,6 +139,8 @@ def explore(
             )
             if stop_at_first:
                 break
+        if progress is not None:
+            progress(out)
         if isinstance(strategy, BoundedDFS) and not strategy.advance():
             out.exhausted = True
             break

@@ -4,7 +4,7 @@ Kernel counterpart: include/linux/hmm.h and mm/hmm.c, mainline 6.19+ (the
 6.16+ bit layout with sticky DMA bits and ``HMM_PFN_ORDER_SHIFT = 53``,
 device-private THP reported at order 9, faults run from the walk callbacks).
 
-The algorithm is hmm-core.md §1.5–§1.6, pass for pass:
+The algorithm is the kernel's, pass for pass (docs/hmm-protocol.md §1):
 
 * before every pass, ``mmu_interval_check_retry`` → ``Busy``;
 * a pass walks [last, end) in address order, VMA by VMA; it stops at the
@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import sched
-from .errors import BadAddress, Busy, InvalidArgument, NotPermitted
+from .errors import BadAddress, Busy, HmmsimError, InvalidArgument, NotPermitted
 from .mm.fault import VM_FAULT_ERROR, populate_range, wait_on_migration
 from .mm.pagetable import (
     CHUNK_PMD,
@@ -148,6 +148,19 @@ def hmm_range_fault(rng: HmmRange) -> None:
     range, or an array that does not match it). The caller must hold the
     mm's ``mmap_lock`` for read.
     """
+    if sched.active() is None:
+        _hmm_range_fault(rng)
+        return
+    what = f"hmm_range_fault [{rng.start:#x}, {rng.end:#x}) seq {rng.notifier_seq}"
+    try:
+        _hmm_range_fault(rng)
+    except HmmsimError as exc:
+        sched.note("hmm", f"{what}: {type(exc).__name__}")
+        raise
+    sched.note("hmm", f"{what}: ok, {rng.npages} page(s)")
+
+
+def _hmm_range_fault(rng: HmmRange) -> None:
     mm = rng.notifier.mm
     mm.mmap_lock.assert_held()
     if rng.start >= rng.end:

@@ -5,7 +5,7 @@ Kernel counterpart: include/linux/migrate.h and mm/migrate_device.c (mainline
 ``MIGRATE_PFN_COMPOUND``), and ``make_device_exclusive`` from mm/rmap.c
 (6.15+ single-page API).
 
-The three steps follow hmm-core.md §3.3–§3.4:
+The three steps follow the kernel's (docs/hmm-protocol.md §3):
 
 * ``migrate_vma_setup`` collects [start, end) inside one ``MMU_NOTIFY_MIGRATE``
   invalidation (owner = ``pgmap_owner``): holes of anonymous VMAs and zero

@@ -1,6 +1,6 @@
 """``hmmsim new-driver NAME``: write a small installable driver plugin package.
 
-The generated driver follows the documented mirror pattern (hmm-core.md §5):
+The generated driver follows the mirror pattern of docs/hmm-protocol.md §4:
 an interval notifier over the whole address space, a device page table
 under a mutex, faults through ``mmu_interval_read_begin`` →
 ``hmm_range_fault`` → driver lock → ``mmu_interval_read_retry``, and an
@@ -15,6 +15,7 @@ import pathlib
 import re
 
 from .errors import AlreadyExists, InvalidArgument
+from .plugins import driver_classes, get_plugin_manager, plugin_distribution
 
 PYPROJECT = """[build-system]
 requires = ["setuptools>=61"]
@@ -32,6 +33,10 @@ dependencies = ["hmmsim"]
 
 [tool.setuptools]
 py-modules = ["hmmsim_{name}"]
+
+[tool.pytest.ini_options]
+# `pytest --pyargs hmmsim.testing.suite` run here tests this driver only.
+hmmsim_drivers = ["{name}"]
 """
 
 MODULE = '''"""The {name} driver: a device that mirrors a process address space with HMM.
@@ -198,15 +203,31 @@ def hmmsim_register_drivers():
 __all__ = ["{cls}", "BadAddress", "NotPermitted"]
 '''
 
-TEST = '''"""The hmmsim conformance suite against the {name} driver."""
+TEST = '''"""The hmmsim conformance suite against the {name} driver, one test per check.
 
-from hmmsim.testing.checks import DriverSpec, all_checks, run_check
+Each test is named after its check (``coherence/read_anonymous``); a failure
+says which check failed and why, with the driver's traceback, or for a race
+the command that replays the failing interleaving.
+"""
+
+import pytest
+from hmmsim.testing.checks import CHECKS, DriverSpec, check_id, run_check
+
+DRIVER = DriverSpec("{name}")
+CASES = [(area, check) for area, checks in CHECKS.items() for check in checks]
 
 
-def test_{name}_passes_the_conformance_suite():
-    results = [run_check(DriverSpec("{name}"), area, check) for area, check in all_checks()]
-    failed = [f"{{r.area}}/{{r.check}}: {{r.message}}" for r in results if r.outcome == "failed"]
-    assert failed == []
+@pytest.mark.parametrize(("area", "check"), CASES, ids=[check_id(a, c) for a, c in CASES])
+def test_conformance(area, check):
+    r = run_check(DRIVER, area, check)
+    if r.outcome == "skipped":
+        pytest.skip(r.message)
+    if r.outcome == "failed":
+        if r.replay:
+            detail = f"replay: {{r.replay}}\\n{{r.trace}}"
+        else:
+            detail = r.traceback
+        pytest.fail(f"{{DRIVER}} fails {{r.id}}: {{r.message}}\\n\\n{{detail}}", pytrace=False)
 '''
 
 
@@ -224,6 +245,13 @@ def write_driver_package(name: str, directory: str) -> pathlib.Path:
     """Write ``hmmsim-NAME/`` under ``directory``; returns its path."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise InvalidArgument(f"driver name {name!r} must be a lower-case Python identifier")
+    installed = driver_classes(get_plugin_manager(), warn=False)
+    if name in installed:
+        dist, version = plugin_distribution(get_plugin_manager(), installed[name])
+        raise AlreadyExists(
+            f"a driver named {name!r} is already installed (from {dist} {version}); "
+            "choose another name"
+        )
     root = pathlib.Path(directory) / f"hmmsim-{name}"
     if root.exists():
         raise AlreadyExists(f"{root} already exists")
@@ -233,6 +261,7 @@ def write_driver_package(name: str, directory: str) -> pathlib.Path:
     (root / "tests" / f"test_{name}.py").write_text(TEST.format(name=name))
     (root / "README.md").write_text(
         f"# hmmsim-{name}\n\nA hmmsim driver plugin. "
-        f"`hmmsim check --driver {name}` runs the conformance suite.\n"
+        f"`hmmsim check --driver {name}` runs the conformance suite; "
+        "`python -m pytest tests` runs it as one test per check.\n"
     )
     return root

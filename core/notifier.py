@@ -309,6 +309,16 @@ def mmu_interval_notifier_remove(sub: IntervalNotifier) -> None:
         subs.wq.wait_event(lambda: subs.invalidate_seq != seq)
 
 
+def subscriber_name(sub: IntervalNotifier) -> str:
+    """How traces name a subscription: its ops' repr if the class defines one,
+    else the class name and the interval (never an ``object at 0x…`` that
+    changes from run to run)."""
+    ops = sub.ops
+    if type(ops).__repr__ is not object.__repr__:
+        return repr(ops)
+    return f"{type(ops).__name__}[{sub.start:#x}, {sub.end:#x})"
+
+
 def mmu_interval_read_begin(sub: IntervalNotifier) -> int:
     """Begin a read-side critical section; returns the (odd) sequence to check."""
     subs = _subscriptions(sub.mm)
@@ -317,12 +327,18 @@ def mmu_interval_read_begin(sub: IntervalNotifier) -> int:
         # An invalidation colliding with this subscription is running: wait
         # for the final invalidate_range_end, which makes the global seq even.
         subs.wq.wait_event(lambda: subs.invalidate_seq != seq)
+    if sched.active() is not None:
+        sched.note("hmm", f"read_begin {subscriber_name(sub)}: seq {seq}")
     return seq
 
 
 def mmu_interval_read_retry(sub: IntervalNotifier, seq: int) -> bool:
     """True if an invalidation ran since ``read_begin``; call under the driver lock."""
-    return sub.invalidate_seq != seq
+    moved = sub.invalidate_seq != seq
+    if sched.active() is not None:
+        outcome = f"retry (seq now {sub.invalidate_seq})" if moved else "ok"
+        sched.note("hmm", f"read_retry {subscriber_name(sub)}: seq {seq}: {outcome}")
+    return moved
 
 
 def mmu_interval_check_retry(sub: IntervalNotifier, seq: int) -> bool:
@@ -386,7 +402,7 @@ def _itree_invalidate(subs: Subscriptions, rng: NotifierRange) -> bool:
         if sched.active() is not None:
             sched.note(
                 "notify",
-                f"{rng.event.name} [{rng.start:#x}, {rng.end:#x}) -> {ops!r}: "
+                f"{rng.event.name} [{rng.start:#x}, {rng.end:#x}) -> {subscriber_name(sub)}: "
                 f"{'ok' if ret else 'refused'}",
             )
         if not ret:

@@ -94,7 +94,11 @@ class RunResult:
         return "ok"
 
     def format_trace(self, last: int = 60) -> str:
+        """The last ``last`` trace entries; a failed run ends with a ``FAILED``
+        line at the step where it failed."""
         lines = [f"{t.step:5d} {t.actor:>10s} {t.kind:8s} {t.what}" for t in self.trace[-last:]]
+        if self.failed:
+            lines.append(f"{self.steps:5d} {'>>>':>10s} FAILED   {self.describe()}")
         return "\n".join(lines)
 
 

@@ -10,6 +10,8 @@ from hmmsim import hookimpl
 from hmmsim.driver import Capability, Driver
 from hmmsim.drivers.dmirror import Dmirror
 from hmmsim.plugins import (
+    PluginWarning,
+    broken_plugins,
     driver_classes,
     find_driver,
     get_plugin_manager,
@@ -65,12 +67,53 @@ def test_a_plugin_registered_by_hand(machine):
         machine.probe("toy")
 
 
-def test_non_driver_registrations_are_refused():
+def test_non_driver_registrations_set_the_plugin_aside():
     plugin = types.SimpleNamespace(hmmsim_register_drivers=hookimpl(lambda: [object]))
     pm = get_plugin_manager()
     pm.register(plugin, name="bad")
-    with pytest.raises(hmmsim.InvalidArgument):
-        driver_classes(pm)
+    with pytest.warns(PluginWarning, match="plugin 'bad' cannot be loaded"):
+        drivers = driver_classes(pm)
+    assert drivers["dmirror"] is Dmirror and len(drivers) == 1
+    assert [b.name for b in broken_plugins(pm)] == ["bad"]
+    assert "is not a hmmsim.driver.Driver subclass" in broken_plugins(pm)[0].reason
+
+
+def test_a_plugin_whose_hook_raises_is_set_aside_and_reported_once():
+    def boom():
+        raise RuntimeError("no device today")
+
+    pm = get_plugin_manager()
+    pm.register(types.SimpleNamespace(hmmsim_register_drivers=hookimpl(boom)), name="boomer")
+    with pytest.warns(PluginWarning, match="RuntimeError: no device today"):
+        assert "dmirror" in driver_classes(pm)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        driver_classes(pm)  # reported once: no second warning
+
+
+def test_two_plugins_with_one_driver_name_keep_the_first():
+    class Other(Driver):
+        name = "dmirror"
+
+        def probe(self, machine, **params):
+            raise hmmsim.NotSupported("never")
+
+    pm = get_plugin_manager()
+    pm.register(types.SimpleNamespace(hmmsim_register_drivers=hookimpl(lambda: [Other])), "dup")
+    with pytest.warns(PluginWarning, match="already provided by plugin 'dmirror'"):
+        assert driver_classes(pm)["dmirror"] is Dmirror
+
+
+def test_parameter_declarations_are_checked():
+    Dmirror.check_parameters({"memory": "coherent"})
+    with pytest.raises(hmmsim.InvalidArgument, match="not one of private, coherent"):
+        Dmirror.check_parameters({"memory": "magnetic"})
+    with pytest.raises(hmmsim.InvalidArgument, match="no parameter 'colour'"):
+        Dmirror.check_parameters({"colour": "red"})
+    p = Dmirror.parameter("memory")
+    assert p.choices == ("private", "coherent") and p.default == "private"
 
 
 def test_driver_specs_parse():
@@ -79,7 +122,7 @@ def test_driver_specs_parse():
         "dmirror",
         {"memory": "coherent", "x": "1"},
     )
-    for bad in (":x=1", "dmirror:memory", "dmirror:=x"):
+    for bad in (":x=1", "dmirror:memory", "dmirror:=x", "dmirror:memory=private,memory=coherent"):
         with pytest.raises(hmmsim.InvalidArgument):
             parse_driver_spec(bad)
 

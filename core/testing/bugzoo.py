@@ -28,7 +28,7 @@ from ..driver import Driver
 from ..hookspecs import hookimpl
 from ..newdriver import class_name, render_module
 from ..plugins import BUGZOO_GROUP, get_plugin_manager
-from .checks import CheckSkipped, DriverSpec, all_checks
+from .checks import CheckSkipped, DriverSpec, all_checks, check_id
 from .races import applicable, explore_race
 
 
@@ -39,7 +39,7 @@ class Mutant:
     name: str
     base: str  # "dmirror" or "template"
     edits: tuple[tuple[str, str], ...]
-    #: The rule it breaks (hmm-core.md references where there is one).
+    #: The rule it breaks (docs/hmm-protocol.md references where there is one).
     doc: str
 
 
@@ -54,7 +54,8 @@ MUTANTS: tuple[Mutant, ...] = (
             ),
         ),
         "Programs the device without mmu_interval_read_retry: an invalidation that ran "
-        "after hmm_range_fault is missed and the device maps a stale page (hmm-core.md §2).",
+        "after hmm_range_fault is missed and the device maps a stale page "
+        "(docs/hmm-protocol.md §2).",
     ),
     Mutant(
         "zoo_dmirror_retry_outside_lock",
@@ -186,7 +187,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         "Requests faults per page (pfn_flags_mask) and, after a retry, passes the previous "
         "output array back as input: the stale VALID/WRITE outputs read as REQ_FAULT/"
-        "REQ_WRITE, so a read turns into a write fault (hmm-core.md §1.5).",
+        "REQ_WRITE, so a read turns into a write fault (docs/hmm-protocol.md §1.1).",
     ),
     Mutant(
         "zoo_dmirror_maps_huge_over_pte_thp",
@@ -225,7 +226,7 @@ MUTANTS: tuple[Mutant, ...] = (
                 "if False:  # mutant: the read_retry check is gone",
             ),
         ),
-        "The new-driver template without mmu_interval_read_retry (hmm-core.md §2).",
+        "The new-driver template without mmu_interval_read_retry (docs/hmm-protocol.md §2).",
     ),
     Mutant(
         "zoo_template_invalidate_without_lock",
@@ -348,7 +349,7 @@ def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, int | None, str]:
         except CheckSkipped:
             continue
         except Exception as exc:
-            return f"{area}/{check.__name__}", None, f"{type(exc).__name__}: {exc}"
+            return check_id(area, check), None, f"{type(exc).__name__}: {exc}"
     return "", None, ""
 
 

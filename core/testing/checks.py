@@ -10,7 +10,10 @@ fails.
 
 from __future__ import annotations
 
+import time
+import traceback
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import attrs
 
@@ -25,7 +28,8 @@ from .. import (
     PROT_READ,
 )
 from ..driver import Capability
-from ..errors import BadAddress, HmmsimError, NotPermitted
+from ..errors import BadAddress, InvalidArgument, NotPermitted
+from ..plugins import driver_classes, find_driver, get_plugin_manager
 from .env import (
     ANON,
     HUGE,
@@ -39,7 +43,7 @@ from .env import (
     pattern,
 )
 from .invariants import check_mirror
-from .races import RACES, race_check
+from .races import RACES, RaceFailure, race_check
 
 
 def needs(env: Env, cap: Capability) -> None:
@@ -372,30 +376,120 @@ CHECKS: dict[str, list[Callable[[DriverSpec], None]]] = {
 CHECKS["races"] = [race_check(race) for race in RACES]
 
 
+def check_name(check: Callable[[DriverSpec], None]) -> str:
+    """A check's name: its function name without ``check_`` (``read_anonymous``);
+    for a race check, the race's name (``read_vs_munmap``, what ``hmmsim explore`` takes)."""
+    race = getattr(check, "race", None)
+    return str(race.name) if race is not None else check.__name__.removeprefix("check_")
+
+
+def check_id(area: str, check: Callable[[DriverSpec], None]) -> str:
+    """A check's one name everywhere (CLI, pytest id, JSON, bug zoo): ``area/name``."""
+    return f"{area}/{check_name(check)}"
+
+
 @attrs.frozen
 class CheckResult:
+    """The outcome of one check on one driver spec."""
+
     driver: str
     area: str
+    #: ``check_name``: the function name without ``check_``.
     check: str
     outcome: str  # passed | failed | skipped
+    #: Why it failed or was skipped, one line (``Type: text`` for a failure).
     message: str = ""
+    seconds: float = 0.0
+    #: The exception's traceback for a failure ("" otherwise).
+    traceback: str = ""
+    #: For a race failure: the failing schedule id, the command that replays
+    #: it, and its trace.
+    schedule: str | None = None
+    replay: str | None = None
+    trace: str | None = None
+
+    @property
+    def id(self) -> str:
+        return f"{self.area}/{self.check}"
 
 
 def run_check(spec: DriverSpec, area: str, check: Callable[[DriverSpec], None]) -> CheckResult:
-    name = check.__name__
+    """Run one check; any exception from it (or the driver under it) is a failed check.
+
+    ``CheckSkipped`` is a skip with its reason. ``KeyboardInterrupt`` and
+    ``SystemExit`` propagate: they stop the run, they are not results.
+    """
+    name = check_name(check)
+    t0 = time.perf_counter()
     try:
         check(spec)
     except CheckSkipped as exc:
-        return CheckResult(str(spec), area, name, "skipped", str(exc))
-    except (AssertionError, HmmsimError) as exc:
-        return CheckResult(str(spec), area, name, "failed", f"{type(exc).__name__}: {exc}")
-    return CheckResult(str(spec), area, name, "passed")
+        return CheckResult(str(spec), area, name, "skipped", str(exc), time.perf_counter() - t0)
+    except Exception as exc:
+        seconds = time.perf_counter() - t0
+        tb = "".join(traceback.format_exception(exc))
+        if isinstance(exc, RaceFailure):
+            return CheckResult(
+                str(spec),
+                area,
+                name,
+                "failed",
+                f"{type(exc).__name__}: {exc.summary}",
+                seconds,
+                tb,
+                exc.schedule,
+                exc.replay,
+                exc.trace,
+            )
+        text = str(exc).strip().splitlines()
+        message = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        return CheckResult(str(spec), area, name, "failed", message, seconds, tb)
+    return CheckResult(str(spec), area, name, "passed", "", time.perf_counter() - t0)
 
 
 def all_checks() -> Iterator[tuple[str, Callable[[DriverSpec], None]]]:
     for area, checks in CHECKS.items():
         for check in checks:
             yield area, check
+
+
+def installed_specs(pm: Any = None) -> list[DriverSpec]:
+    """Every installed driver, in each variant it declares (``Driver.variants``)."""
+    pm = pm or get_plugin_manager()
+    specs = []
+    for name, cls in sorted(driver_classes(pm).items()):
+        variants = getattr(cls, "variants", None) or [{}]
+        for params in variants:
+            specs.append(DriverSpec(name, tuple(sorted(params.items()))))
+    return specs
+
+
+def validate_spec(spec: DriverSpec, pm: Any = None) -> None:
+    """Check once, before any check runs, that ``spec`` names a driver that probes.
+
+    Raises ``NoEntry`` for a driver that is not installed and ``InvalidArgument``
+    for a parameter it does not declare or a value outside its choices — what
+    a user mistyped. Then probes one device on a small machine, so that values
+    the driver refuses in ``probe`` (``InvalidArgument``, as the ``Driver``
+    contract says) are caught here too. Anything else ``probe`` raises is the
+    driver's own failure, left to the checks to report one by one.
+    """
+    pm = pm or spec.plugin_manager()
+    cls = find_driver(pm, spec.name)
+    cls.check_parameters(dict(spec.params))
+    machine = spec.machine(small=True)
+    machine.plugin_manager = pm
+    try:
+        machine.probe(spec.name, **dict(spec.params)).remove()
+    except InvalidArgument:
+        raise
+    except Exception:  # the driver's failure, not the user's: the checks report it
+        return
+
+
+def unique_specs(specs: list[DriverSpec]) -> list[DriverSpec]:
+    """``specs`` without repeats, in order (a driver named twice is checked once)."""
+    return list(dict.fromkeys(specs))
 
 
 __all__ = [
@@ -405,11 +499,16 @@ __all__ = [
     "DriverSpec",
     "Env",
     "all_checks",
+    "check_id",
+    "check_name",
     "close_environment",
     "environment",
     "expect_error",
+    "installed_specs",
     "needs",
     "open_environment",
     "pattern",
     "run_check",
+    "unique_specs",
+    "validate_spec",
 ]

@@ -2,7 +2,7 @@
 
 Kernel counterpart: the window the ``mmu_interval_read_begin`` →
 ``hmm_range_fault`` → driver lock → ``mmu_interval_read_retry`` protocol
-exists for (hmm-core.md §2), which the kernel's ``anon_teardown`` test pokes
+exists for (docs/hmm-protocol.md §2), which the kernel's ``anon_teardown`` test pokes
 with random sleeps. Here each race is a scenario of two actors run by the
 deterministic scheduler: the device side goes through the generic ``Mirror``
 interface, the CPU side is one mm operation. After every step the mirror
@@ -444,19 +444,35 @@ def explore_race(
     return pct
 
 
+class RaceFailure(AssertionError):
+    """A race check found a failing interleaving; what a report needs, as fields.
+
+    ``summary`` is the one-line description; ``str()`` adds the replay command
+    and the trace (what a pytest report shows).
+    """
+
+    def __init__(self, summary: str, schedule: str, replay: str, trace: str) -> None:
+        super().__init__(f"{summary}; replay with: {replay}\n{trace}")
+        self.summary = summary
+        self.schedule = schedule
+        self.replay = replay
+        self.trace = trace
+
+
 def race_check(race: Race) -> Callable[[DriverSpec], None]:
     """The race as a conformance check: every schedule explored must pass."""
 
     def check(spec: DriverSpec) -> None:
         if not applicable(spec, race):
-            raise CheckSkipped(f"{spec} does not claim {race.needs!r}")
+            raise CheckSkipped(f"{spec} does not claim {race.needs.name}")
         result = explore_race(spec, race)
         if result.failures:
             f = result.failures[0]
-            raise AssertionError(
-                f"{race.name}: {f.description} after {f.run + 1} schedule(s); "
-                f"replay with: hmmsim explore {race.name} --driver {spec} --replay {f.schedule}"
-                f"\n{f.trace}"
+            raise RaceFailure(
+                f"{race.name}: {f.description} after {f.run + 1} schedule(s)",
+                f.schedule,
+                f"hmmsim explore {race.name} --driver {spec} --replay {f.schedule}",
+                f.trace,
             )
 
     check.race = race  # type: ignore[attr-defined]  # the bug zoo explores it directly

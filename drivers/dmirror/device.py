@@ -1,6 +1,6 @@
 """dmirror: the kernel's HMM test driver (lib/test_hmm.c), modelled.
 
-Kernel counterpart: lib/test_hmm.c as hmm-selftests.md §1 describes it (the
+Kernel counterpart: lib/test_hmm.c with its hmm-tests selftests (the
 2026 version: device-private THP, 32-page fault windows, eviction on close).
 
 * A ``DmirrorDevice`` owns device memory in 256 MiB chunks (``memremap_pages``)
@@ -19,7 +19,7 @@ system page; the device page table stores the device page itself.
 from __future__ import annotations
 
 import errno
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import numpy as np
@@ -32,6 +32,7 @@ from hmmsim.driver import (
     MemoryKind,
     Mirror,
     MirrorStats,
+    Parameter,
     check_user_pages,
     check_user_range,
 )
@@ -1127,8 +1128,12 @@ class Dmirror(Driver):
         | Capability.EXCLUSIVE
         | Capability.DEVICE_PRIVATE
     )
-    parameters: ClassVar[dict[str, str]] = {
-        "memory": "private (default) or coherent device memory",
+    parameters: ClassVar[Mapping[str, Parameter | str]] = {
+        "memory": Parameter(
+            "the kind of device memory: unaddressable device-private or CPU-coherent",
+            choices=("private", "coherent"),
+            default="private",
+        ),
     }
     #: What ``hmmsim check`` and the suite test when no variant is named.
     variants: ClassVar[list[dict[str, str]]] = [{"memory": "private"}, {"memory": "coherent"}]

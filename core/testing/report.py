@@ -1,0 +1,251 @@
+"""Running the conformance suite for ``hmmsim check`` and reporting it.
+
+``run_suite`` runs every check on every driver spec, telling a ``Progress``
+what it does (a live status line on a terminal, one plain line per driver and
+area otherwise). The results go to the terminal as a summary, and on request
+to JSON (``to_json``, schema ``SCHEMA_VERSION``) and JUnit XML (``to_junit``)
+for CI dashboards. Nothing here needs pytest.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import time
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TextIO
+
+import attrs
+
+from .checks import CHECKS, CheckResult, DriverSpec, all_checks, check_name, run_check
+
+#: Bumped when a field of the JSON report changes meaning or goes away.
+SCHEMA_VERSION = 2
+
+OUTCOME_CHAR = {"passed": ".", "failed": "F", "skipped": "s"}
+
+
+@attrs.define
+class SuiteRun:
+    """Everything one ``hmmsim check`` produced."""
+
+    specs: list[DriverSpec]
+    results: list[CheckResult] = attrs.field(factory=list)
+    seconds: float = 0.0
+    #: Plugin name → (distribution, version) of each plugin the drivers came from.
+    plugins: dict[str, tuple[str, str]] = attrs.field(factory=dict)
+    #: Plugins that could not be loaded: (name, reason).
+    broken: list[tuple[str, str]] = attrs.field(factory=list)
+    interrupted: bool = False
+
+    def totals(self) -> dict[str, int]:
+        c = Counter(r.outcome for r in self.results)
+        return {k: c[k] for k in ("passed", "failed", "skipped")}
+
+    @property
+    def failed(self) -> int:
+        return self.totals()["failed"]
+
+
+class Progress:
+    """What a run tells the person watching: per driver, per area, per failure.
+
+    On a terminal (``live``) a status line names the check running now and is
+    overwritten; elsewhere each finished area is one plain line. A failure is
+    one line (``verbose``: with its traceback); a skip gives its reason.
+    """
+
+    def __init__(self, out: TextIO, *, live: bool, verbose: bool = False) -> None:
+        self.out = out
+        self.live = live
+        self.verbose = verbose
+        self._status = False
+        self._width = max(len(area) for area in CHECKS)
+
+    def _clear(self) -> None:
+        if self._status:
+            self.out.write("\r\x1b[K")
+            self._status = False
+
+    def check_started(self, spec: DriverSpec, area: str, name: str, done: int, total: int) -> None:
+        if self.live:
+            self._clear()
+            line = f"[{done}/{total}] {spec} {area}/{name} ..."
+            # A wrapped line cannot be overwritten: keep it within the terminal.
+            width = shutil.get_terminal_size().columns - 1
+            self.out.write(line if len(line) <= width else line[: max(width - 3, 1)] + "...")
+            self.out.flush()
+            self._status = True
+
+    def area_done(self, spec: DriverSpec, area: str, results: Sequence[CheckResult]) -> None:
+        self._clear()
+        marks = "".join(OUTCOME_CHAR[r.outcome] for r in results)
+        secs = sum(r.seconds for r in results)
+        print(f"{spec} {area.ljust(self._width)} {marks} ({secs:.1f}s)", file=self.out, flush=True)
+        for r in results:
+            if self.verbose:
+                print(f"  {r.outcome:7s} {r.id} ({r.seconds:.2f}s)", file=self.out)
+            if r.outcome == "failed":
+                print(f"  FAILED {r.id}: {r.message}", file=self.out)
+                if r.replay:
+                    print(f"    replay: {r.replay}", file=self.out)
+                if self.verbose and r.traceback:
+                    print(_indent(r.traceback.rstrip(), "    "), file=self.out)
+            elif r.outcome == "skipped":
+                print(f"  skipped {r.id}: {r.message}", file=self.out)
+        self.out.flush()
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def run_suite(
+    specs: Sequence[DriverSpec],
+    progress: Progress | None = None,
+    checks: Iterable[tuple[str, Callable[[DriverSpec], None]]] | None = None,
+) -> SuiteRun:
+    """Every check on every spec; an exception in one check fails that check only.
+
+    A ``KeyboardInterrupt`` ends the run early with the results so far
+    (``interrupted``), so that they are still reported.
+    """
+    todo = list(checks if checks is not None else all_checks())
+    run = SuiteRun(list(specs))
+    total = len(todo) * len(run.specs)
+    t0 = time.perf_counter()
+    try:
+        for spec in run.specs:
+            area_results: list[CheckResult] = []
+            for i, (area, check) in enumerate(todo):
+                if progress is not None:
+                    progress.check_started(spec, area, check_name(check), len(run.results), total)
+                r = run_check(spec, area, check)
+                run.results.append(r)
+                area_results.append(r)
+                last = i + 1 == len(todo) or todo[i + 1][0] != area
+                if last:
+                    if progress is not None:
+                        progress.area_done(spec, area, area_results)
+                    area_results = []
+    except KeyboardInterrupt:
+        run.interrupted = True
+    run.seconds = time.perf_counter() - t0
+    return run
+
+
+def summary(run: SuiteRun, out: TextIO) -> None:
+    """The per-driver, per-area table and the totals line."""
+    from ..cli import _table
+
+    areas = list(dict.fromkeys(r.area for r in run.results))
+    rows = []
+    for spec in run.specs:
+        row = [str(spec)]
+        for area in areas:
+            c = Counter(r.outcome for r in run.results if r.driver == str(spec) and r.area == area)
+            row.append(f"{c['passed']}/{c['failed']}/{c['skipped']}")
+        rows.append(row)
+    print("\nresults (passed/failed/skipped):", file=out)
+    _table(["driver", *areas], rows, out)
+    failures = [r for r in run.results if r.outcome == "failed"]
+    if failures:
+        print("\nfailed:", file=out)
+        for r in failures:
+            print(f"  {r.driver} {r.id}: {r.message}", file=out)
+    t = run.totals()
+    stopped = " (interrupted)" if run.interrupted else ""
+    print(
+        f"\n{len(run.specs)} driver spec(s), {len(run.results)} checks: {t['passed']} passed, "
+        f"{t['failed']} failed, {t['skipped']} skipped in {run.seconds:.1f}s{stopped}",
+        file=out,
+    )
+
+
+def _hmmsim_version() -> str:
+    try:
+        return importlib.metadata.version("hmmsim")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def to_json(run: SuiteRun) -> dict[str, Any]:
+    """The JSON report (schema ``SCHEMA_VERSION``).
+
+    Top level: ``schema``, ``hmmsim_version``, ``plugins`` (name →
+    distribution and version), ``broken_plugins``, ``drivers`` (the specs),
+    ``totals`` (passed, failed, skipped, checks, seconds), ``interrupted``,
+    ``failed`` (the count, as in schema 1) and ``results``: one object per check
+    with ``driver``, ``id`` (``area/name``), ``area``, ``check`` (the name),
+    ``outcome``, ``message``, ``seconds``, ``traceback`` and, for a race
+    failure, ``schedule``, ``replay`` (a command) and ``trace``.
+    """
+    totals: dict[str, Any] = dict(run.totals())
+    totals["checks"] = len(run.results)
+    totals["seconds"] = round(run.seconds, 3)
+    results = []
+    for r in run.results:
+        d = attrs.asdict(r)
+        d["id"] = r.id
+        d["seconds"] = round(r.seconds, 4)
+        results.append(d)
+    return {
+        "schema": SCHEMA_VERSION,
+        "hmmsim_version": _hmmsim_version(),
+        "plugins": {
+            name: {"distribution": dist, "version": version}
+            for name, (dist, version) in sorted(run.plugins.items())
+        },
+        "broken_plugins": [{"name": n, "reason": why} for n, why in run.broken],
+        "drivers": [str(s) for s in run.specs],
+        "totals": totals,
+        "interrupted": run.interrupted,
+        "failed": run.totals()["failed"],
+        "results": results,
+    }
+
+
+def to_junit(run: SuiteRun) -> bytes:
+    """JUnit XML: one ``testsuite`` per driver spec, one ``testcase`` per check.
+
+    ``classname`` is ``hmmsim.<driver spec>``, ``name`` the check id; a failure
+    carries its one-line message as ``message`` and the traceback (and for a
+    race the replay command and trace) as text; a skip carries its reason.
+    """
+    root = ET.Element("testsuites", name="hmmsim check", time=f"{run.seconds:.3f}")
+    t = run.totals()
+    root.set("tests", str(len(run.results)))
+    root.set("failures", str(t["failed"]))
+    root.set("skipped", str(t["skipped"]))
+    for spec in run.specs:
+        mine = [r for r in run.results if r.driver == str(spec)]
+        c = Counter(r.outcome for r in mine)
+        suite = ET.SubElement(
+            root,
+            "testsuite",
+            name=str(spec),
+            tests=str(len(mine)),
+            failures=str(c["failed"]),
+            errors="0",
+            skipped=str(c["skipped"]),
+            time=f"{sum(r.seconds for r in mine):.3f}",
+        )
+        for r in mine:
+            case = ET.SubElement(
+                suite, "testcase", classname=f"hmmsim.{spec}", name=r.id, time=f"{r.seconds:.3f}"
+            )
+            if r.outcome == "failed":
+                text = r.traceback
+                if r.replay:
+                    text += f"\nschedule: {r.schedule}\nreplay: {r.replay}\n{r.trace}"
+                fail = ET.SubElement(
+                    case, "failure", message=r.message, type=r.message.partition(":")[0]
+                )
+                fail.text = text
+            elif r.outcome == "skipped":
+                ET.SubElement(case, "skipped", message=r.message)
+    ET.indent(root)
+    data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)
+    return data
