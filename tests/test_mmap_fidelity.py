@@ -468,3 +468,38 @@ def test_mremap_dontunmap_of_part_of_a_vma_leaves_it_whole(proc):
     b = proc.mremap(s + 4 * PAGE, 4 * PAGE, 4 * PAGE, MREMAP_MAYMOVE | MREMAP_DONTUNMAP)
     assert layout(proc, s, s + 16 * PAGE) == [(0, 16 * PAGE, True)]
     assert proc.read(b, 1) == b"s"
+
+
+def test_munmap_ending_inside_a_huge_page_fails_after_splitting_the_first_vma(make_machine):
+    m = make_machine(hugetlb_pages={MB2: 1}, ram_bytes=128 << 20)
+    p = m.spawn()
+    b = free_area(p, 2 * MB2)
+    p.mmap(MB2, RW, SHARED_ANON | MAP_FIXED, addr=b)
+    p.mmap(MB2, RW, HUGE_ANON | MAP_FIXED, addr=b + MB2)
+    p.write(b + MB2, b"h")
+    with pytest.raises(hmmsim.InvalidArgument):
+        p.munmap(b + PAGE, MB2 + PAGE)
+    assert [(v.start - b, v.end - b) for v in p.mm.vmas] == [
+        (0, PAGE),
+        (PAGE, MB2),
+        (MB2, 2 * MB2),
+    ]
+    assert p.read(b + MB2, 1) == b"h"
+
+
+def test_map_fixed_ending_inside_a_huge_page_fails_after_splitting_the_first_vma(make_machine):
+    m = make_machine(hugetlb_pages={MB2: 1}, ram_bytes=128 << 20)
+    p = m.spawn()
+    b = free_area(p, 2 * MB2)
+    p.mmap(MB2, RW, ANON | MAP_FIXED, addr=b)
+    p.mmap(MB2, RW, HUGE_ANON | MAP_FIXED, addr=b + MB2)
+    with pytest.raises(hmmsim.InvalidArgument):
+        p.mmap(MB2, RW, ANON | MAP_FIXED | MAP_POPULATE, addr=b + PAGE)
+    assert [(v.start - b, v.end - b) for v in p.mm.vmas] == [
+        (0, PAGE),
+        (PAGE, MB2),
+        (MB2, 2 * MB2),
+    ]
+    with pytest.raises(hmmsim.InvalidArgument):  # the start cuts: nothing happens
+        p.mmap(MB2, RW, ANON | MAP_FIXED, addr=b + MB2 + PAGE)
+    assert len(p.mm.vmas) == 3

@@ -228,6 +228,24 @@ def check_hugetlb_boundaries(mm: AddressSpace, start: int, end: int) -> None:
                     raise InvalidArgument(f"{edge:#x} is not aligned to the huge pages of {vma}")
 
 
+def check_unmap_splits(mm: AddressSpace, start: int, end: int) -> None:
+    """Fail with EINVAL where unmapping [start, end) would cut a huge page.
+
+    As ``vms_gather_munmap_vmas``: the VMA at ``start`` is split first, so
+    when only the end cuts a huge page, that first split has happened when
+    the call fails (Linux does not undo it).
+    """
+    first = mm.vmas.find(start)
+    cut_first = first is not None and first.start < start
+    if cut_first and first is not None and first.is_hugetlb and start % first.huge_page_size:
+        raise InvalidArgument(f"{start:#x} is not aligned to the huge pages of {first}")
+    last = mm.vmas.find(end - 1)
+    if last is not None and last.end > end and last.is_hugetlb and end % last.huge_page_size:
+        if cut_first and first is not None:
+            split_vma(first, start)
+        raise InvalidArgument(f"{end:#x} is not aligned to the huge pages of {last}")
+
+
 def _anon_compatible(a: Vma, b: Vma) -> bool:
     return (
         a.anon_vma is None
@@ -313,7 +331,8 @@ def free_page_tables(mm: AddressSpace, start: int, end: int) -> None:
 def unmap_range(mm: AddressSpace, start: int, end: int) -> None:
     """``do_vmi_munmap``: remove every VMA piece of [start, end) and its page tables.
 
-    The caller has checked hugetlb boundaries (nothing here can fail).
+    Only the splits can fail (EINVAL where a boundary cuts a huge page), and
+    they all happen before anything is unmapped.
     """
     for vma in isolate_range(mm, start, end):
         unmap_vma(vma)
@@ -328,12 +347,14 @@ def do_munmap(mm: AddressSpace, addr: int, length: int) -> None:
 
     The cost follows the VMAs and page tables that exist in the range, not
     its length (an empty 1 TiB range is one short walk of the upper tables).
+    An end that cuts a huge page is EINVAL after the VMA at ``addr`` has been
+    split there, as in Linux (``vms_gather_munmap_vmas`` splits the first VMA
+    before it reaches the last): nothing is unmapped, the split stays.
     """
     check_range(addr, length, "munmap")
     if length == 0:
         raise InvalidArgument("munmap: zero length")
     end = addr + page_align(length)
-    check_hugetlb_boundaries(mm, addr, end)
     unmap_range(mm, addr, end)
 
 
@@ -441,7 +462,7 @@ def do_mmap(
             and mm.vmas.intersecting(addr, addr + size)
         ):
             raise AlreadyExists(f"mmap: [{addr:#x}, +{size:#x}) is already mapped")
-        check_hugetlb_boundaries(mm, addr, addr + size)
+        check_unmap_splits(mm, addr, addr + size)
         start = addr
     else:
         if anonymous and not shared and not hugetlb_order and size % PMD_SIZE == 0 and not addr:
