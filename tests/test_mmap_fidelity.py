@@ -503,3 +503,20 @@ def test_map_fixed_ending_inside_a_huge_page_fails_after_splitting_the_first_vma
     with pytest.raises(hmmsim.InvalidArgument):  # the start cuts: nothing happens
         p.mmap(MB2, RW, ANON | MAP_FIXED, addr=b + MB2 + PAGE)
     assert len(p.mm.vmas) == 3
+
+
+def test_mremap_fixed_target_cutting_a_huge_page_fails_after_the_target_split(make_machine):
+    m = make_machine(hugetlb_pages={MB2: 2}, ram_bytes=128 << 20)
+    p = m.spawn()
+    src = p.mmap(MB2 - PAGE, RW, SHARED_ANON)
+    t = free_area(p, 2 * MB2)
+    p.mmap(2 * MB2, RW, HUGE_ANON | MAP_FIXED, addr=t)
+    with pytest.raises(hmmsim.InvalidArgument):  # [t + 2 MiB - 4 KiB, ...) is not aligned
+        p.mremap(src, MB2, MB2, MOVE_FIXED, new_addr=t + MB2 - PAGE)
+    with pytest.raises(hmmsim.InvalidArgument):  # the range runs past src's VMA
+        p.mremap(src, MB2, MB2, MOVE_FIXED, new_addr=t + MB2)
+    assert [(v.start - t, v.end - t) for v in p.mm.vmas.intersecting(t, t + 2 * MB2)] == [
+        (0, MB2),
+        (MB2, 2 * MB2),
+    ]
+    assert p.mm.vmas.find(src).end == src + MB2 - PAGE

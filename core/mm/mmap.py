@@ -652,26 +652,22 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
     every VMA piece of [old, old + length) to the same offset from ``addr``.
 
     Holes in the source stay holes (what the target has there is kept). The
-    first page must be mapped (EFAULT). Each piece's target is unmapped just
-    before the piece moves. The model checks every piece before moving any,
-    where Linux checks each in turn and can leave earlier pieces moved when a
-    later one fails: the model has no piece that fails there once the checks
-    below pass.
+    first page must be mapped (EFAULT, checked by the caller). Piece by
+    piece, as Linux does: check the piece, unmap its target, move it. A piece
+    that fails (EINVAL for a huge-page cut, EPERM below ``vm.mmap_min_addr``)
+    leaves the pieces before it moved, as in Linux.
     """
-    pieces = mm.vmas.intersecting(old, old + length)
-    for vma in pieces:
+    for vma in mm.vmas.intersecting(old, old + length):
         lo, hi = max(vma.start, old), min(vma.end, old + length)
         if vma.is_hugetlb and (lo % vma.huge_page_size or hi % vma.huge_page_size):
             raise InvalidArgument(f"mremap: [{lo:#x}, {hi:#x}) cuts the huge pages of {vma}")
         if dontunmap and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
             raise InvalidArgument(f"mremap: MREMAP_DONTUNMAP of {vma}")
-        check_hugetlb_boundaries(mm, addr + lo - old, addr + hi - old)
-    if addr < MMAP_MIN_ADDR:
-        raise NotPermitted(f"mremap: {addr:#x} is below vm.mmap_min_addr")
-    for vma in pieces:
-        lo, hi = max(vma.start, old), min(vma.end, old + length)
         target = addr + lo - old
+        check_unmap_splits(mm, target, target + hi - lo)
         unmap_range(mm, target, target + hi - lo)
+        if target < MMAP_MIN_ADDR:
+            raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
         piece = isolate_range(mm, lo, hi)[0]
         move_vma(piece, target, hi - lo, dontunmap)
     return addr
