@@ -520,3 +520,12 @@ def test_mremap_fixed_target_cutting_a_huge_page_fails_after_the_target_split(ma
         (MB2, 2 * MB2),
     ]
     assert p.mm.vmas.find(src).end == src + MB2 - PAGE
+
+
+def test_map_locked_populates_even_with_map_nonblock(proc):
+    locked = hmmsim.mm.uapi.MAP_LOCKED
+    a = proc.mmap(4 * PAGE, RW, ANON | locked)
+    b = proc.mmap(4 * PAGE, RW, ANON | locked | MAP_NONBLOCK)
+    c = proc.mmap(4 * PAGE, PROT_NONE, ANON | locked)
+    assert {e.present for e in proc.pagemap(a, 4) + proc.pagemap(b, 4)} == {True}
+    assert {e.present for e in proc.pagemap(c, 4)} == {False}

@@ -58,6 +58,7 @@ from .uapi import (
     MAP_HUGE_MASK,
     MAP_HUGE_SHIFT,
     MAP_HUGETLB,
+    MAP_LOCKED,
     MAP_NONBLOCK,
     MAP_NORESERVE,
     MAP_POPULATE,
@@ -116,7 +117,7 @@ LEGACY_MAP_MASK = (
     | MAP_GROWSDOWN
     | 0x800  # MAP_DENYWRITE
     | 0x1000  # MAP_EXECUTABLE
-    | 0x2000  # MAP_LOCKED
+    | MAP_LOCKED
     | MAP_NORESERVE
     | MAP_POPULATE
     | MAP_NONBLOCK
@@ -363,8 +364,9 @@ def accountable(flags: int) -> int:
     writable memory (``accountable_mapping``): private, writable, not
     ``VM_NORESERVE``, not hugetlb (which has its own reservations).
 
-    The flag stays when write permission is later removed, so a once-writable
-    mapping never merges with a never-writable neighbour, as in Linux.
+    The flag stays when write permission is later removed from memory that
+    has faulted (``mprotect_account``), so such a mapping does not merge with
+    a never-writable neighbour, as in Linux.
     """
     if (flags & (VM_NORESERVE | VM_SHARED | VM_WRITE | VM_HUGETLB)) == VM_WRITE:
         return flags | VM_ACCOUNT
@@ -388,11 +390,12 @@ def mprotect_account(vma: Vma, new_flags: int) -> int:
 def _check_mmap_flags(flags: int, anonymous: bool, offset: int, size: int) -> bool:
     """Validate the mapping type and flags as ``do_mmap``; returns ``shared``.
 
-    Unknown legacy flags are ignored, as Linux ignores them (``MAP_32BIT``,
-    ``MAP_GROWSDOWN`` of anonymous memory, ``MAP_LOCKED``, ``MAP_STACK`` …
-    change placement, stack growth or mlock accounting, which the model does
-    not have; the mapping itself is the same). ``MAP_SHARED_VALIDATE`` is the
-    exception: there an unknown flag is ``EOPNOTSUPP``.
+    Unknown legacy flags are ignored, as Linux ignores them. The model also
+    ignores ``MAP_32BIT``, ``MAP_GROWSDOWN`` of anonymous memory and
+    ``MAP_STACK`` (placement and stack growth, which it does not model);
+    ``MAP_LOCKED`` populates the mapping as Linux does, without an mlock
+    count. ``MAP_SHARED_VALIDATE`` is the exception: there an unknown flag is
+    ``EOPNOTSUPP``.
     """
     maptype = flags & MAP_TYPE
     if anonymous:
@@ -426,9 +429,10 @@ def do_mmap(
     are ignored, as Linux ignores them. ``MAP_FIXED`` first unmaps whatever
     was in the range, page tables included (``mmap_region``); if the backing
     object's ``mmap`` then fails, the old mapping stays gone, as in Linux.
-    ``MAP_POPULATE`` (without ``MAP_NONBLOCK``) faults the new range in after
-    the VMA has merged with its neighbours, and populates nothing in a
-    ``PROT_NONE`` mapping (``populate_vma_page_range`` skips inaccessible VMAs).
+    ``MAP_POPULATE`` (without ``MAP_NONBLOCK``) or ``MAP_LOCKED`` faults the
+    new range in after the VMA has merged with its neighbours, and populates
+    nothing in a ``PROT_NONE`` mapping (``populate_vma_page_range`` skips
+    inaccessible VMAs).
     """
     if offset % PAGE_SIZE:
         raise InvalidArgument(f"mmap: offset {offset:#x} is not page aligned")
@@ -518,7 +522,8 @@ def do_mmap(
             vma.unlink_file()
             raise
     vma = try_merge(vma)
-    if (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE and vma.flags & VM_ACCESS_FLAGS:
+    populate = (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or flags & MAP_LOCKED
+    if populate and vma.flags & VM_ACCESS_FLAGS:
         # mm_populate: errors are ignored, as in Linux.
         write = (vma.flags & (VM_WRITE | VM_SHARED)) == VM_WRITE
         populate_range(vma, start >> PAGE_SHIFT, size >> PAGE_SHIFT, write)
