@@ -123,6 +123,12 @@ class BusError(HmmsimError):
     errno_value = _errno.EFAULT
 
 
+class BadFileDescriptor(HmmsimError):
+    """EBADF: a file mapping without a file (no fd and no MAP_ANONYMOUS)."""
+
+    errno_value = _errno.EBADF
+
+
 class Deadlock(RuntimeError):
     """A lock or wait that can never be satisfied (nobody else can run)."""
 
@@ -145,6 +151,7 @@ __all__ = [
     "Again",
     "AlreadyExists",
     "BadAddress",
+    "BadFileDescriptor",
     "BusError",
     "Busy",
     "Deadlock",

@@ -35,8 +35,8 @@ def mapped(proc):
     [
         (lambda p, a: p.mmap(0, RW, ANON), hmmsim.InvalidArgument),
         (lambda p, a: p.mmap(-1, RW, ANON), hmmsim.InvalidArgument),
-        (lambda p, a: p.mmap(PAGE, 0x80, ANON), hmmsim.InvalidArgument),
-        (lambda p, a: p.mmap(PAGE, RW, ANON | 0x800000), hmmsim.InvalidArgument),
+        (lambda p, a: p.mmap(PAGE, RW, ANON | 0x1), hmmsim.InvalidArgument),  # SHARED_VALIDATE
+        (lambda p, a: p.mmap(PAGE, RW, MAP_PRIVATE), hmmsim.errors.BadFileDescriptor),
         (lambda p, a: p.mmap(PAGE, RW, hmmsim.MAP_ANONYMOUS), hmmsim.InvalidArgument),
         (lambda p, a: p.mmap(PAGE, RW, ANON | MAP_FIXED, addr=a + 1), hmmsim.InvalidArgument),
         (lambda p, a: p.mmap(1 << 50, RW, ANON), hmmsim.OutOfMemory),

@@ -113,7 +113,8 @@ def test_hugetlb_munmap_emits_unmap(make_machine):
 def test_oom_reaper_unmaps_without_blocking_and_skips_refused_vmas(machine, events):
     p = machine.spawn()
     a = p.mmap(4 * PAGE, RW, ANON | MAP_POPULATE)
-    b = p.mmap(4 * PAGE, RW, ANON | MAP_POPULATE)
+    # Not adjacent to a: it would merge with it before populating, as in Linux.
+    b = p.mmap(4 * PAGE, RW, ANON | MAP_POPULATE, addr=a - 8 * PAGE)
     refuser = Recorder(refuse_nonblock=True)
     mmu_interval_notifier_insert(p.mm, a, 4 * PAGE, refuser)
     events.clear()

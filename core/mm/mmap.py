@@ -7,7 +7,15 @@ mm/mremap.c (``mremap``, ``move_vma``, ``move_page_tables``).
 Every function here expects the caller (``Process``) to hold ``mmap_lock``
 for write and to have validated the arguments' basic shape; each one checks
 everything that can fail before it changes anything, so that a failed call
-leaves no VMA, page or event behind.
+leaves no VMA, page or event behind. The exceptions are Linux's own: a
+``MAP_FIXED`` mmap whose backing object refuses the mapping has already
+unmapped the old range, and an ``MREMAP_FIXED`` move to a target below
+``vm.mmap_min_addr`` has already unmapped the target and shrunk the source.
+
+Unmapping a range (munmap, the ``MAP_FIXED`` and ``MREMAP_FIXED`` targets, the
+source of a move) always ends with ``free_page_tables``, so that no page
+table of a range without VMAs outlives it: a later huge mapping there finds
+empty PMD/PUD slots, as in Linux.
 """
 
 from __future__ import annotations
@@ -16,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import AlreadyExists, BadAddress, InvalidArgument, OutOfMemory
+from ..errors import (
+    AlreadyExists,
+    BadAddress,
+    BadFileDescriptor,
+    InvalidArgument,
+    NotPermitted,
+    NotSupported,
+    OutOfMemory,
+    Overflow,
+)
 from ..notifier import MMU_NOTIFY_UNMAP, invalidation
 from .fault import populate_range
 from .hugetlb import ResvMap
@@ -34,17 +51,21 @@ from .pagetable import (
 from .rmap import anon_vma_clone, unlink_anon_vmas
 from .thp import split_huge_pmd
 from .uapi import (
+    MAP_ANONYMOUS,
     MAP_FIXED,
     MAP_FIXED_NOREPLACE,
+    MAP_GROWSDOWN,
     MAP_HUGE_MASK,
     MAP_HUGE_SHIFT,
     MAP_HUGETLB,
-    MAP_KNOWN_FLAGS,
+    MAP_LOCKED,
+    MAP_NONBLOCK,
     MAP_NORESERVE,
     MAP_POPULATE,
     MAP_PRIVATE,
     MAP_SHARED,
     MAP_SHARED_VALIDATE,
+    MAP_SYNC,
     MAP_TYPE,
     MMAP_BASE,
     MMAP_MIN_ADDR,
@@ -52,12 +73,13 @@ from .uapi import (
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
     PROT_EXEC,
-    PROT_MASK,
     PROT_READ,
     PROT_WRITE,
     TASK_SIZE,
 )
 from .vma import (
+    VM_ACCESS_FLAGS,
+    VM_ACCOUNT,
     VM_DONTEXPAND,
     VM_EXEC,
     VM_HUGETLB,
@@ -79,6 +101,32 @@ if TYPE_CHECKING:
     from .address_space import AddressSpace
 
 HUGE_SIZE_ORDERS = {21: PMD_ORDER, 30: 18}
+#: Top of what the page tables can map (48 bits): the ``ceiling`` of
+#: ``free_pgtables`` when no VMA lies above.
+USER_PGTABLES_CEILING = 1 << 48
+#: ``MAX_LFS_FILESIZE``: no file offset reaches 2^63 (EOVERFLOW).
+MAX_LFS_FILESIZE = (1 << 63) - 1
+#: ``LEGACY_MAP_MASK``: the flags ``MAP_SHARED_VALIDATE`` accepts (others: EOPNOTSUPP).
+LEGACY_MAP_MASK = (
+    MAP_SHARED
+    | MAP_PRIVATE
+    | MAP_FIXED
+    | MAP_ANONYMOUS
+    | 0x40  # MAP_32BIT
+    | 0x80  # MAP_ABOVE4G
+    | MAP_GROWSDOWN
+    | 0x800  # MAP_DENYWRITE
+    | 0x1000  # MAP_EXECUTABLE
+    | MAP_LOCKED
+    | MAP_NORESERVE
+    | MAP_POPULATE
+    | MAP_NONBLOCK
+    | 0x20000  # MAP_STACK
+    | MAP_HUGETLB
+    | MAP_SYNC
+    | MAP_FIXED_NOREPLACE
+    | 0x4000000  # MAP_UNINITIALIZED
+)
 
 
 def page_align(n: int) -> int:
@@ -181,6 +229,24 @@ def check_hugetlb_boundaries(mm: AddressSpace, start: int, end: int) -> None:
                     raise InvalidArgument(f"{edge:#x} is not aligned to the huge pages of {vma}")
 
 
+def check_unmap_splits(mm: AddressSpace, start: int, end: int) -> None:
+    """Fail with EINVAL where unmapping [start, end) would cut a huge page.
+
+    As ``vms_gather_munmap_vmas``: the VMA at ``start`` is split first, so
+    when only the end cuts a huge page, that first split has happened when
+    the call fails (Linux does not undo it).
+    """
+    first = mm.vmas.find(start)
+    cut_first = first is not None and first.start < start
+    if cut_first and first is not None and first.is_hugetlb and start % first.huge_page_size:
+        raise InvalidArgument(f"{start:#x} is not aligned to the huge pages of {first}")
+    last = mm.vmas.find(end - 1)
+    if last is not None and last.end > end and last.is_hugetlb and end % last.huge_page_size:
+        if cut_first and first is not None:
+            split_vma(first, start)
+        raise InvalidArgument(f"{end:#x} is not aligned to the huge pages of {last}")
+
+
 def _anon_compatible(a: Vma, b: Vma) -> bool:
     return (
         a.anon_vma is None
@@ -248,26 +314,103 @@ def unmap_vma(vma: Vma) -> None:
 
 
 def free_page_tables(mm: AddressSpace, start: int, end: int) -> None:
-    """``free_pgtables``: drop PTE tables of 2 MiB regions no VMA uses any more."""
-    lo = start & ~(PMD_SIZE - 1)
-    hi = (end + PMD_SIZE - 1) & ~(PMD_SIZE - 1)
-    for chunk in range(lo, hi, PMD_SIZE):
-        if not mm.vmas.intersecting(chunk, chunk + PMD_SIZE):
-            mm.pt.free_empty_pte_tables(chunk >> PAGE_SHIFT, PMD_PAGES)
+    """``free_pgtables`` after [start, end) lost its VMAs.
+
+    Frees the page tables that served only the gap between the VMAs left
+    around the range (``floor``: the end of the one below, ``ceiling``: the
+    start of the one above), as ``free_pgd_range`` does: a later mapping there
+    starts from empty upper levels, so a huge page can be mapped at the PMD or
+    PUD level. Only tables that exist are visited.
+    """
+    floor, ceiling = mm.vmas.bounds_around(start, end)
+    top = USER_PGTABLES_CEILING if ceiling is None else max(ceiling, end)
+    mm.pt.free_tables(
+        start >> PAGE_SHIFT, end >> PAGE_SHIFT, floor >> PAGE_SHIFT, top >> PAGE_SHIFT
+    )
+
+
+def unmap_range(mm: AddressSpace, start: int, end: int) -> None:
+    """``do_vmi_munmap``: remove every VMA piece of [start, end) and its page tables.
+
+    Only the splits can fail (EINVAL where a boundary cuts a huge page), and
+    they all happen before anything is unmapped.
+    """
+    for vma in isolate_range(mm, start, end):
+        unmap_vma(vma)
+    free_page_tables(mm, start, end)
 
 
 # ----- mmap / munmap ---------------------------------------------------------------
 
 
 def do_munmap(mm: AddressSpace, addr: int, length: int) -> None:
+    """``munmap(2)``: unmap [addr, addr + length) and free the page tables it used.
+
+    The cost follows the VMAs and page tables that exist in the range, not
+    its length (an empty 1 TiB range is one short walk of the upper tables).
+    An end that cuts a huge page is EINVAL after the VMA at ``addr`` has been
+    split there, as in Linux (``vms_gather_munmap_vmas`` splits the first VMA
+    before it reaches the last): nothing is unmapped, the split stays.
+    """
     check_range(addr, length, "munmap")
     if length == 0:
         raise InvalidArgument("munmap: zero length")
     end = addr + page_align(length)
-    check_hugetlb_boundaries(mm, addr, end)
-    for vma in isolate_range(mm, addr, end):
-        unmap_vma(vma)
-    free_page_tables(mm, addr, end)
+    unmap_range(mm, addr, end)
+
+
+def accountable(flags: int) -> int:
+    """``flags`` with ``VM_ACCOUNT`` added if the mapping is charged as private
+    writable memory (``accountable_mapping``): private, writable, not
+    ``VM_NORESERVE``, not hugetlb (which has its own reservations).
+
+    The flag stays when write permission is later removed from memory that
+    has faulted (``mprotect_account``), so such a mapping does not merge with
+    a never-writable neighbour, as in Linux.
+    """
+    if (flags & (VM_NORESERVE | VM_SHARED | VM_WRITE | VM_HUGETLB)) == VM_WRITE:
+        return flags | VM_ACCOUNT
+    return flags
+
+
+def mprotect_account(vma: Vma, new_flags: int) -> int:
+    """``VM_ACCOUNT`` across an mprotect to ``new_flags`` (``mprotect_fixup``).
+
+    Becoming writable charges the mapping (``accountable``); becoming
+    read-only drops the charge only for anonymous memory that never faulted
+    (no anon_vma): otherwise the flag stays.
+    """
+    if new_flags & VM_WRITE:
+        return accountable(new_flags)
+    if new_flags & VM_ACCOUNT and vma.is_anonymous and vma.anon_vma is None:
+        return new_flags & ~VM_ACCOUNT
+    return new_flags
+
+
+def _check_mmap_flags(flags: int, anonymous: bool, offset: int, size: int) -> bool:
+    """Validate the mapping type and flags as ``do_mmap``; returns ``shared``.
+
+    Unknown legacy flags are ignored, as Linux ignores them. The model also
+    ignores ``MAP_32BIT``, ``MAP_GROWSDOWN`` of anonymous memory and
+    ``MAP_STACK`` (placement and stack growth, which it does not model);
+    ``MAP_LOCKED`` populates the mapping as Linux does, without an mlock
+    count. ``MAP_SHARED_VALIDATE`` is the exception: there an unknown flag is
+    ``EOPNOTSUPP``.
+    """
+    maptype = flags & MAP_TYPE
+    if anonymous:
+        if maptype not in (MAP_SHARED, MAP_PRIVATE):
+            raise InvalidArgument(f"mmap: mapping type {maptype:#x} for anonymous memory")
+        return maptype == MAP_SHARED
+    if offset < 0 or offset + size > MAX_LFS_FILESIZE:
+        raise Overflow(f"mmap: offset {offset:#x} + {size:#x} is past the largest file")
+    if maptype not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
+        raise InvalidArgument(f"mmap: mapping type {maptype:#x}")
+    if maptype == MAP_SHARED_VALIDATE and flags & (~LEGACY_MAP_MASK | MAP_SYNC):
+        raise NotSupported(f"mmap: flags {flags:#x} are not supported for this file")
+    if flags & MAP_GROWSDOWN:
+        raise InvalidArgument("mmap: MAP_GROWSDOWN of a file mapping")
+    return maptype != MAP_PRIVATE
 
 
 def do_mmap(
@@ -279,45 +422,51 @@ def do_mmap(
     file: Any,
     offset: int,
 ) -> int:
-    """``do_mmap``: create a mapping and return its address."""
+    """``do_mmap``: create a mapping and return its address.
+
+    ``file=None`` needs ``MAP_ANONYMOUS`` (else ``EBADF``: no file
+    descriptor). Only the read/write/exec bits of ``prot`` count; the others
+    are ignored, as Linux ignores them. ``MAP_FIXED`` first unmaps whatever
+    was in the range, page tables included (``mmap_region``); if the backing
+    object's ``mmap`` then fails, the old mapping stays gone, as in Linux.
+    ``MAP_POPULATE`` (without ``MAP_NONBLOCK``) or ``MAP_LOCKED`` faults the
+    new range in after the VMA has merged with its neighbours, and populates
+    nothing in a ``PROT_NONE`` mapping (``populate_vma_page_range`` skips
+    inaccessible VMAs).
+    """
+    if offset % PAGE_SIZE:
+        raise InvalidArgument(f"mmap: offset {offset:#x} is not page aligned")
+    anonymous = bool(flags & MAP_ANONYMOUS)
+    if file is None and not anonymous:
+        raise BadFileDescriptor("mmap: neither a file nor MAP_ANONYMOUS")
+    if anonymous and file is not None:
+        raise InvalidArgument("mmap: MAP_ANONYMOUS with a file")
     if length <= 0:
         raise InvalidArgument(f"mmap: length {length} must be positive")
-    if prot & ~PROT_MASK:
-        raise InvalidArgument(f"mmap: unknown prot bits {prot & ~PROT_MASK:#x}")
-    if flags & ~MAP_KNOWN_FLAGS:
-        raise InvalidArgument(f"mmap: unknown flags {flags & ~MAP_KNOWN_FLAGS:#x}")
-    maptype = flags & MAP_TYPE
-    if maptype not in (MAP_SHARED, MAP_PRIVATE, MAP_SHARED_VALIDATE):
-        raise InvalidArgument("mmap: exactly one of MAP_SHARED and MAP_PRIVATE is required")
-    shared = maptype != MAP_PRIVATE
-    if offset % PAGE_SIZE or offset < 0:
-        raise InvalidArgument(f"mmap: offset {offset:#x} is not page aligned")
-    anonymous = file is None
-    if not anonymous and flags & 0x20:
-        raise InvalidArgument("mmap: MAP_ANONYMOUS with a file")
     hugetlb_order = 0
     if flags & MAP_HUGETLB:
         if not anonymous:
             raise InvalidArgument("mmap: MAP_HUGETLB is for anonymous mappings")
         hugetlb_order = hugetlb_order_from_flags(flags)
-    elif (flags >> MAP_HUGE_SHIFT) & MAP_HUGE_MASK:
-        raise InvalidArgument("mmap: a MAP_HUGE_* size without MAP_HUGETLB")
     align = PAGE_SIZE << hugetlb_order
     size = (length + align - 1) & ~(align - 1)
     if size > TASK_SIZE - MMAP_MIN_ADDR:
         raise OutOfMemory(f"mmap: length {length:#x} is larger than the address space")
+    shared = _check_mmap_flags(flags, anonymous, offset, size)
     if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
+        if addr < 0 or addr + size > TASK_SIZE:
+            raise OutOfMemory(f"mmap: fixed range [{addr:#x}, +{size:#x}) is outside user space")
         if addr % align:
             raise InvalidArgument(f"mmap: fixed address {addr:#x} is not aligned to {align:#x}")
-        if addr < MMAP_MIN_ADDR or addr + size > TASK_SIZE:
-            raise OutOfMemory(f"mmap: fixed range [{addr:#x}, +{size:#x}) is outside user space")
+        if addr < MMAP_MIN_ADDR:
+            raise NotPermitted(f"mmap: {addr:#x} is below vm.mmap_min_addr")
         if (
             flags & MAP_FIXED_NOREPLACE
             and not flags & MAP_FIXED
             and mm.vmas.intersecting(addr, addr + size)
         ):
             raise AlreadyExists(f"mmap: [{addr:#x}, +{size:#x}) is already mapped")
-        check_hugetlb_boundaries(mm, addr, addr + size)
+        check_unmap_splits(mm, addr, addr + size)
         start = addr
     else:
         if anonymous and not shared and not hugetlb_order and size % PMD_SIZE == 0 and not addr:
@@ -350,10 +499,10 @@ def do_mmap(
         pgoff = 0
     elif anonymous:
         pgoff = start >> PAGE_SHIFT
+    vm_flags = accountable(vm_flags)
 
     if flags & MAP_FIXED:
-        for old in isolate_range(mm, start, start + size):
-            unmap_vma(old)
+        unmap_range(mm, start, start + size)
     vma = Vma(
         mm,
         start,
@@ -372,11 +521,12 @@ def do_mmap(
             mm.vmas.remove(vma)
             vma.unlink_file()
             raise
-    if flags & MAP_POPULATE:
+    vma = try_merge(vma)
+    populate = (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or flags & MAP_LOCKED
+    if populate and vma.flags & VM_ACCESS_FLAGS:
         # mm_populate: errors are ignored, as in Linux.
         write = (vma.flags & (VM_WRITE | VM_SHARED)) == VM_WRITE
-        populate_range(vma, vma.start_vpn, vma.npages, write)
-    try_merge(vma)
+        populate_range(vma, start >> PAGE_SHIFT, size >> PAGE_SHIFT, write)
     return start
 
 
@@ -388,7 +538,9 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
 
     PMD leaves move whole when source and destination are congruent modulo
     2 MiB; otherwise they are split first. Mapcounts do not change: the same
-    pages are mapped, at a new address.
+    pages are mapped, at a new address. Only the destination PTE tables of
+    chunks that receive PTEs are allocated, so a range holding both PMD-mapped
+    THPs and PTE-mapped pages moves in one pass.
     """
     mm = old.mm
     pt = mm.pt
@@ -396,43 +548,55 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     dst = new.start_vpn
     hugetlb = old.is_hugetlb
     congruent = (src - dst) % PMD_PAGES == 0
-    if not hugetlb and not congruent:
-        for first, _level, _loc, _e in pt.walk(src, npages).leaves():
-            split_huge_pmd(old, max(first, src))
-    walk = pt.walk(src, npages)
-    # Huge leaves move whole (their destination is congruent, or hugetlb-aligned).
-    for first, level, loc, e in walk.leaves():
-        dvpn = dst + first - src
-        dloc = pt.pmd_loc(dvpn, alloc=True) if level == LEVEL_PMD else pt.pud_loc(dvpn, alloc=True)
-        existing = pt.get(dloc)
-        if existing and is_table_pointer(existing):
-            pt.set(dloc, 0)
-            pt.free_table(pfn_of(existing))
-        pt.set(dloc, e)
-        pt.set(loc, 0)
-    levels = walk.level
-    entries = walk.entries
-    locs = walk.loc
-    small = (levels == LEVEL_PTE) & (entries != 0)
-    if small.any():
-        idx = np.flatnonzero(small)
-        dlocs = pt.ensure_ptes(dst, npages)[idx]
-        pt.flat[dlocs] = entries[idx]
-        pt.flat[locs[idx]] = 0
-    mm.machine.costs.pte_writes += int((entries != 0).sum())
+    for lo, hi in pt.spans(src, src + npages):
+        if not hugetlb and not congruent:
+            for first, _level, _loc, _e in pt.walk(lo, hi - lo, per_page=False).leaves():
+                split_huge_pmd(old, max(first, lo))
+        walk = pt.walk(lo, hi - lo)
+        # Huge leaves move whole (their destination is congruent, or hugetlb-aligned).
+        for first, level, loc, e in walk.leaves():
+            dvpn = dst + first - src
+            if level == LEVEL_PMD:
+                dloc = pt.pmd_loc(dvpn, alloc=True)
+            else:
+                dloc = pt.pud_loc(dvpn, alloc=True)
+            existing = pt.get(dloc)
+            if existing and is_table_pointer(existing):
+                pt.set(dloc, 0)
+                pt.free_table(pfn_of(existing))
+            pt.set(dloc, e)
+            pt.set(loc, 0)
+        small = np.flatnonzero((walk.level == LEVEL_PTE) & (walk.entries != 0))
+        if len(small):
+            dlocs = pt.ensure_pte_locs(dst + (lo - src) + small.astype(np.int64))
+            pt.flat[dlocs] = walk.entries[small]
+            pt.flat[walk.loc[small]] = 0
+        mm.machine.costs.pte_writes += int((walk.entries != 0).sum())
 
 
 def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool) -> Vma:
-    """Move the whole of ``vma`` to ``new_addr`` (growing it to ``new_len``)."""
+    """Move the whole of ``vma`` to ``new_addr`` (growing it to ``new_len``).
+
+    An anonymous VMA that never faulted (no anon_vma) takes the linear page
+    offset of its new address, as ``copy_vma`` does, so that it can merge
+    with anonymous neighbours there.
+    """
     mm = vma.mm
-    new = vma.copy(new_addr, new_addr + new_len, vma.pgoff)
+    pgoff = vma.pgoff
+    if vma.is_anonymous and not vma.is_shared and vma.anon_vma is None:
+        pgoff = new_addr >> PAGE_SHIFT
+    new = vma.copy(new_addr, new_addr + new_len, pgoff)
     anon_vma_clone(new, vma)
     new.link_file()
     mm.vmas.insert(new)
     with invalidation(mm, MMU_NOTIFY_UNMAP, vma.start, vma.end):
         move_page_tables(vma, new, vma.npages)
-    # With MREMAP_DONTUNMAP the old VMA stays, empty: later faults fill it afresh.
-    if not dontunmap:
+    # With MREMAP_DONTUNMAP the old VMA stays, empty: later faults fill it
+    # afresh. Linux never splits it (only the final unmap would), so the
+    # piece joins its neighbours again.
+    if dontunmap:
+        try_merge(vma)
+    else:
         mm.vmas.remove(vma)
         unlink_anon_vmas(vma)
         vma.unlink_file()
@@ -440,55 +604,165 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool) -> Vma:
     return try_merge(new)
 
 
+def _check_mremap_params(
+    old: int, old_len: int, new_len: int, flags: int, new_addr: int | None
+) -> tuple[int, int, int]:
+    """``check_mremap_params``: the argument checks; returns the page-aligned
+    lengths and the new address (0 when none was given)."""
+    if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP):
+        raise InvalidArgument(f"mremap: unknown flags {flags:#x}")
+    if old % PAGE_SIZE:
+        raise InvalidArgument(f"mremap: address {old:#x} is not page aligned")
+    if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP) and not flags & MREMAP_MAYMOVE:
+        raise InvalidArgument("mremap: MREMAP_FIXED/DONTUNMAP need MREMAP_MAYMOVE")
+    if old_len < 0 or new_len < 0 or old < 0:
+        raise InvalidArgument("mremap: negative address or length")
+    old_len = page_align(old_len)
+    new_len = page_align(new_len)
+    if new_len == 0 or new_len >= 1 << 64 or old_len >= 1 << 64:
+        raise InvalidArgument("mremap: new_len must be positive")
+    if old + old_len >= 1 << 64:
+        raise InvalidArgument("mremap: old range wraps around")
+    addr = 0 if new_addr is None else new_addr
+    if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP):
+        if new_len > TASK_SIZE or addr < 0 or addr > TASK_SIZE - new_len:
+            raise InvalidArgument("mremap: new range is outside user space")
+        if addr % PAGE_SIZE:
+            raise InvalidArgument(f"mremap: new address {addr:#x} is not page aligned")
+        if addr < old + old_len and old < addr + new_len:
+            raise InvalidArgument("mremap: old and new ranges overlap")
+        if flags & MREMAP_DONTUNMAP and old_len != new_len:
+            raise InvalidArgument("mremap: MREMAP_DONTUNMAP needs old_len == new_len")
+    return old_len, new_len, addr
+
+
+def _hugetlb_lengths(
+    vma: Vma, old: int, old_len: int, new_len: int, addr: int, flags: int
+) -> tuple[int, int]:
+    """A hugetlb mapping's lengths round up to its page size; it only shrinks or moves."""
+    size = vma.huge_page_size
+    if old % size or (flags & MREMAP_FIXED and addr % size):
+        raise InvalidArgument(f"mremap: {old:#x} or {addr:#x} is not aligned to {vma}'s pages")
+    old_len = (old_len + size - 1) & ~(size - 1)
+    new_len = (new_len + size - 1) & ~(size - 1)
+    if new_len > old_len:
+        raise InvalidArgument(f"mremap: {vma} cannot grow")
+    if flags & MREMAP_DONTUNMAP:
+        raise InvalidArgument("mremap: MREMAP_DONTUNMAP of a hugetlb mapping")
+    return old_len, new_len
+
+
+def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: bool) -> int:
+    """``remap_move`` (Linux 6.17+): ``MREMAP_FIXED`` without resizing moves
+    every VMA piece of [old, old + length) to the same offset from ``addr``.
+
+    Holes in the source stay holes (what the target has there is kept). The
+    first page must be mapped (EFAULT, checked by the caller). Piece by
+    piece, as Linux does: check the piece, unmap its target, move it. A piece
+    that fails (EINVAL for a huge-page cut, EPERM below ``vm.mmap_min_addr``)
+    leaves the pieces before it moved, as in Linux.
+    """
+    for vma in mm.vmas.intersecting(old, old + length):
+        lo, hi = max(vma.start, old), min(vma.end, old + length)
+        if vma.is_hugetlb and (lo % vma.huge_page_size or hi % vma.huge_page_size):
+            raise InvalidArgument(f"mremap: [{lo:#x}, {hi:#x}) cuts the huge pages of {vma}")
+        if dontunmap and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
+            raise InvalidArgument(f"mremap: MREMAP_DONTUNMAP of {vma}")
+        target = addr + lo - old
+        check_unmap_splits(mm, target, target + hi - lo)
+        unmap_range(mm, target, target + hi - lo)
+        if target < MMAP_MIN_ADDR:
+            raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
+        piece = isolate_range(mm, lo, hi)[0]
+        move_vma(piece, target, hi - lo, dontunmap)
+    return addr
+
+
 def do_mremap(
     mm: AddressSpace, old: int, old_len: int, new_len: int, flags: int, new_addr: int | None
 ) -> int:
-    """``mremap(2)``: shrink, grow in place, or move a mapping."""
-    if old % PAGE_SIZE:
-        raise InvalidArgument(f"mremap: address {old:#x} is not page aligned")
-    if flags & ~(MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP):
-        raise InvalidArgument(f"mremap: unknown flags {flags:#x}")
-    if flags & (MREMAP_FIXED | MREMAP_DONTUNMAP) and not flags & MREMAP_MAYMOVE:
-        raise InvalidArgument("mremap: MREMAP_FIXED/DONTUNMAP need MREMAP_MAYMOVE")
-    if flags & MREMAP_DONTUNMAP and old_len != new_len:
-        raise InvalidArgument("mremap: MREMAP_DONTUNMAP needs old_len == new_len")
-    if new_len <= 0 or old_len < 0:
-        raise InvalidArgument("mremap: new_len must be positive")
-    old_len = page_align(old_len)
-    new_len = page_align(new_len)
-    if old + old_len > TASK_SIZE or new_len > TASK_SIZE:
-        raise InvalidArgument("mremap: range overflows the address space")
-    if flags & MREMAP_FIXED:
-        if new_addr is None or new_addr % PAGE_SIZE:
-            raise InvalidArgument("mremap: MREMAP_FIXED needs a page-aligned new_addr")
-        if new_addr < old + max(old_len, 1) and old < new_addr + new_len:
-            raise InvalidArgument("mremap: old and new ranges overlap")
-        if new_addr < MMAP_MIN_ADDR or new_addr + new_len > TASK_SIZE:
-            raise InvalidArgument("mremap: new range is outside user space")
+    """``mremap(2)``: shrink, grow in place, move, or duplicate a mapping.
+
+    As in Linux 6.18: a shrink in place unmaps the tail whatever VMAs or
+    holes it spans; ``MREMAP_FIXED`` without resizing moves every VMA of the
+    range (6.17+); any other move or growth needs the range inside one VMA
+    (EFAULT). Hugetlb lengths round up to the huge page size. With
+    ``MREMAP_FIXED`` the target is unmapped (page tables included) before
+    the move; Linux also shrinks the source first, so a target below
+    ``vm.mmap_min_addr`` fails with EPERM after those two steps, and the model
+    does the same.
+    """
+    old_len, new_len, addr = _check_mremap_params(old, old_len, new_len, flags, new_addr)
+    fixed = bool(flags & MREMAP_FIXED)
+    dontunmap = bool(flags & MREMAP_DONTUNMAP)
+    if fixed and old_len == new_len:
+        vma = mm.vmas.find(old)
+        if vma is None:
+            raise BadAddress(f"mremap: {old:#x} is not mapped")
+        if vma.is_hugetlb:
+            old_len, new_len = _hugetlb_lengths(vma, old, old_len, new_len, addr, flags)
+            if addr < old + old_len and old < addr + new_len:
+                raise InvalidArgument("mremap: old and new ranges overlap")
+        if old_len:
+            return _remap_move(mm, old, old_len, addr, dontunmap)
     vma = mm.vmas.find(old)
-    if vma is None or old + old_len > vma.end:
-        raise BadAddress(f"mremap: [{old:#x}, +{old_len:#x}) is not within one mapping")
+    if vma is None:
+        raise BadAddress(f"mremap: {old:#x} is not mapped")
+    if vma.is_hugetlb:
+        old_len, new_len = _hugetlb_lengths(vma, old, old_len, new_len, addr, flags)
+    if new_len < old_len and not (fixed or dontunmap):
+        do_munmap(mm, old + new_len, old_len - new_len)
+        return old
+    if new_len == old_len and not (fixed or dontunmap):
+        return old
+    # check_prep_vma / resize_is_valid: one VMA from here on.
     if old_len == 0:
-        if not vma.is_shared:
+        if not vma.flags & (VM_SHARED | VM_MAYSHARE):
             raise InvalidArgument("mremap: old_len 0 duplicates only shared mappings")
         if not flags & MREMAP_MAYMOVE:
             raise OutOfMemory("mremap: duplicating a mapping needs MREMAP_MAYMOVE")
-    if vma.is_hugetlb and (
-        old_len != new_len or old % vma.huge_page_size or (new_addr or 0) % vma.huge_page_size
-    ):
-        raise InvalidArgument("mremap: hugetlb mappings only move, huge-page aligned")
+    # What stays mapped must lie in one VMA; a shrink's tail may cross VMAs.
+    if old + min(old_len, new_len) > vma.end:
+        raise BadAddress(f"mremap: [{old:#x}, +{old_len:#x}) is not within one mapping")
     if new_len > old_len and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
         raise BadAddress(f"mremap: {vma} cannot be expanded")
-    dontunmap = bool(flags & MREMAP_DONTUNMAP)
-    if dontunmap and (vma.flags & (VM_DONTEXPAND | VM_PFNMAP) or vma.is_hugetlb):
-        raise InvalidArgument("mremap: MREMAP_DONTUNMAP of a special or hugetlb mapping")
+    if dontunmap and vma.flags & (VM_DONTEXPAND | VM_PFNMAP):
+        raise InvalidArgument("mremap: MREMAP_DONTUNMAP of a special mapping")
+
+    if fixed:
+        unmap_range(mm, addr, addr + new_len)
+        if new_len < old_len:
+            do_munmap(mm, old + new_len, old_len - new_len)
+            old_len = new_len
+        if addr < MMAP_MIN_ADDR:
+            raise NotPermitted(f"mremap: {addr:#x} is below vm.mmap_min_addr")
+        dest = addr
+    elif dontunmap or new_len > old_len:
+        if (
+            not dontunmap
+            and old + old_len == vma.end
+            and not mm.vmas.intersecting(vma.end, old + new_len)
+            and old + new_len <= TASK_SIZE
+        ):
+            mm.vmas.remove(vma)
+            vma.end = old + new_len
+            mm.vmas.insert(vma)
+            try_merge(vma)
+            return old
+        if not flags & MREMAP_MAYMOVE:
+            raise OutOfMemory(f"mremap: cannot grow {vma} in place")
+        align = vma.huge_page_size if vma.is_hugetlb else PAGE_SIZE
+        if vma.is_anonymous and not vma.is_shared and new_len % PMD_SIZE == 0:
+            align = PMD_SIZE
+        dest = get_unmapped_area(mm, addr if dontunmap else 0, new_len, align)
+    else:
+        raise AssertionError("unreachable mremap case")
 
     if old_len == 0:
-        start = get_unmapped_area(mm, new_addr or 0, new_len, PAGE_SIZE)
         dup = Vma(
             mm,
-            start,
-            start + new_len,
+            dest,
+            dest + new_len,
             vma.flags,
             vma.pgoff + ((old - vma.start) >> PAGE_SHIFT),
             file=vma.file,
@@ -496,42 +770,8 @@ def do_mremap(
         )
         mm.vmas.insert(dup)
         dup.link_file()
-        return start
-
-    if flags & MREMAP_FIXED:
-        assert new_addr is not None
-        check_hugetlb_boundaries(mm, new_addr, new_addr + new_len)
-        for victim in isolate_range(mm, new_addr, new_addr + new_len):
-            unmap_vma(victim)
-        if new_len < old_len:
-            do_munmap(mm, old + new_len, old_len - new_len)
-            old_len = new_len
-        piece = isolate_range(mm, old, old + old_len)[0]
-        moved = move_vma(piece, new_addr, new_len, dontunmap)
-        return moved.start if moved.start == new_addr else new_addr
-
-    if new_len < old_len:
-        do_munmap(mm, old + new_len, old_len - new_len)
-        return old
-    if new_len == old_len and not dontunmap:
-        return old
-    if (
-        not dontunmap
-        and old + old_len == vma.end
-        and not mm.vmas.intersecting(vma.end, old + new_len)
-        and old + new_len <= TASK_SIZE
-    ):
-        mm.vmas.remove(vma)
-        vma.end = old + new_len
-        mm.vmas.insert(vma)
-        try_merge(vma)
-        return old
-    if not flags & MREMAP_MAYMOVE:
-        raise OutOfMemory(f"mremap: cannot grow {vma} in place")
-    align = vma.huge_page_size if vma.is_hugetlb else PAGE_SIZE
-    if vma.is_anonymous and not vma.is_shared and new_len % PMD_SIZE == 0:
-        align = PMD_SIZE
-    dest = get_unmapped_area(mm, 0, new_len, align)
+        try_merge(dup)
+        return dest
     piece = isolate_range(mm, old, old + old_len)[0]
     move_vma(piece, dest, new_len, dontunmap)
     return dest

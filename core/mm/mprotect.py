@@ -25,6 +25,7 @@ from .mmap import (
     check_hugetlb_boundaries,
     check_range,
     isolate_range,
+    mprotect_account,
     page_align,
     prot_to_vm_flags,
     try_merge,
@@ -63,7 +64,7 @@ def do_mprotect(mm: AddressSpace, addr: int, length: int, prot: int) -> None:
                 raise PermissionDenied(f"mprotect: {vma} may never be writable")
     check_hugetlb_boundaries(mm, addr, end)
     for vma in isolate_range(mm, addr, end):
-        new_flags = (vma.flags & ~VM_ACCESS_FLAGS) | prot_to_vm_flags(prot)
+        new_flags = mprotect_account(vma, (vma.flags & ~VM_ACCESS_FLAGS) | prot_to_vm_flags(prot))
         if new_flags != vma.flags:
             vma.flags = new_flags
             change_protection(vma)

@@ -737,3 +737,65 @@ class PageTable:
                     self.free_table(t)
                     freed += 1
         return freed
+
+    def free_tables(self, vpn: int, end: int, floor: int, ceiling: int) -> int:
+        """``free_pgd_range``: free the tables that served only [floor, ceiling).
+
+        Frees every PTE, PMD and PUD table that maps some page of [vpn, end)
+        and no page outside [floor, ceiling) (the gap between the VMAs that
+        remain around an unmapped range), provided it holds no entry any more.
+        Only tables that exist are visited, so the cost follows what was
+        mapped, not the length of the range. Returns the number freed.
+        """
+        if end <= vpn:
+            return 0
+        return self._free_below(0, 0, 39 - PAGE_SHIFT, vpn, end, floor, ceiling)
+
+    def _free_below(
+        self, table: int, base: int, shift: int, vpn: int, end: int, floor: int, ceiling: int
+    ) -> int:
+        """Free the child tables of ``table`` (entries span ``1 << shift`` pages)."""
+        span = 1 << shift
+        first = max(0, (vpn - base) >> shift)
+        last = min(PTRS_PER_TABLE - 1, (end - 1 - base) >> shift)
+        if first > last:
+            return 0
+        row = self.rows[table, first : last + 1]
+        pointers = np.flatnonzero((row & U64(PTE_PRESENT | PTE_HUGE)) == U64(PTE_PRESENT))
+        freed = 0
+        for i in (pointers + first).tolist():
+            lo = base + (i << shift)
+            child = pfn_of(int(self.rows[table, i]))
+            if shift > PMD_ORDER:
+                freed += self._free_below(child, lo, shift - 9, vpn, end, floor, ceiling)
+            if floor <= lo and lo + span <= ceiling and not self.rows[child].any():
+                self.rows[table, i] = 0
+                self.free_table(child)
+                freed += 1
+        return freed
+
+    def spans(self, vpn: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [vpn, end) under a non-empty PUD entry, as merged [lo, hi).
+
+        Walking these instead of the whole range keeps the cost of a sparse
+        or empty range proportional to the 1 GiB regions that hold tables.
+        """
+        out: list[tuple[int, int]] = []
+        if end <= vpn:
+            return out
+        g_first = vpn >> 27
+        g_last = min(PTRS_PER_TABLE - 1, (end - 1) >> 27)
+        pgd = self.rows[0]
+        for g in (np.flatnonzero(pgd[g_first : g_last + 1]) + g_first).tolist():
+            pud_t = pfn_of(int(pgd[g]))
+            base = g << 27
+            first = max(0, (vpn - base) >> PUD_ORDER)
+            last = min(PTRS_PER_TABLE - 1, (end - 1 - base) >> PUD_ORDER)
+            for i in (np.flatnonzero(self.rows[pud_t, first : last + 1]) + first).tolist():
+                lo = max(vpn, base + (i << PUD_ORDER))
+                hi = min(end, base + ((i + 1) << PUD_ORDER))
+                if out and out[-1][1] == lo:
+                    out[-1] = (out[-1][0], hi)
+                else:
+                    out.append((lo, hi))
+        return out

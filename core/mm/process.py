@@ -300,10 +300,16 @@ class Process:
 
     # ----- introspection ------------------------------------------------------------
     def pagemap(self, addr: int, npages: int) -> list[PagemapEntry]:
-        """``/proc/pid/pagemap`` for ``npages`` pages from ``addr``."""
+        """``/proc/pid/pagemap`` for ``npages`` pages from ``addr``.
+
+        As a read of the file, it stops at ``TASK_SIZE``: pages at or past
+        the top of user space have no entry, so the list is shorter than
+        ``npages`` (empty from ``TASK_SIZE`` on). A negative address is EINVAL.
+        """
         self._alive()
-        if addr % PAGE_SIZE or npages < 0:
-            raise InvalidArgument("pagemap: page-aligned address and npages >= 0 required")
+        if addr < 0 or addr % PAGE_SIZE or npages < 0:
+            raise InvalidArgument("pagemap: page-aligned address >= 0 and npages >= 0 required")
+        npages = max(0, min(npages, (TASK_SIZE - addr) >> PAGE_SHIFT))
         if npages == 0:
             return []
         walk = self.mm.pt.walk(addr >> PAGE_SHIFT, npages)

@@ -23,10 +23,13 @@ MAP_TYPE = 0x0F
 MAP_FIXED = 0x10
 MAP_ANONYMOUS = 0x20
 MAP_ANON = MAP_ANONYMOUS
+MAP_GROWSDOWN = 0x0100
+MAP_LOCKED = 0x2000
 MAP_NORESERVE = 0x4000
 MAP_POPULATE = 0x8000
 MAP_NONBLOCK = 0x10000
 MAP_HUGETLB = 0x40000
+MAP_SYNC = 0x80000
 MAP_FIXED_NOREPLACE = 0x100000
 
 MAP_HUGE_SHIFT = 26
@@ -34,7 +37,8 @@ MAP_HUGE_MASK = 0x3F
 MAP_HUGE_2MB = 21 << MAP_HUGE_SHIFT
 MAP_HUGE_1GB = 30 << MAP_HUGE_SHIFT
 
-#: Flags the model understands; anything else makes mmap fail with EINVAL.
+#: Flags the model gives a meaning to. mmap ignores other flags, as Linux does,
+#: except with ``MAP_SHARED_VALIDATE`` (EOPNOTSUPP).
 MAP_KNOWN_FLAGS = (
     MAP_TYPE
     | MAP_FIXED

@@ -64,6 +64,7 @@ _FLAG_NAMES: Final = {
     VM_IO: "IO",
     VM_DONTCOPY: "DONTCOPY",
     VM_DONTEXPAND: "DONTEXPAND",
+    VM_ACCOUNT: "ACCOUNT",
     VM_NORESERVE: "NORESERVE",
     VM_HUGETLB: "HUGETLB",
     VM_MIXEDMAP: "MIXEDMAP",
@@ -237,6 +238,15 @@ class VmaSet:
                 out.append(self._vmas[i])
             i += 1
         return out
+
+    def bounds_around(self, start: int, end: int) -> tuple[int, int | None]:
+        """(end of the last VMA below ``start`` or 0, start of the first VMA at or
+        above ``end`` or None): the ``floor`` and ``ceiling`` of ``free_pgtables``."""
+        i = bisect.bisect_left(self._starts, start)
+        floor = self._vmas[i - 1].end if i > 0 else 0
+        j = bisect.bisect_left(self._starts, end)
+        ceiling = self._vmas[j].start if j < len(self._vmas) else None
+        return min(floor, start), ceiling
 
     def neighbours(self, vma: Vma) -> tuple[Vma | None, Vma | None]:
         i = bisect.bisect_left(self._starts, vma.start)

@@ -47,14 +47,23 @@ def zap_range(vma: Vma, start_vpn: int, npages: int, *, even_cows: bool = True) 
 
     ``even_cows=False`` (hole punching) leaves anonymous COW copies in
     private file mappings alone and zaps only the file's own pages.
+    Only the 1 GiB regions that hold page tables are walked, so zapping a
+    large, sparsely touched VMA costs what is mapped, not its length.
     Returns the number of entries cleared.
     """
     if npages <= 0:
         return 0
+    return sum(
+        _zap_span(vma, lo, hi - lo, even_cows)
+        for lo, hi in vma.mm.pt.spans(start_vpn, start_vpn + npages)
+    )
+
+
+def _zap_span(vma: Vma, start_vpn: int, npages: int, even_cows: bool) -> int:
     pt = vma.mm.pt
     end_vpn = start_vpn + npages
     if not vma.is_hugetlb:
-        walk = pt.walk(start_vpn, npages)
+        walk = pt.walk(start_vpn, npages, per_page=False)
         if walk.huge:
             # Split PMD leaves that stick out of the range (zap_pmd_range).
             for first, _level, _loc, _e in walk.leaves():
