@@ -66,6 +66,7 @@ from hmmsim.memremap import (
 from hmmsim.migrate import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
+    MIGRATE_PFN_SHIFT,
     MIGRATE_PFN_VALID,
     MIGRATE_PFN_WRITE,
     MIGRATE_VMA_SELECT_COMPOUND,
@@ -86,7 +87,7 @@ from hmmsim.migrate import (
 from hmmsim.mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
 from hmmsim.mm.pagetable import PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_PAGES, PUD_ORDER
 from hmmsim.mm.pfnmap import vm_insert_page
-from hmmsim.mm.physmem import ZERO_PFN
+from hmmsim.mm.physmem import ZERO_PFN, PG_locked
 from hmmsim.mm.vma import VM_READ
 from hmmsim.notifier import (
     ULONG_MAX,
@@ -702,6 +703,8 @@ class DmirrorFile(Mirror):
         assert args.src is not None and args.dst is not None
         src, dst = args.src, args.dst
         base = args.start >> PAGE_SHIFT
+        if self._alloc_and_copy_to_ram_order0(args):
+            return True
         i = 0
         while i < args.npages:
             s = int(src[i])
@@ -752,6 +755,50 @@ class DmirrorFile(Mirror):
             with self.mutex:
                 self._erase(base + i, base + i + nr - 1)
             i += nr
+        return True
+
+    def _alloc_and_copy_to_ram_order0(self, args: MigrateVma) -> bool:
+        """The common case of ``_alloc_and_copy_to_ram``, vectorised: every
+        migrating entry is an order-0 device page, FAIL_ALLOC is clear and
+        there are enough free pages for all of them. Then the per-entry walk
+        would allocate, copy and erase each in turn with no failure, and this
+        does the same at once. Returns False (having done nothing) otherwise.
+        """
+        if self.flags & uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC or args.npages <= 8:
+            return False
+        assert args.src is not None and args.dst is not None
+        phys = self.machine.phys
+        n = args.npages
+        src = args.src[:n]
+        want = _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+        idx = np.flatnonzero((src & want) == want)
+        if len(idx) == 0:
+            return True
+        s = src[idx]
+        if (s & _U64(MIGRATE_PFN_COMPOUND)).any():
+            return False
+        spages = (s >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        if not phys.is_device(spages).all():
+            return False  # the per-entry walk warns about each system page
+        try:
+            new = phys.alloc(0, len(idx))
+        except OutOfMemory:
+            return False  # the per-entry walk fails where the kernel's would
+        phys.flags[new] |= np.uint16(PG_locked)  # folio_lock of fresh pages
+        phys.copy_pages(new, spages)
+        args.dst[idx] = (
+            (new.astype(_U64) << _U64(MIGRATE_PFN_SHIFT))
+            | _U64(MIGRATE_PFN_VALID)
+            | (s & _U64(MIGRATE_PFN_WRITE))
+        )
+        base = args.start >> PAGE_SHIFT
+        pt = self.pt
+        with self.mutex:
+            erased = 0
+            for vpn in (idx + base).tolist():
+                if pt.pop(vpn, None) is not None:
+                    erased += 1
+            self.stats.pages_unmapped += erased
         return True
 
     def devmem_fault(self, vmf: VmFault) -> int:

@@ -185,3 +185,21 @@ def test_snapshot_of_huge_zero_page_is_read_pmd_not_zero(hmm):
     assert dmirror_cmd(hmm.fd, HMM_DMIRROR_SNAPSHOT, snap, H // P) == 0
     assert snap.cpages == H // P
     assert set(snap.mirror) == {HMM_DMIRROR_PROT_READ | HMM_DMIRROR_PROT_PMD}
+
+
+def test_migrate_to_sys_moves_only_device_pages_of_a_mixed_window_and_erases_their_entries(hmm):
+    npages = 64
+    buf = new_buffer(hmm.proc, npages)
+    data = iota(npages * P // 4)
+    buf.fill(data)
+    for k in range(0, npages, 2):
+        page = HmmBuffer(hmm.proc, buf.ptr + k * P, P, bytearray(P))
+        assert dmirror_cmd(hmm.fd, HMM_DMIRROR_MIGRATE_TO_DEV, page, 1) == 0
+    kinds = [e.kind for e in hmm.proc.pagemap(buf.ptr, npages)]
+    assert kinds == [device_kind(hmm), "anon"] * (npages // 2)
+    assert dmirror_cmd(hmm.fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, npages) == 0
+    assert buf.cpages == npages // 2
+    assert [e.kind for e in hmm.proc.pagemap(buf.ptr, npages)] == ["anon"] * npages
+    assert hmm.fd.device_ptes(buf.ptr, npages) == [None] * npages
+    assert (buf.ints() == data).all()
+    verify_machine(hmm.machine)
