@@ -126,3 +126,29 @@ def test_madv_collapse_stops_at_a_chunk_without_any_page(populate, want, states)
     p.madvise(BASE, 2 * H, hmmsim.MADV_HUGEPAGE)  # clears VM_NOHUGEPAGE for the collapse
     assert _errno(p.madvise, BASE, 2 * H, hmmsim.MADV_COLLAPSE) == want
     assert (_chunk_state(p, BASE), _chunk_state(p, BASE + H)) == states
+
+
+def _write_fault_maps_a_thp(p, addr) -> bool:
+    p.write(addr, b"\x01")
+    e = p.pagemap(addr, 1)[0]
+    return e.kind == "anon" and e.order == 9
+
+
+def test_mmap_fixed_over_a_mapping_frees_its_page_tables_so_a_thp_can_fault_in():
+    """MAP_FIXED unmaps the old mapping with its page tables (free_pgtables), so
+    the new MADV_HUGEPAGE mapping takes a THP at the first write, as on the host."""
+    p = _setup([(0, 2 * H, RW)])  # 4 KiB pages (no MADV_HUGEPAGE): a PTE table per PMD
+    assert p.mmap(2 * H, RW, ANON_FIXED, addr=BASE) == BASE
+    p.madvise(BASE, 2 * H, hmmsim.MADV_HUGEPAGE)
+    assert _write_fault_maps_a_thp(p, BASE + H)
+
+
+def test_mremap_fixed_over_a_mapping_frees_its_page_tables_so_a_thp_can_fault_in():
+    """The mapping an MREMAP_FIXED move replaces goes with its page tables: the
+    moved, empty MADV_HUGEPAGE mapping then takes a THP at the first write."""
+    p = _setup([(0, 2 * H, RW)])
+    assert p.mmap(2 * H, RW, ANON_FIXED, addr=BASE + 8 * H) == BASE + 8 * H  # untouched
+    p.madvise(BASE + 8 * H, 2 * H, hmmsim.MADV_HUGEPAGE)
+    flags = hmmsim.MREMAP_MAYMOVE | hmmsim.MREMAP_FIXED
+    assert p.mremap(BASE + 8 * H, 2 * H, 2 * H, flags, new_addr=BASE) == BASE
+    assert _write_fault_maps_a_thp(p, BASE + H)

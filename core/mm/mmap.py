@@ -354,6 +354,7 @@ def do_mmap(
     if flags & MAP_FIXED:
         for old in isolate_range(mm, start, start + size):
             unmap_vma(old)
+        free_page_tables(mm, start, start + size)  # before the new VMA goes in
     vma = Vma(
         mm,
         start,
@@ -503,6 +504,7 @@ def do_mremap(
         check_hugetlb_boundaries(mm, new_addr, new_addr + new_len)
         for victim in isolate_range(mm, new_addr, new_addr + new_len):
             unmap_vma(victim)
+        free_page_tables(mm, new_addr, new_addr + new_len)
         if new_len < old_len:
             do_munmap(mm, old + new_len, old_len - new_len)
             old_len = new_len
