@@ -276,6 +276,9 @@ def test_migrate_anon_huge_collapse(hmm):
     buf.fill(iota(H // 4))
     assert migrate(hmm, buf) == 0
     assert dmirror_cmd(hmm.fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, NPAGES) == 0
+    # A device THP moved whole is one src entry (VALID|MIGRATE|COMPOUND, the
+    # other 511 zero), so the driver counts 1; a coherent device's 512 pages, 512.
+    assert buf.cpages == (NPAGES if hmm.coherent else 1)
     hmm.proc.madvise(buf.ptr, H, hmmsim.MADV_COLLAPSE)
     assert hmm.proc.pagemap(buf.ptr, 1)[0].order == 9
     assert (buf.ints() == iota(H // 4)).all()
