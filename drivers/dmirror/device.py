@@ -693,11 +693,13 @@ class DmirrorFile(Mirror):
         source it turns the folio allocation into one allocation per subpage
         (the core then splits the device folio); for an order-0 source it is
         a failed allocation. A failed order-0 allocation ends the call at once
-        with False (VM_FAULT_OOM, or -ENOMEM for MIGRATE_TO_SYS), leaving the
-        entries already given a page as they are, as the kernel does. A
-        failed per-subpage allocation of a compound source frees the subpages
-        allocated so far and clears their ``dst`` entries before returning
-        False.
+        with False (VM_FAULT_OOM, or -ENOMEM for MIGRATE_TO_SYS). The kernel
+        leaves the entries already given a page set, and its finalize then
+        maps those copies without migrate_vma_pages() having moved any
+        metadata; here every page this call allocated is freed and its
+        ``dst`` entry cleared first, so finalize restores the whole window to
+        the device (its device entries stay erased, as the kernel's do: a
+        device access faults them back in).
         """
         phys = self.machine.phys
         assert args.src is not None and args.dst is not None
@@ -731,6 +733,7 @@ class DmirrorFile(Mirror):
                 except OutOfMemory:
                     new = None
             if new is None and not order:
+                self._free_destinations(args, i)
                 return False
             if new is not None:
                 phys.folio_lock(new)
@@ -742,12 +745,7 @@ class DmirrorFile(Mirror):
                     try:
                         page = phys.alloc_one(0)
                     except OutOfMemory:
-                        for k in range(j):
-                            done = migrate_pfn_to_page(int(dst[i + k]))
-                            assert done is not None
-                            phys.folio_unlock(done)
-                            phys.put_one(done)
-                        dst[i : i + nr] = _U64(0)
+                        self._free_destinations(args, i + j)
                         return False
                     phys.folio_lock(page)
                     self._fill(page, spage + j, 1)
@@ -756,6 +754,17 @@ class DmirrorFile(Mirror):
                 self._erase(base + i, base + i + nr - 1)
             i += nr
         return True
+
+    def _free_destinations(self, args: MigrateVma, end: int) -> None:
+        """Unlock and free the destination pages of ``dst[:end]``; clear those entries."""
+        assert args.dst is not None
+        phys = self.machine.phys
+        dst = args.dst[:end]
+        for i in np.flatnonzero((dst & _U64(MIGRATE_PFN_VALID)) != 0).tolist():
+            page = int(dst[i]) >> MIGRATE_PFN_SHIFT
+            phys.folio_unlock(page)
+            phys.put_one(page)
+        dst[:] = _U64(0)
 
     def _alloc_and_copy_to_ram_order0(self, args: MigrateVma) -> bool:
         """The common case of ``_alloc_and_copy_to_ram``, vectorised: every

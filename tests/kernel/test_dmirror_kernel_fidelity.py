@@ -203,3 +203,25 @@ def test_migrate_to_sys_moves_only_device_pages_of_a_mixed_window_and_erases_the
     assert hmm.fd.device_ptes(buf.ptr, npages) == [None] * npages
     assert (buf.ints() == data).all()
     verify_machine(hmm.machine)
+
+
+def test_migrate_to_sys_out_of_memory_midway_leaves_the_whole_window_on_the_device(hmm):
+    """RAM runs out after some pages of a window got their copy: -ENOMEM, the
+    copies are freed, every page stays on the device with its data."""
+    npages = 64
+    buf = on_device(hmm, new_buffer(hmm.proc, npages), npages)
+    phys = hmm.machine.phys
+    hog = phys.alloc(0, phys.allocator.nr_free - 10)  # raw pages: no owner to account them
+    try:
+        assert dmirror_cmd(hmm.fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, npages) == ENOMEM
+        assert phys.allocator.nr_free == 10
+        kinds = [e.kind for e in hmm.proc.pagemap(buf.ptr, npages)]
+        assert kinds == [device_kind(hmm)] * npages
+    finally:
+        phys.put(hog)
+    verify_machine(hmm.machine)
+    assert dmirror_cmd(hmm.fd, HMM_DMIRROR_MIGRATE_TO_SYS, buf, npages) == 0
+    assert buf.cpages == npages
+    assert [e.kind for e in hmm.proc.pagemap(buf.ptr, npages)] == ["anon"] * npages
+    assert (buf.ints() == iota(npages * P // 4)).all()
+    verify_machine(hmm.machine)
