@@ -66,7 +66,7 @@ from .physmem import (
     PG_swapcache,
     PhysMem,
 )
-from .rmap import folio_add_new_anon_rmap, root_anon_vma
+from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
 from .vma import VM_IO, VM_PFNMAP, VM_WRITE
@@ -173,6 +173,7 @@ def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> 
     machine = vma.mm.machine
     pt = vma.mm.pt
     if not write and machine.config.thp_use_zero_page:
+        anon_vma_prepare(machine, vma)  # vmf_anon_prepare() comes before the zero-page case
         pt.set(pmdloc, make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += 1
         return 0
@@ -756,6 +757,7 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
         npages=len(cvpns) * PMD_PAGES,
     )
     if not write and machine.config.thp_use_zero_page:
+        anon_vma_prepare(machine, vma)
         pt.flat[pmdlocs] = U64(make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += len(pmdlocs)
         return

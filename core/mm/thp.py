@@ -138,11 +138,22 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
     faulted in first. A chunk with a page that has references beyond its
     mappings (pinned) or that is not anonymous cannot be collapsed: the call
     fails with ``Again`` (the kernel's SCAN_PAGE_COUNT → -EAGAIN) after doing
-    the chunks it could.
+    the chunks it could. As on Linux 6.18 (checked on a host): a VMA that
+    never had an anonymous page (no anon_vma), or that cannot hold one
+    aligned PMD, is -EINVAL; a chunk mapped by the huge zero page counts as
+    done and stays so; a chunk with no page at all stops the call with
+    -EINVAL, the chunks before it collapsed, the ones after it untouched.
     """
     from .fault import swap_in_range
 
-    if not thp_vma_allowable(vma, collapse=True):
+    # As thp_vma_allowable_order() outside a fault: the VMA must also hold
+    # at least one aligned PMD (tried at its top end), else -EINVAL, even if
+    # the madvise range itself covers no whole PMD of it.
+    if (
+        not thp_vma_allowable(vma, collapse=True)
+        or not thp_vma_suitable(vma, vma.end_vpn - PMD_PAGES)
+        or vma.anon_vma is None
+    ):
         raise InvalidArgument(f"MADV_COLLAPSE is not allowed on {vma}")
     mm = vma.mm
     pt = mm.pt
@@ -157,14 +168,16 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
         pmdloc = pt.pmd_loc(haddr)
         e = pt.get(pmdloc) if pmdloc >= 0 else 0
         if e and not is_table_pointer(e):
-            if kind_of(e) == KIND_PRESENT and not phys.is_zero_pfn(pfn_of(e)):
-                continue  # already PMD-mapped
+            if kind_of(e) == KIND_PRESENT:
+                continue  # already PMD-mapped (a THP, or the huge zero page)
             split_huge_pmd(vma, haddr)
         if swap_in_range(vma, haddr, PMD_PAGES):
             failures += 1
             continue
         walk = pt.walk(haddr, PMD_PAGES)
         kinds = walk.kinds
+        if not kinds.any():
+            raise InvalidArgument(f"MADV_COLLAPSE: no page in the PMD at {haddr << PAGE_SHIFT:#x}")
         if ((kinds != KIND_PRESENT) & (kinds != 0)).any():
             failures += 1
             continue

@@ -91,7 +91,7 @@ from hmmsim.mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
 from hmmsim.mm.oom import alloc_pages_nofail
 from hmmsim.mm.pagetable import PAGE_SHIFT, PAGE_SIZE, PMD_ORDER, PMD_PAGES, PUD_ORDER
 from hmmsim.mm.pfnmap import vm_insert_page
-from hmmsim.mm.physmem import HUGE_ZERO_PFN, ZERO_PFN, PG_dirty, PG_locked
+from hmmsim.mm.physmem import ZERO_PFN, PG_dirty, PG_locked
 from hmmsim.mm.vma import VM_READ
 from hmmsim.notifier import (
     ULONG_MAX,
@@ -381,10 +381,32 @@ class DmirrorDevice(Device):
 
 
 class _SnapshotOps:
-    """The temporary notifier of a snapshot window: it only bumps the sequence."""
+    """``dmirror_snapshot_invalidate``: the temporary notifier of one snapshot window.
+
+    Any invalidation in the window spoils the whole window, so it only bumps
+    the sequence; but it does so under the mirror's mutex (the lock the
+    snapshot holds while it checks the sequence and encodes), and, like the
+    mirror's own notifier, refuses a non-blockable invalidation when that
+    mutex is taken.
+    """
+
+    def __init__(self, mirror: DmirrorFile) -> None:
+        self.mirror = mirror
+
+    def __repr__(self) -> str:
+        return f"_SnapshotOps({self.mirror!r})"
 
     def invalidate(self, sub: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
-        mmu_interval_set_seq(sub, cur_seq)
+        lock = self.mirror.mutex
+        if not rng.blockable:
+            if not lock.try_acquire():
+                return False
+        else:
+            lock.acquire()
+        try:
+            mmu_interval_set_seq(sub, cur_seq)
+        finally:
+            lock.release()
         return True
 
 
@@ -737,20 +759,26 @@ class DmirrorFile(Mirror):
 
     # ----- migration back to system memory -----------------------------------------------
     def _alloc_and_copy_to_ram(self, args: MigrateVma) -> bool:
-        """Allocate system pages for each migrating device page, copy, erase device entries.
+        """``dmirror_devmem_fault_alloc_and_copy``: a system page (or folio) for each
+        migrating device page, the data copied, the device entries erased.
 
-        Returns False if an allocation failed; that page's ``dst`` stays 0, so
-        ``migrate_vma_pages`` leaves it on the device (the caller always runs
-        pages, then finalize).
+        FAIL_ALLOC is consumed by the first migrating entry: for a compound
+        source it turns the folio allocation into one allocation per subpage
+        (the core then splits the device folio); for an order-0 source it is
+        a failed allocation. A failed order-0 allocation ends the call at once
+        with False (VM_FAULT_OOM, or -ENOMEM for MIGRATE_TO_SYS), as the
+        kernel's does. The entries already given a page keep it and the rest
+        keep ``dst`` 0; the caller always runs ``migrate_vma_pages`` and then
+        finalize, so the pages that got a copy move with their metadata and
+        the others stay on the device (their device entries erased: a device
+        access faults them back in).
         """
         phys = self.machine.phys
         assert args.src is not None and args.dst is not None
         src, dst = args.src, args.dst
         base = args.start >> PAGE_SHIFT
-        fail_alloc = bool(self.flags & uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC)
-        if fail_alloc:
-            self.flags &= ~uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC
-        ok = True
+        if self._alloc_and_copy_to_ram_order0(args):
+            return True
         i = 0
         while i < args.npages:
             s = int(src[i])
@@ -758,31 +786,90 @@ class DmirrorFile(Mirror):
             if spage is None or not s & MIGRATE_PFN_MIGRATE:
                 i += 1
                 continue
-            compound = bool(s & MIGRATE_PFN_COMPOUND) and not fail_alloc
-            nr = PMD_PAGES if s & MIGRATE_PFN_COMPOUND else 1
-            if compound:
-                try:
-                    new = phys.alloc_one(PMD_ORDER)
-                except OutOfMemory:
-                    compound = False
-            if compound:
-                phys.folio_lock(new)
-                self._fill(new, spage, PMD_PAGES)
-                dst[i] = _U64(migrate_pfn(new) | MIGRATE_PFN_COMPOUND)
+            if phys.pgmap_of(spage) is None:
+                self.warnings.append(f"dmirror: system page {spage:#x} selected for RAM")
+                i += 1
+                continue
+            # The kernel takes the order of the backing folio; a source entry
+            # is COMPOUND exactly when it stands for a whole device folio.
+            order = PMD_ORDER if s & MIGRATE_PFN_COMPOUND else 0
+            nr = 1 << order
+            flags = (MIGRATE_PFN_COMPOUND if order else 0) | (s & MIGRATE_PFN_WRITE)
+            new: int | None = None
+            if self.flags & uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC:
+                self.flags &= ~uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC  # one shot
+                flags &= ~MIGRATE_PFN_COMPOUND
             else:
+                try:
+                    new = phys.alloc_one(order)
+                except OutOfMemory:
+                    new = None
+            if new is None and not order:
+                return False
+            if new is not None:
+                phys.folio_lock(new)
+                self._fill(new, spage, nr)
+                dst[i] = _U64(migrate_pfn(new) | flags)
+            else:
+                # No folio: one page per subpage.
                 for j in range(nr):
                     try:
                         page = phys.alloc_one(0)
                     except OutOfMemory:
-                        ok = False
-                        break
+                        with self.mutex:
+                            self._erase(base + i, base + i + j - 1)
+                        return False
                     phys.folio_lock(page)
                     self._fill(page, spage + j, 1)
                     dst[i + j] = _U64(migrate_pfn(page))
             with self.mutex:
                 self._erase(base + i, base + i + nr - 1)
             i += nr
-        return ok
+        return True
+
+    def _alloc_and_copy_to_ram_order0(self, args: MigrateVma) -> bool:
+        """The common case of ``_alloc_and_copy_to_ram``, vectorised: every
+        migrating entry is an order-0 device page, FAIL_ALLOC is clear and
+        there are enough free pages for all of them. Then the per-entry walk
+        would allocate, copy and erase each in turn with no failure, and this
+        does the same at once. Returns False (having done nothing) otherwise.
+        """
+        if self.flags & uapi.HMM_DMIRROR_FLAG_FAIL_ALLOC or args.npages <= 8:
+            return False
+        assert args.src is not None and args.dst is not None
+        phys = self.machine.phys
+        n = args.npages
+        src = args.src[:n]
+        want = _U64(MIGRATE_PFN_VALID | MIGRATE_PFN_MIGRATE)
+        idx = np.flatnonzero((src & want) == want)
+        if len(idx) == 0:
+            return True
+        s = src[idx]
+        if (s & _U64(MIGRATE_PFN_COMPOUND)).any():
+            return False
+        spages = (s >> _U64(MIGRATE_PFN_SHIFT)).astype(np.int64)
+        if not phys.is_device(spages).all():
+            return False  # the per-entry walk warns about each system page
+        try:
+            new = phys.alloc(0, len(idx))
+        except OutOfMemory:
+            return False  # the per-entry walk fails where the kernel's would
+        phys.flags[new] |= np.uint16(PG_locked)  # folio_lock of fresh pages
+        phys.copy_pages(new, spages)
+        args.dst[idx] = (
+            (new.astype(_U64) << _U64(MIGRATE_PFN_SHIFT))
+            | _U64(MIGRATE_PFN_VALID)
+            | (s & _U64(MIGRATE_PFN_WRITE))
+        )
+        base = args.start >> PAGE_SHIFT
+        pt = self.pt
+        with self.mutex:
+            erased = 0
+            for vpn in (idx + base).tolist():
+                if pt.pop(vpn, None) is not None:
+                    erased += 1
+            self.stats.pages_unmapped += erased
+        return True
 
     def devmem_fault(self, vmf: VmFault) -> int:
         """``dmirror_devmem_fault`` (``migrate_to_ram``)."""
@@ -884,23 +971,35 @@ class DmirrorFile(Mirror):
 
     # ----- snapshot ------------------------------------------------------------------------
     def cmd_snapshot(self, cmd: DmirrorCmd) -> None:
-        buf = self._buffer(cmd, cmd.npages)
+        """``dmirror_snapshot``: one protection byte per page, 32-page window by window.
+
+        Each window's bytes are copied out to the caller's buffer, and counted
+        in ``cpages``, as soon as the window is done: an error in a later
+        window (-EBUSY, or -EFAULT when the buffer cannot take the window)
+        leaves the earlier windows' bytes written, though the command fails
+        and its counters are not copied back. The kernel's ``copy_to_user``
+        may also leave part of the failing window written; here it writes
+        none of it.
+        """
         if not self.mm.mmget_not_zero():
             raise InvalidArgument("dmirror: the mm is gone")
-        out = bytearray(cmd.npages)
         try:
             addr, end = cmd.addr, cmd.addr + (cmd.npages << PAGE_SHIFT)
             while addr < end:
                 nxt = min(end, addr + FAULT_WINDOW * PAGE_SIZE)
-                self._snapshot_window(addr, nxt, out, cmd.addr)
-                cmd.cpages += (nxt - addr) >> PAGE_SHIFT
+                perm = self._snapshot_window(addr, nxt)
+                off = (addr - cmd.addr) >> PAGE_SHIFT
+                if cmd.buf is None or len(cmd.buf) < off + len(perm):
+                    raise BadAddress(f"dmirror: snapshot buffer ends before byte {off + len(perm)}")
+                cmd.buf[off : off + len(perm)] = perm
+                cmd.cpages += len(perm)
                 addr = nxt
         finally:
             self.mm.mmput()
-        buf[: cmd.npages] = out
 
-    def _snapshot_window(self, start: int, end: int, out: bytearray, base: int) -> None:
-        sub = mmu_interval_notifier_insert(self.mm, start, end - start, _SnapshotOps())
+    def _snapshot_window(self, start: int, end: int) -> bytes:
+        """``dmirror_range_snapshot``: the protection bytes of one window."""
+        sub = mmu_interval_notifier_insert(self.mm, start, end - start, _SnapshotOps(self))
         try:
             clock = self.machine.clock
             deadline = clock.now_ns + HMM_RANGE_DEFAULT_TIMEOUT * 1_000_000
@@ -915,13 +1014,12 @@ class DmirrorFile(Mirror):
                         hmm_range_fault(rng)
                 except Busy:
                     continue
+                sched.point("dmirror:snapshot_after_range_fault")
                 with self.mutex:
                     if mmu_interval_read_retry(sub, rng.notifier_seq):
                         continue
-                    first = (start - base) >> PAGE_SHIFT
-                    for i, e in enumerate(pfns.tolist()):
-                        out[first + i] = self._mkentry(e)
-                return
+                    sched.point("dmirror:snapshot_encoding")
+                    return bytes(self._mkentry(e) for e in pfns.tolist())
         finally:
             mmu_interval_notifier_remove(sub)
 
@@ -947,7 +1045,9 @@ class DmirrorFile(Mirror):
                 if pgmap.owner is self.device
                 else uapi.HMM_DMIRROR_PROT_DEV_COHERENT_REMOTE
             )
-        elif pfn == ZERO_PFN or HUGE_ZERO_PFN <= pfn < HUGE_ZERO_PFN + PMD_PAGES:
+        elif pfn == ZERO_PFN:
+            # is_zero_pfn() matches the 4 KiB zero page only: the huge zero
+            # page reads as an ordinary read-only PMD (READ|PMD, 0x05).
             value = uapi.HMM_DMIRROR_PROT_ZERO
         value |= uapi.HMM_DMIRROR_PROT_WRITE if e & HMM_PFN_WRITE else uapi.HMM_DMIRROR_PROT_READ
         order = hmm_pfn_to_map_order(e)
