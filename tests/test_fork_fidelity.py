@@ -99,3 +99,63 @@ def test_fork_copies_only_the_vma_share_of_a_page_table_shared_with_neighbours(p
     for i in (1, 2, 6, 7, 12):
         assert not child.pagemap(base + i * PAGE, 1)[0].present
     verify_machine(machine)
+
+
+def _state(m: hmmsim.Machine, p: hmmsim.Process, a: int, n: int):
+    pfns, entries = _present(p, a, n)
+    return (
+        pfns.tolist(),
+        ((entries & U64(PTE_WRITE)) != 0).tolist(),
+        m.phys.mapcount[pfns].tolist(),
+        m.phys.refcount[pfns].tolist(),
+        ((m.phys.flags[pfns] & PG_anon_exclusive) != 0).tolist(),
+    )
+
+
+def test_fork_enomem_copying_a_pinned_page_leaves_no_child_and_no_leak(make_machine):
+    from hmmsim.gup import FOLL_WRITE, pin_user_pages, unpin_user_page
+
+    m = make_machine()
+    p = m.spawn()
+    a = p.mmap(11 * PAGE, RW, ANON | MAP_POPULATE)
+    p.munmap(a + 4 * PAGE, PAGE)  # two VMAs: a (4 pages), then b (6 pages)
+    b = a + 5 * PAGE
+    for i in range(4):
+        p.write(a + i * PAGE, b"a%d" % i)
+    for i in range(6):
+        p.write(b + i * PAGE, b"b%d" % i)
+    with p.mm.mmap_lock.read():
+        pinned = [pin_user_pages(p.mm, b + i * PAGE, 1, FOLL_WRITE)[0] for i in (1, 3)]
+    before_a, before_b = _state(m, p, a, 4), _state(m, p, b, 6)
+    hog = m.phys.alloc(0, m.phys.allocator.nr_free - 1)  # one frame left: one copy only
+    free = m.phys.allocator.nr_free
+    procs = list(m.processes)
+    with pytest.raises(hmmsim.OutOfMemory) as exc:
+        p.fork()
+    assert exc.value.errno == errno.ENOMEM
+    assert m.processes == procs
+    assert m.phys.allocator.nr_free == free
+    after_a, after_b = _state(m, p, a, 4), _state(m, p, b, 6)
+    # No frame moved and every count is back. What the copy had reached stays
+    # write-protected and non-exclusive in the parent, as in Linux: all of a;
+    # in b page 0 (shared), page 1 (copied: the parent's is untouched), page 2
+    # (shared); page 3 failed, and it and what follows were never reached.
+    for before, after in ((before_a, after_a), (before_b, after_b)):
+        assert after[0] == before[0] and after[2] == before[2] and after[3] == before[3]
+    assert after_a[1] == [False] * 4 and after_a[4] == [False] * 4
+    assert after_b[1] == [False, True, False, True, True, True]
+    assert after_b[4] == [False, True, False, True, True, True]
+    # The parent's write-protected pages are mapped once again: reused on write.
+    p.write(b, b"again")
+    p.write(a + 3 * PAGE, b"again")
+    assert p.pagemap(b, 1)[0].pfn == before_b[0][0]
+    assert p.pagemap(a + 3 * PAGE, 1)[0].pfn == before_a[0][3]
+    assert m.phys.allocator.nr_free == free
+    m.phys.put(hog)
+    verify_machine(m)
+    child = p.fork()  # memory again: the pinned pages are copied
+    assert child.read(b + 3 * PAGE, 2) == b"b3"
+    assert child.pagemap(b + 3 * PAGE, 1)[0].pfn != pinned[1]
+    for pfn in pinned:
+        unpin_user_page(m, pfn)
+    verify_machine(m)
