@@ -18,6 +18,7 @@ from hmmsim import MAP_POPULATE, MachineConfig
 from hmmsim.mm.debug import verify_machine
 from hmmsim.mm.pagetable import KIND_PRESENT, PTE_WRITE, U64
 from hmmsim.mm.physmem import PG_anon_exclusive
+from hmmsim.mm.rmap import AnonVma
 
 MIB = 1 << 20
 
@@ -158,4 +159,90 @@ def test_fork_enomem_copying_a_pinned_page_leaves_no_child_and_no_leak(make_mach
     assert child.pagemap(b + 3 * PAGE, 1)[0].pfn != pinned[1]
     for pfn in pinned:
         unpin_user_page(m, pfn)
+    verify_machine(m)
+
+
+def _anon_vmas(m: hmmsim.Machine) -> list[AnonVma]:
+    return [x for x in m.mappings.values() if isinstance(x, AnonVma)]
+
+
+def test_anon_vma_is_freed_with_its_last_user(make_machine):
+    m = make_machine()
+    p = m.spawn()
+    a = p.mmap(4 * PAGE, RW, ANON)
+    p.write(a, b"root")
+    root = p.mm.vmas.find(a).anon_vma
+    c = p.fork()
+    own = c.mm.vmas.find(a).anon_vma
+    assert own is not root and own.parent is root and own.root is root
+    assert {x.id for x in _anon_vmas(m)} == {root.id, own.id}
+    c.write(a + PAGE, b"child page")
+    c.exit()
+    assert {x.id for x in _anon_vmas(m)} == {root.id}
+    assert root.num_children == 1 and root.refcount == 1  # only the self-parent link
+    p.munmap(a, 4 * PAGE)
+    assert _anon_vmas(m) == []
+    verify_machine(m)
+
+
+def test_anon_vma_root_outlives_its_first_process_while_descendants_live(make_machine):
+    m = make_machine()
+    p = m.spawn()
+    a = p.mmap(PAGE, RW, ANON)
+    p.write(a, b"gen0")
+    root = p.mm.vmas.find(a).anon_vma
+    c = p.fork()
+    p.exit()
+    assert root.id in m.mappings  # c's VMA still links to it and maps its page
+    assert c.read(a, 4) == b"gen0"
+    c.exit()
+    assert _anon_vmas(m) == []
+
+
+def test_fork_exit_generations_keep_the_anon_vma_hierarchy_bounded(make_machine):
+    m = make_machine(swap_bytes=16 << 20)
+    p = m.spawn()
+    n = 8
+    a = p.mmap(n * PAGE, RW, ANON)
+    for i in range(n):
+        p.write(a + i * PAGE, b"gen0 page %d" % i)
+    longest = 0
+    for gen in range(1, 60):
+        child = p.fork()
+        # The child writes a page of its own (a COW copy in its anon_vma).
+        child.write(a + (gen % n) * PAGE, b"gen%d page %d" % (gen, gen % n))
+        p.exit()
+        p = child
+        longest = max(longest, len(p.mm.vmas.find(a).anon_chain))
+        assert len(_anon_vmas(m)) <= 3
+    assert longest <= 3
+    for i in range(n):
+        text = p.read(a + i * PAGE, 16).split(b"\0")[0]
+        assert text.endswith(b"page %d" % i)
+    verify_machine(m)
+
+
+def test_rmap_finds_every_mapping_across_reused_anon_vmas(make_machine):
+    m = make_machine(swap_bytes=16 << 20)
+    p = m.spawn()
+    a = p.mmap(4 * PAGE, RW, ANON)
+    p.write(a, b"oldest")
+    for gen in range(6):  # grow and reuse levels of the hierarchy
+        c = p.fork()
+        c.write(a + PAGE, b"gen %d" % gen)
+        p.exit()
+        p = c
+    sibling = p.fork()  # shares both the oldest page and the newest one
+    for addr in (a, a + PAGE):
+        pfn = p.pagemap(addr, 1)[0].pfn
+        assert sibling.pagemap(addr, 1)[0].pfn == pfn
+        assert p.move_pages(addr, 1) == [0]  # migration: every mapping follows
+        new = p.pagemap(addr, 1)[0].pfn
+        assert new != pfn and sibling.pagemap(addr, 1)[0].pfn == new
+    assert m.reclaim(2 * PAGE) == 2 * PAGE  # reclaim: every mapping unmapped
+    assert p.pagemap(a, 1)[0].swapped and sibling.pagemap(a, 1)[0].swapped
+    assert p.read(a, 6) == b"oldest" and sibling.read(a, 6) == b"oldest"
+    assert p.read(a + PAGE, 5) == b"gen 5" and sibling.read(a + PAGE, 5) == b"gen 5"
+    sibling.write(a, b"COW")
+    assert p.read(a, 6) == b"oldest" and sibling.read(a, 6) == b"COWest"
     verify_machine(m)
