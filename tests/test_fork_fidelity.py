@@ -246,3 +246,33 @@ def test_rmap_finds_every_mapping_across_reused_anon_vmas(make_machine):
     sibling.write(a, b"COW")
     assert p.read(a, 6) == b"oldest" and sibling.read(a, 6) == b"COWest"
     verify_machine(m)
+
+
+@pytest.mark.parametrize("populate", [False, True])
+def test_fork_copies_a_huge_zero_page_pmd(make_machine, populate):
+    # Host kernel: a read fault in a THP-eligible VMA maps the huge zero page
+    # (after preparing an anon_vma); a forked child's pagemap shows the same
+    # huge zero pfns, present, without faulting.
+    m = make_machine(thp="always")
+    p = m.spawn()
+    if populate:  # MAP_POPULATE of a read-only mapping: read faults
+        raw = p.mmap(3 * MB2, hmmsim.PROT_READ, ANON | MAP_POPULATE)
+    else:
+        raw = p.mmap(3 * MB2, RW, ANON)
+    a = (raw + MB2 - 1) & ~(MB2 - 1)
+    if not populate:
+        assert p.read(a + 5 * PAGE, 4) == bytes(4)
+    parent = p.pagemap(a, 2)
+    assert parent[0].kind == "zero" and parent[0].order == 9
+    c = p.fork()
+    faults = m.costs.faults
+    child = c.pagemap(a, 2)
+    assert [(e.present, e.pfn, e.kind, e.order) for e in child] == [
+        (e.present, e.pfn, e.kind, e.order) for e in parent
+    ]
+    assert m.costs.faults == faults
+    if populate:
+        c.mprotect(raw, 3 * MB2, RW)
+    c.write(a, b"child")  # COW away from the huge zero page in the child only
+    assert p.pagemap(a, 1)[0].kind == "zero" and c.read(a, 5) == b"child"
+    verify_machine(m)
