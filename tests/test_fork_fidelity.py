@@ -276,3 +276,71 @@ def test_fork_copies_a_huge_zero_page_pmd(make_machine, populate):
     c.write(a, b"child")  # COW away from the huge zero page in the child only
     assert p.pagemap(a, 1)[0].kind == "zero" and c.read(a, 5) == b"child"
     verify_machine(m)
+
+
+def test_fork_splits_a_pinned_exclusive_thp_and_copies_its_pages(make_machine):
+    from hmmsim.gup import FOLL_WRITE, pin_user_pages, unpin_user_page
+
+    m = make_machine(thp="always")
+    p = m.spawn()
+    raw = p.mmap(2 * MB2, RW, ANON)
+    a = (raw + MB2 - 1) & ~(MB2 - 1)
+    p.write(a, b"thp head")
+    p.write(a + 300 * PAGE, b"thp tail")
+    assert p.pagemap(a, 1)[0].order == 9
+    head = p.pagemap(a, 1)[0].pfn
+    with p.mm.mmap_lock.read():
+        assert pin_user_pages(p.mm, a + 7 * PAGE, 1, FOLL_WRITE) == [head + 7]
+    free = m.phys.allocator.nr_free
+    c = p.fork()
+    # copy_huge_pmd cannot share a maybe-pinned exclusive THP: it splits the
+    # PMD in the parent, and copy_pte_range copies every (exclusive) page.
+    pe, ce = p.pagemap(a, 512), c.pagemap(a, 512)
+    assert [e.pfn for e in pe] == list(range(head, head + 512))
+    assert all(e.order == 0 and e.writable for e in pe)
+    assert not {e.pfn for e in ce} & set(range(head, head + 512))
+    assert all(e.writable and e.present for e in ce)
+    assert m.phys.allocator.nr_free == free - 512
+    assert c.read(a, 8) == b"thp head" and c.read(a + 300 * PAGE, 8) == b"thp tail"
+    p.write(a + 7 * PAGE, b"via pin")
+    assert c.read(a + 7 * PAGE, 7) == bytes(7)
+    unpin_user_page(m, head + 7)
+    verify_machine(m)
+
+
+def test_fork_pagemap_matches_the_host_kernel(make_machine):
+    # Host (Linux 6.18, a forked child reading /proc/self/pagemap): a VMA that
+    # only read-faulted the zero page has no anon_vma and is not copied; a
+    # shared anonymous mapping is not copied; a written page and a PROT_NONE
+    # page are shared, "exclusively mapped" (bit 56) clear on both sides; a
+    # write in the parent then moves the parent to a new frame and the child,
+    # alone on the old one, reads as exclusively mapped again.
+    m = make_machine(thp="never")
+    p = m.spawn()
+    base = p.mmap(8 * PAGE, RW, ANON)
+    p.munmap(base, 2 * PAGE)
+    p.munmap(base + 6 * PAGE, 2 * PAGE)
+    ro = base + 2 * PAGE
+    assert p.read(ro, 1) == b"\0"
+    sh = p.mmap(4 * PAGE, RW, hmmsim.MAP_SHARED | hmmsim.MAP_ANONYMOUS)
+    p.write(sh, b"s")
+    pn = p.mmap(4 * PAGE, RW, ANON)
+    p.write(pn, b"p")
+    p.mprotect(pn, 4 * PAGE, hmmsim.PROT_NONE)
+    w = p.mmap(4 * PAGE, RW, ANON)
+    p.write(w, b"w")
+    before = {k: p.pagemap(x, 1)[0] for k, x in (("ro", ro), ("sh", sh), ("pn", pn), ("w", w))}
+    assert before["ro"].present and before["ro"].kind == "zero"
+    assert before["pn"].present and before["pn"].exclusive
+    assert before["w"].present and before["w"].exclusive
+    c = p.fork()
+    child = {k: c.pagemap(x, 1)[0] for k, x in (("ro", ro), ("sh", sh), ("pn", pn), ("w", w))}
+    assert not child["ro"].present and not child["sh"].present
+    for k in ("pn", "w"):
+        assert child[k].present and child[k].pfn == before[k].pfn and not child[k].exclusive
+        assert not p.pagemap({"pn": pn, "w": w}[k], 1)[0].exclusive
+    p.write(w, b"W")
+    after = p.pagemap(w, 1)[0]
+    assert after.pfn != before["w"].pfn and after.exclusive
+    assert c.pagemap(w, 1)[0].pfn == before["w"].pfn and c.pagemap(w, 1)[0].exclusive
+    verify_machine(m)

@@ -390,6 +390,11 @@ def _child_pte_tables(pt: PageTable, chunk_vpns: NDArray[np.int64]) -> NDArray[n
     return tables
 
 
+#: PTE tables copied per step: 64 rows (256 KiB of entries) keep each step's
+#: temporaries in cache and recycled, instead of fresh host memory per array.
+_BLOCK_ROWS = 64
+
+
 def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
     """``copy_pte_range`` and ``copy_huge_pmd`` over the whole of ``src``.
 
@@ -397,86 +402,121 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
     that found no frame for its copy.
     """
     machine = src.mm.machine
-    phys = machine.phys
     spt = src.mm.pt
     dpt = dst.mm.pt
     vpn0, npages = src.start_vpn, src.npages
     walk = spt.walk(vpn0, npages, per_page=False)
-    c0 = vpn0 >> PMD_ORDER
     tab = np.flatnonzero(walk.chunk_kind == CHUNK_TABLE)
-    stop_vpn = vpn0 + npages  # where the copy stops (earlier when a copy fails)
-    failed = False
-    writes = 0
+    stop_vpn = None  # where the copy stopped, when a copy failed
     if len(tab):
         tables = walk.chunk_table[tab]
-        flat = spt.rows[tables].reshape(-1)  # a copy: the parent's rows before the fork
-        chunk_vpns = (c0 + tab) << PMD_ORDER
-        # The first and last chunks may hold entries of neighbouring VMAs.
-        lo = vpn0 - int(chunk_vpns[0]) if tab[0] == 0 else 0
-        hi = len(flat)
-        if int(chunk_vpns[-1]) + PTRS_PER_TABLE > vpn0 + npages:
-            hi = (len(tab) - 1) * PTRS_PER_TABLE + (vpn0 + npages - int(chunk_vpns[-1]))
-        work = flat
-        if lo or hi < len(flat):
-            work = flat.copy()
-            work[:lo] = 0
-            work[hi:] = 0
-        b = _classify(phys, work)
-        if b.counts[_CAT_DEVICE_EXCLUSIVE]:
-            work = _restore_device_exclusive(work)
-            b = _classify(phys, work)
-        copy_sel = np.empty(0, dtype=_I64)
-        if cow and phys.pins and b.anon.any():
-            cand = b.anon & (b.cat[b.mapped] == _CAT_PAGE)
-            cand &= np.isin(b.heads, _pinned_heads(phys))
-            cand &= (phys.flags[b.pfns] & np.uint16(PG_anon_exclusive)) != 0
-            copy_sel = np.flatnonzero(cand)
-        new_pages = np.empty(0, dtype=_I64)
-        if len(copy_sel):
-            avail = min(len(copy_sel), phys.allocator.nr_free)
-            if avail < len(copy_sel):
-                # copy_pte_range gives up at the first page it cannot copy:
-                # what precedes it is done, and stays done in the parent.
-                failed = True
-                cut = int(b.mapped[copy_sel[avail]])
-                stop_vpn = int(chunk_vpns[cut >> PMD_ORDER]) + (cut & (PTRS_PER_TABLE - 1))
-                hi = cut
-                if work is flat:
-                    work = flat.copy()
-                work[hi:] = 0
-                b = _classify(phys, work)
-                copy_sel = copy_sel[:avail]
-            if avail:
-                new_pages = phys.alloc(0, avail)
-        at = b.mapped[copy_sel]
-        copy_vpns = chunk_vpns[at >> PMD_ORDER] + (at & (PTRS_PER_TABLE - 1))
-        parent, child = _apply(machine, dst, b, None, cow, copy_sel, new_pages, copy_vpns)
-        if parent is not work or work is not flat:
-            _put_range(spt, tables, parent, lo, hi)
-            writes += hi - lo
+        chunk_vpns = ((vpn0 >> PMD_ORDER) + tab) << PMD_ORDER
         dtables = _child_pte_tables(dpt, chunk_vpns)
-        _put_range(dpt, dtables, child, lo, hi)
-        writes += hi - lo
+        # The first and last chunks may hold entries of neighbouring VMAs.
+        first = vpn0 - int(chunk_vpns[0]) if tab[0] == 0 else 0
+        end = vpn0 + npages
+        for r0 in range(0, len(tab), _BLOCK_ROWS):
+            r1 = min(len(tab), r0 + _BLOCK_ROWS)
+            lo = first if r0 == 0 else 0
+            hi = min((r1 - r0) * PTRS_PER_TABLE, end - int(chunk_vpns[r0]))
+            stop_vpn = _copy_pte_block(
+                machine, dst, src, tables[r0:r1], dtables[r0:r1], chunk_vpns[r0:r1], lo, hi, cow
+            )
+            if stop_vpn is not None:
+                break
     leaves = walk.leaves() if walk.huge else []
-    leaves = [x for x in leaves if x[0] < stop_vpn]
+    if leaves and not src.is_hugetlb and not src.is_anonymous:
+        # copy_huge_pmd leaves a file THP's PMD to be refilled by a fault.
+        leaves = [x for x in leaves if x[1] != LEVEL_PMD]
+    if stop_vpn is not None:
+        leaves = [x for x in leaves if x[0] < stop_vpn]
     if leaves:
-        lvpns = np.array([x[0] for x in leaves], dtype=_I64)
-        levels = np.array([x[1] for x in leaves], dtype=np.int8)
-        locs = np.array([x[2] for x in leaves], dtype=_I64)
-        work = _restore_device_exclusive(np.array([x[3] for x in leaves], dtype=U64))
-        b = _classify(phys, work)  # (leaves are few: no need to look before restoring)
-        none = np.empty(0, dtype=_I64)
-        parent, child = _apply(machine, dst, b, levels, cow, none, none, none)
-        spt.flat[locs] = parent
-        pmd = levels == LEVEL_PMD
-        if pmd.any():
-            dpt.flat[dpt.pmd_locs(lvpns[pmd])] = child[pmd]
-        for i in np.flatnonzero(~pmd).tolist():
-            dpt.set(dpt.pud_loc(int(lvpns[i]), alloc=True), int(child[i]))
-        writes += 2 * len(leaves)
-    machine.costs.pte_writes += writes
-    if failed:
+        _copy_leaves(machine, dst, src, leaves, cow)
+    if stop_vpn is not None:
         raise _ForkFailed("fork: no memory to copy a pinned page")
+
+
+def _copy_pte_block(
+    machine: Machine,
+    dst: Vma,
+    src: Vma,
+    tables: NDArray[np.int64],
+    dtables: NDArray[np.int64],
+    chunk_vpns: NDArray[np.int64],
+    lo: int,
+    hi: int,
+    cow: bool,
+) -> int | None:
+    """Copy entries [lo, hi) of the PTE tables ``tables`` (flat over their rows).
+
+    Returns the vpn where the copy stopped if a pinned page found no frame
+    for its copy (what precedes it is done), else None.
+    """
+    phys = machine.phys
+    flat = src.mm.pt.rows[tables].reshape(-1)  # a copy: the rows before the fork
+    work = flat
+    if lo or hi < len(flat):
+        work = flat.copy()
+        work[:lo] = 0
+        work[hi:] = 0
+    b = _classify(phys, work)
+    if b.counts[_CAT_DEVICE_EXCLUSIVE]:
+        work = _restore_device_exclusive(work)
+        b = _classify(phys, work)
+    copy_sel = np.empty(0, dtype=_I64)
+    if cow and phys.pins and b.anon.any():
+        cand = b.anon & (b.cat[b.mapped] == _CAT_PAGE)
+        cand &= np.isin(b.heads, _pinned_heads(phys))
+        cand &= (phys.flags[b.pfns] & np.uint16(PG_anon_exclusive)) != 0
+        copy_sel = np.flatnonzero(cand)
+    new_pages = np.empty(0, dtype=_I64)
+    stop_vpn = None
+    if len(copy_sel):
+        avail = min(len(copy_sel), phys.allocator.nr_free)
+        if avail < len(copy_sel):
+            # copy_pte_range gives up at the first page it cannot copy: what
+            # precedes it is done, and stays done in the parent.
+            cut = int(b.mapped[copy_sel[avail]])
+            stop_vpn = int(chunk_vpns[cut >> PMD_ORDER]) + (cut & (PTRS_PER_TABLE - 1))
+            hi = cut
+            if work is flat:
+                work = flat.copy()
+            work[hi:] = 0
+            b = _classify(phys, work)
+            copy_sel = copy_sel[:avail]
+        if avail:
+            new_pages = phys.alloc(0, avail)
+    at = b.mapped[copy_sel]
+    copy_vpns = chunk_vpns[at >> PMD_ORDER] + (at & (PTRS_PER_TABLE - 1))
+    parent, child = _apply(machine, dst, b, None, cow, copy_sel, new_pages, copy_vpns)
+    writes = hi - lo
+    if parent is not work or work is not flat:
+        _put_range(src.mm.pt, tables, parent, lo, hi)
+        writes += hi - lo
+    _put_range(dst.mm.pt, dtables, child, lo, hi)
+    machine.costs.pte_writes += writes
+    return stop_vpn
+
+
+def _copy_leaves(
+    machine: Machine, dst: Vma, src: Vma, leaves: list[tuple[int, int, int, int]], cow: bool
+) -> None:
+    """``copy_huge_pmd`` and the huge hugetlb entries: the few leaves, as one batch."""
+    dpt = dst.mm.pt
+    lvpns = np.array([x[0] for x in leaves], dtype=_I64)
+    levels = np.array([x[1] for x in leaves], dtype=np.int8)
+    locs = np.array([x[2] for x in leaves], dtype=_I64)
+    work = _restore_device_exclusive(np.array([x[3] for x in leaves], dtype=U64))
+    b = _classify(machine.phys, work)
+    none = np.empty(0, dtype=_I64)
+    parent, child = _apply(machine, dst, b, levels, cow, none, none, none)
+    src.mm.pt.flat[locs] = parent
+    pmd = levels == LEVEL_PMD
+    if pmd.any():
+        dpt.flat[dpt.pmd_locs(lvpns[pmd])] = child[pmd]
+    for i in np.flatnonzero(~pmd).tolist():
+        dpt.set(dpt.pud_loc(int(lvpns[i]), alloc=True), int(child[i]))
+    machine.costs.pte_writes += 2 * len(leaves)
 
 
 def _restore_device_exclusive(entries: NDArray[np.uint64]) -> NDArray[np.uint64]:
