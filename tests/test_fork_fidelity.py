@@ -344,3 +344,18 @@ def test_fork_pagemap_matches_the_host_kernel(make_machine):
     assert after.pfn != before["w"].pfn and after.exclusive
     assert c.pagemap(w, 1)[0].pfn == before["w"].pfn and c.pagemap(w, 1)[0].exclusive
     verify_machine(m)
+
+
+def test_fork_child_entries_start_old_and_write_protected(proc):
+    from hmmsim.mm.pagetable import PTE_YOUNG
+
+    a = proc.mmap(2 * PAGE, RW, ANON)
+    proc.write(a, b"young")
+    proc.write(a + PAGE, b"young")
+    assert proc.mm.pt.lookup(a // PAGE)[1] & PTE_YOUNG
+    child = proc.fork()
+    for vpn in (a // PAGE, a // PAGE + 1):
+        pe, ce = proc.mm.pt.lookup(vpn)[1], child.mm.pt.lookup(vpn)[1]
+        assert pe & PTE_YOUNG and not ce & PTE_YOUNG  # copy_present_ptes: pte_mkold
+        assert not pe & PTE_WRITE and not ce & PTE_WRITE
+        assert pe & ~(PTE_YOUNG) == ce
