@@ -359,3 +359,39 @@ def test_fork_child_entries_start_old_and_write_protected(proc):
         assert pe & PTE_YOUNG and not ce & PTE_YOUNG  # copy_present_ptes: pte_mkold
         assert not pe & PTE_WRITE and not ce & PTE_WRITE
         assert pe & ~(PTE_YOUNG) == ce
+
+
+@pytest.mark.parametrize("pool_left", [1, 0])
+def test_fork_copies_a_pinned_private_hugetlb_page_from_the_pool(make_machine, pool_left):
+    from hmmsim.gup import FOLL_WRITE, pin_user_pages, unpin_user_page
+
+    m = make_machine(hugetlb_pages={MB2: 2 + pool_left})
+    pool = m.hugetlb[9]
+    p = m.spawn()
+    a = p.mmap(2 * MB2, RW, ANON | hmmsim.MAP_HUGETLB)
+    p.write(a, b"first")
+    p.write(a + MB2, b"second")
+    first, second = p.pagemap(a, 1)[0].pfn, p.pagemap(a + MB2, 1)[0].pfn
+    with p.mm.mmap_lock.read():
+        assert pin_user_pages(p.mm, a + MB2 + PAGE, 1, FOLL_WRITE) == [second + 1]
+    free = pool.nr_free
+    procs = list(m.processes)
+    if pool_left:
+        # copy_hugetlb_page_range: the pinned page is copied for the child from
+        # the pool (no reservation); the unpinned one is shared.
+        c = p.fork()
+        assert c.pagemap(a, 1)[0].pfn == first and not p.pagemap(a, 1)[0].writable
+        copy = c.pagemap(a + MB2, 1)[0]
+        assert copy.pfn != second and copy.writable and p.pagemap(a + MB2, 1)[0].writable
+        assert c.read(a + MB2, 6) == b"second" and pool.nr_free == free - 1
+        c.exit()
+    else:
+        with pytest.raises(hmmsim.OutOfMemory) as exc:
+            p.fork()
+        assert exc.value.errno == errno.ENOMEM
+        assert m.processes == procs and pool.nr_free == free
+        assert m.phys.mapcount[first] == 1 and m.phys.refcount[first] == 1
+        assert not p.pagemap(a, 1)[0].writable  # reached before the failure: stays so
+        assert p.pagemap(a + MB2, 1)[0].writable
+    unpin_user_page(m, second + 1)
+    verify_machine(m)

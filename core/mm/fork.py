@@ -298,11 +298,13 @@ def _apply(
     copy_sel: NDArray[np.int64],
     new_pages: NDArray[np.int64],
     vpns_of_copies: NDArray[np.int64],
+    copy_order: int = 0,
 ) -> tuple[NDArray[np.uint64], NDArray[np.uint64]]:
     """Account the child's mappings and build both sides' entries.
 
-    ``copy_sel`` indexes ``b.mapped``: the pages that get ``new_pages`` for
-    the child instead of being shared. ``levels`` None means all PTEs.
+    ``copy_sel`` indexes ``b.mapped``: the pages (folios of ``copy_order``)
+    that get ``new_pages`` for the child instead of being shared. ``levels``
+    None means all PTEs.
     """
     phys = machine.phys
     if len(copy_sel):
@@ -325,10 +327,16 @@ def _apply(
         # copy_present_page: the child gets its own exclusive, writable copy;
         # the parent keeps its page as it was (still writable and exclusive).
         at = b.mapped[copy_sel]
-        phys.copy_pages(new_pages, b.pfns[copy_sel])
-        folio_add_new_anon_rmap(machine, dst, new_pages, vpns_of_copies, 0)
+        phys.copy_pages(
+            phys.pages_of(new_pages, copy_order), phys.pages_of(b.pfns[copy_sel], copy_order)
+        )
+        folio_add_new_anon_rmap(machine, dst, new_pages, vpns_of_copies, copy_order)
         child[at] = make_present_array(
-            new_pages, write=bool(dst.flags & VM_WRITE), dirty=True, young=True
+            new_pages,
+            write=bool(dst.flags & VM_WRITE),
+            dirty=True,
+            young=True,
+            huge=copy_order > 0,
         )
         parent[at] = b.entries[at]
     swapped = b.cat == _CAT_SWAP if b.counts[_CAT_SWAP] else None
@@ -431,9 +439,11 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
     if stop_vpn is not None:
         leaves = [x for x in leaves if x[0] < stop_vpn]
     if leaves:
-        _copy_leaves(machine, dst, src, leaves, cow)
+        leaf_stop = _copy_leaves(machine, dst, src, leaves, cow)
+        if leaf_stop is not None:
+            stop_vpn = leaf_stop
     if stop_vpn is not None:
-        raise _ForkFailed("fork: no memory to copy a pinned page")
+        raise _ForkFailed(f"fork: no memory to copy a pinned page at {stop_vpn << 12:#x}")
 
 
 def _copy_pte_block(
@@ -500,23 +510,55 @@ def _copy_pte_block(
 
 def _copy_leaves(
     machine: Machine, dst: Vma, src: Vma, leaves: list[tuple[int, int, int, int]], cow: bool
-) -> None:
-    """``copy_huge_pmd`` and the huge hugetlb entries: the few leaves, as one batch."""
+) -> int | None:
+    """``copy_huge_pmd`` and the huge hugetlb entries: the few leaves, as one batch.
+
+    A maybe-pinned exclusive hugetlb page of a private mapping gets a copy
+    from the pool for the child (``copy_hugetlb_page_range``); when the pool
+    has none, the copy stops there and the vpn where it stopped is returned.
+    """
+    phys = machine.phys
     dpt = dst.mm.pt
     lvpns = np.array([x[0] for x in leaves], dtype=_I64)
     levels = np.array([x[1] for x in leaves], dtype=np.int8)
     locs = np.array([x[2] for x in leaves], dtype=_I64)
     work = _restore_device_exclusive(np.array([x[3] for x in leaves], dtype=U64))
-    b = _classify(machine.phys, work)
+    b = _classify(phys, work)
+    copy_sel = np.empty(0, dtype=_I64)
+    new_pages = np.empty(0, dtype=_I64)
+    stop_vpn = None
+    order = src.hugetlb_order if src.is_hugetlb else 0
+    if cow and order and phys.pins and b.anon.any():
+        cand = b.anon & (b.cat[b.mapped] == _CAT_PAGE)
+        cand &= np.isin(b.heads, _pinned_heads(phys))
+        cand &= (phys.flags[b.pfns] & np.uint16(PG_anon_exclusive)) != 0
+        pool = machine.hugetlb[order]
+        got = []
+        for i in np.flatnonzero(cand).tolist():
+            new = pool.alloc(reserved=False)  # the child's mapping has no reservation
+            if new is None:
+                stop_vpn = int(lvpns[b.mapped[i]])
+                break
+            got.append(i)
+            new_pages = np.append(new_pages, _I64(new))
+        copy_sel = np.array(got, dtype=_I64)
+        if stop_vpn is not None:
+            keep = lvpns < stop_vpn
+            lvpns, levels, locs, work = lvpns[keep], levels[keep], locs[keep], work[keep]
+            b = _classify(phys, work)
+            if not len(work):
+                return stop_vpn
     none = np.empty(0, dtype=_I64)
-    parent, child = _apply(machine, dst, b, levels, cow, none, none, none)
+    copy_vpns = lvpns[b.mapped[copy_sel]] if len(copy_sel) else none
+    parent, child = _apply(machine, dst, b, levels, cow, copy_sel, new_pages, copy_vpns, order)
     src.mm.pt.flat[locs] = parent
     pmd = levels == LEVEL_PMD
     if pmd.any():
         dpt.flat[dpt.pmd_locs(lvpns[pmd])] = child[pmd]
     for i in np.flatnonzero(~pmd).tolist():
         dpt.set(dpt.pud_loc(int(lvpns[i]), alloc=True), int(child[i]))
-    machine.costs.pte_writes += 2 * len(leaves)
+    machine.costs.pte_writes += 2 * len(lvpns)
+    return stop_vpn
 
 
 def _restore_device_exclusive(entries: NDArray[np.uint64]) -> NDArray[np.uint64]:
