@@ -18,18 +18,23 @@ An exclusive anonymous page that may be DMA-pinned (``folio_needs_cow_for_dma``)
 is copied for the child at once instead of being shared, which keeps a GUP
 pin coherent across fork; a pinned exclusive PMD-mapped THP is first split in
 the parent (``copy_huge_pmd`` fails with ``-EAGAIN`` after ``__split_huge_pmd``)
-and its pages are then copied one by one. When no frame is left for such a
-copy, fork fails with ``ENOMEM`` and the half-built child is torn down as
+and its pages are then copied one by one; a pinned private hugetlb page gets
+a copy from the pool (``copy_hugetlb_page_range``). When no frame (or huge
+page) is left for such a copy, fork fails with ``ENOMEM`` and the half-built child is torn down as
 ``dup_mmap``'s error path does (``exit_mmap`` of the new mm): no child process,
 no frame leaked, every mapcount and reference back where it was. Like Linux,
 the parent keeps what the copy had already done to it up to the failing page:
 those entries stay write-protected and their pages non-exclusive (a later
 write fault reuses them, as they are mapped once again).
 
-The copy is vectorised over whole page-table rows: one gather of the source
-PTE tables, array arithmetic over the populated entries, one scatter into the
-parent and one into the child, and the folio counters raised with one
-indexed add. Only huge leaves (few per gigabyte) are handled one by one.
+The copy is vectorised over whole page-table rows, 64 PTE tables per step:
+one gather of the source rows, array arithmetic over the entries, one store
+into the parent's rows and one into the child's, and the folio counters
+raised with one indexed add. Huge leaves (few per gigabyte) form one more
+batch.
+
+Where the model differs: ``fork`` takes the child's pid before copying, so a
+failed fork uses up a pid number (Linux allocates the pid after ``copy_mm``).
 """
 
 from __future__ import annotations
