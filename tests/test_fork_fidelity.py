@@ -395,3 +395,31 @@ def test_fork_copies_a_pinned_private_hugetlb_page_from_the_pool(make_machine, p
         assert p.pagemap(a + MB2, 1)[0].writable
     unpin_user_page(m, second + 1)
     verify_machine(m)
+
+
+def test_vma_without_anon_vma_does_not_merge_into_a_forked_one(machine):
+    # Host: a VMA whose anon_vma chain came from a fork (more than one link)
+    # is not merged with a neighbour that has no anon_vma (vma_had_uncowed_parents),
+    # so that neighbour keeps no anon_vma and is not copied by the next fork.
+    p = machine.spawn()
+    f = machine.create_shmem(2 * PAGE)
+    f.pwrite(0, b"a" * PAGE + b"b" * PAGE)
+    a = p.mmap(2 * PAGE, RW, hmmsim.MAP_PRIVATE, file=f)
+    b = a + PAGE
+    p.mprotect(b, PAGE, hmmsim.PROT_READ)
+    p.write(a, b"A")  # a's VMA gets an anon_vma
+    c = p.fork()
+    assert c.read(b, 1) == b"b"
+    c.mprotect(b, PAGE, RW)
+    assert [(v.start, v.end) for v in c.mm.vmas] == [(a, b), (b, b + PAGE)]
+    g = c.fork()
+    assert g.pagemap(a, 1)[0].present and not g.pagemap(b, 1)[0].present
+    assert g.read(a, 1) == b"A" and g.read(b, 1) == b"b"
+    # A VMA with a single-link chain (no fork behind it) still merges.
+    q = machine.spawn()
+    x = q.mmap(2 * PAGE, RW, hmmsim.MAP_PRIVATE, file=f)
+    q.mprotect(x + PAGE, PAGE, hmmsim.PROT_READ)
+    q.write(x, b"X")
+    q.mprotect(x + PAGE, PAGE, RW)
+    assert [(v.start, v.end) for v in q.mm.vmas] == [(x, x + 2 * PAGE)]
+    verify_machine(machine)
