@@ -172,6 +172,9 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
 def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> int:
     machine = vma.mm.machine
     pt = vma.mm.pt
+    # vmf_anon_prepare comes first, even for the huge zero page: fork then
+    # copies the VMA's page tables, zero PMDs included.
+    anon_vma_prepare(machine, vma)
     if not write and machine.config.thp_use_zero_page:
         anon_vma_prepare(machine, vma)  # vmf_anon_prepare() comes before the zero-page case
         pt.set(pmdloc, make_present(HUGE_ZERO_PFN, special=True, huge=True))
@@ -756,6 +759,7 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
         write=write,
         npages=len(cvpns) * PMD_PAGES,
     )
+    anon_vma_prepare(machine, vma)  # as do_huge_pmd_anonymous_page, zero page or not
     if not write and machine.config.thp_use_zero_page:
         anon_vma_prepare(machine, vma)
         pt.flat[pmdlocs] = U64(make_present(HUGE_ZERO_PFN, special=True, huge=True))

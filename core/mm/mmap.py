@@ -248,11 +248,14 @@ def check_unmap_splits(mm: AddressSpace, start: int, end: int) -> None:
 
 
 def _anon_compatible(a: Vma, b: Vma) -> bool:
-    return (
-        a.anon_vma is None
-        or b.anon_vma is None
-        or (a.anon_vma is b.anon_vma and a.anon_chain == b.anon_chain)
-    )
+    """``is_mergeable_anon_vma``: a VMA without an anon_vma joins one only if
+    that one's chain is a single link (``vma_had_uncowed_parents``: a chain
+    inherited through fork is never widened by a merge)."""
+    if a.anon_vma is None:
+        return b.anon_vma is None or len(b.anon_chain) == 1
+    if b.anon_vma is None:
+        return len(a.anon_chain) == 1
+    return a.anon_vma is b.anon_vma and a.anon_chain == b.anon_chain
 
 
 def can_merge(a: Vma, b: Vma) -> bool:

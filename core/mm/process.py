@@ -41,7 +41,7 @@ from .fault import (
     entries_needing_fault,
     populate_range,
 )
-from .fork import dup_mm
+from .fork import do_fork
 from .madvise import WRITE_LOCKED_ADVICE, check_advice, do_madvise
 from .migration import migrate_folio
 from .mmap import do_mmap, do_mremap, do_munmap
@@ -207,12 +207,13 @@ class Process:
         return status
 
     def fork(self) -> Process:
-        """``fork(2)``: a child with a copy-on-write copy of the address space."""
+        """``fork(2)``: a child with a copy-on-write copy of the address space.
+
+        Raises ``OutOfMemory`` (ENOMEM), leaving no child, when a page that
+        must be copied at once (a pinned one) finds no free frame.
+        """
         self._alive()
-        child = self.machine.spawn()
-        with self.mm.mmap_lock.write():
-            dup_mm(self, child.mm)
-        return child
+        return do_fork(self)
 
     def exit(self) -> None:
         """``exit(2)``: drop the process's user of the mm (the last one tears it down)."""

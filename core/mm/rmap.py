@@ -8,7 +8,10 @@ its ``index`` (linear page index). Every VMA that may map it is linked to
 that anon_vma (or, for files, sits in the file's ``i_mmap``); the address of
 the folio in such a VMA is ``start + (index - pgoff) * PAGE_SIZE``. Fork links
 the child's VMAs to all of the parent's anon_vmas and gives the child an
-anon_vma of its own for the pages it creates, as ``anon_vma_fork`` does.
+anon_vma of its own for the pages it creates (or reuses an unused one of the
+chain), as ``anon_vma_fork`` does. An anon_vma is freed with the last VMA
+linked to it (a root once its last descendant is gone too); a folio whose
+anon_vma is gone is mapped nowhere, and its rmap walk finds nothing.
 """
 
 from __future__ import annotations
@@ -53,53 +56,129 @@ if TYPE_CHECKING:
 
 @attrs.define(eq=False)
 class AnonVma:
-    """A group of VMAs that may map the same anonymous pages."""
+    """A group of VMAs that may map the same anonymous pages (``struct anon_vma``).
+
+    ``vmas`` is the interval tree of the VMAs linked to it (through their
+    anon_vma chains). ``root`` is the oldest anon_vma of the fork hierarchy
+    and ``parent`` the one it was forked from (both itself for a root).
+    ``refcount`` is one for being in use plus, at a root, one per descendant.
+    ``num_children`` counts the anon_vmas whose parent this is (a root counts
+    itself), ``num_active_vmas`` the VMAs whose ``anon_vma`` this is: the two
+    counters Linux (since v6.0) decides anon_vma reuse at fork by.
+    """
 
     id: int
     vmas: set[Vma] = attrs.field(factory=set)
     serial: int = attrs.field(factory=itertools.count(1).__next__)
+    root: AnonVma = attrs.field(default=None, repr=False)
+    parent: AnonVma = attrs.field(default=None, repr=False)
+    refcount: int = 1
+    num_children: int = 0
+    num_active_vmas: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        if self.root is None:
+            self.root = self
+        if self.parent is None:
+            self.parent = self
+
+
+def _anon_vma_alloc(machine: Machine) -> AnonVma:
+    av = AnonVma(machine.register_mapping(None))
+    machine.mappings[av.id] = av
+    return av
+
+
+def _link(vma: Vma, av: AnonVma) -> None:
+    """``anon_vma_chain_link``: ``vma`` may map pages of ``av``."""
+    vma.anon_chain.append(av)
+    av.vmas.add(vma)
 
 
 def anon_vma_prepare(machine: Machine, vma: Vma) -> AnonVma:
-    """Give ``vma`` an anon_vma before its first anonymous page."""
+    """Give ``vma`` an anon_vma before its first anonymous page (a new root)."""
     if vma.anon_vma is None:
-        av = AnonVma(machine.register_mapping(None))
-        machine.mappings[av.id] = av
+        av = _anon_vma_alloc(machine)
+        av.num_children += 1  # the self-parent link of a root
+        av.num_active_vmas += 1
         vma.anon_vma = av
-        vma.anon_chain.append(av)
-        av.vmas.add(vma)
+        _link(vma, av)
     return vma.anon_vma
 
 
 def anon_vma_clone(dst: Vma, src: Vma) -> None:
-    """Link ``dst`` (a split-off part or a copy) to every anon_vma of ``src``."""
+    """Link ``dst`` (a split-off part, a moved or merged copy) to every anon_vma of ``src``.
+
+    ``dst`` takes ``src``'s anon_vma for its new pages.
+    """
     dst.anon_vma = src.anon_vma
-    dst.anon_chain = list(src.anon_chain)
-    for av in dst.anon_chain:
-        av.vmas.add(dst)
+    dst.anon_chain = []
+    for av in src.anon_chain:
+        _link(dst, av)
+    if dst.anon_vma is not None:
+        dst.anon_vma.num_active_vmas += 1
 
 
 def anon_vma_fork(machine: Machine, child: Vma, parent: Vma) -> None:
-    """Child VMA of a fork: the parent's anon_vmas plus one of its own."""
+    """Child VMA of a fork: linked to the parent's anon_vmas, with one of its own.
+
+    As ``anon_vma_clone`` does for fork, an anon_vma of the chain that no VMA
+    uses as its own any more and that has fewer than two children is reused
+    instead of allocating a new level: this bounds the hierarchy (and every
+    chain) however many generations fork and exit. A root always has its
+    self-parent link plus a child, so it is never reused.
+    """
     child.anon_chain = []
     child.anon_vma = None
     if parent.anon_vma is None:
         return
     for av in parent.anon_chain:
-        av.vmas.add(child)
-        child.anon_chain.append(av)
-    own = AnonVma(machine.register_mapping(None))
-    machine.mappings[own.id] = own
-    own.vmas.add(child)
-    child.anon_chain.append(own)
+        _link(child, av)
+        if child.anon_vma is None and av.num_children < 2 and av.num_active_vmas == 0:
+            child.anon_vma = av
+    if child.anon_vma is not None:
+        child.anon_vma.num_active_vmas += 1
+        return
+    own = _anon_vma_alloc(machine)
+    own.num_active_vmas += 1
+    own.root = parent.anon_vma.root
+    own.parent = parent.anon_vma
+    own.root.refcount += 1  # get_anon_vma(root): a root outlives its descendants
+    own.parent.num_children += 1
     child.anon_vma = own
+    _link(child, own)
 
 
 def unlink_anon_vmas(vma: Vma) -> None:
+    """The VMA goes away (``unlink_anon_vmas``): anon_vmas left empty are freed."""
+    machine = vma.mm.machine
+    empty = []
     for av in vma.anon_chain:
         av.vmas.discard(vma)
+        if not av.vmas:
+            av.parent.num_children -= 1
+            empty.append(av)
+    if vma.anon_vma is not None:
+        vma.anon_vma.num_active_vmas -= 1
     vma.anon_chain = []
     vma.anon_vma = None
+    for av in empty:
+        if av.num_children or av.num_active_vmas:
+            raise AssertionError(f"anon_vma {av.id} freed while still in use")
+        put_anon_vma(machine, av)
+
+
+def put_anon_vma(machine: Machine, av: AnonVma) -> None:
+    """Drop a reference; the last frees the anon_vma (and its root's reference)."""
+    av.refcount -= 1
+    if av.refcount > 0:
+        return
+    if av.refcount < 0:
+        raise AssertionError(f"anon_vma {av.id} refcount underflow")
+    machine.mappings.pop(av.id, None)
+    root = av.root
+    if root is not av:
+        put_anon_vma(machine, root)
 
 
 def root_anon_vma(vma: Vma) -> AnonVma:
