@@ -44,7 +44,7 @@ import enum
 import errno
 import sys
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import numpy as np
@@ -376,6 +376,8 @@ class DmaDevice:
     #: Bytes the device moved by DMA.
     bytes_read: int = 0
     bytes_written: int = 0
+    #: The PCI function this device is (``hmmsim.pci.PciDev``), if any.
+    pci: Any = None
     #: Per physical pfn: live mappings that let the device read / write it.
     _rd: NDArray[np.int32] = attrs.field(init=False)
     _wr: NDArray[np.int32] = attrs.field(init=False)
@@ -498,6 +500,11 @@ class DmaDevice:
         n = ((addr + length - 1) >> PAGE_SHIFT) - first + 1
         need = IOMMU_WRITE if write else IOMMU_READ
         verb = "store to" if write else "load from"
+        if self.pci is not None:
+            # Peer-to-peer by bus address: routed by the switches, not the IOMMU.
+            peer = self.pci.topology.peer_pfns(self.pci, addr, length)
+            if peer is not None:
+                return peer
         if self.domain is not None:
             pfns = np.empty(n, np.int64)
             for i in range(n):
@@ -1056,7 +1063,7 @@ def pci_p2pdma_state(state: PciP2PDmaMapState, dev: DmaDevice, pfn: int) -> PciP
 
     Ordinary memory (RAM, device-coherent) is ``PCI_P2PDMA_MAP_NONE``. A PCI
     P2PDMA page is classified by the PCI topology: its pagemap's
-    ``p2p_map_type(dev)`` (set by the P2PDMA provider) gives the map type and
+    ``ops.p2p_map_type(dev)`` (set by the P2PDMA provider) gives the map type and
     bus offset for this client, cached in ``state`` per pagemap. A P2PDMA page
     whose provider cannot say is ``PCI_P2PDMA_MAP_NOT_SUPPORTED``.
     """
@@ -1065,7 +1072,7 @@ def pci_p2pdma_state(state: PciP2PDmaMapState, dev: DmaDevice, pfn: int) -> PciP
         return PCI_P2PDMA_MAP_NONE
     if state.pgmap is not pgmap:
         state.pgmap = pgmap
-        how = getattr(pgmap, "p2p_map_type", None)
+        how = getattr(pgmap.ops, "p2p_map_type", None)
         if how is None:
             state.map, state.bus_off = PCI_P2PDMA_MAP_NOT_SUPPORTED, 0
         else:

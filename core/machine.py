@@ -108,6 +108,8 @@ class Machine:
     notifier_warnings: list[str] = attrs.field(factory=list)
     #: DMA-API debugging state (``hmmsim.dma.DmaDebug``), made on first DMA use.
     dma_debug: Any = None
+    #: The PCI topology (``hmmsim.pci.PciTopology``), made on first use.
+    pci: Any = None
     #: Sleepers on migration entries (``migration_entry_wait``).
     migration_wq: WaitQueue = attrs.field(factory=lambda: WaitQueue("migration"))
     #: Where ``reclaim`` resumes its scan of physical memory.
