@@ -172,7 +172,7 @@ def test_add_resource_rules(machine):
 def test_find_picks_the_closest_published_provider(machine):
     topo = pci_topology(machine)
     rp = topo.add_root_port(topo.add_host_bridge())
-    _, (d0, d1, d2) = topo.add_switch(rp, ports=3)
+    _, (d0, d1, _d2) = topo.add_switch(rp, ports=3)
     near = provider_under(topo, d0, "near")
     client = topo.add_endpoint(d0, "client", function_of=near)
     other = provider_under(topo, d1, "other")
@@ -305,7 +305,7 @@ def test_hmm_dma_map_pfn_fails_for_a_peer_it_cannot_reach(machine):
 
 
 def test_bus_address_of_a_peer_behind_acs_is_not_reachable_directly(machine):
-    gpu, nic, p, f = allocate_setup(machine, acs=PCI_ACS_RR)
+    gpu, nic, _p, _f = allocate_setup(machine, acs=PCI_ACS_RR)
     bar = gpu.bars[0]
     with pytest.raises(IommuFault):
         dma_write(nic.dma, bar.bus_addr, b"x")
