@@ -41,6 +41,7 @@ from hmmsim.dma import (
     machine_violations,
     sg_alloc_table_from_pages,
 )
+from hmmsim.testing.invariants import check_dma_contract, check_no_leaks
 
 
 @pytest.fixture
@@ -302,3 +303,23 @@ def test_map_calls_are_counted_in_costs(machine, dev):
         dma_map_page(dev, pfn, 0, PAGE, DMA_TO_DEVICE)
     assert machine.costs.dma_maps == before + 2
     assert np.array_equal(dev.mapped_span(pfns[0], 1), [True])
+
+
+def test_dma_invariant_fails_on_a_recorded_violation(machine, dev):
+    check_dma_contract(machine)  # nothing recorded yet
+    with pytest.raises(IommuFault):
+        dma_read(dev, 0x5000, 1)
+    with pytest.raises(AssertionError, match="1 DMA violation"):
+        check_dma_contract(machine)
+
+
+def test_leak_invariant_fails_on_a_live_mapping_after_close(machine, dev):
+    p, _a, pfns = populated(machine, 1)
+    addr = dma_map_page(dev, pfns[0], 0, PAGE, DMA_TO_DEVICE)
+    p.exit()
+    # The page was freed under the mapping, and the mapping is still there.
+    with pytest.raises(AssertionError, match="DMA mapping"):
+        check_no_leaks(machine)
+    assert kinds(machine) == ["freed_while_mapped"]
+    dma_unmap_page(dev, addr, PAGE, DMA_TO_DEVICE)
+    check_no_leaks(machine)
