@@ -274,6 +274,7 @@ class IommuDomain:
             start = (hi - size) & ~(align - 1)
             if start >= lo:
                 j = bisect.bisect_left(self._starts, start)
+                self.machine.costs.iova_bytes += size << PAGE_SHIFT
                 self._starts.insert(j, start)
                 self._ends.insert(j, start + size)
                 return start
@@ -307,6 +308,7 @@ class IommuDomain:
                         raise InvalidArgument(f"iommu_map: IOVA page {v:#x} is already mapped")
                     table[v >> order] = (p, prot)
                     self.ptes += 1
+                    self.machine.costs.iommu_ptes += 1
                     done += n
                     break
         self.machine.clock.advance(COST_IOMMU_PTE_NS * npages)
@@ -325,8 +327,12 @@ class IommuDomain:
                     break
             else:
                 raise InvalidArgument(f"iommu_unmap: IOVA page {v:#x} is not mapped")
+        self.flush_iotlb()
+
+    def flush_iotlb(self) -> None:
+        """``iommu_iotlb_sync``: one flush command (``unmap`` already dropped its entries)."""
         self.iotlb_flushes += 1
-        self.machine.costs.tlb_flushes += 0  # CPU TLBs are untouched
+        self.machine.costs.iotlb_flushes += 1
         self.machine.clock.advance(COST_IOTLB_FLUSH_NS)
 
     def translate(self, iova_pfn: int) -> tuple[int, int] | None:
@@ -472,6 +478,7 @@ class DmaDevice:
                 if not ms:
                     del self.live[addr]
                 self.nr_live -= 1
+                self.machine.costs.dma_unmaps += 1
                 self._account(m, -1)
                 return m
         if ms:
@@ -573,7 +580,7 @@ def dma_read(dev: DmaDevice, addr: int, length: int) -> bytes:
         left -= n
         off = 0
     dev.bytes_read += length
-    dev.machine.costs.bytes_copied += length
+    dev.machine.costs.dma_bytes += length
     dev.machine.clock.advance(COST_DMA_BYTE_NS_PER_KB * ((length + 1023) >> 10))
     return bytes(out)
 
@@ -597,7 +604,7 @@ def dma_write(dev: DmaDevice, addr: int, data: bytes | bytearray | memoryview) -
         at += n
         off = 0
     dev.bytes_written += len(mv)
-    dev.machine.costs.bytes_copied += len(mv)
+    dev.machine.costs.dma_bytes += len(mv)
     dev.machine.clock.advance(COST_DMA_BYTE_NS_PER_KB * ((len(mv) + 1023) >> 10))
 
 
@@ -965,8 +972,7 @@ def dma_iova_sync(dev: DmaDevice, state: DmaIovaState, offset: int, size: int) -
     """``dma_iova_sync``: make the links of [offset, offset + size) visible (IOTLB sync)."""
     if dev.domain is None or not dma_use_iova(state):
         return -errno.EINVAL
-    dev.domain.iotlb_flushes += 1
-    dev.machine.clock.advance(COST_IOTLB_FLUSH_NS)
+    dev.domain.flush_iotlb()
     return 0
 
 

@@ -323,3 +323,19 @@ def test_leak_invariant_fails_on_a_live_mapping_after_close(machine, dev):
     assert kinds(machine) == ["freed_while_mapped"]
     dma_unmap_page(dev, addr, PAGE, DMA_TO_DEVICE)
     check_no_leaks(machine)
+
+
+def test_dma_costs_count_maps_unmaps_iova_ptes_flushes_and_bytes(machine):
+    dev = DmaDevice(machine, "gpu", domain=IommuDomain(machine))
+    _, _, pfns = populated(machine, 1)
+    before = machine.costs.snapshot()
+    addr = dma_map_page(dev, pfns[0], 100, 3 * PAGE, DMA_BIDIRECTIONAL)  # spans 4 pages
+    dma_write(dev, addr, b"12345")
+    dma_read(dev, addr, 3)
+    dma_unmap_page(dev, addr, 3 * PAGE, DMA_BIDIRECTIONAL)
+    d = machine.costs.since(before)
+    assert d["dma_maps"] == 1 and d["dma_unmaps"] == 1
+    assert d["iova_bytes"] == 4 * PAGE
+    assert d["iommu_ptes"] == 4
+    assert d["iotlb_flushes"] == 1
+    assert d["dma_bytes"] == 8
