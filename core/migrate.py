@@ -1062,12 +1062,15 @@ def migrate_device_coherent_folio(machine: Machine, head: int) -> None:
 # ----- device-exclusive access ----------------------------------------------------------
 
 
-def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> int:
+def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> tuple[int, int]:
     """Give a device exclusive access to the anonymous page at ``addr``.
 
-    Returns the folio (head pfn), locked and referenced: the caller programs
-    its device mapping, then ``folio_unlock``s and ``put_page``s it. The CPU's
-    next touch restores the PTE and sends ``MMU_NOTIFY_EXCLUSIVE`` (owner None).
+    Returns ``(page, folio)``: the pfn of the page at ``addr`` and the head
+    pfn of its folio (they differ inside a PTE-mapped large folio), as the
+    kernel returns the page and fills ``*foliop``. The folio is locked and
+    referenced: the caller maps ``page`` in its device page table, then
+    ``folio_unlock``s and ``put_page``s the folio. The CPU's next touch
+    restores the PTE and sends ``MMU_NOTIFY_EXCLUSIVE`` (owner None).
     """
     from .gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, get_user_pages
 
@@ -1100,7 +1103,7 @@ def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> int:
                 pt.set(loc, make_softleaf(SWP_DEVICE_EXCLUSIVE, pfn))
                 machine.costs.pte_writes += 1
         if ok:
-            return head
+            return pfn, head
         phys.folio_unlock(head)
         phys.put_page(pfn)
 
