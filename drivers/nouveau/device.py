@@ -94,10 +94,11 @@ class NouveauDrm(Device):
         self._next_inst += 0x1000
         return self._next_inst
 
-    def kill_channel(self, inst: int) -> None:
+    def kill_channel(self, inst: int, cause: Exception | None = None) -> None:
         chan = self.channels.get(inst)
-        if chan is not None:
+        if chan is not None and not chan.killed:
             chan.killed = True
+            chan.cause = cause
 
     def remove(self) -> None:
         """Driver unload: close every client, evict VRAM, report DMA leaks."""
@@ -166,6 +167,7 @@ class NouveauChannel:
         self.cli = cli
         self.inst = inst
         self.killed = False
+        self.cause: Exception | None = None
         self.faults = 0
 
     def __repr__(self) -> str:
@@ -200,7 +202,9 @@ class NouveauChannel:
         rounds = 0
         while pending:
             if self.killed:
-                raise ChannelKilled(f"nouveau: {self!r} was killed by a cancelled fault")
+                raise ChannelKilled(
+                    f"nouveau: {self!r} was killed by a cancelled fault", self.cause
+                )
             svmm = self.cli.svm
             vmm = svmm.vmm if svmm is not None else None
             sched.point("nouveau:gpu_access")
@@ -211,7 +215,7 @@ class NouveauChannel:
                 if codes[i] == FAULT_ACCESS_PREFETCH and rounds:
                     results[i] = b""  # a prefetch completes once its fault was replayed
                 elif need and vmm is not None and vmm.satisfies(addr, need):
-                    results[i] = vmm.access(addr, need, data, length)
+                    results[i] = vmm.access(addr, need, data, length) if length else b""
                 else:
                     still.append(i)
             pending = still

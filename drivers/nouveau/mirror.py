@@ -14,7 +14,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from hmmsim.driver import DevicePte, MemoryKind, Mirror, check_user_pages, check_user_range
-from hmmsim.errors import NotSupported
+from hmmsim.errors import HmmsimError, NotSupported
 from hmmsim.memremap import (
     MEMORY_DEVICE_COHERENT,
     MEMORY_DEVICE_PCI_P2PDMA,
@@ -22,6 +22,7 @@ from hmmsim.memremap import (
 )
 
 from . import uapi
+from .svm import ChannelKilled
 from .uapi import NVIF_VMM_PFNMAP_V0_A, NVIF_VMM_PFNMAP_V0_W
 from .vmm import PAGE_SHIFT, PAGE_SIZE
 
@@ -62,9 +63,20 @@ class NouveauMirror(Mirror):
         return out
 
     def _batched(self, accesses: list[tuple[int, str, bytes | None, int]]) -> list[bytes]:
+        """Run the accesses in batches. A cancelled fault kills the channel; the
+        error is raised as the cause the driver saw (``BadAddress``,
+        ``NotPermitted`` ...), and, as an application would, the mirror
+        continues on a new channel."""
         out: list[bytes] = []
         for i in range(0, len(accesses), ACCESS_BATCH):
-            out += self.channel.run(accesses[i : i + ACCESS_BATCH])
+            try:
+                out += self.channel.run(accesses[i : i + ACCESS_BATCH])
+            except ChannelKilled as exc:
+                self.channel = self.cli.channel_new()
+                cause = exc.cause
+                if isinstance(cause, HmmsimError):
+                    raise type(cause)(f"nouveau: GPU fault cancelled: {cause.message}") from exc
+                raise
         return out
 
     def read(self, addr: int, length: int) -> bytes:
@@ -76,9 +88,10 @@ class NouveauMirror(Mirror):
     def write(self, addr: int, data: bytes) -> None:
         check_user_range(addr, len(data), "nouveau write")
         mv = memoryview(bytes(data))
-        self._batched(
-            [(a, "write", bytes(mv[o : o + n]), n) for a, o, n in self._pieces(addr, len(data))]
-        )
+        pieces = self._pieces(addr, len(data))
+        # Fault every page in for writing first, so a failure stores nothing.
+        self._batched([(a, "write", None, 0) for a, _o, _n in pieces])
+        self._batched([(a, "write", bytes(mv[o : o + n]), n) for a, o, n in pieces])
 
     def _kind(self, pfn: int, vram: bool) -> MemoryKind:
         if vram:

@@ -442,10 +442,14 @@ class NouveauSvm:
         if replay:
             self.replays += 1
 
-    def cancel(self, fault: FaultEntry) -> None:
-        """``nouveau_svm_fault_cancel_fault``: the engine resets, the channel dies."""
+    def cancel(self, fault: FaultEntry, cause: Exception | None = None) -> None:
+        """``nouveau_svm_fault_cancel_fault``: the engine resets, the channel dies.
+
+        ``cause`` is what made servicing fail (kept for the generic mirror's
+        error; the hardware only tells user space that the channel is gone).
+        """
         self.cancelled.append(fault)
-        self.drm.kill_channel(fault.inst)
+        self.drm.kill_channel(fault.inst, cause)
 
     def _batch_mainline(self, faults: list[FaultEntry], svmms: list[Any]) -> int:
         replay = 0
@@ -508,7 +512,7 @@ class NouveauSvm:
             if err is not None:
                 self.warnings.append(f"fault at {fi.addr:#x} failed: {err}")
                 for k in range(i, j):
-                    self.cancel(faults[k])
+                    self.cancel(faults[k], err)
             else:
                 replay += 1
             i = j
@@ -592,4 +596,11 @@ class NoSys(HmmsimError):
 
 
 class ChannelKilled(BadAddress):
-    """An access from a channel that was killed by a cancelled fault."""
+    """An access from a channel that was killed by a cancelled fault.
+
+    ``cause`` is the error that made the driver cancel the fault, when known.
+    """
+
+    def __init__(self, message: str, cause: Exception | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
