@@ -233,6 +233,16 @@ class Driver(abc.ABC):
         """Capabilities of a device probed with ``params`` (default: the class's)."""
         return self.capabilities
 
+    def expected_failures(self, **params: Any) -> dict[str, str]:
+        """Conformance checks a device probed with ``params`` is known to fail.
+
+        Maps a check name (``check_...``) to the reason: the real driver's bug
+        or quirk the model keeps on purpose, and the commit that fixed it (or
+        "not fixed"). The suite reports such a failure as expected, and a
+        declared check that passes as a failure (strict). Default: none.
+        """
+        return {}
+
     @abc.abstractmethod
     def probe(self, machine: Machine, **params: Any) -> Device:
         """Create a device on ``machine``; raise ``InvalidArgument`` for bad params."""
