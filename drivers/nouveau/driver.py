@@ -110,7 +110,7 @@ class Nouveau(Driver):
 
     def expected_failures(self, **params: Any) -> dict[str, str]:
         """The quirks of the real driver that the suite catches, per era."""
-        era, family, _vram, _pci = self._params(params)
+        era, _family, _vram, _pci = self._params(params)
         out = dict(_QUIRKS)
         if era != "mainline":
             out["check_race_read_vs_mprotect"] = _STALE_REQUESTS
