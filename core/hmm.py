@@ -391,7 +391,34 @@ def _walk_window(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) ->
         loc, entry, _level = mm.pt.lookup(addr >> PAGE_SHIFT)
         wait_on_migration(vma, loc, entry)
         raise _Fault(addr)
-    _hmm_vma_fault(rng, vma, addr, _chunk_end(mm, vma, rng, addr), a)
+    end = _chunk_end(mm, vma, rng, addr)
+    if a in (_ACT_FAULT, _ACT_WRITE_FAULT):
+        addr, a = _pte_hole(mm, lo, addr, end, rng, a)
+    _hmm_vma_fault(rng, vma, addr, end, a)
+
+
+def _pte_hole(
+    mm: AddressSpace, lo: int, addr: int, end: int, rng: HmmRange, act: int
+) -> tuple[int, int]:
+    """Where the fault at ``addr`` starts and what it asks, when no PTE table is there.
+
+    A missing table is one ``pte_hole`` call for the whole span the walk
+    reaches in it, [max(walk start, span start), end): the need is the OR of
+    every entry of the span (one entry asking for a write makes every page a
+    write fault), and every page of the span is faulted, asked for or not.
+    Where the table exists, each PTE decides alone and the fault runs from the
+    first PTE that needs one (``hmm_vma_handle_pte``).
+    """
+    vpn = addr >> PAGE_SHIFT
+    pt = mm.pt
+    pmdloc = pt.pmd_loc(vpn)
+    if pmdloc >= 0 and int(pt.flat[pmdloc]) != 0:
+        return addr, act  # a table (or a leaf) is there: not a hole
+    span = PMD_PAGES
+    if pmdloc < 0:
+        span = PUD_PAGES if pt.pud_loc(vpn) >= 0 else PUD_PAGES * 512
+    start = max(lo, (vpn & ~(span - 1)) << PAGE_SHIFT)
+    return start, max(act, _span_need(_requests(rng, start, end)))
 
 
 #: PRESENT, WRITE and pfn: with the model's entry layout this *is* the HMM pfn.
