@@ -140,7 +140,13 @@ class GpuVmm:
         """Remove the entries overlapping [addr, addr + size) (not yet unmapped)."""
         out: list[GpuPte] = []
         first, last = addr >> PAGE_SHIFT, (addr + size - 1) >> PAGE_SHIFT
-        for big in range(first >> _PD0_ORDER, (last >> _PD0_ORDER) + 1):
+        lo, hi = first >> _PD0_ORDER, last >> _PD0_ORDER
+        bigs = (
+            [b for b in self.pd0 if lo <= b <= hi]
+            if len(self.pd0) < hi - lo + 1
+            else range(lo, hi + 1)
+        )
+        for big in bigs:
             pte = self.pd0.pop(big, None)
             if pte is not None:
                 out.append(pte)
