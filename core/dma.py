@@ -50,7 +50,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import BadAddress, InvalidArgument
+from .errors import BadAddress, InvalidArgument, IoFailure
 from .memremap import MEMORY_DEVICE_PCI_P2PDMA
 from .mm.pagetable import PAGE_SHIFT, PAGE_SIZE
 
@@ -253,16 +253,21 @@ class IommuDomain:
     iotlb_flushes: int = 0
     ptes: int = 0
 
-    # IOVA allocation (drivers/iommu/iova.c): top-down below the limit,
-    # size-aligned for small sizes.
+    # IOVA allocation (drivers/iommu/iova.c): top-down below the limit.
     def alloc_iova(self, npages: int, limit_pages: int) -> int | None:
-        """``alloc_iova_fast``: a free IOVA range of ``npages``; None when full."""
+        """``alloc_iova_fast``: a free IOVA range of ``npages``; None when full.
+
+        As ``iommu_dma_alloc_iova`` asks: sizes under 32 pages are rounded up
+        to a power of two, and every range is aligned to the power of two at
+        or above its size (``size_aligned``), so a 2 MiB range can use 2 MiB
+        IOMMU entries.
+        """
         if npages <= 0:
             raise InvalidArgument("alloc_iova of no pages")
         size = npages
         if size < _IOVA_ROUNDUP_PAGES:
             size = 1 << (size - 1).bit_length()
-        align = 1 << (size - 1).bit_length() if size < _IOVA_ROUNDUP_PAGES else 1
+        align = 1 << (size - 1).bit_length()
         limit = min(limit_pages, self.aperture_pages)
         hi = limit
         # Walk allocated ranges from the top: take the highest gap that fits.
@@ -751,10 +756,10 @@ def dma_set_mask(dev: DmaDevice, mask: int) -> None:
     """``dma_set_mask``.
 
     Raises:
-        InvalidArgument: a mask below 24 bits (the kernel's ``-EIO``).
+        IoFailure: a mask below 24 bits, which no platform supports (-EIO).
     """
     if mask < (1 << 24) - 1:
-        raise InvalidArgument(f"dma_set_mask: {mask:#x} is too small")
+        raise IoFailure(f"dma_set_mask: {mask:#x} is too small")
     dev.dma_mask = mask
 
 
@@ -842,7 +847,7 @@ def dma_map_sgtable(dev: DmaDevice, sgt: SgTable, direction: int, attrs_: int = 
 
     Raises:
         InvalidArgument: a bad direction, or a table that is already mapped.
-        BadAddress: the device cannot reach the memory (the kernel's -EIO).
+        IoFailure: the device cannot reach the memory, or no IOVA is left (-EIO).
     """
     d = _check_dir(direction)
     if sgt.dma_segments:
@@ -855,13 +860,13 @@ def dma_map_sgtable(dev: DmaDevice, sgt: SgTable, direction: int, attrs_: int = 
         for p, o, n in sgt.sgl:
             addr = (p << PAGE_SHIFT) + o + dev.bus_offset
             if addr + n - 1 > dev.dma_mask:
-                raise BadAddress(f"dma_map_sgtable: {addr:#x} is beyond the DMA mask")
+                raise IoFailure(f"dma_map_sgtable: {addr:#x} is beyond the DMA mask")
             segs.append((addr, n))
     else:
         domain = dev.domain
         iova = domain.alloc_iova(len(pfns), (dev.dma_mask >> PAGE_SHIFT) + 1)
         if iova is None:
-            raise BadAddress("dma_map_sgtable: IOVA space exhausted")
+            raise IoFailure("dma_map_sgtable: IOVA space exhausted")
         at = iova
         for p, o, n in sgt.sgl:
             npg = (o + n + PAGE_SIZE - 1) >> PAGE_SHIFT

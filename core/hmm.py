@@ -51,7 +51,7 @@ from .dma import (
     dma_use_iova,
     pci_p2pdma_state,
 )
-from .errors import BadAddress, Busy, InvalidArgument, NotPermitted, NotSupported
+from .errors import BadAddress, Busy, InvalidArgument, KernelBug, NotPermitted, NotSupported
 from .mm.fault import VM_FAULT_ERROR, populate_range, wait_on_migration
 from .mm.pagetable import (
     CHUNK_PMD,
@@ -580,14 +580,19 @@ def hmm_dma_map_alloc(dev: DmaDevice, map: HmmDmaMap, nr_entries: int, dma_entry
     always needs the addresses to unmap).
 
     Raises:
-        InvalidArgument: ``nr_entries * PAGE_SIZE / dma_entry_size`` is 0 (a
-            WARN in the kernel), or a non-positive size.
+        KernelBug: ``nr_entries * PAGE_SIZE / dma_entry_size`` is 0 (the
+            kernel WARNs).
+        InvalidArgument: a non-positive count or entry size.
         NotSupported: the device needs DMA syncs or is addressing limited
             (SWIOTLB could bounce, and HMM cannot hand buffer ownership over).
     """
-    if nr_entries <= 0 or dma_entry_size <= 0 or not nr_entries * PAGE_SIZE // dma_entry_size:
+    if nr_entries <= 0 or dma_entry_size <= 0:
         raise InvalidArgument(
             f"hmm_dma_map_alloc: {nr_entries} entries of {dma_entry_size:#x} bytes"
+        )
+    if not nr_entries * PAGE_SIZE // dma_entry_size:
+        raise KernelBug(
+            f"hmm_dma_map_alloc: {nr_entries} pages hold no {dma_entry_size:#x}-byte entry"
         )
     if dev.need_sync():
         raise NotSupported(f"hmm_dma_map_alloc: {dev.name} needs DMA syncs or bouncing")

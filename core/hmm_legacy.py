@@ -21,6 +21,9 @@ The output array is the input array, as in the kernel. Departure: an attempt
 that fails leaves the array as the driver wrote it (the kernel leaves the
 entries it had walked overwritten with outputs).
 
+Special mappings (a PFN map's special PTEs) come back as ``values[HMM_PFN_ERROR]``,
+not ``values[HMM_PFN_SPECIAL]``: the modern walk reports both as ERROR.
+
 The walk itself is the modern one (``hmmsim.hmm.hmm_range_fault``), so fault
 and invalidation behaviour is the current kernel's. Only the input and output
 encodings are the 5.7 ones, and the output carries no mapping order (5.7 had

@@ -24,13 +24,14 @@ of its own, on a host bridge of its own, behind its own IOMMU domain.
 Map types follow ``calc_map_type_and_dist`` of the kernel before the 2025-26
 per-port ACS rework: walk up from the provider; for each of its bridges (itself
 included) walk up from the client; the first common one gives the distance
-(hops on both sides). ACS redirect (RR, CR or EC) on any bridge of either path
-up to the common one sends traffic through the host bridge
-(``PCI_P2PDMA_MAP_THRU_HOST_BRIDGE``); without it the peers talk by bus address
-(``PCI_P2PDMA_MAP_BUS_ADDR``). With no common bridge, traffic must cross host
-bridges: allowed for an AMD Zen CPU (family 0x17 or later) or when both host
-bridges are on the whitelist, else ``PCI_P2PDMA_MAP_NOT_SUPPORTED``. Results
-are cached per (provider, client).
+(hops on both sides). With a common bridge and no ACS redirect (RR, CR or EC)
+on either path up to it, the peers talk by bus address
+(``PCI_P2PDMA_MAP_BUS_ADDR``). Otherwise (ACS redirects upstream, or no common
+bridge) the traffic goes through the host bridge: allowed
+(``PCI_P2PDMA_MAP_THRU_HOST_BRIDGE``) for an AMD Zen CPU (family 0x17 or
+later) or when both host bridges are on the whitelist, else
+``PCI_P2PDMA_MAP_NOT_SUPPORTED``. The map type is cached per (provider,
+client) for the mapping path.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from .dma import (
     IommuDomain,
     PciP2PDmaMapType,
 )
-from .errors import InvalidArgument, NoEntry, OutOfMemory
+from .errors import InvalidArgument, NoDevice, OutOfMemory
 from .memremap import (
     MEMORY_DEVICE_PCI_P2PDMA,
     DevPagemap,
@@ -132,8 +133,8 @@ class P2PDmaProvider:
     #: Free P2P pfns (the ``gen_pool``), lowest first.
     free: list[int] = attrs.field(factory=list)
     published: bool = False
-    #: ``map_types``: client function -> (map type, distance).
-    map_types: dict[int, tuple[PciP2PDmaMapType, int]] = attrs.field(factory=dict)
+    #: ``map_types``: client function -> map type (read by the mapping path).
+    map_types: dict[int, PciP2PDmaMapType] = attrs.field(factory=dict)
 
     @property
     def size(self) -> int:
@@ -163,7 +164,7 @@ class _P2PPageOps:
         client = dev.pci
         if not isinstance(client, PciDev):
             return PCI_P2PDMA_MAP_NOT_SUPPORTED, 0
-        return calc_map_type_and_dist(self.provider.pdev, client)[0], self.bus_off
+        return pci_p2pdma_map_type(self.provider.pdev, client), self.bus_off
 
 
 @attrs.define(eq=False, repr=False)
@@ -396,7 +397,7 @@ def _peer_pfns(topo: PciTopology, client: PciDev, addr: int, length: int) -> Any
             first = (addr - ops.bus_off) >> PAGE_SHIFT
             last = (addr + length - 1 - ops.bus_off) >> PAGE_SHIFT
             if pg.range.start <= first and last < pg.range.stop:
-                if calc_map_type_and_dist(prov, client)[0] != PCI_P2PDMA_MAP_BUS_ADDR:
+                if pci_p2pdma_map_type(prov, client) != PCI_P2PDMA_MAP_BUS_ADDR:
                     return None
                 return np.arange(first, last + 1, dtype=np.int64)
     return None
@@ -453,10 +454,12 @@ def host_bridge_whitelist(a: PciDev, b: PciDev) -> bool:
 
 
 def calc_map_type_and_dist(provider: PciDev, client: PciDev) -> tuple[PciP2PDmaMapType, int]:
-    """``calc_map_type_and_dist``: how ``client`` reaches ``provider``'s BAR, and how far."""
-    cached = provider.p2pdma.map_types.get(client.id) if provider.p2pdma else None
-    if cached is not None:
-        return cached
+    """``calc_map_type_and_dist``: how ``client`` reaches ``provider``'s BAR, and how far.
+
+    Computed afresh on every call, as in the kernel. The map type (not the
+    distance) is stored in the provider's cache, which only the mapping path
+    reads (``pci_p2pdma_map_type``).
+    """
     acs = 0
     common = None
     dist_a = 0
@@ -475,14 +478,28 @@ def calc_map_type_and_dist(provider: PciDev, client: PciDev) -> tuple[PciP2PDmaM
         dist_a += 1
     if common is None:
         dist = dist_a + len(client.ancestors())
-        ok = cpu_supports_p2pdma(provider.topology) or host_bridge_whitelist(provider, client)
-        kind = PCI_P2PDMA_MAP_THRU_HOST_BRIDGE if ok else PCI_P2PDMA_MAP_NOT_SUPPORTED
     else:
         dist = dist_a + dist_b
-        kind = PCI_P2PDMA_MAP_THRU_HOST_BRIDGE if acs else PCI_P2PDMA_MAP_BUS_ADDR
+    if common is not None and not acs:
+        kind = PCI_P2PDMA_MAP_BUS_ADDR
+    elif cpu_supports_p2pdma(provider.topology) or host_bridge_whitelist(provider, client):
+        # No common bridge, or ACS redirects upstream: the traffic goes through
+        # the host bridge, which must be able to route it.
+        kind = PCI_P2PDMA_MAP_THRU_HOST_BRIDGE
+    else:
+        kind = PCI_P2PDMA_MAP_NOT_SUPPORTED
     if provider.p2pdma is not None:
-        provider.p2pdma.map_types[client.id] = (kind, dist)
+        provider.p2pdma.map_types[client.id] = kind
     return kind, dist
+
+
+def pci_p2pdma_map_type(provider: PciDev, client: PciDev) -> PciP2PDmaMapType:
+    """``pci_p2pdma_map_type``: the cached map type, computed on the first look-up."""
+    prov = provider.p2pdma
+    cached = prov.map_types.get(client.id) if prov is not None else None
+    if cached is not None:
+        return cached
+    return calc_map_type_and_dist(provider, client)[0]
 
 
 def pci_p2pdma_distance_many(provider: PciDev, clients: list[PciDev]) -> int:
@@ -616,7 +633,7 @@ class P2PMemAllocateFile:
 
         Raises:
             InvalidArgument: not ``MAP_SHARED``, or a non-zero offset.
-            NoEntry: the device has no P2PDMA memory (the kernel's -ENODEV).
+            NoDevice: the device has no P2PDMA memory (-ENODEV).
             OutOfMemory: the pool cannot hold the whole mapping.
         """
         if not vma.flags & VM_SHARED:
@@ -624,7 +641,7 @@ class P2PMemAllocateFile:
         if vma.pgoff:
             raise InvalidArgument(f"{self!r}: mmap offset must be 0")
         if self.pdev.p2pdma is None:
-            raise NoEntry(f"{self!r}: no P2PDMA memory")
+            raise NoDevice(f"{self!r}: no P2PDMA memory")
         pages = pci_alloc_p2pmem(self.pdev, vma.end - vma.start)
         if pages is None:
             raise OutOfMemory(f"{self!r}: pool exhausted for {vma.end - vma.start:#x} bytes")

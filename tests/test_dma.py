@@ -279,6 +279,9 @@ def test_iova_allocator_is_top_down_size_aligned_and_reuses_freed_space(machine)
     assert a == limit - 4
     b = dom.alloc_iova(1, limit)
     assert b == limit - 5
+    c = dom.alloc_iova(40, limit)  # not rounded (>= 32 pages) but 64-page aligned
+    assert c % 64 == 0 and c + 40 <= limit - 5
+    assert dom.iova_allocated() == 4 + 1 + 40
     dom.free_iova(a)
     assert dom.alloc_iova(4, limit) == limit - 4
     with pytest.raises(InvalidArgument):

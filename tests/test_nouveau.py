@@ -370,3 +370,25 @@ def test_eras_declare_what_they_had_and_their_expected_failures(machine):
     assert drv.capabilities_for(family="volta") == Capability.NONE
     assert "check_race_read_vs_mprotect" in drv.expected_failures(era="5.8")
     assert "check_race_read_vs_mprotect" not in drv.expected_failures()
+
+
+def test_a_pfnmap_that_fails_half_way_still_unmaps_what_it_replaced(machine):
+    drm, p, cli, chan = client(machine)
+    a = p.mmap(PAGE, RW, ANON)
+    chan.access(a, "read")
+    assert drm.dma.nr_live == 1
+    flushes = vmm(cli).tlb_flushes
+    with pytest.raises(InvalidArgument):  # a word for a pfn outside memory
+        vmm(cli).pfnmap(a, 12, [((1 << 40) << 12) | V])
+    assert vmm(cli).lookup(a) is None
+    assert vmm(cli).tlb_flushes == flushes + 1 and drm.dma.nr_live == 0
+
+
+def test_v58_atomic_is_serviced_as_a_write(machine):
+    _drm, p, cli, chan = client(machine, era="5.8")
+    a = p.mmap(PAGE, RW, ANON)
+    p.write(a, b"a")
+    chan.access(a, "atomic")
+    pte = vmm(cli).lookup(a)
+    assert pte.word & W and not pte.word & A
+    assert p.pagemap(a, 1)[0].kind == "anon"  # no device-exclusive entry before v5.14

@@ -13,7 +13,7 @@ from hmmsim import (
     InvalidArgument,
     Machine,
     MachineConfig,
-    NoEntry,
+    NoDevice,
     OutOfMemory,
     RemoteIO,
     mmu_interval_notifier_insert,
@@ -55,6 +55,7 @@ from hmmsim.pci import (
     pci_p2pdma_add_resource,
     pci_p2pdma_distance,
     pci_p2pdma_distance_many,
+    pci_p2pdma_map_type,
     pci_p2pdma_remove,
     pci_p2pmem_allocate_file,
     pci_p2pmem_find,
@@ -106,13 +107,17 @@ def test_distance_table_of_the_kernel_cases(machine):
     assert pci_p2pdma_distance_many(gpu, [nic, far]) == -1
 
 
-def test_acs_redirect_on_the_path_routes_through_the_host_bridge(machine):
+@pytest.mark.parametrize(
+    ("hb_device", "expected"),
+    [(0x2030, PCI_P2PDMA_MAP_THRU_HOST_BRIDGE), (0x1234, PCI_P2PDMA_MAP_NOT_SUPPORTED)],
+)
+def test_acs_redirect_routes_through_the_host_bridge_if_it_can(machine, hb_device, expected):
     topo = pci_topology(machine)
-    rp = topo.add_root_port(topo.add_host_bridge())
+    rp = topo.add_root_port(topo.add_host_bridge(0x8086, hb_device))
     _, (d0, d1) = topo.add_switch(rp, ports=2, acs=PCI_ACS_RR)
     gpu = provider_under(topo, d0)
     nic = topo.add_endpoint(d1, "nic")
-    assert calc_map_type_and_dist(gpu, nic) == (PCI_P2PDMA_MAP_THRU_HOST_BRIDGE, 4)
+    assert calc_map_type_and_dist(gpu, nic) == (expected, 4)
 
 
 @pytest.mark.parametrize(
@@ -139,16 +144,20 @@ def test_crossing_host_bridges_needs_a_zen_cpu_or_the_whitelist(
     assert calc_map_type_and_dist(gpu, nic)[0] == expected
 
 
-def test_map_type_is_cached_per_client(machine):
+def test_map_type_is_cached_for_the_mapping_path_only(machine):
     topo = pci_topology(machine)
     rp = topo.add_root_port(topo.add_host_bridge())
     _, (d0, d1) = topo.add_switch(rp, ports=2)
     gpu = provider_under(topo, d0)
     nic = topo.add_endpoint(d1, "nic")
-    calc_map_type_and_dist(gpu, nic)
-    d1.acs_ctrl = PCI_ACS_RR  # changed after the first look-up: the cache wins
-    assert calc_map_type_and_dist(gpu, nic)[0] == PCI_P2PDMA_MAP_BUS_ADDR
-    assert gpu.p2pdma is not None and nic.id in gpu.p2pdma.map_types
+    assert pci_p2pdma_map_type(gpu, nic) == PCI_P2PDMA_MAP_BUS_ADDR
+    d1.acs_ctrl = PCI_ACS_RR  # changed after the first look-up
+    assert pci_p2pdma_map_type(gpu, nic) == PCI_P2PDMA_MAP_BUS_ADDR  # cached
+    # calc_map_type_and_dist (and the distance queries) always recompute, and
+    # store what they find for the mapping path.
+    assert calc_map_type_and_dist(gpu, nic)[0] == PCI_P2PDMA_MAP_NOT_SUPPORTED
+    assert pci_p2pdma_distance(gpu, nic) == -1
+    assert pci_p2pdma_map_type(gpu, nic) == PCI_P2PDMA_MAP_NOT_SUPPORTED
 
 
 def test_add_resource_rules(machine):
@@ -185,7 +194,7 @@ def test_find_picks_the_closest_published_provider(machine):
 
 def allocate_setup(machine, acs=0):  # type: ignore[no-untyped-def]
     topo = pci_topology(machine)
-    rp = topo.add_root_port(topo.add_host_bridge())
+    rp = topo.add_root_port(topo.add_host_bridge(0x8086, 0x2030))  # on the whitelist
     _, (d0, d1) = topo.add_switch(rp, ports=2, acs=acs)
     gpu = provider_under(topo, d0)
     nic = topo.add_endpoint(d1, "nic")
@@ -205,7 +214,7 @@ def test_allocate_mmap_must_be_shared_at_offset_zero_and_fit_the_pool(machine):
     assert gpu.p2pdma is not None and gpu.p2pdma.available == BAR
     topo = pci_topology(machine)
     bare = topo.add_endpoint(topo.add_root_port(topo.add_host_bridge()), "bare")
-    with pytest.raises(NoEntry):
+    with pytest.raises(NoDevice):
         p.mmap(PAGE, RW, MAP_SHARED, file=pci_p2pmem_allocate_file(bare))
 
 

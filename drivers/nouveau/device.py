@@ -40,6 +40,8 @@ ERAS: Final = ("mainline", "5.8", "5.7")
 #: GPU families; SVM is only enabled on Pascal (Volta+ could not recover a killed channel).
 FAMILIES: Final = ("pascal", "volta", "turing", "ampere")
 _NEED: Final = {0: NEED_READ, 1: NEED_WRITE, 2: NEED_ATOMIC, 3: 0}
+#: Before v5.9 an atomic was serviced as a write: the A bit was never set.
+_NEED_OLD: Final = {0: NEED_READ, 1: NEED_WRITE, 2: NEED_WRITE, 3: 0}
 #: Rounds of fault-and-replay after which a GPU access is declared livelocked.
 MAX_REPLAY_ROUNDS: Final = 10_000
 
@@ -118,6 +120,8 @@ class NouveauCli:
         self.channels: list[NouveauChannel] = []
         self.stats = MirrorStats()
         self.closed = False
+        #: ``cli->mutex``: serialises the client's ioctls (SVM_INIT checks and sets).
+        self.mutex = sched.Mutex(f"nouveau{drm.owner_id}.cli")
 
     def ioctl(self, nr: int, arg: Any) -> int:
         """``drm_ioctl`` for the SVM commands; returns 0 or raises the errno."""
@@ -190,6 +194,7 @@ class NouveauChannel:
         """
         drm = self.cli.drm
         svm = drm.svm
+        needs = _NEED if drm.era == "mainline" else _NEED_OLD
         codes = []
         for addr, kind, _data, length in accesses:
             if kind not in ACCESS_KINDS:
@@ -211,7 +216,7 @@ class NouveauChannel:
             still: list[int] = []
             for i in pending:
                 addr, _kind, data, length = accesses[i]
-                need = _NEED[codes[i]]
+                need = needs[codes[i]]
                 if codes[i] == FAULT_ACCESS_PREFETCH and rounds:
                     results[i] = b""  # a prefetch completes once its fault was replayed
                 elif need and vmm is not None and vmm.satisfies(addr, need):

@@ -201,7 +201,8 @@ class NouveauDmem:
             return 0
         ret = 0
         dma_addr = None
-        spage = migrate_pfn_to_page(int(args.src[0]))
+        src = int(args.src[0])
+        spage = migrate_pfn_to_page(src) if src & MIGRATE_PFN_MIGRATE else None
         try:
             dpage = machine.phys.alloc_one(0)
         except OutOfMemory:
@@ -336,16 +337,21 @@ class NouveauDmem:
         src = np.zeros(n, dtype=_U64)
         dst = np.zeros(n, dtype=_U64)
         migrate_device_range(machine, src, chunk.pfns.start, n)
+        dma_addrs = []
         for i in np.flatnonzero((src & _U64(MIGRATE_PFN_MIGRATE)) != 0).tolist():
             spage = migrate_pfn_to_page(int(src[i]))
             if spage is None:
                 continue
             dpage = phys.alloc_one(0)  # __GFP_NOFAIL
             phys.folio_lock(dpage)
-            phys.write(dpage, 0, phys.read(spage, 0, PAGE_SIZE))
-            self.copies += 1
+            dma_addr = self.copy_to_host(dpage, spage)
+            if dma_addr is None:  # the data must not be lost
+                raise OutOfMemory(f"nouveau: cannot DMA-map pfn {dpage:#x} to evict VRAM")
+            dma_addrs.append(dma_addr)
             dst[i] = _U64(migrate_pfn(dpage))
         migrate_device_pages(machine, src, dst, n)
+        for dma_addr in dma_addrs:
+            dma_unmap_page(self.drm.dma, dma_addr, PAGE_SIZE, DMA_BIDIRECTIONAL)
         migrate_device_finalize(machine, src, dst, n)
 
     def fini(self) -> None:

@@ -56,9 +56,10 @@ _QUIRKS = {
 #: The v5.7/v5.8 defect: a retried window asks for what the failed attempt got.
 _STALE_REQUESTS = (
     "the request array is the output array and is not refilled after -EBUSY or a stale "
-    "read_retry (the v5.8 FIXME; v5.7 reuses it the same way): a read retried after an "
-    "mprotect asks for a write and is cancelled with -EPERM. Fixed in v5.9 by "
-    "'nouveau/svm: fault one page at a time', which uses default_flags per fault"
+    "read_retry (the v5.8 FIXME; v5.7 reuses it the same way after a stale read_retry): "
+    "a read retried after an mprotect asks for a write and is cancelled with -EPERM. "
+    "Fixed in v5.9 by 'nouveau/svm: fault one page at a time', which uses "
+    "default_flags per fault"
 )
 
 

@@ -106,6 +106,7 @@ if TYPE_CHECKING:
 FAULT_BUFFER_ENTRIES: Final = 256
 #: The fault-window size of v5.7/5.8 (``u64 phys[16]``).
 WINDOW_PAGES: Final = 16
+#: ``nouveau_svm_fault_priority``; an unknown access code is -1 (sorts first).
 _PRIORITY: Final = {
     FAULT_ACCESS_PREFETCH: 0,
     FAULT_ACCESS_READ: 1,
@@ -424,7 +425,7 @@ class NouveauSvm:
             return
         self.batches += 1
         if self.drm.era == "mainline":
-            faults.sort(key=lambda f: (f.inst, f.addr, _PRIORITY.get(f.access, 2)))
+            faults.sort(key=lambda f: (f.inst, f.addr, _PRIORITY.get(f.access, -1)))
         else:
             # v5.7/5.8: write and atomic before read and prefetch at one address.
             faults.sort(
@@ -454,6 +455,10 @@ class NouveauSvm:
     def _batch_mainline(self, faults: list[FaultEntry], svmms: list[Any]) -> int:
         replay = 0
         atomic = False  # quirk: never reset inside the batch
+        # One argument block for the whole batch, as in the kernel: each head
+        # resets the window, but the word stays from the previous group until
+        # a walk writes it, so a failed walk is judged against a stale word.
+        args = PfnmapArgs(0, 1)
         i, n = 0, len(faults)
         while i < n:
             fi, svmm = faults[i], svmms[i]
@@ -471,7 +476,7 @@ class NouveauSvm:
                 atomic = True
             else:
                 hmm_flags = HMM_PFN_REQ_FAULT | HMM_PFN_REQ_WRITE
-            args = PfnmapArgs(fi.addr & ~(PAGE_SIZE - 1), 1)
+            args.addr, args.page, args.size = fi.addr & ~(PAGE_SIZE - 1), PAGE_SHIFT, PAGE_SIZE
             ok = svmm.mm.mmget_not_zero()
             if not ok:
                 self.cancel(fi)
@@ -534,13 +539,14 @@ def svm_init(cli: NouveauCli, req: uapi.DrmNouveauSvmInit) -> NouveauSvmm:
     drm = cli.drm
     if drm.svm is None:
         raise NoSys("nouveau: SVM is not supported on this GPU")
-    if cli.svm is not None:
-        raise Busy("nouveau: SVM is already enabled for this client")
-    svmm = NouveauSvmm(cli, req.unmanaged_addr, req.unmanaged_size)
-    mm = cli.process.mm
-    with mm.mmap_lock.write():
-        mmu_notifier_register(svmm.notifier, mm)
-    cli.svm = svmm
+    with cli.mutex:
+        if cli.svm is not None:
+            raise Busy("nouveau: SVM is already enabled for this client")
+        svmm = NouveauSvmm(cli, req.unmanaged_addr, req.unmanaged_size)
+        mm = cli.process.mm
+        with mm.mmap_lock.write():
+            mmu_notifier_register(svmm.notifier, mm)
+        cli.svm = svmm
     return svmm
 
 

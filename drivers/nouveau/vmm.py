@@ -110,12 +110,16 @@ class GpuVmm:
             raise InvalidArgument(f"nvkm: PFNMAP at {addr:#x} is not aligned to {size:#x}")
         self.pfnmap_calls += 1
         stale: list[GpuPte] = []
-        for i, word in enumerate(words):
-            a = addr + i * size
-            stale += self._take(a, size)
-            if word & NVIF_VMM_PFNMAP_V0_V:
-                self._write(a, page_shift, word)
-        self._flush_and_unmap(stale)
+        try:
+            for i, word in enumerate(words):
+                a = addr + i * size
+                stale += self._take(a, size)
+                if word & NVIF_VMM_PFNMAP_V0_V:
+                    self._write(a, page_shift, word)
+        finally:
+            # Even when a later entry fails, the replaced ones are flushed
+            # and unmapped: nothing the GPU can no longer reach stays mapped.
+            self._flush_and_unmap(stale)
 
     def _write(self, addr: int, shift: int, word: int) -> None:
         drm = self.drm
