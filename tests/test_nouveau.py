@@ -392,3 +392,14 @@ def test_v58_atomic_is_serviced_as_a_write(machine):
     pte = vmm(cli).lookup(a)
     assert pte.word & W and not pte.word & A
     assert p.pagemap(a, 1)[0].kind == "anon"  # no device-exclusive entry before v5.14
+
+
+def test_gpu_store_into_a_clean_writable_shmem_page_survives_reclaim(machine):
+    from hmmsim import MADV_PAGEOUT, MAP_ANONYMOUS, MAP_SHARED
+
+    _drm, p, _cli, chan = client(machine)
+    a = p.mmap(PAGE, RW, MAP_SHARED | MAP_ANONYMOUS)
+    assert p.read(a, 1) == b"\x00"  # a read fault: writable, clean
+    chan.access(a, "write", b"G", 1)  # already writable: no write fault dirties it
+    p.madvise(a, PAGE, MADV_PAGEOUT)
+    assert p.read(a, 1) == b"G"

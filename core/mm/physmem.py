@@ -528,6 +528,16 @@ class PhysMem:
             self.extra_refs[head] = held - 1
         self.put_one(head)
 
+    def folio_mark_dirty(self, pfn: int) -> None:
+        """``folio_mark_dirty``: a device stored into the page, so its folio is dirty.
+
+        Drivers call it for pages their device wrote through a DMA or
+        device mapping, as ODP's unmap path calls ``set_page_dirty``:
+        otherwise reclaim could drop a clean-looking page and lose the store.
+        """
+        self._check_pfn(pfn, "folio_mark_dirty")
+        self.flags[self.head(pfn)] |= np.uint16(PG_dirty)
+
     def get(self, heads: NDArray[np.int64], n: int = 1) -> None:
         np.add.at(self.refcount, heads, n)
 

@@ -227,6 +227,9 @@ class GpuVmm:
         if data is None:
             return dma_read(drm.dma, pte.dma_addr + offset, length)
         dma_write(drm.dma, pte.dma_addr + offset, data)
+        # Lose no store: a page the GPU wrote is dirty (a departure from nouveau,
+        # which relies on the CPU PTE's dirty bit from the write fault).
+        drm.machine.phys.folio_mark_dirty(pte.pfn + (offset >> PAGE_SHIFT))
         return b""
 
 
