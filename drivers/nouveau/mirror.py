@@ -132,11 +132,18 @@ class NouveauMirror(Mirror):
         return out
 
     def device_pte_state(self, addr: int, npages: int) -> Hashable | None:
+        """The raw GPU entries of the range: ``device_ptes`` is a function of
+        them (and of which memory each pfn is, fixed once memory exists)."""
         svmm = self.cli.svm
         vmm = svmm.vmm if svmm is not None else None
         if vmm is None or not len(vmm):
             return None
-        return super().device_pte_state(addr, npages)
+        state = []
+        for i in range(npages):
+            pte = vmm.lookup(addr + (i << PAGE_SHIFT))
+            if pte is not None:
+                state.append((i, pte.word, pte.shift, pte.pfn))
+        return tuple(state) or None
 
     def close(self) -> None:
         self.cli.close()
