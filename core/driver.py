@@ -135,6 +135,28 @@ def check_user_pages(addr: int, npages: int, what: str) -> None:
         raise InvalidArgument(f"{what}: address {addr:#x} is not page aligned")
 
 
+@attrs.frozen
+class Mutant:
+    """A deliberately broken copy of a driver, for the bug zoo.
+
+    The mutant is the driver package's own source with ``edits`` applied to
+    one ``module`` (each old text must occur exactly once), so it can never
+    drift from the driver it mutates. A driver package lists its mutants in
+    its ``mutants.py`` as ``MUTANTS``; ``hmmsim.testing.bugzoo`` builds and runs
+    them, and the suite must catch every one.
+    """
+
+    #: The mutant driver's name (it is probed and reported under it).
+    name: str
+    #: The driver class to build, as "package.module:Class".
+    driver: str
+    #: The module of that driver's package the edits apply to.
+    module: str
+    edits: tuple[tuple[str, str], ...]
+    #: The kernel rule it breaks, and the real driver bug it stands for.
+    rule: str
+
+
 class Mirror(abc.ABC):
     """A device's view of one process's address space.
 
@@ -273,6 +295,16 @@ class Driver(abc.ABC):
     def capabilities_for(self, **params: Any) -> Capability:
         """Capabilities of a device probed with ``params`` (default: the class's)."""
         return self.capabilities
+
+    def expected_failures(self, **params: Any) -> dict[str, str]:
+        """Conformance checks a device probed with ``params`` is known to fail.
+
+        Maps a check name (``check_...``) to the reason: the real driver's bug
+        or quirk the model keeps on purpose, and the commit that fixed it (or
+        "not fixed"). The suite reports such a failure as expected, and a
+        declared check that passes as a failure (strict). Default: none.
+        """
+        return {}
 
     @abc.abstractmethod
     def probe(self, machine: Machine, **params: Any) -> Device:

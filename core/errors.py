@@ -111,6 +111,18 @@ class HardwarePoison(HmmsimError):
     errno_value = getattr(_errno, "EHWPOISON", 133)  # Linux value; absent on some hosts
 
 
+class NoDevice(HmmsimError):
+    """ENODEV: the device lacks what the call needs (e.g. no P2PDMA memory)."""
+
+    errno_value = _errno.ENODEV
+
+
+class IoFailure(HmmsimError):
+    """EIO: the hardware path failed (e.g. a DMA mask the device cannot use)."""
+
+    errno_value = _errno.EIO
+
+
 class SegmentationFault(HmmsimError):
     """SIGSEGV: a CPU access to an address the process may not touch that way."""
 
@@ -158,7 +170,9 @@ __all__ = [
     "HardwarePoison",
     "HmmsimError",
     "InvalidArgument",
+    "IoFailure",
     "KernelBug",
+    "NoDevice",
     "NoEntry",
     "NoProcess",
     "NotPermitted",

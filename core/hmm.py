@@ -30,7 +30,36 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import sched
-from .errors import BadAddress, Busy, HmmsimError, InvalidArgument, NotPermitted
+from .dma import (
+    DMA_ATTR_MMIO,
+    DMA_BIDIRECTIONAL,
+    DMA_MAPPING_ERROR,
+    PCI_P2PDMA_MAP_BUS_ADDR,
+    PCI_P2PDMA_MAP_NONE,
+    PCI_P2PDMA_MAP_THRU_HOST_BRIDGE,
+    DmaDevice,
+    DmaIovaState,
+    PciP2PDmaMapState,
+    dma_iova_free,
+    dma_iova_link,
+    dma_iova_sync,
+    dma_iova_try_alloc,
+    dma_iova_unlink,
+    dma_map_phys,
+    dma_mapping_error,
+    dma_unmap_phys,
+    dma_use_iova,
+    pci_p2pdma_state,
+)
+from .errors import (
+    BadAddress,
+    Busy,
+    HmmsimError,
+    InvalidArgument,
+    KernelBug,
+    NotPermitted,
+    NotSupported,
+)
 from .mm.fault import VM_FAULT_ERROR, populate_range, wait_on_migration
 from .mm.pagetable import (
     CHUNK_PMD,
@@ -42,6 +71,7 @@ from .mm.pagetable import (
     KIND_PROTNONE,
     KIND_SWAP,
     PAGE_SHIFT,
+    PAGE_SIZE,
     PMD_ORDER,
     PMD_PAGES,
     PTE_PFN_MASK,
@@ -382,7 +412,34 @@ def _walk_window(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) ->
         loc, entry, _level = mm.pt.lookup(addr >> PAGE_SHIFT)
         wait_on_migration(vma, loc, entry)
         raise _Fault(addr)
-    _hmm_vma_fault(rng, vma, addr, _chunk_end(mm, vma, rng, addr), a)
+    end = _chunk_end(mm, vma, rng, addr)
+    if a in (_ACT_FAULT, _ACT_WRITE_FAULT):
+        addr, a = _pte_hole(mm, lo, addr, end, rng, a)
+    _hmm_vma_fault(rng, vma, addr, end, a)
+
+
+def _pte_hole(
+    mm: AddressSpace, lo: int, addr: int, end: int, rng: HmmRange, act: int
+) -> tuple[int, int]:
+    """Where the fault at ``addr`` starts and what it asks, when no PTE table is there.
+
+    A missing table is one ``pte_hole`` call for the whole span the walk
+    reaches in it, [max(walk start, span start), end): the need is the OR of
+    every entry of the span (one entry asking for a write makes every page a
+    write fault), and every page of the span is faulted, asked for or not.
+    Where the table exists, each PTE decides alone and the fault runs from the
+    first PTE that needs one (``hmm_vma_handle_pte``).
+    """
+    vpn = addr >> PAGE_SHIFT
+    pt = mm.pt
+    pmdloc = pt.pmd_loc(vpn)
+    if pmdloc >= 0 and int(pt.flat[pmdloc]) != 0:
+        return addr, act  # a table (or a leaf) is there: not a hole
+    span = PMD_PAGES
+    if pmdloc < 0:
+        span = PUD_PAGES if pt.pud_loc(vpn) >= 0 else PUD_PAGES * 512
+    start = max(lo, (vpn & ~(span - 1)) << PAGE_SHIFT)
+    return start, max(act, _span_need(_requests(rng, start, end)))
 
 
 #: PRESENT, WRITE and pfn: with the model's entry layout this *is* the HMM pfn.
@@ -516,6 +573,149 @@ def _walk_hugetlb(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) -
         pos = chunk_end
 
 
+# ----- DMA mapping of an HMM pfn array (include/linux/hmm-dma.h, 6.16+) -------------
+
+
+@attrs.define(eq=False)
+class HmmDmaMap:
+    """``struct hmm_dma_map``: a pfn array and the DMA addresses of its entries.
+
+    ``pfn_list`` is handed to ``hmm_range_fault`` as ``hmm_pfns``; that is why
+    ``HMM_PFN_DMA_MAPPED``, ``HMM_PFN_P2PDMA`` and ``HMM_PFN_P2PDMA_BUS`` are
+    sticky across faults: the array keeps its DMA bookkeeping. With an IOVA
+    range (``state``) entry ``idx`` lives at ``state.addr + idx *
+    dma_entry_size``; without one, ``dma_list[idx]`` holds its address.
+    """
+
+    state: DmaIovaState = attrs.field(factory=DmaIovaState)
+    pfn_list: NDArray[np.uint64] = attrs.field(factory=lambda: np.zeros(0, np.uint64))
+    dma_list: NDArray[np.uint64] | None = None
+    dma_entry_size: int = 0
+
+
+def hmm_dma_map_alloc(dev: DmaDevice, map: HmmDmaMap, nr_entries: int, dma_entry_size: int) -> None:
+    """``hmm_dma_map_alloc``: set up ``map`` for ``nr_entries`` pfns.
+
+    Reserves one IOVA range of ``nr_entries * PAGE_SIZE`` bytes when the device
+    sits behind an IOMMU; otherwise keeps a ``dma_list`` (DMA-API debugging
+    always needs the addresses to unmap).
+
+    Raises:
+        KernelBug: ``nr_entries * PAGE_SIZE / dma_entry_size`` is 0 (the
+            kernel WARNs).
+        InvalidArgument: a non-positive count or entry size.
+        NotSupported: the device needs DMA syncs or is addressing limited
+            (SWIOTLB could bounce, and HMM cannot hand buffer ownership over).
+    """
+    if nr_entries <= 0 or dma_entry_size <= 0:
+        raise InvalidArgument(
+            f"hmm_dma_map_alloc: {nr_entries} entries of {dma_entry_size:#x} bytes"
+        )
+    if not nr_entries * PAGE_SIZE // dma_entry_size:
+        raise KernelBug(
+            f"hmm_dma_map_alloc: {nr_entries} pages hold no {dma_entry_size:#x}-byte entry"
+        )
+    if dev.need_sync():
+        raise NotSupported(f"hmm_dma_map_alloc: {dev.name} needs DMA syncs or bouncing")
+    map.pfn_list = np.zeros(nr_entries, np.uint64)
+    map.dma_entry_size = dma_entry_size
+    map.state = DmaIovaState()
+    map.dma_list = None
+    if not dma_iova_try_alloc(dev, map.state, 0, nr_entries * PAGE_SIZE):
+        map.dma_list = np.zeros(nr_entries, np.uint64)
+
+
+def hmm_dma_map_free(dev: DmaDevice, map: HmmDmaMap) -> None:
+    """``hmm_dma_map_free``: free the IOVA range (if any) and both arrays."""
+    if dma_use_iova(map.state):
+        dma_iova_free(dev, map.state)
+    map.pfn_list = np.zeros(0, np.uint64)
+    map.dma_list = None
+
+
+def hmm_dma_map_pfn(
+    dev: DmaDevice, map: HmmDmaMap, idx: int, p2pdma_state: PciP2PDmaMapState | None = None
+) -> int:
+    """``hmm_dma_map_pfn``: DMA-map entry ``idx`` of ``map.pfn_list``; its bus address.
+
+    An entry already ``HMM_PFN_DMA_MAPPED`` (and not a P2P bus address) is a
+    flag resync, e.g. a read mapping upgraded to write: its existing address is
+    returned. Otherwise the page is classified (``pci_p2pdma_state``): ordinary
+    memory is linked into the IOVA range (or mapped with ``dma_map_phys``); a
+    P2P page reachable by bus address returns that address with
+    ``HMM_PFN_P2PDMA_BUS``; one that goes through the host bridge is mapped
+    with ``DMA_ATTR_MMIO`` and gets ``HMM_PFN_P2PDMA``. Returns
+    ``DMA_MAPPING_ERROR`` on failure (``HMM_PFN_P2PDMA`` cleared).
+    """
+    pfns = map.pfn_list
+    entry = int(pfns[idx])
+    offset = idx * map.dma_entry_size
+    state = map.state
+    if entry & HMM_PFN_DMA_MAPPED and not entry & HMM_PFN_P2PDMA_BUS:
+        if dma_use_iova(state):
+            return state.addr + offset
+        if map.dma_list is not None:
+            return int(map.dma_list[idx])
+    pfn = entry & int(_PFN_FIELD)
+    paddr = pfn << PAGE_SHIFT
+    attrs_ = 0
+    p2p = p2pdma_state if p2pdma_state is not None else PciP2PDmaMapState()
+    kind = pci_p2pdma_state(p2p, dev, pfn)
+    if kind == PCI_P2PDMA_MAP_THRU_HOST_BRIDGE:
+        entry |= HMM_PFN_P2PDMA
+        attrs_ |= DMA_ATTR_MMIO
+    elif kind == PCI_P2PDMA_MAP_BUS_ADDR:
+        pfns[idx] = U64(entry | HMM_PFN_P2PDMA_BUS | HMM_PFN_DMA_MAPPED)
+        return paddr + p2p.bus_off
+    elif kind != PCI_P2PDMA_MAP_NONE:
+        return DMA_MAPPING_ERROR
+    if dma_use_iova(state):
+        ret = dma_iova_link(
+            dev, state, paddr, offset, map.dma_entry_size, DMA_BIDIRECTIONAL, attrs_
+        )
+        if ret == 0:
+            ret = dma_iova_sync(dev, state, offset, map.dma_entry_size)
+            if ret:
+                dma_iova_unlink(dev, state, offset, map.dma_entry_size, DMA_BIDIRECTIONAL)
+        if ret:
+            pfns[idx] = U64(entry & ~HMM_PFN_P2PDMA)
+            return DMA_MAPPING_ERROR
+        addr = state.addr + offset
+    else:
+        addr = dma_map_phys(dev, paddr, map.dma_entry_size, DMA_BIDIRECTIONAL, attrs_)
+        if dma_mapping_error(dev, addr):
+            pfns[idx] = U64(entry & ~HMM_PFN_P2PDMA)
+            return DMA_MAPPING_ERROR
+        if map.dma_list is not None:
+            map.dma_list[idx] = addr
+    pfns[idx] = U64(entry | HMM_PFN_DMA_MAPPED)
+    return addr
+
+
+def hmm_dma_unmap_pfn(dev: DmaDevice, map: HmmDmaMap, idx: int) -> bool:
+    """``hmm_dma_unmap_pfn``: undo ``hmm_dma_map_pfn`` for entry ``idx``.
+
+    Returns False (and does nothing) unless the entry is both ``VALID`` and
+    ``DMA_MAPPED``. A P2P bus address needs no unmap. Clears the three DMA
+    bits and returns True. Drivers call it from ``invalidate()`` for each index
+    of the invalidated range.
+    """
+    pfns = map.pfn_list
+    entry = int(pfns[idx])
+    if not (entry & HMM_PFN_VALID and entry & HMM_PFN_DMA_MAPPED):
+        return False
+    offset = idx * map.dma_entry_size
+    attrs_ = DMA_ATTR_MMIO if entry & HMM_PFN_P2PDMA else 0
+    if entry & HMM_PFN_P2PDMA_BUS:
+        pass
+    elif dma_use_iova(map.state):
+        dma_iova_unlink(dev, map.state, offset, map.dma_entry_size, DMA_BIDIRECTIONAL, attrs_)
+    elif map.dma_list is not None:
+        dma_unmap_phys(dev, int(map.dma_list[idx]), map.dma_entry_size, DMA_BIDIRECTIONAL, attrs_)
+    pfns[idx] = U64(entry & ~HMM_PFN_INOUT_FLAGS)
+    return True
+
+
 __all__ = [
     "HMM_PFN_DMA_MAPPED",
     "HMM_PFN_ERROR",
@@ -529,7 +729,12 @@ __all__ = [
     "HMM_PFN_VALID",
     "HMM_PFN_WRITE",
     "HMM_RANGE_DEFAULT_TIMEOUT",
+    "HmmDmaMap",
     "HmmRange",
+    "hmm_dma_map_alloc",
+    "hmm_dma_map_free",
+    "hmm_dma_map_pfn",
+    "hmm_dma_unmap_pfn",
     "hmm_pfn_to_map_order",
     "hmm_pfn_to_page",
     "hmm_pfn_to_phys",

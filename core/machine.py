@@ -106,6 +106,10 @@ class Machine:
     invalidation_listeners: list[Callable[[NotifierRange], None]] = attrs.field(factory=list)
     #: Contract violations the kernel would WARN about (e.g. a blockable refusal).
     notifier_warnings: list[str] = attrs.field(factory=list)
+    #: DMA-API debugging state (``hmmsim.dma.DmaDebug``), made on first DMA use.
+    dma_debug: Any = None
+    #: The PCI topology (``hmmsim.pci.PciTopology``), made on first use.
+    pci: Any = None
     #: Sleepers on migration entries (``migration_entry_wait``).
     migration_wq: WaitQueue = attrs.field(factory=lambda: WaitQueue("migration"))
     #: Where ``reclaim`` resumes its scan of physical memory.

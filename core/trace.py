@@ -60,7 +60,16 @@ class Costs:
     thp_splits: int = 0
     tlb_flushes: int = 0
     device_tlb_flushes: int = 0
+    #: DMA API map and unmap calls (streaming maps, sg tables, IOVA links).
     dma_maps: int = 0
+    dma_unmaps: int = 0
+    #: IOVA space allocated, in bytes (``alloc_iova``).
+    iova_bytes: int = 0
+    #: IOMMU page-table entries written, and IOTLB flushes.
+    iommu_ptes: int = 0
+    iotlb_flushes: int = 0
+    #: Bytes devices moved by DMA (``dma_read``/``dma_write``).
+    dma_bytes: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return attrs.asdict(self)

@@ -30,6 +30,7 @@ batch in one vectorised call.
 from __future__ import annotations
 
 import mmap
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
@@ -293,6 +294,9 @@ class PhysMem:
             raise ValueError("ram_bytes must be at least 16 MiB")
         self.costs = costs
         self.store_data = store_data
+        #: Called with the heads and orders of folios about to be freed
+        #: (DMA-API debugging checks that no live mapping covers them).
+        self.free_watchers: list[Callable[[NDArray[np.int64], NDArray[np.int64]], None]] = []
         self.ram_pages = (ram_bytes // PAGE_SIZE) // PMD_PAGES * PMD_PAGES
         self.allocator = FrameAllocator(self.ram_pages)
         n = self.ram_pages
@@ -524,6 +528,16 @@ class PhysMem:
             self.extra_refs[head] = held - 1
         self.put_one(head)
 
+    def folio_mark_dirty(self, pfn: int) -> None:
+        """``folio_mark_dirty``: a device stored into the page, so its folio is dirty.
+
+        Drivers call it for pages their device wrote through a DMA or
+        device mapping, as ODP's unmap path calls ``set_page_dirty``:
+        otherwise reclaim could drop a clean-looking page and lose the store.
+        """
+        self._check_pfn(pfn, "folio_mark_dirty")
+        self.flags[self.head(pfn)] |= np.uint16(PG_dirty)
+
     def get(self, heads: NDArray[np.int64], n: int = 1) -> None:
         np.add.at(self.refcount, heads, n)
 
@@ -564,6 +578,8 @@ class PhysMem:
 
     def release(self, heads: NDArray[np.int64]) -> None:
         """Free folios whose last reference is gone."""
+        for watch in self.free_watchers:
+            watch(heads, self.order[heads].astype(I64))
         self.mapcount[heads] = 0
         device = (self.flags[heads] & PG_zone_device) != 0
         if device.any():

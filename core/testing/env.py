@@ -20,7 +20,12 @@ from ..driver import Capability, Device, Driver, Mirror
 from ..machine import Machine, MachineConfig
 from ..mm.process import Process
 from ..plugins import DRIVERS_GROUP, find_driver, get_plugin_manager, parse_driver_spec
-from .invariants import check_mirror, check_no_leaks, check_notifier_contract
+from .invariants import (
+    check_dma_contract,
+    check_mirror,
+    check_no_leaks,
+    check_notifier_contract,
+)
 
 PAGE = 4096
 HUGE = 2 << 20
@@ -113,6 +118,7 @@ def close_environment(env: Env) -> None:
         p.exit()
     check_no_leaks(env.machine)
     check_notifier_contract(env.machine)
+    check_dma_contract(env.machine)
 
 
 @contextmanager

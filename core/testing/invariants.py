@@ -12,7 +12,10 @@ faulting load (which would migrate pages back and disturb the run):
 4. what the device reads is what the CPU would read;
 5. after close/exit nothing leaks: no stray references, pins, or device pages
    that nothing maps;
-6. no notifier refuses a blockable invalidation.
+6. no notifier refuses a blockable invalidation;
+7. every device access to memory went through a live DMA mapping made for
+   that direction, and no page was freed under a live mapping (DMA-API
+   debugging and the IOMMU, ``hmmsim.dma``); after close no mapping is left.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..dma import machine_violations
 from ..mm.debug import verify_machine
 from ..mm.pagetable import (
     KIND_DEVICE_EXCLUSIVE,
@@ -145,9 +149,24 @@ def check_notifier_contract(machine: Machine) -> None:
     assert not machine.notifier_warnings, machine.notifier_warnings[0]
 
 
+def check_dma_contract(machine: Machine) -> None:
+    """Invariant 7: no DMA violation (unmapped access, wrong direction, page freed
+    under a live mapping, bad unmap, leak) was recorded."""
+    violations = machine_violations(machine)
+    assert not violations, f"{len(violations)} DMA violation(s), first: {violations[0]}"
+
+
 def check_no_leaks(machine: Machine) -> None:
-    """Invariant 5: consistent accounting, no stray references or device pages."""
+    """Invariants 5 and 7: consistent accounting, no stray references, device
+    pages or DMA mappings."""
     verify_machine(machine)
+    dbg = machine.dma_debug
+    for dev in dbg.devices if dbg is not None else ():
+        left = dev.mappings()
+        assert not left, (
+            f"{dev.name}: {len(left)} DMA mapping(s) still alive, first {left[0].type} "
+            f"at {left[0].addr:#x} made at {left[0].origin}"
+        )
     phys = machine.phys
     held = {hex(k): v for k, v in phys.extra_refs.items()}
     assert not held, f"page references still held: {held}"

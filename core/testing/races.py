@@ -37,7 +37,12 @@ from .env import (
     open_environment,
     pattern,
 )
-from .invariants import MirrorWatch, check_mirror, check_notifier_contract
+from .invariants import (
+    MirrorWatch,
+    check_dma_contract,
+    check_mirror,
+    check_notifier_contract,
+)
 
 #: Pages each race touches.
 NPAGES = 4
@@ -397,6 +402,7 @@ def race_scenario(spec: DriverSpec, race: Race, pm: Any = None) -> Scenario:
                     watch = watches[id(m)] = MirrorWatch(m, st.addr, st.npages)
                 watch.check()
             check_notifier_contract(st.env.machine)
+            check_dma_contract(st.env.machine)
 
         def final(_result: object) -> None:
             race.outcome(st)
