@@ -299,7 +299,8 @@ class Driver(abc.ABC):
     def expected_failures(self, **params: Any) -> dict[str, str]:
         """Conformance checks a device probed with ``params`` is known to fail.
 
-        Maps a check name (``check_...``) to the reason: the real driver's bug
+        Maps a check id (``area/name``, as ``hmmsim check`` prints it, e.g.
+        ``teardown/exit_with_mirror_open``) to the reason: the real driver's bug
         or quirk the model keeps on purpose, and the commit that fixed it (or
         "not fixed"). The suite reports such a failure as expected, and a
         declared check that passes as a failure (strict). Default: none.

@@ -54,13 +54,9 @@ def test_madv_collapse_on_a_vma_too_small_for_a_pmd_is_einval(vmas, start, lengt
     assert _errno(p.madvise, BASE + start, length, hmmsim.MADV_COLLAPSE) == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Linux 6.17+ lets an MREMAP_MAYMOVE|MREMAP_FIXED move of unchanged length "
-    "span several VMAs and gaps (only a gap at the start is -EFAULT); the model still "
-    "requires one VMA covering the whole source range (-EFAULT)",
-)
 def test_mremap_fixed_move_may_span_a_vma_and_the_hole_after_it():
+    """Linux 6.17+: an MREMAP_MAYMOVE|MREMAP_FIXED move of unchanged length may span
+    several VMAs and gaps (only a gap at the start is -EFAULT)."""
     p = _setup([(0, M // 2, RW)])
     flags = hmmsim.MREMAP_MAYMOVE | hmmsim.MREMAP_FIXED
     target = BASE + 64 * M

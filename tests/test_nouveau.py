@@ -368,8 +368,8 @@ def test_eras_declare_what_they_had_and_their_expected_failures(machine):
     assert Capability.EXCLUSIVE not in drv.capabilities_for(era="5.8")
     assert Capability.HUGE_MAPPINGS not in drv.capabilities_for(era="5.7")
     assert drv.capabilities_for(family="volta") == Capability.NONE
-    assert "check_race_read_vs_mprotect" in drv.expected_failures(era="5.8")
-    assert "check_race_read_vs_mprotect" not in drv.expected_failures()
+    assert "races/read_vs_mprotect" in drv.expected_failures(era="5.8")
+    assert "races/read_vs_mprotect" not in drv.expected_failures()
 
 
 def test_a_pfnmap_that_fails_half_way_still_unmaps_what_it_replaced(machine):

@@ -418,7 +418,7 @@ def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, int | None, str]:
     # purpose) fails for the unmutated driver too: it catches nothing.
     known = spec.driver(pm).expected_failures(**dict(spec.params))
     for area, check in all_checks():
-        if check.__name__ in known:
+        if check_id(area, check) in known:
             continue
         race = getattr(check, "race", None)
         if race is not None:

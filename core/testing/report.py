@@ -24,7 +24,7 @@ from .checks import CHECKS, CheckResult, DriverSpec, all_checks, check_name, run
 #: Bumped when a field of the JSON report changes meaning or goes away.
 SCHEMA_VERSION = 2
 
-OUTCOME_CHAR = {"passed": ".", "failed": "F", "skipped": "s"}
+OUTCOME_CHAR = {"passed": ".", "failed": "F", "skipped": "s", "xfailed": "x"}
 
 
 @attrs.define
@@ -42,7 +42,7 @@ class SuiteRun:
 
     def totals(self) -> dict[str, int]:
         c = Counter(r.outcome for r in self.results)
-        return {k: c[k] for k in ("passed", "failed", "skipped")}
+        return {k: c[k] for k in ("passed", "failed", "skipped", "xfailed")}
 
     @property
     def failed(self) -> int:
@@ -95,6 +95,8 @@ class Progress:
                     print(_indent(r.traceback.rstrip(), "    "), file=self.out)
             elif r.outcome == "skipped":
                 print(f"  skipped {r.id}: {r.message}", file=self.out)
+            elif r.outcome == "xfailed":
+                print(f"  xfailed {r.id}: {r.message}", file=self.out)
         self.out.flush()
 
 
@@ -146,9 +148,10 @@ def summary(run: SuiteRun, out: TextIO) -> None:
         row = [str(spec)]
         for area in areas:
             c = Counter(r.outcome for r in run.results if r.driver == str(spec) and r.area == area)
-            row.append(f"{c['passed']}/{c['failed']}/{c['skipped']}")
+            cell = f"{c['passed']}/{c['failed']}/{c['skipped']}"
+            row.append(cell + (f" +{c['xfailed']}x" if c["xfailed"] else ""))
         rows.append(row)
-    print("\nresults (passed/failed/skipped):", file=out)
+    print("\nresults (passed/failed/skipped, +N declared expected failures):", file=out)
     _table(["driver", *areas], rows, out)
     failures = [r for r in run.results if r.outcome == "failed"]
     if failures:
@@ -159,7 +162,8 @@ def summary(run: SuiteRun, out: TextIO) -> None:
     stopped = " (interrupted)" if run.interrupted else ""
     print(
         f"\n{len(run.specs)} driver spec(s), {len(run.results)} checks: {t['passed']} passed, "
-        f"{t['failed']} failed, {t['skipped']} skipped in {run.seconds:.1f}s{stopped}",
+        f"{t['failed']} failed, {t['skipped']} skipped, {t['xfailed']} expected failures "
+        f"in {run.seconds:.1f}s{stopped}",
         file=out,
     )
 
@@ -218,7 +222,7 @@ def to_junit(run: SuiteRun) -> bytes:
     t = run.totals()
     root.set("tests", str(len(run.results)))
     root.set("failures", str(t["failed"]))
-    root.set("skipped", str(t["skipped"]))
+    root.set("skipped", str(t["skipped"] + t["xfailed"]))
     for spec in run.specs:
         mine = [r for r in run.results if r.driver == str(spec)]
         c = Counter(r.outcome for r in mine)
@@ -229,7 +233,7 @@ def to_junit(run: SuiteRun) -> bytes:
             tests=str(len(mine)),
             failures=str(c["failed"]),
             errors="0",
-            skipped=str(c["skipped"]),
+            skipped=str(c["skipped"] + c["xfailed"]),
             time=f"{sum(r.seconds for r in mine):.3f}",
         )
         for r in mine:
@@ -244,7 +248,8 @@ def to_junit(run: SuiteRun) -> bytes:
                     case, "failure", message=r.message, type=r.message.partition(":")[0]
                 )
                 fail.text = text
-            elif r.outcome == "skipped":
+            elif r.outcome in ("skipped", "xfailed"):
+                # JUnit has no expected failure: it is a skip whose message says so.
                 ET.SubElement(case, "skipped", message=r.message)
     ET.indent(root)
     data: bytes = ET.tostring(root, encoding="utf-8", xml_declaration=True)

@@ -42,12 +42,12 @@ _SVM_CAPS = (
 
 #: Failures of every era, from quirks mainline still has.
 _QUIRKS = {
-    "check_exit_with_mirror_open": (
+    "teardown/exit_with_mirror_open": (
         "nouveau_mn_ops has no .release: at exit the mm's pages are freed while the GPU "
         "page table and its DMA mappings still point at them, until the client closes "
         "(nouveau_svm.c; not fixed)"
     ),
-    "check_race_notifier_remove_vs_invalidation": (
+    "races/notifier_remove_vs_invalidation": (
         "nouveau_vmm_fini clears svmm->vmm under the mutex before nvif_vmm_dtor tears the "
         "GPU page table down: an invalidation in between skips its PFNCLR and pages are "
         "freed under live DMA mappings (no channel is left to use them; not fixed)"
@@ -114,7 +114,7 @@ class Nouveau(Driver):
         era, _family, _vram, _pci = self._params(params)
         out = dict(_QUIRKS)
         if era != "mainline":
-            out["check_race_read_vs_mprotect"] = _STALE_REQUESTS
+            out["races/read_vs_mprotect"] = _STALE_REQUESTS
         return out
 
     def probe(self, machine: Machine, **params: Any) -> NouveauDrm:
