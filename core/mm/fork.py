@@ -41,7 +41,7 @@ from .pagetable import (
 )
 from .physmem import PG_anon, PG_anon_exclusive
 from .rmap import anon_vma_fork, folio_add_new_anon_rmap
-from .vma import VM_DONTCOPY, VM_MIXEDMAP, VM_PFNMAP, Vma
+from .vma import VM_DONTCOPY, VM_MIXEDMAP, VM_PFNMAP, VM_WIPEONFORK, Vma
 
 if TYPE_CHECKING:
     from .process import Process
@@ -57,6 +57,10 @@ def dup_mm(parent: Process, child_mm: AddressSpace) -> None:
             continue
         # The child's private hugetlb mapping holds no reservation of its own.
         cv = vma.copy(vma.start, vma.end, vma.pgoff, mm=child_mm)
+        if vma.flags & VM_WIPEONFORK:
+            # MADV_WIPEONFORK: the child's VMA starts empty, with no anon_vma.
+            child_mm.vmas.insert(cv)
+            continue
         anon_vma_fork(machine, cv, vma)
         cv.link_file()
         child_mm.vmas.insert(cv)

@@ -39,7 +39,7 @@ from .pagetable import (
 )
 from .physmem import ZERO_PFN, PG_anon, PhysMem
 from .rmap import folio_add_new_anon_rmap
-from .vma import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
+from .vma import VM_ACCESS_FLAGS, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
 
 if TYPE_CHECKING:
     from .vma import Vma
@@ -135,10 +135,21 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
 
     Each chunk is copied into a fresh THP mapped by one PMD (``CLEAR`` over
     the chunk). Missing and zero pages become zero; swapped-out pages are
-    faulted in first. A chunk with a page that has references beyond its
-    mappings (pinned) or that is not anonymous cannot be collapsed: the call
-    fails with ``Again`` (the kernel's SCAN_PAGE_COUNT → -EAGAIN) after doing
-    the chunks it could.
+    faulted in first; read-only and PROT_NONE chunks collapse too. A chunk
+    already mapped by a PMD (a THP or the huge zero page) counts as done.
+
+    Errors, as ``madvise_collapse`` reports them (Linux 6.18):
+
+    * a VMA THP may not back, or with no ``anon_vma`` yet (only zero-page
+      reads so far), fails with EINVAL (the latter when a chunk would be
+      collapsed: ``hugepage_vma_revalidate``);
+    * a chunk without a page table stops the walk with EINVAL
+      (``SCAN_PMD_NULL`` is not among the results it continues after);
+    * a chunk with a pinned page or one that cannot be faulted in is skipped
+      and the call ends with EAGAIN; no free huge page stops it with ENOMEM;
+    * a range whose aligned chunks are inverted (a start that is not 2 MiB
+      aligned and an end before the next 2 MiB boundary past it) fails with
+      EINVAL: the kernel's chunk count underflows. That is the ABI.
     """
     from .fault import swap_in_range
 
@@ -149,39 +160,46 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
     machine = mm.machine
     phys = machine.phys
     first = (start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
-    failures = 0
-    for haddr in range(first, end_vpn - PMD_PAGES + 1, PMD_PAGES):
+    last = end_vpn & ~(PMD_PAGES - 1)
+    if first > last:
+        raise InvalidArgument("MADV_COLLAPSE: the range holds no aligned chunk (count underflow)")
+    again = 0
+    for haddr in range(first, last, PMD_PAGES):
         if not thp_vma_suitable(vma, haddr):
-            failures += 1
-            continue
+            raise InvalidArgument(f"MADV_COLLAPSE: {haddr << PAGE_SHIFT:#x} does not fit {vma}")
         pmdloc = pt.pmd_loc(haddr)
         e = pt.get(pmdloc) if pmdloc >= 0 else 0
-        if e and not is_table_pointer(e):
-            if kind_of(e) == KIND_PRESENT and not phys.is_zero_pfn(pfn_of(e)):
-                continue  # already PMD-mapped
-            split_huge_pmd(vma, haddr)
+        if e == 0:
+            raise InvalidArgument(f"MADV_COLLAPSE: no page table at {haddr << PAGE_SHIFT:#x}")
+        if not is_table_pointer(e):
+            if kind_of(e) in (KIND_PRESENT, KIND_PROTNONE):
+                continue  # already PMD-mapped (a THP or the huge zero page)
+            again += 1  # a PMD migration entry: SCAN_PMD_MAPPED is not reached
+            continue
+        if vma.anon_vma is None:
+            raise InvalidArgument(f"MADV_COLLAPSE: {vma} has no anon_vma")
         if swap_in_range(vma, haddr, PMD_PAGES):
-            failures += 1
+            again += 1
             continue
         walk = pt.walk(haddr, PMD_PAGES)
         kinds = walk.kinds
-        if ((kinds != KIND_PRESENT) & (kinds != 0)).any():
-            failures += 1
+        mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+        if (~mapped & (kinds != 0)).any():
+            again += 1
             continue
         pfns = walk.pfns()
-        normal = (kinds == KIND_PRESENT) & ((walk.entries & U64(PTE_SPECIAL)) == 0)
+        normal = mapped & ((walk.entries & U64(PTE_SPECIAL)) == 0)
         heads = phys.head_of(pfns[normal])
         uheads, nmaps = np.unique(heads, return_counts=True)
-        if (phys.refcount[uheads] > phys.mapcount[uheads]).any() or (
-            (phys.flags[uheads] & PG_anon) == 0
-        ).any():
-            failures += 1
+        if ((phys.flags[uheads] & PG_anon) == 0).any():
+            raise InvalidArgument(f"MADV_COLLAPSE: a page of {vma} is not anonymous")
+        if (phys.refcount[uheads] > phys.mapcount[uheads]).any():
+            again += 1
             continue
         try:
             head = phys.alloc_one(PMD_ORDER)
         except OutOfMemory:
-            failures += 1
-            continue
+            raise OutOfMemory("MADV_COLLAPSE: no free huge page") from None
         start = haddr << PAGE_SHIFT
         with invalidation(mm, MMU_NOTIFY_CLEAR, start, start + (PMD_PAGES << PAGE_SHIFT)):
             dst = np.arange(head, head + PMD_PAGES, dtype=np.int64)
@@ -199,12 +217,13 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
             if old and is_table_pointer(old):
                 pt.set(pmdloc, 0)
                 pt.free_table(pfn_of(old))
-            pt.set(
-                pmdloc, make_present(head, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True)
-            )
+            new = make_present(head, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True)
+            if not vma.flags & VM_ACCESS_FLAGS:
+                new = (new & ~PTE_PRESENT) | PTE_PROTNONE
+            pt.set(pmdloc, new)
             machine.costs.pte_writes += PMD_PAGES + 1
             if len(uheads):
                 np.subtract.at(phys.mapcount, uheads, nmaps.astype(np.int32))
                 phys.put(np.repeat(uheads, nmaps))
-    if failures:
-        raise Again(f"MADV_COLLAPSE could not collapse {failures} chunk(s) of {vma}")
+    if again:
+        raise Again(f"MADV_COLLAPSE could not collapse {again} chunk(s) of {vma}")
