@@ -247,6 +247,16 @@ def test_collapse_of_vma_without_anon_vma_fails_einval(proc):
     assert set(kinds(proc, a, 512)) == {"zero"}
 
 
+def test_collapse_of_untouched_vma_or_vma_without_a_whole_chunk_fails_einval(proc):
+    a = thp_area(proc)
+    with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(a + PAGE, MB2 - PAGE, MADV_COLLAPSE)  # no anon_vma, no chunk
+    small = proc.mmap(4 * PAGE, RW, ANON)
+    proc.write(small, b"x")
+    with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(small, 4 * PAGE, MADV_COLLAPSE)  # no 2 MiB chunk fits
+
+
 def test_collapse_of_chunk_without_page_table_fails_einval_and_maps_nothing(proc):
     a = thp_area(proc)
     proc.write(a, b"x")
@@ -438,4 +448,15 @@ def test_free_then_pageout_of_whole_thp_discards_it_whole(proc):
     assert set(kinds(proc, a, 512)) == {"none"}
     assert proc.machine.phys.allocator.nr_free == free_before + 512
     assert proc.read(a, 1) == b"\x00"
+    verify_machine(proc.machine)
+
+
+def test_map_fixed_over_a_populated_chunk_frees_its_page_table_so_a_thp_can_fault(proc):
+    a = thp_area(proc)
+    proc.write(a, b"4k")  # no MADV_HUGEPAGE: a PTE table for the chunk
+    assert proc.pagemap(a, 1)[0].order == 0
+    proc.mmap(MB2, RW, ANON | MAP_FIXED, addr=a)
+    proc.madvise(a, MB2, MADV_HUGEPAGE)
+    proc.write(a, b"2m")
+    assert proc.pagemap(a, 1)[0].order == 9
     verify_machine(proc.machine)

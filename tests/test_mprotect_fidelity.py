@@ -125,3 +125,15 @@ def test_mprotect_prot_none_then_back_keeps_data(proc):
     proc.mprotect(a, 2 * PAGE, PROT_READ | PROT_WRITE)
     assert proc.read(a, 4) == b"keep"
     verify_machine(proc.machine)
+
+
+@pytest.mark.parametrize(("written", "nvmas"), [(True, 2), (False, 1)])
+def test_mprotect_read_only_keeps_commit_of_touched_memory_so_it_does_not_merge(
+    proc, written, nvmas
+):
+    a = proc.mmap(4 * PAGE, RW, ANON | MAP_FIXED, addr=BASE)
+    proc.mmap(4 * PAGE, PROT_NONE, ANON | MAP_FIXED, addr=BASE + 4 * PAGE)
+    if written:
+        proc.write(a, b"x")  # an anon_vma: VM_ACCOUNT stays on read-only
+    proc.mprotect(a, 8 * PAGE, PROT_READ)
+    assert len(proc.mm.vmas) == nvmas

@@ -66,7 +66,7 @@ from .physmem import (
     PG_swapcache,
     PhysMem,
 )
-from .rmap import folio_add_new_anon_rmap, root_anon_vma
+from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
 from .vma import VM_IO, VM_PFNMAP, VM_WRITE
@@ -172,6 +172,9 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
 def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> int:
     machine = vma.mm.machine
     pt = vma.mm.pt
+    # Linux prepares the anon_vma before choosing the huge zero page, so a
+    # read fault here gives the VMA one (unlike a 4 KiB zero-page read).
+    anon_vma_prepare(machine, vma)
     if not write and machine.config.thp_use_zero_page:
         pt.set(pmdloc, make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += 1
@@ -755,6 +758,7 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
         write=write,
         npages=len(cvpns) * PMD_PAGES,
     )
+    anon_vma_prepare(machine, vma)  # before the huge zero page, as in Linux
     if not write and machine.config.thp_use_zero_page:
         pt.flat[pmdlocs] = U64(make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += len(pmdlocs)

@@ -58,6 +58,7 @@ from .uapi import (
     TASK_SIZE,
 )
 from .vma import (
+    VM_ACCOUNT,
     VM_DONTEXPAND,
     VM_EXEC,
     VM_HUGETLB,
@@ -329,6 +330,8 @@ def do_mmap(
         vm_flags |= VM_SHARED | VM_MAYSHARE
     if flags & MAP_NORESERVE:
         vm_flags |= VM_NORESERVE
+    if not hugetlb_order and (vm_flags & (VM_NORESERVE | VM_SHARED | VM_WRITE)) == VM_WRITE:
+        vm_flags |= VM_ACCOUNT  # accountable_mapping: committed private writable memory
     machine = mm.machine
     resv = None
     backing = file
@@ -352,8 +355,12 @@ def do_mmap(
         pgoff = start >> PAGE_SHIFT
 
     if flags & MAP_FIXED:
-        for old in isolate_range(mm, start, start + size):
+        replaced = isolate_range(mm, start, start + size)
+        for old in replaced:
             unmap_vma(old)
+        if replaced:
+            # As munmap: page tables no VMA uses any more go (free_pgtables).
+            free_page_tables(mm, start, start + size)
     vma = Vma(
         mm,
         start,

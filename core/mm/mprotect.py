@@ -39,7 +39,16 @@ from .pagetable import (
 )
 from .physmem import PG_anon_exclusive
 from .uapi import PAGE_SIZE, PROT_GROWSDOWN, PROT_GROWSUP, PROT_MASK, PROT_SEM
-from .vma import VM_ACCESS_FLAGS, VM_WRITE, Vma, vm_flags_str
+from .vma import (
+    VM_ACCESS_FLAGS,
+    VM_ACCOUNT,
+    VM_HUGETLB,
+    VM_NORESERVE,
+    VM_SHARED,
+    VM_WRITE,
+    Vma,
+    vm_flags_str,
+)
 
 if TYPE_CHECKING:
     from .address_space import AddressSpace
@@ -99,8 +108,24 @@ def do_mprotect(mm: AddressSpace, addr: int, length: int, prot: int) -> None:
             raise PermissionDenied(f"mprotect: {vma} may never get {vm_flags_str(access)}")
         hi = min(end, vma.end)
         if new_flags != vma.flags:
-            mprotect_fixup(vma, pos, hi, new_flags)
+            mprotect_fixup(vma, pos, hi, _account(vma, new_flags))
         pos = hi
+
+
+def _account(vma: Vma, new_flags: int) -> int:
+    """``VM_ACCOUNT`` as ``mprotect_fixup`` sets it (it changes what may merge).
+
+    Private memory made writable is committed (unless hugetlb, shared or
+    MAP_NORESERVE); an anonymous VMA made read-only before it ever had a page
+    (no anon_vma) gives its commitment back.
+    """
+    old = vma.flags
+    if new_flags & VM_WRITE:
+        if not old & (VM_ACCOUNT | VM_WRITE | VM_HUGETLB | VM_SHARED | VM_NORESERVE):
+            new_flags |= VM_ACCOUNT
+    elif old & VM_ACCOUNT and vma.is_anonymous and not vma.is_hugetlb and vma.anon_vma is None:
+        new_flags &= ~VM_ACCOUNT
+    return new_flags
 
 
 def mprotect_fixup(vma: Vma, start: int, end: int, new_flags: int) -> Vma:

@@ -140,9 +140,9 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
 
     Errors, as ``madvise_collapse`` reports them (Linux 6.18):
 
-    * a VMA THP may not back, or with no ``anon_vma`` yet (only zero-page
-      reads so far), fails with EINVAL (the latter when a chunk would be
-      collapsed: ``hugepage_vma_revalidate``);
+    * a VMA THP may not back, one too small to hold an aligned 2 MiB chunk,
+      or one with no ``anon_vma`` yet (only zero-page reads so far) fails
+      with EINVAL before anything is done;
     * a chunk without a page table stops the walk with EINVAL
       (``SCAN_PMD_NULL`` is not among the results it continues after);
     * a chunk with a pinned page or one that cannot be faulted in is skipped
@@ -155,6 +155,12 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
 
     if not thp_vma_allowable(vma, collapse=True):
         raise InvalidArgument(f"MADV_COLLAPSE is not allowed on {vma}")
+    # __thp_vma_allowable_orders outside the fault path: some 2 MiB chunk must
+    # fit in the VMA, and the VMA must have an anon_vma (a page was written).
+    if vma.npages < PMD_PAGES or not thp_vma_suitable(vma, vma.end_vpn - PMD_PAGES):
+        raise InvalidArgument(f"MADV_COLLAPSE: no 2 MiB chunk fits in {vma}")
+    if vma.anon_vma is None:
+        raise InvalidArgument(f"MADV_COLLAPSE: {vma} has no anon_vma")
     mm = vma.mm
     pt = mm.pt
     machine = mm.machine
@@ -176,8 +182,6 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
                 continue  # already PMD-mapped (a THP or the huge zero page)
             again += 1  # a PMD migration entry: SCAN_PMD_MAPPED is not reached
             continue
-        if vma.anon_vma is None:
-            raise InvalidArgument(f"MADV_COLLAPSE: {vma} has no anon_vma")
         if swap_in_range(vma, haddr, PMD_PAGES):
             again += 1
             continue
