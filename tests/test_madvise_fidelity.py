@@ -282,11 +282,20 @@ def test_collapse_does_the_chunks_before_one_without_page_table(proc):
     assert proc.read(a, 1) == b"x"
 
 
-def test_collapse_of_anonymous_shmem_fails_einval(proc):
+def test_collapse_of_anonymous_shmem_follows_linux_where_the_model_can(proc):
     a = thp_area(proc, flags=MAP_SHARED | hmmsim.MAP_ANONYMOUS)
-    proc.write(a, b"s" * (16 * PAGE))
     with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(a, MB2, MADV_COLLAPSE)  # a chunk with no page at all
+    proc.madvise(a + PAGE, MB2 - PAGE, MADV_COLLAPSE)  # no chunk: 0
+    with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(a + PAGE, 2 * PAGE, MADV_COLLAPSE)  # inverted chunks
+    proc.write(a, b"s" * (16 * PAGE))
+    # Linux collapses this into a shmem THP; the model has none and says so.
+    with pytest.raises(hmmsim.NotSupported):
         proc.madvise(a, MB2, MADV_COLLAPSE)
+    tiny = proc.mmap(4 * PAGE, RW, MAP_SHARED | hmmsim.MAP_ANONYMOUS)
+    with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(tiny, 4 * PAGE, MADV_COLLAPSE)
 
 
 def test_collapse_with_unaligned_start_inside_one_chunk_fails_einval(proc):
@@ -459,4 +468,31 @@ def test_map_fixed_over_a_populated_chunk_frees_its_page_table_so_a_thp_can_faul
     proc.madvise(a, MB2, MADV_HUGEPAGE)
     proc.write(a, b"2m")
     assert proc.pagemap(a, 1)[0].order == 9
+    verify_machine(proc.machine)
+
+
+@pytest.mark.parametrize("advice", [MADV_FREE, MADV_PAGEOUT, MADV_COLD])
+def test_partial_advice_skips_a_pte_mapped_thp_another_process_maps(proc, advice):
+    a = thp_area(proc)
+    make_thp(proc, a)
+    child = proc.fork()
+    proc.write(a + 2 * PAGE, b"\x0a")  # COW: the parent's PMD is split
+    pfn = proc.pagemap(a, 1)[0].pfn
+    assert proc.pagemap(a, 1)[0].order == 0
+    proc.madvise(a + PAGE, PAGE, advice)
+    phys = proc.machine.phys
+    assert int(phys.order[phys.head(pfn)]) == 9  # the folio was not split
+    assert kinds(proc, a, 2) == ["anon", "anon"]
+    assert child.pagemap(a, 1)[0].order == 9
+    verify_machine(proc.machine)
+
+
+@pytest.mark.parametrize(("length", "order"), [(MB2, 9), (MB2 - PAGE, 0)])
+def test_dontneed_of_a_whole_chunk_frees_its_empty_page_table(proc, length, order):
+    a = thp_area(proc)
+    proc.write(a, b"4k")  # a PTE table for the first chunk
+    proc.madvise(a, length, MADV_DONTNEED)
+    proc.madvise(a, 2 * MB2, MADV_HUGEPAGE)
+    proc.write(a + 5 * PAGE, b"x")
+    assert proc.pagemap(a + 5 * PAGE, 1)[0].order == order
     verify_machine(proc.machine)

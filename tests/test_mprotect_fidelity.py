@@ -137,3 +137,25 @@ def test_mprotect_read_only_keeps_commit_of_touched_memory_so_it_does_not_merge(
         proc.write(a, b"x")  # an anon_vma: VM_ACCOUNT stays on read-only
     proc.mprotect(a, 8 * PAGE, PROT_READ)
     assert len(proc.mm.vmas) == nvmas
+
+
+def test_first_write_reuses_the_neighbours_anon_vma_so_mprotect_can_merge_them(proc):
+    a = proc.mmap(8 * PAGE, RW, ANON | MAP_FIXED, addr=BASE)
+    proc.write(a + 7 * PAGE, b"x")
+    proc.mprotect(a + 4 * PAGE, 4 * PAGE, PROT_NONE)
+    proc.mmap(4 * PAGE, RW, ANON | MAP_FIXED, addr=a)
+    proc.write(a, b"y")
+    proc.mprotect(a + 4 * PAGE, 4 * PAGE, RW)
+    assert layout(proc) == [(a, a + 8 * PAGE, RW)]
+    verify_machine(proc.machine)
+
+
+def test_merge_prefers_the_previous_vma_when_both_neighbours_cannot_join(proc):
+    a = proc.mmap(3 * PAGE, RW, ANON | MAP_FIXED, addr=BASE)
+    proc.mprotect(a + PAGE, PAGE, PROT_READ)
+    proc.write(a, b"p")  # prev and next get different anon_vmas
+    proc.mprotect(a + 2 * PAGE, PAGE, PROT_NONE)
+    proc.mprotect(a + 2 * PAGE, PAGE, RW)
+    proc.write(a + 2 * PAGE, b"n")
+    proc.mprotect(a + PAGE, PAGE, RW)
+    assert layout(proc) == [(a, a + 2 * PAGE, RW), (a + 2 * PAGE, a + 3 * PAGE, RW)]

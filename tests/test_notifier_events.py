@@ -14,6 +14,7 @@ from hmmsim import (
     MAP_POPULATE,
     MAP_SHARED,
     MREMAP_MAYMOVE,
+    PROT_NONE,
     PROT_READ,
     mmu_interval_notifier_insert,
 )
@@ -113,6 +114,7 @@ def test_hugetlb_munmap_emits_unmap(make_machine):
 def test_oom_reaper_unmaps_without_blocking_and_skips_refused_vmas(machine, events):
     p = machine.spawn()
     a = p.mmap(4 * PAGE, RW, ANON | MAP_POPULATE)
+    p.mmap(PAGE, PROT_NONE, ANON)  # keeps b from merging with a, as Linux would
     b = p.mmap(4 * PAGE, RW, ANON | MAP_POPULATE)
     refuser = Recorder(refuse_nonblock=True)
     mmu_interval_notifier_insert(p.mm, a, 4 * PAGE, refuser)

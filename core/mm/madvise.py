@@ -70,6 +70,7 @@ from .physmem import (
     PG_zone_device,
 )
 from .reclaim import reclaim_folio, split_folio
+from .rmap import rmap_walk
 from .swap import swapcache_del
 from .thp import madvise_collapse
 from .uapi import (
@@ -245,6 +246,10 @@ def _visit(vma: Vma, advice: int, start: int, end: int) -> None:
         else:
             with invalidation(vma.mm, MMU_NOTIFY_CLEAR, lo << PAGE_SHIFT, hi << PAGE_SHIFT):
                 zap_range(vma, lo, hi - lo)
+                if not vma.is_hugetlb:
+                    # CONFIG_PT_RECLAIM (6.14+): a PTE table this zap covered
+                    # whole and left empty is freed, so a THP can fault there.
+                    vma.mm.pt.free_empty_pte_tables(lo, hi - lo)
     elif advice in (MADV_COLD, MADV_PAGEOUT):
         if vma.flags & (VM_LOCKED | VM_PFNMAP) or vma.is_hugetlb:
             raise InvalidArgument(f"madvise(COLD/PAGEOUT) on locked, PFNMAP or hugetlb {vma}")
@@ -370,8 +375,8 @@ def _pmd_leaves(vma: Vma, lo: int, hi: int, advice: int) -> list[tuple[int, int]
             skip.append((clo, chi))
             continue
         head = phys.head(pfn_of(e))
-        if phys.mapcount[head] > 1:
-            skip.append((clo, chi))  # folio_maybe_mapped_shared
+        if _mapped_by_another_mm(vma, head):
+            skip.append((clo, chi))
             continue
         if chi - clo < PMD_PAGES:
             if not split_folio(machine, head):
@@ -420,9 +425,14 @@ def _split_partial_large(vma: Vma, lo: int, hi: int, skip: np.ndarray) -> np.nda
     for head, count, n in zip(uheads.tolist(), counts.tolist(), nr.tolist(), strict=True):
         if count >= n:
             continue  # the range covers the whole folio
-        if phys.mapcount[head] > n or not split_folio(vma.mm.machine, head):
+        if _mapped_by_another_mm(vma, head) or not split_folio(vma.mm.machine, head):
             skip[idx[heads == head]] = True
     return skip
+
+
+def _mapped_by_another_mm(vma: Vma, head: int) -> bool:
+    """``folio_maybe_mapped_shared``: another process maps the folio too."""
+    return any(hit.vma.mm is not vma.mm for hit in rmap_walk(vma.mm.machine, head))
 
 
 def _range_mask(lo: int, hi: int, spans: list[tuple[int, int]]) -> np.ndarray:

@@ -222,11 +222,15 @@ def try_merge(vma: Vma) -> Vma:
     """Merge ``vma`` with compatible neighbours (``vma_merge``); returns the survivor."""
     mm = vma.mm
     prev, nxt = mm.vmas.neighbours(vma)
-    if nxt is not None and can_merge(vma, nxt):
-        _absorb(vma, nxt)
-    if prev is not None and can_merge(prev, vma):
-        _absorb(prev, vma)
-        return prev
+    left = prev if prev is not None and can_merge(prev, vma) else None
+    right = nxt if nxt is not None and can_merge(vma, nxt) else None
+    if left is not None and right is not None and not _anon_compatible(left, right):
+        right = None  # Linux merges with the previous VMA when not with both
+    if right is not None:
+        _absorb(vma, right)
+    if left is not None:
+        _absorb(left, vma)
+        return left
     return vma
 
 

@@ -61,14 +61,43 @@ class AnonVma:
 
 
 def anon_vma_prepare(machine: Machine, vma: Vma) -> AnonVma:
-    """Give ``vma`` an anon_vma before its first anonymous page."""
+    """Give ``vma`` an anon_vma before its first anonymous page.
+
+    As ``find_mergeable_anon_vma`` does, a neighbour's anon_vma is reused
+    (next first, then previous) when the two VMAs could merge but for their
+    access flags and the neighbour's anon_vma is its only one: that keeps them
+    mergeable later, e.g. after an mprotect makes their protections equal.
+    """
     if vma.anon_vma is None:
-        av = AnonVma(machine.register_mapping(None))
-        machine.mappings[av.id] = av
+        av = _mergeable_anon_vma(vma)
+        if av is None:
+            av = AnonVma(machine.register_mapping(None))
+            machine.mappings[av.id] = av
         vma.anon_vma = av
         vma.anon_chain.append(av)
         av.vmas.add(vma)
     return vma.anon_vma
+
+
+def _mergeable_anon_vma(vma: Vma) -> AnonVma | None:
+    from .vma import VM_ACCESS_FLAGS
+
+    if vma.mm.vmas.find(vma.start) is not vma:
+        return None  # not linked yet (being built)
+    prev, nxt = vma.mm.vmas.neighbours(vma)
+    for a, b, old in ((vma, nxt, nxt), (prev, vma, prev)):
+        if a is None or b is None or old is None or old.anon_vma is None:
+            continue
+        if (
+            len(old.anon_chain) == 1
+            and a.end == b.start
+            and a.file is b.file
+            and a.vm_ops is b.vm_ops
+            and not (a.flags ^ b.flags) & ~VM_ACCESS_FLAGS
+            and b.pgoff == a.pgoff + a.npages
+        ):
+            return old.anon_vma
+    return None
 
 
 def anon_vma_clone(dst: Vma, src: Vma) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import Again, InvalidArgument, OutOfMemory
+from ..errors import Again, InvalidArgument, NotSupported, OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from .pagetable import (
     KIND_DEVICE_PRIVATE,
@@ -59,7 +59,7 @@ def thp_vma_allowable(vma: Vma, *, collapse: bool = False) -> bool:
     ``MADV_COLLAPSE`` ignores the mode ("never" included); only
     ``VM_NOHUGEPAGE`` refuses it. shmem and regular files are modelled with
     THP off (the kernel's default ``shmem_enabled=never``, and filesystems
-    without large folios).
+    without large folios); ``madvise_collapse`` deals with shmem itself.
     """
     if not vma.is_anonymous or vma.is_hugetlb or vma.is_shared:
         return False
@@ -153,22 +153,26 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
     """
     from .fault import swap_in_range
 
-    if not thp_vma_allowable(vma, collapse=True):
+    shmem = vma.page_cache is not None and vma.page_cache.shmem
+    if not (shmem and not vma.flags & VM_NOHUGEPAGE) and not thp_vma_allowable(vma, collapse=True):
         raise InvalidArgument(f"MADV_COLLAPSE is not allowed on {vma}")
     # __thp_vma_allowable_orders outside the fault path: some 2 MiB chunk must
-    # fit in the VMA, and the VMA must have an anon_vma (a page was written).
+    # fit in the VMA, and an anonymous VMA must have an anon_vma.
     if vma.npages < PMD_PAGES or not thp_vma_suitable(vma, vma.end_vpn - PMD_PAGES):
         raise InvalidArgument(f"MADV_COLLAPSE: no 2 MiB chunk fits in {vma}")
-    if vma.anon_vma is None:
+    if not shmem and vma.anon_vma is None:
         raise InvalidArgument(f"MADV_COLLAPSE: {vma} has no anon_vma")
-    mm = vma.mm
-    pt = mm.pt
-    machine = mm.machine
-    phys = machine.phys
     first = (start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
     last = end_vpn & ~(PMD_PAGES - 1)
     if first > last:
         raise InvalidArgument("MADV_COLLAPSE: the range holds no aligned chunk (count underflow)")
+    if shmem:
+        _shmem_collapse(vma, first, last)
+        return
+    mm = vma.mm
+    pt = mm.pt
+    machine = mm.machine
+    phys = machine.phys
     again = 0
     for haddr in range(first, last, PMD_PAGES):
         if not thp_vma_suitable(vma, haddr):
@@ -231,3 +235,22 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
                 phys.put(np.repeat(uheads, nmaps))
     if again:
         raise Again(f"MADV_COLLAPSE could not collapse {again} chunk(s) of {vma}")
+
+
+def _shmem_collapse(vma: Vma, first: int, last: int) -> None:
+    """MADV_COLLAPSE of shared anonymous memory: the part the model can do.
+
+    Linux collapses a chunk of shmem that has at least one page (cached or
+    swapped) into a shmem THP, even with ``shmem_enabled=never`` (forced
+    collapse), and fails a chunk with no page at all with EINVAL. The model
+    keeps shmem in base pages only, so the first chunk with a page fails with
+    ``NotSupported`` (EOPNOTSUPP) instead of pretending; the argument and
+    empty-chunk outcomes are Linux's.
+    """
+    f = vma.page_cache
+    for haddr in range(first, last, PMD_PAGES):
+        lo = vma.linear_index(haddr)
+        cached = f.cache[lo : lo + PMD_PAGES]
+        if (cached >= 0).any() or any(lo <= i < lo + PMD_PAGES for i in f.backing):
+            raise NotSupported(f"MADV_COLLAPSE: the model has no shmem THPs ({vma})")
+        raise InvalidArgument(f"MADV_COLLAPSE: no page of {vma} at {haddr << PAGE_SHIFT:#x}")
