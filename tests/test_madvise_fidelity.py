@@ -496,3 +496,20 @@ def test_dontneed_of_a_whole_chunk_frees_its_empty_page_table(proc, length, orde
     proc.write(a + 5 * PAGE, b"x")
     assert proc.pagemap(a + 5 * PAGE, 1)[0].order == order
     verify_machine(proc.machine)
+
+
+def test_madv_free_makes_a_clean_folio_shared_with_a_child_lazy_free(proc):
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    proc.write(a, b"\x05" * 4 * PAGE)
+    child = proc.fork()
+    proc.madvise(a, 4 * PAGE, MADV_FREE)
+    phys = proc.machine.phys
+    pfns = [e.pfn for e in proc.pagemap(a, 4)]
+    assert not any(phys.flags[p] & hmmsim.mm.physmem.PG_swapbacked for p in pfns)
+    assert not any(e.dirty for e in proc.pagemap(a, 4))
+    assert all(e.dirty for e in child.pagemap(a, 4))
+    # Reclaim finds the child's dirty PTEs: the pages stay, swap-backed again.
+    proc.machine.reclaim(64 << 20)
+    assert child.read(a, 1) == b"\x05" and proc.read(a + 3 * PAGE, 1) == b"\x05"
+    assert all(phys.flags[p] & hmmsim.mm.physmem.PG_swapbacked for p in pfns)
+    verify_machine(proc.machine)
