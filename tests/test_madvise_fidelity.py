@@ -128,9 +128,28 @@ def test_every_valid_advice_succeeds_on_private_anonymous_memory(proc, advice):
 
 def test_valid_advice_the_model_does_not_implement_is_eopnotsupp_not_einval(proc):
     a = proc.mmap(PAGE, RW, ANON)
-    for advice in (MADV_REMOVE, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE):
+    for advice in (MADV_GUARD_INSTALL, MADV_GUARD_REMOVE):
         with pytest.raises(hmmsim.NotSupported):
             proc.madvise(a, PAGE, advice)
+
+
+def test_madv_remove_punches_a_hole_in_shmem_and_checks_the_mapping(make_machine):
+    m = make_machine()
+    p = m.spawn()
+    s = p.mmap(4 * PAGE, RW, MAP_SHARED | hmmsim.MAP_ANONYMOUS)
+    p.write(s, b"\x07" * 4 * PAGE)
+    child = p.fork()
+    p.madvise(s + PAGE, 2 * PAGE, MADV_REMOVE)
+    assert kinds(p, s, 4) == ["shmem", "none", "none", "shmem"]
+    assert child.read(s, 4 * PAGE)[::PAGE] == b"\x07\x00\x00\x07"
+    ro = p.mmap(PAGE, PROT_READ, MAP_SHARED | hmmsim.MAP_ANONYMOUS)
+    p.madvise(ro, PAGE, MADV_REMOVE)  # shared anon memory may always be written
+    with pytest.raises(hmmsim.InvalidArgument):
+        p.madvise(p.mmap(PAGE, RW, ANON), PAGE, MADV_REMOVE)
+    f = m.create_file(2 * PAGE)
+    with pytest.raises(hmmsim.PermissionDenied):
+        p.madvise(p.mmap(PAGE, RW, hmmsim.MAP_PRIVATE, file=f), PAGE, MADV_REMOVE)
+    verify_machine(m)
 
 
 def test_new_madv_constants_have_linux_values():

@@ -26,9 +26,10 @@ What each advice does to the model:
 * DONTNEED, DONTNEED_LOCKED zap; FREE marks pages lazily freeable; COLD
   clears accessed bits; PAGEOUT reclaims; COLLAPSE builds THPs;
   POPULATE_READ/WRITE fault the range in like a read/write access.
-* REMOVE (hole punching) and GUARD_INSTALL/GUARD_REMOVE (guard regions) are
-  valid values the model does not implement: they fail with EOPNOTSUPP
-  (``NotSupported``) rather than pretend to succeed.
+* REMOVE punches a hole in the shared file or shmem behind the range.
+* GUARD_INSTALL/GUARD_REMOVE (guard regions) are valid values the model does
+  not implement: they fail with EOPNOTSUPP (``NotSupported``) rather than
+  pretend to succeed; so does REMOVE on hugetlbfs and device files.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from ..errors import (
     InvalidArgument,
     NotSupported,
     OutOfMemory,
+    PermissionDenied,
 )
 from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from .mmap import page_align, split_vma, try_merge
@@ -109,6 +111,7 @@ from .vma import (
     VM_IO,
     VM_LOCKED,
     VM_MAYSHARE,
+    VM_MAYWRITE,
     VM_MERGEABLE,
     VM_MIXEDMAP,
     VM_NOHUGEPAGE,
@@ -162,7 +165,7 @@ VALID_ADVICE: Final = WRITE_LOCKED_ADVICE | {
     MADV_GUARD_REMOVE,
 }
 #: Valid advice the model does not implement (EOPNOTSUPP, never a fake success).
-UNMODELLED_ADVICE: Final = frozenset({MADV_REMOVE, MADV_GUARD_INSTALL, MADV_GUARD_REMOVE})
+UNMODELLED_ADVICE: Final = frozenset({MADV_GUARD_INSTALL, MADV_GUARD_REMOVE})
 #: Kept for callers that list what the model implements.
 SUPPORTED_ADVICE: Final = tuple(sorted(VALID_ADVICE - UNMODELLED_ADVICE))
 
@@ -189,7 +192,7 @@ def do_madvise(mm: AddressSpace, addr: int, length: int, advice: int) -> None:
     if end == addr:
         return
     if advice in UNMODELLED_ADVICE:
-        raise NotSupported(f"madvise: advice {advice} (REMOVE/GUARD_*) is not modelled")
+        raise NotSupported(f"madvise: advice {advice} (GUARD_INSTALL/REMOVE) is not modelled")
     if advice in (MADV_POPULATE_READ, MADV_POPULATE_WRITE):
         madvise_populate(mm, addr, end, write=advice == MADV_POPULATE_WRITE)
         return
@@ -256,6 +259,28 @@ def _visit(vma: Vma, advice: int, start: int, end: int) -> None:
         madvise_cold_or_pageout(vma, lo, hi, pageout=advice == MADV_PAGEOUT)
     elif advice == MADV_COLLAPSE:
         madvise_collapse(vma, lo, hi)
+    elif advice == MADV_REMOVE:
+        madvise_remove(vma, start, end)
+
+
+def madvise_remove(vma: Vma, start: int, end: int) -> None:
+    """``madvise_remove``: punch a hole in the file behind [start, end).
+
+    EINVAL for a locked VMA or one with no file (private anonymous memory),
+    EACCES unless the mapping is shared and may be written; then the file's
+    pages go from the page cache and from every mapping (a later read sees
+    zeros), as ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` does.
+    """
+    if vma.flags & VM_LOCKED:
+        raise InvalidArgument(f"madvise(REMOVE) on locked {vma}")
+    if vma.file is None and not vma.is_hugetlb:
+        raise InvalidArgument(f"madvise(REMOVE) needs a file behind {vma}")
+    if not (vma.flags & VM_SHARED and vma.flags & VM_MAYWRITE):
+        raise PermissionDenied(f"madvise(REMOVE) needs a shared writable mapping: {vma}")
+    f = vma.page_cache
+    if f is None or f.hugetlb_order:
+        raise NotSupported(f"madvise(REMOVE): hole punching is not modelled for {vma}")
+    f.punch_hole((start - vma.start) + (vma.pgoff << PAGE_SHIFT), end - start)
 
 
 def _vma_is_anonymous(vma: Vma) -> bool:
