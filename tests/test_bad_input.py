@@ -48,11 +48,13 @@ def mapped(proc):
         (lambda p, a: p.munmap((1 << 47) - PAGE, 4 * PAGE), hmmsim.InvalidArgument),
         (lambda p, a: p.mprotect(a + 3, PAGE, PROT_READ), hmmsim.InvalidArgument),
         (lambda p, a: p.mprotect(a, PAGE, 0x100), hmmsim.InvalidArgument),
-        (lambda p, a: p.mprotect(a, 8 * PAGE, PROT_READ), hmmsim.OutOfMemory),  # hole after
+        # A hole after the mapping: ENOMEM (with an unchanged protection, since
+        # Linux keeps a changed one on the VMAs before the hole).
+        (lambda p, a: p.mprotect(a, 8 * PAGE, RW), hmmsim.OutOfMemory),
         (lambda p, a: p.madvise(a + 1, PAGE, MADV_DONTNEED), hmmsim.InvalidArgument),
         (lambda p, a: p.madvise(a, PAGE, 999), hmmsim.InvalidArgument),
         (lambda p, a: p.madvise(0x10000, PAGE, MADV_DONTNEED), hmmsim.OutOfMemory),
-        (lambda p, a: p.madvise(a, PAGE, hmmsim.MADV_WILLNEED), hmmsim.InvalidArgument),
+        (lambda p, a: p.madvise(a, PAGE, 5), hmmsim.InvalidArgument),  # no such advice
         (lambda p, a: p.mremap(a + 1, PAGE, PAGE), hmmsim.InvalidArgument),
         (lambda p, a: p.mremap(a, PAGE, 0), hmmsim.InvalidArgument),
         (lambda p, a: p.mremap(a, PAGE, PAGE, 0x40), hmmsim.InvalidArgument),

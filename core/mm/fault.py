@@ -176,7 +176,6 @@ def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> 
     # copies the VMA's page tables, zero PMDs included.
     anon_vma_prepare(machine, vma)
     if not write and machine.config.thp_use_zero_page:
-        anon_vma_prepare(machine, vma)  # vmf_anon_prepare() comes before the zero-page case
         pt.set(pmdloc, make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += 1
         return 0
@@ -761,7 +760,6 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
     )
     anon_vma_prepare(machine, vma)  # as do_huge_pmd_anonymous_page, zero page or not
     if not write and machine.config.thp_use_zero_page:
-        anon_vma_prepare(machine, vma)
         pt.flat[pmdlocs] = U64(make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += len(pmdlocs)
         return

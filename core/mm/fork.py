@@ -86,7 +86,15 @@ from .pagetable import (
 from .physmem import HUGE_ZERO_PFN, PG_anon, PG_anon_exclusive, PhysMem
 from .rmap import anon_vma_fork, folio_add_new_anon_rmap
 from .thp import split_huge_pmd
-from .vma import VM_DONTCOPY, VM_MIXEDMAP, VM_PFNMAP, VM_SHARED, VM_WRITE, Vma
+from .vma import (
+    VM_DONTCOPY,
+    VM_MIXEDMAP,
+    VM_PFNMAP,
+    VM_SHARED,
+    VM_WIPEONFORK,
+    VM_WRITE,
+    Vma,
+)
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -133,6 +141,10 @@ def dup_mm(parent: Process, child_mm: AddressSpace) -> None:
             continue
         # The child's private hugetlb mapping holds no reservation of its own.
         cv = vma.copy(vma.start, vma.end, vma.pgoff, mm=child_mm)
+        if vma.flags & VM_WIPEONFORK:
+            # MADV_WIPEONFORK: the child's VMA starts empty, with no anon_vma.
+            child_mm.vmas.insert(cv)
+            continue
         anon_vma_fork(machine, cv, vma)
         cv.link_file()
         child_mm.vmas.insert(cv)

@@ -290,11 +290,15 @@ def try_merge(vma: Vma) -> Vma:
     """Merge ``vma`` with compatible neighbours (``vma_merge``); returns the survivor."""
     mm = vma.mm
     prev, nxt = mm.vmas.neighbours(vma)
-    if nxt is not None and can_merge(vma, nxt):
-        _absorb(vma, nxt)
-    if prev is not None and can_merge(prev, vma):
-        _absorb(prev, vma)
-        return prev
+    left = prev if prev is not None and can_merge(prev, vma) else None
+    right = nxt if nxt is not None and can_merge(vma, nxt) else None
+    if left is not None and right is not None and not _anon_compatible(left, right):
+        right = None  # Linux merges with the previous VMA when not with both
+    if right is not None:
+        _absorb(vma, right)
+    if left is not None:
+        _absorb(left, vma)
+        return left
     return vma
 
 
@@ -481,6 +485,8 @@ def do_mmap(
         vm_flags |= VM_SHARED | VM_MAYSHARE
     if flags & MAP_NORESERVE:
         vm_flags |= VM_NORESERVE
+    if not hugetlb_order and (vm_flags & (VM_NORESERVE | VM_SHARED | VM_WRITE)) == VM_WRITE:
+        vm_flags |= VM_ACCOUNT  # accountable_mapping: committed private writable memory
     machine = mm.machine
     resv = None
     backing = file

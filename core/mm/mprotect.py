@@ -10,26 +10,21 @@ tracking right: exclusive anonymous pages, and pages of shared mappings that
 are not write-notified (or already dirty). Removing write downgrades
 writable migration entries too. The ``PROTECTION_VMA`` invalidation is sent
 only when the range has page tables, as ``change_pmd_range`` does.
+
+``mprotect`` half-applies where Linux does (a hole or a refused VMA after
+changed ones): the changed VMAs stay changed and the error is returned. This
+is the one place the model's "nothing half-applied" rule yields to the ABI.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 
-from ..errors import InvalidArgument, PermissionDenied
+from ..errors import InvalidArgument, OutOfMemory, PermissionDenied
 from ..notifier import MMU_NOTIFY_PROTECTION_VMA, invalidation
-from .mmap import (
-    check_fully_mapped,
-    check_hugetlb_boundaries,
-    check_range,
-    isolate_range,
-    mprotect_account,
-    page_align,
-    prot_to_vm_flags,
-    try_merge,
-)
+from .mmap import mprotect_account, page_align, prot_to_vm_flags, split_vma, try_merge
 from .pagetable import (
     CHUNK_NONE,
     KIND_PRESENT,
@@ -43,32 +38,89 @@ from .pagetable import (
     softleaf_entries_readonly,
 )
 from .physmem import PG_anon_exclusive
-from .uapi import PROT_MASK, PROT_WRITE
-from .vma import VM_ACCESS_FLAGS, VM_MAYWRITE, VM_WRITE, Vma
+from .uapi import PAGE_SIZE, PROT_GROWSDOWN, PROT_GROWSUP, PROT_MASK, PROT_SEM
+from .vma import (
+    VM_ACCESS_FLAGS,
+    VM_WRITE,
+    Vma,
+    vm_flags_str,
+)
 
 if TYPE_CHECKING:
     from .address_space import AddressSpace
 
 
+#: Addresses and lengths are C ``unsigned long``/``size_t``: a negative Python
+#: int stands for its two's-complement value, as it would reach the kernel.
+ULONG_MASK: Final = (1 << 64) - 1
+
+
 def do_mprotect(mm: AddressSpace, addr: int, length: int, prot: int) -> None:
-    check_range(addr, length, "mprotect")
-    if prot & ~PROT_MASK:
-        raise InvalidArgument(f"mprotect: unknown prot bits {prot & ~PROT_MASK:#x}")
+    """``mprotect(2)`` (``do_mprotect_pkey``), with its checks in the kernel's order.
+
+    A misaligned start fails with EINVAL, then a zero length returns 0 before
+    anything else is looked at, a wrapping range fails with ENOMEM, unknown
+    prot bits with EINVAL (``PROT_SEM`` is accepted and ignored). The VMAs are
+    then changed one by one: a hole fails with ENOMEM, a VMA that may never
+    get a requested permission with EACCES, a split through a hugetlb page
+    with EINVAL. Linux half-applies here and so does the model: the VMAs
+    before the failing one keep their new protection. A VMA whose flags would
+    not change is left alone (not split, no invalidation).
+    """
+    addr &= ULONG_MASK
+    length &= ULONG_MASK
+    prot &= 0xFFFFFFFF
+    grows = prot & (PROT_GROWSDOWN | PROT_GROWSUP)
+    prot &= ~grows
+    if grows == PROT_GROWSDOWN | PROT_GROWSUP:
+        raise InvalidArgument("mprotect: PROT_GROWSDOWN and PROT_GROWSUP together")
+    if addr % PAGE_SIZE:
+        raise InvalidArgument(f"mprotect: address {addr:#x} is not page aligned")
     if length == 0:
         return
     end = addr + page_align(length)
-    vmas = check_fully_mapped(mm, addr, end, "mprotect")
-    if prot & PROT_WRITE:
-        for vma in vmas:
-            if not vma.flags & VM_MAYWRITE:
-                raise PermissionDenied(f"mprotect: {vma} may never be writable")
-    check_hugetlb_boundaries(mm, addr, end)
-    for vma in isolate_range(mm, addr, end):
-        new_flags = mprotect_account(vma, (vma.flags & ~VM_ACCESS_FLAGS) | prot_to_vm_flags(prot))
+    if end > ULONG_MASK:
+        raise OutOfMemory(f"mprotect: [{addr:#x}, +{length:#x}) wraps around")
+    if prot & ~(PROT_MASK | PROT_SEM):
+        raise InvalidArgument(f"mprotect: unknown prot bits {prot & ~(PROT_MASK | PROT_SEM):#x}")
+    first = mm.vmas.find_next(addr)
+    if first is None or first.start >= end:
+        raise OutOfMemory(f"mprotect: [{addr:#x}, {end:#x}) is not mapped")
+    if grows & PROT_GROWSDOWN:
+        # No VMA of the model grows down (MAP_GROWSDOWN is not modelled).
+        raise InvalidArgument(f"mprotect(PROT_GROWSDOWN): {first} does not grow down")
+    if first.start > addr:
+        raise OutOfMemory(f"mprotect: {addr:#x} is not mapped")
+    if grows & PROT_GROWSUP:
+        raise InvalidArgument("mprotect(PROT_GROWSUP): no VMA grows up on x86-64")
+    access = prot_to_vm_flags(prot)
+    pos = addr
+    while pos < end:
+        vma = mm.vmas.find(pos)
+        if vma is None:
+            raise OutOfMemory(f"mprotect: {pos:#x} is not mapped")
+        new_flags = (vma.flags & ~VM_ACCESS_FLAGS) | access
+        if (new_flags & ~(new_flags >> 4)) & VM_ACCESS_FLAGS:
+            raise PermissionDenied(f"mprotect: {vma} may never get {vm_flags_str(access)}")
+        hi = min(end, vma.end)
         if new_flags != vma.flags:
-            vma.flags = new_flags
-            change_protection(vma)
-        try_merge(vma)
+            mprotect_fixup(vma, pos, hi, mprotect_account(vma, new_flags))
+        pos = hi
+
+
+def mprotect_fixup(vma: Vma, start: int, end: int, new_flags: int) -> Vma:
+    """Give [start, end) of ``vma`` the flags ``new_flags``: split, protect, merge.
+
+    A split through a hugetlb page fails with EINVAL; the split at ``start``
+    stays done if the one at ``end`` fails, as in ``vma_modify``.
+    """
+    if vma.start < start:
+        vma = split_vma(vma, start)
+    if vma.end > end:
+        split_vma(vma, end)
+    vma.flags = new_flags
+    change_protection(vma)
+    return try_merge(vma)
 
 
 def change_protection(vma: Vma) -> None:

@@ -7,7 +7,10 @@ then calls ``handle_mm_fault``) and ``/proc/pid/pagemap``.
 
 Each syscall takes ``mmap_lock`` in the mode the kernel takes it, validates
 its arguments completely before changing anything, and raises the errno
-exception the kernel would return. A CPU access to an address with no VMA,
+exception the kernel would return. ``mprotect`` and ``madvise`` are the
+exceptions Linux makes: they work VMA by VMA and, on a hole or a VMA that
+refuses, return the error with the VMAs before it already changed; the model
+does the same (their docstrings say which errors come when). A CPU access to an address with no VMA,
 or without the needed permission, raises ``SegmentationFault`` before any
 byte moves; one whose fault fails raises ``BusError`` (SIGBUS, hwpoison) or
 ``OutOfMemory``.
@@ -140,11 +143,21 @@ class Process:
             do_munmap(self.mm, addr, length)
 
     def mprotect(self, addr: int, length: int, prot: int) -> None:
+        """``mprotect(2)``; addresses and lengths are C ``unsigned long``s.
+
+        See ``hmmsim.mm.mprotect.do_mprotect`` for the order of the checks
+        and where Linux (and the model) half-applies.
+        """
         self._alive()
         with self.mm.mmap_lock.write():
             do_mprotect(self.mm, addr, length, prot)
 
     def madvise(self, addr: int, length: int, advice: int) -> None:
+        """``madvise(2)`` with any advice value Linux 6.18 accepts.
+
+        See ``hmmsim.mm.madvise`` for what each advice does, its errors, and
+        the valid values the model does not implement (EOPNOTSUPP).
+        """
         self._alive()
         check_advice(advice)
         lock = self.mm.mmap_lock

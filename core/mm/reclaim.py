@@ -20,20 +20,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
+from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from ..trace import COST_SWAP_IO_NS
 from .pagetable import (
     KIND_PRESENT,
+    KIND_PROTNONE,
+    PAGE_SHIFT,
     PAGE_SIZE,
     PTE_DIRTY,
-    PTE_SPECIAL,
+    PTE_PRESENT,
+    PTE_PROTNONE,
     U64,
+    entry_kind,
+    make_present,
     make_swap,
 )
 from .physmem import (
+    ZERO_PFN,
     PG_anon,
     PG_dirty,
     PG_hugetlb,
+    PG_hwpoison,
     PG_locked,
     PG_reserved,
     PG_swapbacked,
@@ -41,13 +50,13 @@ from .physmem import (
     PG_zeroed,
     PG_zone_device,
 )
-from .rmap import RmapHit, folios_mapped_only_by, rmap_walk, try_to_unmap
+from .rmap import RmapHit, rmap_walk, try_to_unmap
 from .swap import swapcache_del
 from .thp import split_huge_pmd
+from .vma import VM_LOCKED
 
 if TYPE_CHECKING:
     from ..machine import Machine
-    from .vma import Vma
 
 _I64 = np.int64
 
@@ -69,6 +78,9 @@ def split_folio(machine: Machine, head: int) -> bool:
 
     PMD mappings are split to PTEs first (``CLEAR`` each). Fails (False) for
     hugetlb folios and for folios with references beyond their mappings.
+    As Linux does since 6.12 (``try_to_map_unused_to_zeropage``), every
+    mapped subpage that is all zeros is then remapped to the shared zero page
+    (one ``CLEAR`` per mapping that changes) and freed, except in locked VMAs.
     """
     phys = machine.phys
     order = int(phys.order[head])
@@ -83,7 +95,8 @@ def split_folio(machine: Machine, head: int) -> bool:
             split_huge_pmd(hit.vma, vpn)
     nr = 1 << order
     counts = np.zeros(nr, dtype=np.int32)
-    for hit in rmap_walk(machine, head):
+    hits = list(rmap_walk(machine, head))
+    for hit in hits:
         np.add.at(counts, hit.pfns - head, 1)
     pages = phys.split_folio_metadata(head, counts)
     unmapped = pages[counts == 0]
@@ -91,7 +104,49 @@ def split_folio(machine: Machine, head: int) -> bool:
         # Pages of the folio that nothing maps any more are freed at once.
         phys.refcount[unmapped] = 1
         phys.put(unmapped)
+    _remap_zero_filled(machine, pages[counts > 0], hits)
     return True
+
+
+def _remap_zero_filled(machine: Machine, pages: NDArray[np.int64], hits: list[RmapHit]) -> None:
+    """Map the zero page where a just-split subpage in ``pages`` holds only zeros."""
+    phys = machine.phys
+    if not len(pages) or phys.flags[pages[0]] & PG_swapcache:
+        return
+    zero = np.zeros(int(pages.max()) + 1 - int(pages.min()), dtype=np.bool_)
+    data = phys.read_pages(pages) if phys.arena is not None else None
+    filled = (phys.flags[pages] & PG_zeroed) != 0
+    if data is not None:
+        filled |= ~data.any(axis=1)
+    filled &= (phys.flags[pages] & PG_hwpoison) == 0
+    if not filled.any():
+        return
+    base = int(pages.min())
+    zero[pages[filled] - base] = True
+    for hit in hits:
+        vma = hit.vma
+        if vma.flags & VM_LOCKED:
+            continue
+        rel = hit.pfns - base
+        inside = (rel >= 0) & (rel < len(zero))
+        sel = inside & (hit.levels == 0)
+        sel[sel] = zero[rel[sel]]
+        kinds = entry_kind(hit.entries)
+        sel &= (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+        if not sel.any():
+            continue
+        mm = vma.mm
+        vpns = hit.vpns[sel]
+        start, end = int(vpns.min()) << PAGE_SHIFT, (int(vpns.max()) + 1) << PAGE_SHIFT
+        with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
+            locs = hit.locs[sel]
+            old = mm.pt.flat[locs]
+            new = np.full(len(locs), make_present(ZERO_PFN, special=True), dtype=U64)
+            protnone = entry_kind(old) == KIND_PROTNONE
+            new[protnone] = (new[protnone] & ~U64(PTE_PRESENT)) | U64(PTE_PROTNONE)
+            mm.pt.flat[locs] = new
+            machine.costs.pte_writes += len(locs)
+            phys.unmap_folios(hit.pfns[sel])
 
 
 def reclaimable(machine: Machine, head: int) -> bool:
@@ -106,30 +161,57 @@ def reclaimable(machine: Machine, head: int) -> bool:
     return True
 
 
-def reclaim_folio(machine: Machine, head: int) -> int:
-    """Reclaim one folio; returns the number of base pages freed (0 if not)."""
+def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
+    """Reclaim one folio; returns the number of base pages freed (0 if not).
+
+    A lazy-free page that was written to again is not freed: it becomes
+    swap-backed again and stays (``try_to_unmap_one`` aborts, the folio is
+    activated); a clean one is discarded, a large one whole. ``pageout``
+    (MADV_PAGEOUT, which calls ``shrink_folio_list`` even without swap) splits
+    a large swap-backed folio that cannot go to swap, as Linux does when
+    ``add_to_swap`` fails.
+    """
     phys = machine.phys
     if not reclaimable(machine, head):
+        flags = int(phys.flags[head])
+        if (
+            pageout
+            and phys.order[head] > 0
+            and flags & PG_anon
+            and flags & PG_swapbacked
+            and not flags & PG_swapcache
+            and machine.swap.nr_free == 0
+            and phys.refcount[head] == expected_refs(machine, head)
+        ):
+            split_folio(machine, head)
         return 0
+    flags = int(phys.flags[head])
+    if flags & PG_anon and not flags & PG_swapbacked:
+        hits = list(rmap_walk(machine, head))
+        dirty = bool(flags & PG_dirty) or any(
+            bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits
+        )
+        if dirty:
+            phys.flags[head] |= np.uint16(PG_swapbacked)
+            return 0
+        nr = 1 << int(phys.order[head])
+        try_to_unmap(machine, head, lambda e: 0)  # clean lazy-free folio: discard
+        return nr
     if phys.order[head] > 0:
+        nr = 1 << int(phys.order[head])
         if not split_folio(machine, head):
             return 0
         freed = 0
-        for pfn in range(head, head + 512):
-            if phys.refcount[pfn] > 0:
+        for pfn in range(head, head + nr):
+            if phys.refcount[pfn] > 0 and phys.order[pfn] == 0:
                 freed += reclaim_folio(machine, pfn)
         return freed
     hits = list(rmap_walk(machine, head))
     dirty = bool(phys.flags[head] & PG_dirty) or any(
         bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits
     )
-    flags = int(phys.flags[head])
     if flags & PG_anon:
-        if not flags & PG_swapbacked and not dirty:
-            try_to_unmap(machine, head, lambda e: 0)  # clean lazy-free page: discard
-        else:
-            phys.flags[head] |= np.uint16(PG_swapbacked)
-            _swap_out(machine, head, hits)
+        _swap_out(machine, head, hits)
     else:
         f = machine.mappings[int(phys.mapping[head])]
         if dirty:
@@ -168,24 +250,6 @@ def _swap_out(machine: Machine, head: int, hits: list[RmapHit]) -> None:
         swap.put(slot)  # the allocation's use: now only the entries hold it
     else:
         swapcache_del(swap, phys, head)
-
-
-def pageout_range(vma: Vma, lo: int, hi: int) -> int:
-    """``MADV_PAGEOUT``: reclaim the folios of [lo, hi) that only this mapping maps."""
-    machine = vma.mm.machine
-    phys = machine.phys
-    walk = vma.mm.pt.walk(lo, hi - lo)
-    present = (walk.kinds == KIND_PRESENT) & ((walk.entries & U64(PTE_SPECIAL)) == 0)
-    if not present.any():
-        return 0
-    pfns = walk.pfns()[present]
-    ok = ~phys.zero_mask(pfns)
-    heads = phys.head_of(pfns[ok])
-    uheads, exclusive = folios_mapped_only_by(phys.mapcount, heads, walk.loc[present][ok])
-    freed = 0
-    for head in uheads[exclusive].tolist():
-        freed += reclaim_folio(machine, head)
-    return freed
 
 
 def reclaim_machine(machine: Machine, nbytes: int) -> int:

@@ -96,14 +96,44 @@ def _link(vma: Vma, av: AnonVma) -> None:
 
 
 def anon_vma_prepare(machine: Machine, vma: Vma) -> AnonVma:
-    """Give ``vma`` an anon_vma before its first anonymous page (a new root)."""
+    """Give ``vma`` an anon_vma before its first anonymous page.
+
+    As ``find_mergeable_anon_vma`` does, a neighbour's anon_vma is reused
+    (next first, then previous) when the two VMAs could merge but for their
+    access flags and the neighbour's anon_vma is its only one: that keeps them
+    mergeable later, e.g. after an mprotect makes their protections equal.
+    Otherwise the VMA gets a new root.
+    """
     if vma.anon_vma is None:
-        av = _anon_vma_alloc(machine)
-        av.num_children += 1  # the self-parent link of a root
+        av = _mergeable_anon_vma(vma)
+        if av is None:
+            av = _anon_vma_alloc(machine)
+            av.num_children += 1  # the self-parent link of a root
         av.num_active_vmas += 1
         vma.anon_vma = av
         _link(vma, av)
     return vma.anon_vma
+
+
+def _mergeable_anon_vma(vma: Vma) -> AnonVma | None:
+    from .vma import VM_ACCESS_FLAGS
+
+    if vma.mm.vmas.find(vma.start) is not vma:
+        return None  # not linked yet (being built)
+    prev, nxt = vma.mm.vmas.neighbours(vma)
+    for a, b, old in ((vma, nxt, nxt), (prev, vma, prev)):
+        if a is None or b is None or old is None or old.anon_vma is None:
+            continue
+        if (
+            len(old.anon_chain) == 1
+            and a.end == b.start
+            and a.file is b.file
+            and a.vm_ops is b.vm_ops
+            and not (a.flags ^ b.flags) & ~VM_ACCESS_FLAGS
+            and b.pgoff == a.pgoff + a.npages
+        ):
+            return old.anon_vma
+    return None
 
 
 def anon_vma_clone(dst: Vma, src: Vma) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import Again, InvalidArgument, OutOfMemory
+from ..errors import Again, InvalidArgument, NotSupported, OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from .pagetable import (
     KIND_DEVICE_PRIVATE,
@@ -39,7 +39,7 @@ from .pagetable import (
 )
 from .physmem import ZERO_PFN, PG_anon, PhysMem
 from .rmap import folio_add_new_anon_rmap
-from .vma import VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
+from .vma import VM_ACCESS_FLAGS, VM_HUGEPAGE, VM_NOHUGEPAGE, VM_WRITE
 
 if TYPE_CHECKING:
     from .vma import Vma
@@ -59,7 +59,7 @@ def thp_vma_allowable(vma: Vma, *, collapse: bool = False) -> bool:
     ``MADV_COLLAPSE`` ignores the mode ("never" included); only
     ``VM_NOHUGEPAGE`` refuses it. shmem and regular files are modelled with
     THP off (the kernel's default ``shmem_enabled=never``, and filesystems
-    without large folios).
+    without large folios); ``madvise_collapse`` deals with shmem itself.
     """
     if not vma.is_anonymous or vma.is_hugetlb or vma.is_shared:
         return False
@@ -135,66 +135,79 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
 
     Each chunk is copied into a fresh THP mapped by one PMD (``CLEAR`` over
     the chunk). Missing and zero pages become zero; swapped-out pages are
-    faulted in first. A chunk with a page that has references beyond its
-    mappings (pinned) or that is not anonymous cannot be collapsed: the call
-    fails with ``Again`` (the kernel's SCAN_PAGE_COUNT → -EAGAIN) after doing
-    the chunks it could. As on Linux 6.18 (checked on a host): a VMA that
-    never had an anonymous page (no anon_vma), or that cannot hold one
-    aligned PMD, is -EINVAL; a chunk mapped by the huge zero page counts as
-    done and stays so; a chunk with no page at all stops the call with
-    -EINVAL, the chunks before it collapsed, the ones after it untouched.
+    faulted in first; read-only and PROT_NONE chunks collapse too. A chunk
+    already mapped by a PMD (a THP or the huge zero page) counts as done.
+
+    Errors, as ``madvise_collapse`` reports them (Linux 6.18):
+
+    * a VMA THP may not back, one too small to hold an aligned 2 MiB chunk,
+      or one with no ``anon_vma`` yet (only zero-page reads so far) fails
+      with EINVAL before anything is done;
+    * a chunk without a page table stops the walk with EINVAL
+      (``SCAN_PMD_NULL`` is not among the results it continues after);
+    * a chunk with a pinned page or one that cannot be faulted in is skipped
+      and the call ends with EAGAIN; no free huge page stops it with ENOMEM;
+    * a range whose aligned chunks are inverted (a start that is not 2 MiB
+      aligned and an end before the next 2 MiB boundary past it) fails with
+      EINVAL: the kernel's chunk count underflows. That is the ABI.
     """
     from .fault import swap_in_range
 
-    # As thp_vma_allowable_order() outside a fault: the VMA must also hold
-    # at least one aligned PMD (tried at its top end), else -EINVAL, even if
-    # the madvise range itself covers no whole PMD of it.
-    if (
-        not thp_vma_allowable(vma, collapse=True)
-        or not thp_vma_suitable(vma, vma.end_vpn - PMD_PAGES)
-        or vma.anon_vma is None
-    ):
+    shmem = vma.page_cache is not None and vma.page_cache.shmem
+    if not (shmem and not vma.flags & VM_NOHUGEPAGE) and not thp_vma_allowable(vma, collapse=True):
         raise InvalidArgument(f"MADV_COLLAPSE is not allowed on {vma}")
+    # __thp_vma_allowable_orders outside the fault path: some 2 MiB chunk must
+    # fit in the VMA, and an anonymous VMA must have an anon_vma.
+    if vma.npages < PMD_PAGES or not thp_vma_suitable(vma, vma.end_vpn - PMD_PAGES):
+        raise InvalidArgument(f"MADV_COLLAPSE: no 2 MiB chunk fits in {vma}")
+    if not shmem and vma.anon_vma is None:
+        raise InvalidArgument(f"MADV_COLLAPSE: {vma} has no anon_vma")
+    first = (start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
+    last = end_vpn & ~(PMD_PAGES - 1)
+    if first > last:
+        raise InvalidArgument("MADV_COLLAPSE: the range holds no aligned chunk (count underflow)")
+    if shmem:
+        _shmem_collapse(vma, first, last)
+        return
     mm = vma.mm
     pt = mm.pt
     machine = mm.machine
     phys = machine.phys
-    first = (start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
-    failures = 0
-    for haddr in range(first, end_vpn - PMD_PAGES + 1, PMD_PAGES):
+    again = 0
+    for haddr in range(first, last, PMD_PAGES):
         if not thp_vma_suitable(vma, haddr):
-            failures += 1
-            continue
+            raise InvalidArgument(f"MADV_COLLAPSE: {haddr << PAGE_SHIFT:#x} does not fit {vma}")
         pmdloc = pt.pmd_loc(haddr)
         e = pt.get(pmdloc) if pmdloc >= 0 else 0
-        if e and not is_table_pointer(e):
-            if kind_of(e) == KIND_PRESENT:
-                continue  # already PMD-mapped (a THP, or the huge zero page)
-            split_huge_pmd(vma, haddr)
+        if e == 0:
+            raise InvalidArgument(f"MADV_COLLAPSE: no page table at {haddr << PAGE_SHIFT:#x}")
+        if not is_table_pointer(e):
+            if kind_of(e) in (KIND_PRESENT, KIND_PROTNONE):
+                continue  # already PMD-mapped (a THP or the huge zero page)
+            again += 1  # a PMD migration entry: SCAN_PMD_MAPPED is not reached
+            continue
         if swap_in_range(vma, haddr, PMD_PAGES):
-            failures += 1
+            again += 1
             continue
         walk = pt.walk(haddr, PMD_PAGES)
         kinds = walk.kinds
-        if not kinds.any():
-            raise InvalidArgument(f"MADV_COLLAPSE: no page in the PMD at {haddr << PAGE_SHIFT:#x}")
-        if ((kinds != KIND_PRESENT) & (kinds != 0)).any():
-            failures += 1
+        mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+        if (~mapped & (kinds != 0)).any():
+            again += 1
             continue
         pfns = walk.pfns()
-        normal = (kinds == KIND_PRESENT) & ((walk.entries & U64(PTE_SPECIAL)) == 0)
+        normal = mapped & ((walk.entries & U64(PTE_SPECIAL)) == 0)
         heads = phys.head_of(pfns[normal])
         uheads, nmaps = np.unique(heads, return_counts=True)
-        if (phys.refcount[uheads] > phys.mapcount[uheads]).any() or (
-            (phys.flags[uheads] & PG_anon) == 0
-        ).any():
-            failures += 1
+        if ((phys.flags[uheads] & PG_anon) == 0).any():
+            raise InvalidArgument(f"MADV_COLLAPSE: a page of {vma} is not anonymous")
+        if (phys.refcount[uheads] > phys.mapcount[uheads]).any():
+            again += 1
             continue
         try:
             head = phys.alloc_one(PMD_ORDER)
         except OutOfMemory:
-            failures += 1
-            continue
+            raise OutOfMemory("MADV_COLLAPSE: no free huge page") from None
         start = haddr << PAGE_SHIFT
         with invalidation(mm, MMU_NOTIFY_CLEAR, start, start + (PMD_PAGES << PAGE_SHIFT)):
             dst = np.arange(head, head + PMD_PAGES, dtype=np.int64)
@@ -212,12 +225,32 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
             if old and is_table_pointer(old):
                 pt.set(pmdloc, 0)
                 pt.free_table(pfn_of(old))
-            pt.set(
-                pmdloc, make_present(head, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True)
-            )
+            new = make_present(head, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True)
+            if not vma.flags & VM_ACCESS_FLAGS:
+                new = (new & ~PTE_PRESENT) | PTE_PROTNONE
+            pt.set(pmdloc, new)
             machine.costs.pte_writes += PMD_PAGES + 1
             if len(uheads):
                 np.subtract.at(phys.mapcount, uheads, nmaps.astype(np.int32))
                 phys.put(np.repeat(uheads, nmaps))
-    if failures:
-        raise Again(f"MADV_COLLAPSE could not collapse {failures} chunk(s) of {vma}")
+    if again:
+        raise Again(f"MADV_COLLAPSE could not collapse {again} chunk(s) of {vma}")
+
+
+def _shmem_collapse(vma: Vma, first: int, last: int) -> None:
+    """MADV_COLLAPSE of shared anonymous memory: the part the model can do.
+
+    Linux collapses a chunk of shmem that has at least one page (cached or
+    swapped) into a shmem THP, even with ``shmem_enabled=never`` (forced
+    collapse), and fails a chunk with no page at all with EINVAL. The model
+    keeps shmem in base pages only, so the first chunk with a page fails with
+    ``NotSupported`` (EOPNOTSUPP) instead of pretending; the argument and
+    empty-chunk outcomes are Linux's.
+    """
+    f = vma.page_cache
+    for haddr in range(first, last, PMD_PAGES):
+        lo = vma.linear_index(haddr)
+        cached = f.cache[lo : lo + PMD_PAGES]
+        if (cached >= 0).any() or any(lo <= i < lo + PMD_PAGES for i in f.backing):
+            raise NotSupported(f"MADV_COLLAPSE: the model has no shmem THPs ({vma})")
+        raise InvalidArgument(f"MADV_COLLAPSE: no page of {vma} at {haddr << PAGE_SHIFT:#x}")
