@@ -62,16 +62,19 @@ from .physmem import (
     PG_anon,
     PG_anon_exclusive,
     PG_dirty,
+    PG_hugetlb,
     PG_swapbacked,
     PG_swapcache,
     PhysMem,
 )
-from .rmap import folio_add_new_anon_rmap, root_anon_vma
+from .rmap import folio_add_new_anon_rmap, rmap_walk, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
 from .vma import VM_IO, VM_PFNMAP, VM_WRITE
 
 if TYPE_CHECKING:
+    from ..machine import Machine
+    from .address_space import AddressSpace
     from .vma import Vma
 
 FAULT_FLAG_WRITE: Final = 1 << 0
@@ -190,10 +193,20 @@ def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> 
 
 
 def do_huge_pmd_wp_page(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
-    """Write to a read-only PMD: reuse an exclusive THP, else split and fall back."""
+    """Write to a read-only PMD: reuse an exclusive THP, else split and fall back.
+
+    A write to the huge zero page gets a new THP (``do_huge_zero_wp_pmd``,
+    Linux 6.14 and later; older kernels split the PMD and copied one 4 KiB
+    page). Only if no THP can be had does it split and fall back to PTEs.
+    """
     phys = vma.mm.machine.phys
     head = pfn_of(e)
-    if not phys.is_zero_pfn(head):
+    if phys.is_zero_pfn(head):
+        if thp_vma_allowable(vma) and thp_vma_suitable(vma, vpn):
+            ret = do_huge_zero_wp_pmd(vma, vpn, pmdloc, e)
+            if ret != VM_FAULT_FALLBACK:
+                return ret
+    else:
         flags = int(phys.flags[head])
         exclusive = bool(flags & PG_anon_exclusive) or (
             bool(flags & PG_anon)
@@ -207,6 +220,29 @@ def do_huge_pmd_wp_page(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
             return 0
     split_huge_pmd(vma, vpn)
     return VM_FAULT_FALLBACK
+
+
+def do_huge_zero_wp_pmd(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
+    """Replace a huge zero PMD by a new zeroed THP (one ``CLEAR`` over 2 MiB)."""
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    try:
+        head = phys.alloc_one(PMD_ORDER)
+    except OutOfMemory:
+        return VM_FAULT_FALLBACK
+    haddr = vpn & ~(PMD_PAGES - 1)
+    start = haddr << PAGE_SHIFT
+    with invalidation(mm, MMU_NOTIFY_CLEAR, start, start + (PMD_PAGES << PAGE_SHIFT)):
+        if mm.pt.get(pmdloc) != e:  # changed meanwhile: retry the access
+            phys.put_one(head)
+            return 0
+        folio_add_new_anon_rmap(
+            machine, vma, np.array([head], dtype=_I64), np.array([haddr], dtype=_I64), PMD_ORDER
+        )
+        mm.pt.set(pmdloc, make_present(head, write=True, dirty=True, huge=True))
+        machine.costs.pte_writes += 1
+    return 0
 
 
 # ----- PTE level -----------------------------------------------------------------
@@ -386,16 +422,28 @@ def do_wp_page(vma: Vma, vpn: int, loc: int, e: int) -> int:
 
 
 def _can_reuse_anon(vma: Vma, pfn: int, head: int, flags: int) -> bool:
-    """``wp_can_reuse_anon_folio``: is this the only user of the page?
+    """``wp_can_reuse_anon_folio``: is this mm the only user of the page?
 
-    Large folios are reused only when the page is marked exclusive (the
-    pre-6.13 behaviour: no per-mm tracking of large-folio sharers).
+    A small folio is reused when its only reference is this mapping. A large
+    (PTE-mapped) folio is reused, as since Linux 6.15, when only this mm
+    maps it and nothing else holds a reference, unless a single page of it
+    is left mapped (then copying lets the large folio be freed). Before 6.15
+    pages of a large folio were reused only if marked exclusive. The kernel
+    tracks "mapped by another mm" approximately (two mm slots per folio);
+    the model counts the mms that map it.
     """
     if flags & PG_anon_exclusive:
         return True
     phys = vma.mm.machine.phys
     if phys.order[head] != 0:
-        return False
+        if phys.flags[head] & PG_hugetlb:
+            return False
+        mapcount = int(phys.mapcount[head])
+        if mapcount <= 1 or phys.flags[head] & PG_swapcache:
+            return False
+        if phys.refcount[head] != mapcount:
+            return False
+        return _mapped_only_by(vma.mm.machine, head, vma.mm)
     if flags & PG_swapcache:
         swap = vma.mm.machine.swap
         slot = swap.slot_of[head]
@@ -403,6 +451,11 @@ def _can_reuse_anon(vma: Vma, pfn: int, head: int, flags: int) -> bool:
             return False
         swapcache_del(swap, phys, head)
     return bool(phys.refcount[head] == 1)
+
+
+def _mapped_only_by(machine: Machine, head: int, mm: AddressSpace) -> bool:
+    """Whether every mapping of the folio at ``head`` belongs to ``mm``."""
+    return all(hit.vma.mm is mm for hit in rmap_walk(machine, head))
 
 
 def wp_page_copy(
