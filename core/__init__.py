@@ -17,6 +17,7 @@ from .errors import (
     BusError,
     Busy,
     Deadlock,
+    FileTooLarge,
     HardwarePoison,
     HmmsimError,
     InvalidArgument,
