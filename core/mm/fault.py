@@ -63,8 +63,11 @@ from .physmem import (
     PG_anon_exclusive,
     PG_dirty,
     PG_hugetlb,
+    PG_hwpoison,
+    PG_locked,
     PG_swapbacked,
     PG_swapcache,
+    PG_uptodate,
     PhysMem,
 )
 from .rmap import folio_add_new_anon_rmap, rmap_walk, root_anon_vma
@@ -108,6 +111,9 @@ VM_FAULT_ERROR: Final = (
     | VM_FAULT_HWPOISON_LARGE
     | VM_FAULT_FALLBACK
 )
+
+#: ``fault_around_bytes`` (64 KiB, the default) in pages.
+FAULT_AROUND_PAGES: Final = 16
 
 #: Pages handled per vectorised step of ``populate_range`` (bounds temporaries).
 POPULATE_BATCH: Final = 1 << 15
@@ -499,7 +505,11 @@ def do_file_fault(vma: Vma, vpn: int, loc: int, write: bool) -> int:
 def _file_fault_batch(
     vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64], write: bool
 ) -> int:
-    """Map file pages into empty slots ``locs``; stops at end of file (SIGBUS)."""
+    """Map file pages into empty slots ``locs``; stops at end of file (SIGBUS).
+
+    Read faults fault around first (``do_fault_around``), as ``do_read_fault``
+    does; write faults (``do_cow_fault``, ``do_shared_fault``) do not.
+    """
     machine = vma.mm.machine
     phys = machine.phys
     f = vma.page_cache
@@ -509,13 +519,19 @@ def _file_fault_batch(
     if not inside.all():
         ret = VM_FAULT_SIGBUS
         keep = int(np.argmin(inside))
+        if not write:
+            # The fault that hits EOF still maps its cached neighbours.
+            _fault_around(vma, vpns[: keep + 1])
         vpns, locs, indices = vpns[:keep], locs[:keep], indices[:keep]
+    elif not write:
+        _fault_around(vma, vpns)
     if len(vpns) == 0:
         return ret
     try:
         pfns = f.get_pages(indices)
     except OutOfMemory:
         return VM_FAULT_OOM
+    pt = vma.mm.pt
     if write and not vma.is_shared:
         try:
             new = phys.alloc(0, len(pfns))
@@ -523,16 +539,72 @@ def _file_fault_batch(
             return VM_FAULT_OOM
         phys.copy_pages(new, pfns)
         folio_add_new_anon_rmap(machine, vma, new, vpns, 0)
-        vma.mm.pt.flat[locs] = make_present_array(new, write=True, dirty=True)
+        pt.flat[locs] = make_present_array(new, write=True, dirty=True)
     else:
         np.add.at(phys.mapcount, pfns, 1)
         np.add.at(phys.refcount, pfns, 1)
-        writable = vma.is_shared and bool(vma.flags & VM_WRITE) and (write or not f.writenotify)
         if write:
             phys.flags[pfns] |= np.uint16(PG_dirty)
-        vma.mm.pt.flat[locs] = make_present_array(pfns, write=writable, dirty=write)
+        pt.flat[locs] = make_present_array(pfns, write=_file_pte_writable(vma, write), dirty=write)
     machine.costs.pte_writes += len(locs)
     return ret
+
+
+def _file_pte_writable(vma: Vma, write: bool) -> bool:
+    """Whether a file PTE is installed writable.
+
+    Shared writable mappings of write-notified files start read-only (the
+    first write marks the page dirty); shmem is not write-notified, so even
+    a read fault maps it writable (and clean). Private mappings never are.
+    """
+    f = vma.page_cache
+    return vma.is_shared and bool(vma.flags & VM_WRITE) and (write or not f.writenotify)
+
+
+def _fault_around(vma: Vma, vpns: NDArray[np.int64]) -> None:
+    """``do_fault_around`` + ``filemap_map_pages`` for read faults at ``vpns``.
+
+    Each fault maps the pages around it that are already in the page cache
+    and uptodate (not locked, not poisoned, not past EOF) into empty PTEs:
+    the ``FAULT_AROUND_PAGES``-aligned window of virtual pages holding the
+    fault, clipped to the VMA (the window never leaves its page table).
+    Entries are young and clean, writable as a read fault would map them;
+    filling empty PTEs sends no MMU-notifier event. The pages at ``vpns``
+    themselves are left to the fault.
+    """
+    f = vma.page_cache
+    if f is None or f.hugetlb_order or len(vpns) == 0:
+        return
+    windows = np.unique(vpns // FAULT_AROUND_PAGES) * FAULT_AROUND_PAGES
+    cand = (windows[:, None] + np.arange(FAULT_AROUND_PAGES, dtype=_I64)).reshape(-1)
+    cand = cand[(cand >= vma.start_vpn) & (cand < vma.end_vpn)]
+    cand = cand[~np.isin(cand, vpns)]
+    indices = vma.pgoff + cand - vma.start_vpn
+    ok = indices < f.npages
+    cand, indices = cand[ok], indices[ok]
+    if len(cand) == 0:
+        return
+    pfns = f.cache.get(indices)
+    cached = pfns >= 0
+    if not cached.any():
+        return
+    cand, pfns = cand[cached], pfns[cached]
+    phys = vma.mm.machine.phys
+    flags = phys.flags[pfns]
+    usable = ((flags & PG_uptodate) != 0) & ((flags & (PG_locked | PG_hwpoison)) == 0)
+    cand, pfns = cand[usable], pfns[usable]
+    if len(cand) == 0:
+        return
+    pt = vma.mm.pt
+    locs = pt.ensure_pte_locs(cand)
+    empty = pt.flat[locs] == 0
+    locs, pfns = locs[empty], pfns[empty]
+    if len(locs) == 0:
+        return
+    np.add.at(phys.mapcount, pfns, 1)
+    np.add.at(phys.refcount, pfns, 1)
+    pt.flat[locs] = make_present_array(pfns, write=_file_pte_writable(vma, False), dirty=False)
+    vma.mm.machine.costs.pte_writes += len(locs)
 
 
 def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:
