@@ -269,3 +269,22 @@ def test_populate_of_a_range_faults_around_its_edges(proc):
     pfns = np.array([x.pfn for x in proc.pagemap(a + 16 * PAGE, 16)], dtype=np.int64)
     assert (proc.machine.phys.mapcount[pfns] == 1).all()
     assert (proc.machine.phys.refcount[pfns] == 2).all()  # the mapping and the cache
+
+
+# ----- fork after a huge zero read ---------------------------------------------
+
+
+def test_fork_copies_a_huge_zero_pmd_but_not_small_zero_ptes(make_machine):
+    """The huge zero fault prepares the anon_vma first; the small zero fault does not."""
+    m = make_machine(thp="always")
+    p = m.spawn()
+    a = p.mmap(MB2, RW, ANON)
+    p.read(a + 7 * PAGE, 1)
+    child = p.fork()
+    e = child.pagemap(a, 512)
+    assert all(x.present and x.kind == "zero" and x.order == 9 for x in e)
+    q = make_machine(thp="never").spawn()
+    b = q.mmap(4 * PAGE, RW, ANON)
+    q.read(b, 1)
+    assert q.pagemap(b, 1)[0].kind == "zero"
+    assert not q.fork().pagemap(b, 1)[0].present

@@ -70,7 +70,7 @@ from .physmem import (
     PG_uptodate,
     PhysMem,
 )
-from .rmap import folio_add_new_anon_rmap, rmap_walk, root_anon_vma
+from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, rmap_walk, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
 from .vma import VM_IO, VM_PFNMAP, VM_WRITE
@@ -181,6 +181,9 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
 def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> int:
     machine = vma.mm.machine
     pt = vma.mm.pt
+    # Unlike the small zero page, the huge one comes after the anon_vma is
+    # prepared (``vmf_anon_prepare``): fork then copies the huge zero PMD.
+    anon_vma_prepare(machine, vma)
     if not write and machine.config.thp_use_zero_page:
         pt.set(pmdloc, make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += 1
@@ -880,6 +883,7 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
         write=write,
         npages=len(cvpns) * PMD_PAGES,
     )
+    anon_vma_prepare(machine, vma)  # as do_huge_pmd_anonymous_page
     if not write and machine.config.thp_use_zero_page:
         pt.flat[pmdlocs] = U64(make_present(HUGE_ZERO_PFN, special=True, huge=True))
         machine.costs.pte_writes += len(pmdlocs)
