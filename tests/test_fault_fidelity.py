@@ -288,3 +288,44 @@ def test_fork_copies_a_huge_zero_pmd_but_not_small_zero_ptes(make_machine):
     q.read(b, 1)
     assert q.pagemap(b, 1)[0].kind == "zero"
     assert not q.fork().pagemap(b, 1)[0].present
+
+
+def test_hmm_range_fault_of_one_shmem_page_makes_its_cached_window_visible(proc):
+    """A later snapshot (no fault requested) sees the pages fault-around mapped."""
+    from hmmsim.hmm import (
+        HMM_PFN_REQ_FAULT,
+        HMM_PFN_VALID,
+        HMM_PFN_WRITE,
+        HmmRange,
+        hmm_pfn_to_page,
+        hmm_range_fault,
+    )
+
+    class Ops:
+        def invalidate(self, sub, rng, cur_seq):
+            hmmsim.mmu_interval_set_seq(sub, cur_seq)
+            return True
+
+    a = proc.mmap(32 * PAGE, RW, MAP_SHARED | MAP_ANONYMOUS)
+    proc.write(a, bytes(32 * PAGE))
+    proc.madvise(a, 32 * PAGE, MADV_DONTNEED)
+    sub = hmmsim.mmu_interval_notifier_insert(proc.mm, a, 32 * PAGE, Ops())
+    try:
+
+        def snapshot(start: int, n: int, flags: int) -> np.ndarray:
+            arr = np.zeros(n, np.uint64)
+            rng = HmmRange(sub, start, start + n * PAGE, arr, default_flags=flags)
+            rng.notifier_seq = hmmsim.mmu_interval_read_begin(sub)
+            with proc.mm.mmap_lock.read():
+                hmm_range_fault(rng)
+            return arr
+
+        snapshot(a + 20 * PAGE, 1, HMM_PFN_REQ_FAULT)
+        arr = snapshot(a, 32, 0)
+    finally:
+        hmmsim.mmu_interval_notifier_remove(sub)
+    valid = (arr & np.uint64(HMM_PFN_VALID)) != 0
+    assert valid.tolist() == [False] * 16 + [True] * 16
+    assert ((arr[16:] & np.uint64(HMM_PFN_WRITE)) != 0).all()  # shared shmem: writable
+    pm = proc.pagemap(a + 16 * PAGE, 16)
+    assert [hmm_pfn_to_page(int(x)) for x in arr[16:]] == [x.pfn for x in pm]
