@@ -77,7 +77,9 @@ class PagemapEntry:
     ``kind`` names what backs the page: none, zero, anon, file, shmem,
     hugetlb, pfnmap, swap, migration, hwpoison, marker, device_private,
     device_exclusive, device_coherent, p2p. A device-private entry reads as
-    swapped, not present, as in Linux.
+    swapped, not present, as in Linux. ``exclusive`` is ``PM_MMAP_EXCLUSIVE``:
+    the page itself is mapped once (per page, so a THP mapped by 512 PTEs of
+    one process is exclusive; see ``decode_pagemap``).
     """
 
     addr: int
