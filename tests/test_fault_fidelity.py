@@ -126,6 +126,17 @@ def test_write_to_huge_zero_pmd_falls_back_to_a_small_page_without_thp(make_mach
     m.phys.put(hog)
 
 
+def test_write_to_huge_zero_pmd_allocates_a_thp_even_after_madv_nohugepage(proc):
+    a = proc.mmap(MB2, RW, ANON)
+    proc.madvise(a, MB2, MADV_HUGEPAGE)
+    proc.read(a, 1)
+    proc.madvise(a, MB2, hmmsim.MADV_NOHUGEPAGE)  # leaves the huge zero PMD in place
+    assert proc.pagemap(a, 1)[0].kind == "zero" and proc.pagemap(a, 1)[0].order == 9
+    proc.write(a + 7 * PAGE, b"w")
+    e = proc.pagemap(a, 512)
+    assert {x.order for x in e} == {9} and {x.kind for x in e} == {"anon"}
+
+
 # ----- COW reuse of a PTE-mapped THP (6.15) ------------------------------------
 
 

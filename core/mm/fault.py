@@ -211,7 +211,9 @@ def do_huge_pmd_wp_page(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
     phys = vma.mm.machine.phys
     head = pfn_of(e)
     if phys.is_zero_pfn(head):
-        if thp_vma_allowable(vma) and thp_vma_suitable(vma, vpn):
+        # No THP-policy check here: the huge zero PMD is replaced by a THP
+        # even after MADV_NOHUGEPAGE (as observed on 6.18).
+        if thp_vma_suitable(vma, vpn):
             ret = do_huge_zero_wp_pmd(vma, vpn, pmdloc, e)
             if ret != VM_FAULT_FALLBACK:
                 return ret
