@@ -340,3 +340,23 @@ def test_hmm_range_fault_of_one_shmem_page_makes_its_cached_window_visible(proc)
     assert ((arr[16:] & np.uint64(HMM_PFN_WRITE)) != 0).all()  # shared shmem: writable
     pm = proc.pagemap(a + 16 * PAGE, 16)
     assert [hmm_pfn_to_page(int(x)) for x in arr[16:]] == [x.pfn for x in pm]
+
+
+# ----- MADV_DONTNEED frees empty PTE tables (CONFIG_PT_RECLAIM) ----------------
+
+
+def test_dontneed_of_a_whole_pte_mapped_chunk_lets_the_next_fault_get_a_thp(proc):
+    a = _thp(proc)
+    _pte_map(proc, a)
+    proc.madvise(a, MB2, MADV_DONTNEED)  # the PTE table is freed with the pages
+    proc.write(a + 3 * PAGE, b"again")
+    assert proc.pagemap(a, 1)[0].order == 9
+
+
+def test_dontneed_of_part_of_a_chunk_keeps_its_pte_table(proc):
+    a = _thp(proc)
+    _pte_map(proc, a)
+    proc.madvise(a, MB2 - PAGE, MADV_DONTNEED)
+    proc.madvise(a + MB2 - PAGE, PAGE, MADV_DONTNEED)  # two calls, neither covers 2 MiB
+    proc.write(a + 3 * PAGE, b"again")
+    assert proc.pagemap(a + 3 * PAGE, 1)[0].order == 0

@@ -114,6 +114,10 @@ def _apply(vma: Vma, advice: int, lo: int, hi: int) -> None:
                 return
         with invalidation(vma.mm, MMU_NOTIFY_CLEAR, lo << PAGE_SHIFT, hi << PAGE_SHIFT):
             zap_range(vma, lo, hi - lo)
+            # CONFIG_PT_RECLAIM (6.14+): PTE tables of fully covered 2 MiB
+            # chunks left empty are freed, so a later fault may map a THP.
+            if not vma.is_hugetlb:
+                vma.mm.pt.free_empty_pte_tables(lo, hi - lo)
     elif advice == MADV_FREE:
         madvise_free(vma, lo, hi)
     elif advice == MADV_COLLAPSE:
