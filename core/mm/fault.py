@@ -16,7 +16,13 @@ one by one. MAP_POPULATE, CPU accesses, and (later) ``hmm_range_fault`` and
 GUP all fault through it.
 
 Filling an empty slot emits no MMU-notifier event; replacing a translation
-does (COW → CLEAR on one page, THP split → CLEAR on 2 MiB).
+does (COW → CLEAR on one page, THP split or huge zero → THP → CLEAR on
+2 MiB). Read faults on page-cache mappings fault around (``do_fault_around``):
+cached neighbours in the 64 KiB window get mapped too, which is what a later
+``hmm_range_fault`` snapshot of the range sees.
+
+Target is Linux 6.18; the docstrings of ``do_huge_pmd_wp_page`` and
+``_can_reuse_anon`` name the releases whose behaviour changed (6.14, 6.15).
 """
 
 from __future__ import annotations
