@@ -55,6 +55,7 @@ from .pagetable import (
     PTE_SPECIAL,
     PTE_WRITE,
     PTE_YOUNG,
+    PTRS_PER_TABLE,
     U64,
     is_table_pointer,
     kind_of,
@@ -120,6 +121,7 @@ VM_FAULT_ERROR: Final = (
 
 #: ``fault_around_bytes`` (64 KiB, the default) in pages.
 FAULT_AROUND_PAGES: Final = 16
+_AROUND: Final = np.arange(FAULT_AROUND_PAGES, dtype=np.int64)
 
 #: Pages handled per vectorised step of ``populate_range`` (bounds temporaries).
 POPULATE_BATCH: Final = 1 << 15
@@ -518,28 +520,41 @@ def _file_fault_batch(
 ) -> int:
     """Map file pages into empty slots ``locs``; stops at end of file (SIGBUS).
 
-    Read faults fault around first (``do_fault_around``), as ``do_read_fault``
-    does; write faults (``do_cow_fault``, ``do_shared_fault``) do not.
+    Read faults also fault around (``do_fault_around``), as ``do_read_fault``
+    does; write faults (``do_cow_fault``, ``do_shared_fault``) do not. The
+    kernel maps the neighbours before the faulting page; mapping them after
+    it gives the same page tables and lets the faulting slots, no longer
+    empty, be skipped.
     """
-    machine = vma.mm.machine
-    phys = machine.phys
     f = vma.page_cache
     indices = vma.pgoff + vpns - vma.start_vpn
-    ret = 0
     inside = indices < f.npages
-    if not inside.all():
-        ret = VM_FAULT_SIGBUS
-        keep = int(np.argmin(inside))
+    if inside.all():
+        ret = _map_file_pages(vma, vpns, locs, indices, write)
         if not write:
-            # The fault that hits EOF still maps its cached neighbours.
-            _fault_around(vma, vpns[: keep + 1])
-        vpns, locs, indices = vpns[:keep], locs[:keep], indices[:keep]
-    elif not write:
-        _fault_around(vma, vpns)
-    if len(vpns) == 0:
+            _fault_around(vma, vpns, locs)
         return ret
+    keep = int(np.argmin(inside))
+    ret = _map_file_pages(vma, vpns[:keep], locs[:keep], indices[:keep], write)
+    if not write:
+        # The fault that hits EOF still maps its cached neighbours.
+        _fault_around(vma, vpns[: keep + 1], locs[: keep + 1])
+    return ret if ret & VM_FAULT_ERROR else VM_FAULT_SIGBUS
+
+
+def _map_file_pages(
+    vma: Vma,
+    vpns: NDArray[np.int64],
+    locs: NDArray[np.int64],
+    indices: NDArray[np.int64],
+    write: bool,
+) -> int:
+    if len(vpns) == 0:
+        return 0
+    machine = vma.mm.machine
+    phys = machine.phys
     try:
-        pfns = f.get_pages(indices)
+        pfns = vma.page_cache.get_pages(indices)
     except OutOfMemory:
         return VM_FAULT_OOM
     pt = vma.mm.pt
@@ -558,7 +573,7 @@ def _file_fault_batch(
             phys.flags[pfns] |= np.uint16(PG_dirty)
         pt.flat[locs] = make_present_array(pfns, write=_file_pte_writable(vma, write), dirty=write)
     machine.costs.pte_writes += len(locs)
-    return ret
+    return 0
 
 
 def _file_pte_writable(vma: Vma, write: bool) -> bool:
@@ -572,50 +587,49 @@ def _file_pte_writable(vma: Vma, write: bool) -> bool:
     return vma.is_shared and bool(vma.flags & VM_WRITE) and (write or not f.writenotify)
 
 
-def _fault_around(vma: Vma, vpns: NDArray[np.int64]) -> None:
+def _fault_around(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]) -> None:
     """``do_fault_around`` + ``filemap_map_pages`` for read faults at ``vpns``.
 
     Each fault maps the pages around it that are already in the page cache
     and uptodate (not locked, not poisoned, not past EOF) into empty PTEs:
     the ``FAULT_AROUND_PAGES``-aligned window of virtual pages holding the
-    fault, clipped to the VMA (the window never leaves its page table).
-    Entries are young and clean, writable as a read fault would map them;
-    filling empty PTEs sends no MMU-notifier event. The pages at ``vpns``
-    themselves are left to the fault.
+    fault, clipped to the VMA (the window never leaves its page table, so
+    the slots are in the table of the fault's own slot ``locs``). Entries
+    are young and clean, writable as a read fault would map them; filling
+    empty PTEs sends no MMU-notifier event.
     """
     f = vma.page_cache
     if f is None or f.hugetlb_order or len(vpns) == 0:
         return
-    windows = np.unique(vpns // FAULT_AROUND_PAGES) * FAULT_AROUND_PAGES
-    cand = (windows[:, None] + np.arange(FAULT_AROUND_PAGES, dtype=_I64)).reshape(-1)
-    cand = cand[(cand >= vma.start_vpn) & (cand < vma.end_vpn)]
-    cand = cand[~np.isin(cand, vpns)]
-    indices = vma.pgoff + cand - vma.start_vpn
-    ok = indices < f.npages
-    cand, indices = cand[ok], indices[ok]
-    if len(cand) == 0:
+    win = vpns // FAULT_AROUND_PAGES
+    if len(win) > 1:
+        win, first = np.unique(win, return_index=True)
+        tables = locs[first] // PTRS_PER_TABLE
+    else:
+        tables = locs // PTRS_PER_TABLE
+    cand = (win[:, None] * FAULT_AROUND_PAGES + _AROUND).reshape(-1)
+    clocs = (
+        tables[:, None] * PTRS_PER_TABLE + (cand.reshape(len(win), -1) % PTRS_PER_TABLE)
+    ).reshape(-1)
+    pt = vma.mm.pt
+    ok = (cand >= vma.start_vpn) & (cand < vma.end_vpn)
+    ok[ok] = pt.flat[clocs[ok]] == 0
+    indices = vma.pgoff + cand[ok] - vma.start_vpn
+    clocs = clocs[ok]
+    inside = indices < f.npages
+    pfns = f.cache.get(indices[inside])
+    clocs = clocs[inside][pfns >= 0]
+    pfns = pfns[pfns >= 0]
+    if len(pfns) == 0:
         return
-    pfns = f.cache.get(indices)
-    cached = pfns >= 0
-    if not cached.any():
-        return
-    cand, pfns = cand[cached], pfns[cached]
     phys = vma.mm.machine.phys
     flags = phys.flags[pfns]
     usable = ((flags & PG_uptodate) != 0) & ((flags & (PG_locked | PG_hwpoison)) == 0)
-    cand, pfns = cand[usable], pfns[usable]
-    if len(cand) == 0:
-        return
-    pt = vma.mm.pt
-    locs = pt.ensure_pte_locs(cand)
-    empty = pt.flat[locs] == 0
-    locs, pfns = locs[empty], pfns[empty]
-    if len(locs) == 0:
-        return
+    clocs, pfns = clocs[usable], pfns[usable]
     np.add.at(phys.mapcount, pfns, 1)
     np.add.at(phys.refcount, pfns, 1)
-    pt.flat[locs] = make_present_array(pfns, write=_file_pte_writable(vma, False), dirty=False)
-    vma.mm.machine.costs.pte_writes += len(locs)
+    pt.flat[clocs] = make_present_array(pfns, write=_file_pte_writable(vma, False), dirty=False)
+    vma.mm.machine.costs.pte_writes += len(clocs)
 
 
 def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:
