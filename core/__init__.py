@@ -19,6 +19,7 @@ from .errors import (
     BusError,
     Busy,
     Deadlock,
+    FileTooLarge,
     HardwarePoison,
     HmmsimError,
     InvalidArgument,

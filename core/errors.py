@@ -75,6 +75,12 @@ class Overflow(HmmsimError):
     errno_value = _errno.EOVERFLOW
 
 
+class FileTooLarge(HmmsimError):
+    """EFBIG: a write or size past the file system's largest file (``s_maxbytes``)."""
+
+    errno_value = _errno.EFBIG
+
+
 class NotSupported(HmmsimError):
     """EOPNOTSUPP: the operation exists but not for this object or driver."""
 

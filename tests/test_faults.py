@@ -84,9 +84,9 @@ def test_thp_read_fault_maps_the_huge_zero_page(make_machine):
     assert p.read(a + 100, 4) == bytes(4)
     e = p.pagemap(a, 2)
     assert e[0].pfn == HUGE_ZERO_PFN and e[1].pfn == HUGE_ZERO_PFN + 1 and e[0].order == 9
-    p.write(a, b"z")  # splits the huge zero PMD, COWs one small page
+    p.write(a, b"z")  # 6.14+: a new THP replaces the huge zero PMD
     e = p.pagemap(a, 2)
-    assert e[0].order == 0 and e[0].kind == "anon" and e[1].pfn == ZERO_PFN
+    assert e[0].order == 9 and e[0].kind == "anon" and e[1].pfn == e[0].pfn + 1
 
 
 def test_no_thp_when_mode_is_never_or_not_madvised(make_machine):

@@ -16,7 +16,13 @@ one by one. MAP_POPULATE, CPU accesses, and (later) ``hmm_range_fault`` and
 GUP all fault through it.
 
 Filling an empty slot emits no MMU-notifier event; replacing a translation
-does (COW → CLEAR on one page, THP split → CLEAR on 2 MiB).
+does (COW → CLEAR on one page, THP split or huge zero → THP → CLEAR on
+2 MiB). Read faults on page-cache mappings fault around (``do_fault_around``):
+cached neighbours in the 64 KiB window get mapped too, which is what a later
+``hmm_range_fault`` snapshot of the range sees.
+
+Target is Linux 6.18; the docstrings of ``do_huge_pmd_wp_page`` and
+``_can_reuse_anon`` name the releases whose behaviour changed (6.14, 6.15).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from .pagetable import (
     PTE_SPECIAL,
     PTE_WRITE,
     PTE_YOUNG,
+    PTRS_PER_TABLE,
     U64,
     is_table_pointer,
     kind_of,
@@ -62,16 +69,22 @@ from .physmem import (
     PG_anon,
     PG_anon_exclusive,
     PG_dirty,
+    PG_hugetlb,
+    PG_hwpoison,
+    PG_locked,
     PG_swapbacked,
     PG_swapcache,
+    PG_uptodate,
     PhysMem,
 )
-from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, root_anon_vma
+from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, rmap_walk, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
 from .vma import VM_IO, VM_PFNMAP, VM_WRITE
 
 if TYPE_CHECKING:
+    from ..machine import Machine
+    from .address_space import AddressSpace
     from .vma import Vma
 
 FAULT_FLAG_WRITE: Final = 1 << 0
@@ -105,6 +118,10 @@ VM_FAULT_ERROR: Final = (
     | VM_FAULT_HWPOISON_LARGE
     | VM_FAULT_FALLBACK
 )
+
+#: ``fault_around_bytes`` (64 KiB, the default) in pages.
+FAULT_AROUND_PAGES: Final = 16
+_AROUND: Final = np.arange(FAULT_AROUND_PAGES, dtype=np.int64)
 
 #: Pages handled per vectorised step of ``populate_range`` (bounds temporaries).
 POPULATE_BATCH: Final = 1 << 15
@@ -193,10 +210,22 @@ def do_huge_pmd_anonymous_page(vma: Vma, vpn: int, pmdloc: int, write: bool) -> 
 
 
 def do_huge_pmd_wp_page(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
-    """Write to a read-only PMD: reuse an exclusive THP, else split and fall back."""
+    """Write to a read-only PMD: reuse an exclusive THP, else split and fall back.
+
+    A write to the huge zero page gets a new THP (``do_huge_zero_wp_pmd``,
+    Linux 6.14 and later; older kernels split the PMD and copied one 4 KiB
+    page). Only if no THP can be had does it split and fall back to PTEs.
+    """
     phys = vma.mm.machine.phys
     head = pfn_of(e)
-    if not phys.is_zero_pfn(head):
+    if phys.is_zero_pfn(head):
+        # No THP-policy check here: the huge zero PMD is replaced by a THP
+        # even after MADV_NOHUGEPAGE (as observed on 6.18).
+        if thp_vma_suitable(vma, vpn):
+            ret = do_huge_zero_wp_pmd(vma, vpn, pmdloc, e)
+            if ret != VM_FAULT_FALLBACK:
+                return ret
+    else:
         flags = int(phys.flags[head])
         exclusive = bool(flags & PG_anon_exclusive) or (
             bool(flags & PG_anon)
@@ -210,6 +239,29 @@ def do_huge_pmd_wp_page(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
             return 0
     split_huge_pmd(vma, vpn)
     return VM_FAULT_FALLBACK
+
+
+def do_huge_zero_wp_pmd(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
+    """Replace a huge zero PMD by a new zeroed THP (one ``CLEAR`` over 2 MiB)."""
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    try:
+        head = phys.alloc_one(PMD_ORDER)
+    except OutOfMemory:
+        return VM_FAULT_FALLBACK
+    haddr = vpn & ~(PMD_PAGES - 1)
+    start = haddr << PAGE_SHIFT
+    with invalidation(mm, MMU_NOTIFY_CLEAR, start, start + (PMD_PAGES << PAGE_SHIFT)):
+        if mm.pt.get(pmdloc) != e:  # changed meanwhile: retry the access
+            phys.put_one(head)
+            return 0
+        folio_add_new_anon_rmap(
+            machine, vma, np.array([head], dtype=_I64), np.array([haddr], dtype=_I64), PMD_ORDER
+        )
+        mm.pt.set(pmdloc, make_present(head, write=True, dirty=True, huge=True))
+        machine.costs.pte_writes += 1
+    return 0
 
 
 # ----- PTE level -----------------------------------------------------------------
@@ -389,16 +441,28 @@ def do_wp_page(vma: Vma, vpn: int, loc: int, e: int) -> int:
 
 
 def _can_reuse_anon(vma: Vma, pfn: int, head: int, flags: int) -> bool:
-    """``wp_can_reuse_anon_folio``: is this the only user of the page?
+    """``wp_can_reuse_anon_folio``: is this mm the only user of the page?
 
-    Large folios are reused only when the page is marked exclusive (the
-    pre-6.13 behaviour: no per-mm tracking of large-folio sharers).
+    A small folio is reused when its only reference is this mapping. A large
+    (PTE-mapped) folio is reused, as since Linux 6.15, when only this mm
+    maps it and nothing else holds a reference, unless a single page of it
+    is left mapped (then copying lets the large folio be freed). Before 6.15
+    pages of a large folio were reused only if marked exclusive. The kernel
+    tracks "mapped by another mm" approximately (two mm slots per folio);
+    the model counts the mms that map it.
     """
     if flags & PG_anon_exclusive:
         return True
     phys = vma.mm.machine.phys
     if phys.order[head] != 0:
-        return False
+        if phys.flags[head] & PG_hugetlb:
+            return False
+        mapcount = int(phys.mapcount[head])
+        if mapcount <= 1 or phys.flags[head] & PG_swapcache:
+            return False
+        if phys.refcount[head] != mapcount:
+            return False
+        return _mapped_only_by(vma.mm.machine, head, vma.mm)
     if flags & PG_swapcache:
         swap = vma.mm.machine.swap
         slot = swap.slot_of[head]
@@ -406,6 +470,11 @@ def _can_reuse_anon(vma: Vma, pfn: int, head: int, flags: int) -> bool:
             return False
         swapcache_del(swap, phys, head)
     return bool(phys.refcount[head] == 1)
+
+
+def _mapped_only_by(machine: Machine, head: int, mm: AddressSpace) -> bool:
+    """Whether every mapping of the folio at ``head`` belongs to ``mm``."""
+    return all(hit.vma.mm is mm for hit in rmap_walk(machine, head))
 
 
 def wp_page_copy(
@@ -449,23 +518,46 @@ def do_file_fault(vma: Vma, vpn: int, loc: int, write: bool) -> int:
 def _file_fault_batch(
     vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64], write: bool
 ) -> int:
-    """Map file pages into empty slots ``locs``; stops at end of file (SIGBUS)."""
-    machine = vma.mm.machine
-    phys = machine.phys
+    """Map file pages into empty slots ``locs``; stops at end of file (SIGBUS).
+
+    Read faults also fault around (``do_fault_around``), as ``do_read_fault``
+    does; write faults (``do_cow_fault``, ``do_shared_fault``) do not. The
+    kernel maps the neighbours before the faulting page; mapping them after
+    it gives the same page tables and lets the faulting slots, no longer
+    empty, be skipped.
+    """
     f = vma.page_cache
     indices = vma.pgoff + vpns - vma.start_vpn
-    ret = 0
     inside = indices < f.npages
-    if not inside.all():
-        ret = VM_FAULT_SIGBUS
-        keep = int(np.argmin(inside))
-        vpns, locs, indices = vpns[:keep], locs[:keep], indices[:keep]
-    if len(vpns) == 0:
+    if inside.all():
+        ret = _map_file_pages(vma, vpns, locs, indices, write)
+        if not write:
+            _fault_around(vma, vpns, locs)
         return ret
+    keep = int(np.argmin(inside))
+    ret = _map_file_pages(vma, vpns[:keep], locs[:keep], indices[:keep], write)
+    if not write:
+        # The fault that hits EOF still maps its cached neighbours.
+        _fault_around(vma, vpns[: keep + 1], locs[: keep + 1])
+    return ret if ret & VM_FAULT_ERROR else VM_FAULT_SIGBUS
+
+
+def _map_file_pages(
+    vma: Vma,
+    vpns: NDArray[np.int64],
+    locs: NDArray[np.int64],
+    indices: NDArray[np.int64],
+    write: bool,
+) -> int:
+    if len(vpns) == 0:
+        return 0
+    machine = vma.mm.machine
+    phys = machine.phys
     try:
-        pfns = f.get_pages(indices)
+        pfns = vma.page_cache.get_pages(indices)
     except OutOfMemory:
         return VM_FAULT_OOM
+    pt = vma.mm.pt
     if write and not vma.is_shared:
         try:
             new = phys.alloc(0, len(pfns))
@@ -473,16 +565,71 @@ def _file_fault_batch(
             return VM_FAULT_OOM
         phys.copy_pages(new, pfns)
         folio_add_new_anon_rmap(machine, vma, new, vpns, 0)
-        vma.mm.pt.flat[locs] = make_present_array(new, write=True, dirty=True)
+        pt.flat[locs] = make_present_array(new, write=True, dirty=True)
     else:
         np.add.at(phys.mapcount, pfns, 1)
         np.add.at(phys.refcount, pfns, 1)
-        writable = vma.is_shared and bool(vma.flags & VM_WRITE) and (write or not f.writenotify)
         if write:
             phys.flags[pfns] |= np.uint16(PG_dirty)
-        vma.mm.pt.flat[locs] = make_present_array(pfns, write=writable, dirty=write)
+        pt.flat[locs] = make_present_array(pfns, write=_file_pte_writable(vma, write), dirty=write)
     machine.costs.pte_writes += len(locs)
-    return ret
+    return 0
+
+
+def _file_pte_writable(vma: Vma, write: bool) -> bool:
+    """Whether a file PTE is installed writable.
+
+    Shared writable mappings of write-notified files start read-only (the
+    first write marks the page dirty); shmem is not write-notified, so even
+    a read fault maps it writable (and clean). Private mappings never are.
+    """
+    f = vma.page_cache
+    return vma.is_shared and bool(vma.flags & VM_WRITE) and (write or not f.writenotify)
+
+
+def _fault_around(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]) -> None:
+    """``do_fault_around`` + ``filemap_map_pages`` for read faults at ``vpns``.
+
+    Each fault maps the pages around it that are already in the page cache
+    and uptodate (not locked, not poisoned, not past EOF) into empty PTEs:
+    the ``FAULT_AROUND_PAGES``-aligned window of virtual pages holding the
+    fault, clipped to the VMA (the window never leaves its page table, so
+    the slots are in the table of the fault's own slot ``locs``). Entries
+    are young and clean, writable as a read fault would map them; filling
+    empty PTEs sends no MMU-notifier event.
+    """
+    f = vma.page_cache
+    if f is None or f.hugetlb_order or len(vpns) == 0:
+        return
+    win = vpns // FAULT_AROUND_PAGES
+    if len(win) > 1:
+        win, first = np.unique(win, return_index=True)
+        tables = locs[first] // PTRS_PER_TABLE
+    else:
+        tables = locs // PTRS_PER_TABLE
+    cand = (win[:, None] * FAULT_AROUND_PAGES + _AROUND).reshape(-1)
+    clocs = (
+        tables[:, None] * PTRS_PER_TABLE + (cand.reshape(len(win), -1) % PTRS_PER_TABLE)
+    ).reshape(-1)
+    pt = vma.mm.pt
+    ok = (cand >= vma.start_vpn) & (cand < vma.end_vpn)
+    ok[ok] = pt.flat[clocs[ok]] == 0
+    indices = vma.pgoff + cand[ok] - vma.start_vpn
+    clocs = clocs[ok]
+    inside = indices < f.npages
+    pfns = f.cache.get(indices[inside])
+    clocs = clocs[inside][pfns >= 0]
+    pfns = pfns[pfns >= 0]
+    if len(pfns) == 0:
+        return
+    phys = vma.mm.machine.phys
+    flags = phys.flags[pfns]
+    usable = ((flags & PG_uptodate) != 0) & ((flags & (PG_locked | PG_hwpoison)) == 0)
+    clocs, pfns = clocs[usable], pfns[usable]
+    np.add.at(phys.mapcount, pfns, 1)
+    np.add.at(phys.refcount, pfns, 1)
+    pt.flat[clocs] = make_present_array(pfns, write=_file_pte_writable(vma, False), dirty=False)
+    vma.mm.machine.costs.pte_writes += len(clocs)
 
 
 def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:

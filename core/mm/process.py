@@ -66,8 +66,11 @@ from .pagetable import (
     PTE_WRITE,
     PTE_YOUNG,
     U64,
+    entry_kind,
+    pfn_of,
 )
 from .physmem import PG_anon, PG_hugetlb, PG_swapbacked, PG_zone_device
+from .rmap import rmap_walk
 from .uapi import TASK_SIZE
 from .vma import VM_READ, VM_WRITE
 
@@ -85,7 +88,9 @@ class PagemapEntry:
     ``kind`` names what backs the page: none, zero, anon, file, shmem,
     hugetlb, pfnmap, swap, migration, hwpoison, marker, device_private,
     device_exclusive, device_coherent, p2p. A device-private entry reads as
-    swapped, not present, as in Linux.
+    swapped, not present, as in Linux. ``exclusive`` is ``PM_MMAP_EXCLUSIVE``:
+    the page itself is mapped once (per page, so a THP mapped by 512 PTEs of
+    one process is exclusive; see ``decode_pagemap``).
     """
 
     addr: int
@@ -375,7 +380,14 @@ def decode_pagemap(
     pfns: NDArray[np.int64],
     orders: NDArray[np.uint8],
 ) -> list[PagemapEntry]:
-    phys = machine.phys
+    """Decode page-table entries into ``/proc/pid/pagemap`` records.
+
+    ``exclusive`` is ``PM_MMAP_EXCLUSIVE`` as 6.18 built with
+    ``CONFIG_PAGE_MAPCOUNT`` reports it: the page's precise mapcount is one
+    (see ``_MapcountCache``). Only present pages of ordinary folios carry it;
+    the zero pages, special mappings and non-present entries never do.
+    """
+    mapcounts = _MapcountCache(machine)
     out = []
     for i in range(len(entries)):
         e = int(entries[i])
@@ -389,7 +401,8 @@ def decode_pagemap(
             backing = _backing_kind(machine, pfn, e)
             exclusive = False
             if backing not in ("zero", "pfnmap"):
-                exclusive = bool(phys.mapcount[phys.head(pfn)] == 1)
+                # A PMD leaf reports the mapcount of its first page for all 512.
+                exclusive = mapcounts.precise(pfn_of(e) if order else pfn) == 1
             out.append(
                 PagemapEntry(
                     a,
@@ -410,3 +423,47 @@ def decode_pagemap(
         else:
             out.append(PagemapEntry(a, False, True, pfn, False, order, _SOFT_NAMES[kind]))
     return out
+
+
+class _MapcountCache:
+    """Precise per-page mapcounts (``folio_precise_page_mapcount``), per folio.
+
+    The model keeps one mapcount per folio (a PMD mapping counts once, each
+    PTE once). For a small folio or a hugetlb folio that is the page's
+    mapcount; for a large folio with several mappings the per-page count is
+    the number of PMD mappings of the folio plus the PTEs mapping that very
+    page, found once per folio by an rmap walk.
+    """
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.folios: dict[int, tuple[int, NDArray[np.int64]]] = {}
+
+    def precise(self, pfn: int) -> int:
+        phys = self.machine.phys
+        head = phys.head(pfn)
+        total = int(phys.mapcount[head])
+        if total <= 1 or phys.order[head] == 0 or phys.flags[head] & PG_hugetlb:
+            return total
+        got = self.folios.get(head)
+        if got is None:
+            got = self.folios[head] = _page_mapcounts(self.machine, head)
+        entire, per_page = got
+        return entire + int(per_page[pfn - head])
+
+
+#: Entry kinds that count in a folio's mapcount.
+_MAPPING_KINDS = (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE, KIND_DEVICE_EXCLUSIVE)
+
+
+def _page_mapcounts(machine: Machine, head: int) -> tuple[int, NDArray[np.int64]]:
+    """(PMD mappings of the folio, PTE mappings of each of its pages)."""
+    nr = 1 << int(machine.phys.order[head])
+    per_page = np.zeros(nr, dtype=np.int64)
+    entire = 0
+    for hit in rmap_walk(machine, head):
+        live = np.isin(entry_kind(hit.entries), _MAPPING_KINDS)
+        pte = live & (hit.levels == 0)
+        np.add.at(per_page, hit.pfns[pte] - head, 1)
+        entire += len(np.unique(hit.locs[live & (hit.levels > 0)]))
+    return entire, per_page

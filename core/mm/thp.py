@@ -250,7 +250,8 @@ def _shmem_collapse(vma: Vma, first: int, last: int) -> None:
     f = vma.page_cache
     for haddr in range(first, last, PMD_PAGES):
         lo = vma.linear_index(haddr)
-        cached = f.cache[lo : lo + PMD_PAGES]
+        idx = np.arange(lo, min(lo + PMD_PAGES, len(f.cache)), dtype=np.int64)
+        cached = f.cache.get(idx)
         if (cached >= 0).any() or any(lo <= i < lo + PMD_PAGES for i in f.backing):
             raise NotSupported(f"MADV_COLLAPSE: the model has no shmem THPs ({vma})")
         raise InvalidArgument(f"MADV_COLLAPSE: no page of {vma} at {haddr << PAGE_SHIFT:#x}")
