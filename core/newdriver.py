@@ -52,7 +52,16 @@ import numpy as np
 
 import hmmsim
 from hmmsim import hookimpl, sched
-from hmmsim.driver import Capability, Device, DevicePte, Driver, Mirror, MirrorStats
+from hmmsim.driver import (
+    Capability,
+    Device,
+    DevicePte,
+    Driver,
+    Mirror,
+    MirrorStats,
+    check_user_pages,
+    check_user_range,
+)
 from hmmsim.errors import BadAddress, Busy, NotPermitted
 from hmmsim.hmm import (
     HMM_PFN_REQ_FAULT,
@@ -157,13 +166,16 @@ class {cls}Mirror(Mirror):
 
     # -- the generic Mirror interface
     def read(self, addr, length):
+        check_user_range(addr, length, "{name} read")  # typed errors for bad input
         return self._access(addr, length)
 
     def write(self, addr, data):
+        check_user_range(addr, len(data), "{name} write")
         self._access(addr, len(data), bytes(data))
 
     def device_ptes(self, addr, npages):
         # A debug read: no lock (the checks call it while an actor may hold it).
+        check_user_pages(addr & ~(PAGE - 1), npages, "{name} device_ptes")
         out = []
         for vpn in range(addr // PAGE, addr // PAGE + npages):
             e = self.pt.get(vpn)

@@ -180,7 +180,7 @@ def to_json(run: SuiteRun) -> dict[str, Any]:
 
     Top level: ``schema``, ``hmmsim_version``, ``plugins`` (name →
     distribution and version), ``broken_plugins``, ``drivers`` (the specs),
-    ``totals`` (passed, failed, skipped, checks, seconds), ``interrupted``,
+    ``totals`` (passed, failed, skipped, xfailed, checks, seconds), ``interrupted``,
     ``failed`` (the count, as in schema 1) and ``results``: one object per check
     with ``driver``, ``id`` (``area/name``), ``area``, ``check`` (the name),
     ``outcome``, ``message``, ``seconds``, ``traceback`` and, for a race
