@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import errno
 import faulthandler
+import fcntl
 import os
 import pickle
 import signal
@@ -72,6 +73,7 @@ from .state import (
 HUGETLB_PAGES = 8
 _THP = Path("/sys/kernel/mm/transparent_hugepage")
 _MAGIC = b"HMS1"
+_LOCK = "/tmp/hmmsim-differential.lock"
 _PAGEMAP_SCAN = 0xC0606610  # _IOWR('f', 16, struct pm_scan_arg)
 _PAGE_IS_HUGE = 1 << 6
 #: /proc/vmstat counters that grow when the host could not get a huge page.
@@ -214,7 +216,13 @@ def _current(path: Path) -> str:
 
 @contextlib.contextmanager
 def host_settings() -> Iterator[None]:
-    """Quiet the host for the run; restore every setting after, also on failure."""
+    """Quiet the host for the run; restore every setting after, also on failure.
+
+    Runs on one host are serialised by a lock file: two overlapping runs would
+    otherwise save each other's settings and restore the wrong ones.
+    """
+    lock = os.open(_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     plan = _settings_plan()
     saved: list[tuple[Path, str, str]] = []
     try:
@@ -233,6 +241,7 @@ def host_settings() -> Iterator[None]:
                 old = old if now == int(value) else str(max(0, now - HUGETLB_PAGES))
             with contextlib.suppress(OSError):
                 path.write_text(old)
+        os.close(lock)
 
 
 _HP = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")

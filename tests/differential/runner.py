@@ -93,11 +93,10 @@ def run_ops(seed: int, ops: list[Op], stop_at_first: bool = False) -> SequenceRe
                 step, op, hr, mr, hstate, mstate, lookup, fallback, pools, res.stats
             )
             res.steps = step + 1
-            intended = [d for d in divs if is_intentional(d)]
-            if intended and res.first is None:
+            if res.first is None and divs and is_intentional(divs[0]):
                 # The two sides now differ on purpose and cannot be brought back
                 # together: the sequence ends here, judged by what came before.
-                res.intentional += intended
+                res.intentional.append(divs[0])
                 break
             if res.first is None and divs:
                 res.first = divs[0]
