@@ -8,11 +8,24 @@ Run as root on Linux from the repository root, e.g.::
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from .classes import INTENTIONAL, KNOWN, classify
 from .hostkernel import host_settings, host_support
-from .runner import minimize, run_many
+from .runner import Summary, minimize, run_many
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _progress(s: Summary) -> None:
+    print(
+        f"... {s.sequences} sequences, {s.agree} agree, {s.seconds:.0f} s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _seeds(text: str) -> range:
@@ -39,12 +52,15 @@ def main(argv: list[str] | None = None) -> int:
         help="print the first divergence of the first N failing sequences",
     )
     args = ap.parse_args(argv)
+    # A plain kill (or Ctrl-C in a background job, where SIGINT is ignored) must
+    # still unwind through host_settings() so the host's settings come back.
+    signal.signal(signal.SIGTERM, _terminate)
     reason = host_support()
     if reason is not None:
         print(f"cannot run on this host: {reason}", file=sys.stderr)
         return 2
     with host_settings():
-        summary = run_many(_seeds(args.seeds), args.steps)
+        summary = run_many(_seeds(args.seeds), args.steps, progress=_progress)
         print(summary.report())
         new = [c for c in summary.first_classes if c not in KNOWN and c not in INTENTIONAL]
         if new:

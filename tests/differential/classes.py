@@ -36,8 +36,91 @@ INTENTIONAL: dict[str, str] = {
     ),
 }
 
+_MERGE = (
+    "VMA boundaries differ from /proc/pid/maps: Linux merges (or leaves unsplit) adjacent "
+    "compatible VMAs where the model keeps them apart, or the reverse"
+)
+_POPULATE = (
+    "MAP_POPULATE differs: Linux populates nothing in a PROT_NONE mapping (and does "
+    "populate a readable hugetlb one); the model does the opposite"
+)
+_MADV_THP_HUGETLB = (
+    "Linux accepts MADV_HUGEPAGE/NOHUGEPAGE on a hugetlb VMA as a no-op; the model "
+    "returns EINVAL (it treats VM_DONTEXPAND as special)"
+)
+_HTLB_RESV = (
+    "a private hugetlb page fault gets SIGBUS in the model where Linux finds a page "
+    "(reservation accounting after MAP_FIXED replacement, fork or COW)"
+)
+_VMAS = "mmap/mremap/MAP_FIXED page tables (VMA merge)"
+_MADV = "mprotect/madvise/collapse"
+
 #: Known model defects on main: class -> (reason, issue-10 item).
-KNOWN: dict[str, tuple[str, str]] = {}
+KNOWN: dict[str, tuple[str, str]] = {
+    "result@madvise_COLLAPSE": (
+        "Linux refuses MADV_COLLAPSE with EINVAL on an anonymous VMA with no anon_vma yet "
+        "(never faulted) and on shmem while shmem_enabled=never; the model collapses",
+        _MADV,
+    ),
+    "zero_page@madvise_COLLAPSE/anon": (
+        "after MADV_COLLAPSE Linux still maps the (huge) zero page where the model put a THP",
+        _MADV,
+    ),
+    "result@madvise_FREE": (
+        "MADV_FREE on a hugetlb (or shared) mapping is EINVAL in Linux; the model accepts it",
+        _MADV,
+    ),
+    "result@madvise_HUGEPAGE": (_MADV_THP_HUGETLB, _MADV),
+    "result@madvise_NOHUGEPAGE": (_MADV_THP_HUGETLB, _MADV),
+    "present@read/shared": (
+        "a read fault on shmem maps the neighbouring cached pages too (fault-around) in Linux",
+        "shmem fault-around",
+    ),
+    "present@mmap_anon_populate/anon": (_POPULATE, _VMAS),
+    "present@mmap_shared_populate/shared": (_POPULATE, _VMAS),
+    "present@mmap_hugetlb_populate/hugetlb": (_POPULATE, _VMAS),
+    "present@mmap_hugetlb_shared_populate/hugetlb_shared": (_POPULATE, _VMAS),
+    "vmas@mmap_anon/anon": (_MERGE, _VMAS),
+    "vmas@mmap_anon/hugetlb": (_MERGE, _VMAS),
+    "vmas@mmap_anon_populate/anon": (_MERGE, _VMAS),
+    "vmas@mmap_shared/shared": (_MERGE, _VMAS),
+    "vmas@mmap_shared_populate/hugetlb": (_MERGE, _VMAS),
+    "vmas@mprotect/hugetlb": (_MERGE, _VMAS),
+    "vmas@mprotect/hugetlb_shared": (_MERGE, _VMAS),
+    "vmas@mremap_dontunmap/anon": (_MERGE, _VMAS),
+    "vmas@mremap_dontunmap/shared": (_MERGE, _VMAS),
+    "vmas@mremap_fixed/anon": (_MERGE, _VMAS),
+    "result@mremap_shrink": (
+        "Linux shrinks a range that spans several VMAs (it unmaps the tail first); the model "
+        "returns EFAULT",
+        _VMAS,
+    ),
+    "result@mremap_fixed": (
+        "Linux (6.17+) moves a source range that spans several VMAs with MREMAP_FIXED, "
+        "each VMA keeping its flags; the model returns EFAULT",
+        _VMAS,
+    ),
+    "result@mremap_dontunmap": (
+        "Linux returns EINVAL for MREMAP_DONTUNMAP on a hugetlb or shared range where the "
+        "model returns EFAULT",
+        _VMAS,
+    ),
+    "result@write": (_HTLB_RESV, "not assigned (hugetlb reservations)"),
+    "result@read": (_HTLB_RESV, "not assigned (hugetlb reservations)"),
+    "crash@mmap_hugetlb_populate": (
+        "the model trips 'folio refcount underflow' populating hugetlb over a replaced range",
+        "not assigned (hugetlb reservations)",
+    ),
+    "exclusive@mremap_fixed/anon": (
+        "pagemap bit 56 after a move: Linux reports the moved anon page exclusively mapped",
+        "pagemap exclusive bit",
+    ),
+    "exclusive@mmap_shared/anon": (
+        "pagemap bit 56 of a private anon page after another process's MAP_FIXED: Linux "
+        "reports it exclusive once the other mapping is gone",
+        "pagemap exclusive bit",
+    ),
+}
 
 
 def host_thp_fallback(d: Divergence) -> bool:

@@ -24,7 +24,6 @@ import contextlib
 import ctypes
 import errno
 import faulthandler
-import fcntl
 import os
 import pickle
 import signal
@@ -221,6 +220,8 @@ def host_settings() -> Iterator[None]:
     Runs on one host are serialised by a lock file: two overlapping runs would
     otherwise save each other's settings and restore the wrong ones.
     """
+    import fcntl  # POSIX only; host_support() has already said this is Linux
+
     lock = os.open(_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
     plan = _settings_plan()

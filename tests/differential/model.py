@@ -91,8 +91,12 @@ class ModelRun:
         try:
             return self._run(p, op)
         except (SegmentationFault, BusError) as e:
-            p.exit()
             del self.procs[op.proc]
+            try:
+                p.exit()  # the signal kills the process
+            except Exception as exc:
+                self.crashed = True
+                return ("crash", f"exit after a signal: {type(exc).__name__}: {exc}")
             return ("signal", "SIGSEGV" if isinstance(e, SegmentationFault) else "SIGBUS")
         except OSError as e:
             return ("errno", errno.errorcode.get(e.errno or 0, "?"))

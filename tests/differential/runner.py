@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .classes import classify, is_intentional
@@ -86,8 +87,17 @@ def run_ops(seed: int, ops: list[Op], stop_at_first: bool = False) -> SequenceRe
                     res.first = Divergence(step, op, "crash", op.proc, None, hr, mr)
                 break
             host.send_snapshot()
-            mstate = model.snapshot()
+            try:
+                mstate = model.snapshot()
+            except Exception as exc:  # the model's own state is inconsistent
+                mr = ("crash", f"snapshot: {type(exc).__name__}: {exc}")
+                model.crashed = True
             hstate = host.recv_snapshot()
+            if model.crashed:
+                res.steps = step + 1
+                if res.first is None:
+                    res.first = Divergence(step, op, "crash", op.proc, None, hr, mr)
+                break
             pools = (host.last_hugetlb, model.last_hugetlb) if on_host and on_model else (-1, -1)
             divs = compare_step(
                 step, op, hr, mr, hstate, mstate, lookup, fallback, pools, res.stats
@@ -152,6 +162,8 @@ class Summary:
     first_classes: Counter[str] = field(default_factory=Counter)
     intentional_classes: Counter[str] = field(default_factory=Counter)
     failures: list[SequenceResult] = field(default_factory=list)
+    #: Sequences the instrument itself failed on (counted as not agreeing).
+    errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def add(self, r: SequenceResult) -> None:
@@ -180,16 +192,31 @@ class Summary:
         if self.first_classes:
             lines.append("first-divergence classes (sequences):")
             lines += [f"  {n:6d}  {name}" for name, n in self.first_classes.most_common()]
+        if self.errors:
+            lines.append(f"instrument errors ({len(self.errors)}):")
+            lines += [f"  {e}" for e in self.errors[:10]]
         if self.intentional_classes:
             lines.append("intentional classes seen (sequences):")
             lines += [f"  {n:6d}  {name}" for name, n in self.intentional_classes.most_common()]
         return "\n".join(lines)
 
 
-def run_many(seeds: range | list[int], nsteps: int) -> Summary:
+def run_many(
+    seeds: range | list[int], nsteps: int, progress: Callable[[Summary], None] | None = None
+) -> Summary:
+    """Run one sequence per seed; ``progress`` is called after every 100 sequences."""
     s = Summary()
     t0 = time.monotonic()
     for seed in seeds:
-        s.add(run_sequence(seed, nsteps))
+        if progress is not None and s.sequences and s.sequences % 100 == 0:
+            s.seconds = time.monotonic() - t0
+            progress(s)
+        try:
+            r = run_sequence(seed, nsteps)
+        except Exception as exc:  # a defect of the instrument itself: report, go on
+            s.sequences += 1
+            s.errors.append(f"seed {seed}: {type(exc).__name__}: {exc}")
+            continue
+        s.add(r)
     s.seconds = time.monotonic() - t0
     return s
