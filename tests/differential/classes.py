@@ -9,6 +9,9 @@ error), the category of the step that produced it (``mmap_anon``,
 the backing of the page in the model (``anon``, ``shared``, ``hugetlb``,
 ``hugetlb_shared``, ``unmapped``). That triple is the predicate: a class
 matches exactly the divergences with that field, step category and backing.
+One class is semantic instead: ``vma_merge``, VMA lists that differ while
+every page of the window has the same permissions (mapped or not, ``rwxp``)
+on both sides, i.e. only the boundaries between compatible VMAs differ.
 
 ``INTENTIONAL`` classes are differences kept on purpose; the runner ignores
 them by name and ends the sequence there (the states cannot be resynchronised).
@@ -52,11 +55,28 @@ _HTLB_RESV = (
     "a private hugetlb page fault gets SIGBUS in the model where Linux finds a page "
     "(reservation accounting after MAP_FIXED replacement, fork or COW)"
 )
+_PAGEOUT = (
+    "MADV_PAGEOUT with no swap: Linux still unmaps the pages (and splits a THP) before "
+    "finding no swap slot; the model leaves them mapped"
+)
+_MULTI_VMA = (
+    "Linux (6.17+) moves a source range that spans several VMAs with MREMAP_FIXED, "
+    "each VMA keeping its flags; the model returns EFAULT"
+)
+_CRASH = "the model trips 'folio refcount underflow' on a private hugetlb page"
+_EXCL = (
+    "pagemap bit 56 (PM_MMAP_EXCLUSIVE): Linux reports an anon page mapped once as "
+    "exclusive where the model does not (or the reverse), after this step"
+)
+_EXCL_ITEM = "pagemap exclusive bit"
+_OBSERVED = "observed, not analysed yet: "
+_HTLB = "not assigned (hugetlb reservations)"
 _VMAS = "mmap/mremap/MAP_FIXED page tables (VMA merge)"
 _MADV = "mprotect/madvise/collapse"
 
 #: Known model defects on main: class -> (reason, issue-10 item).
 KNOWN: dict[str, tuple[str, str]] = {
+    # madvise
     "result@madvise_COLLAPSE": (
         "Linux refuses MADV_COLLAPSE with EINVAL on an anonymous VMA with no anon_vma yet "
         "(never faulted) and on shmem while shmem_enabled=never; the model collapses",
@@ -67,58 +87,79 @@ KNOWN: dict[str, tuple[str, str]] = {
         _MADV,
     ),
     "result@madvise_FREE": (
-        "MADV_FREE on a hugetlb (or shared) mapping is EINVAL in Linux; the model accepts it",
+        "MADV_FREE on a hugetlb mapping is EINVAL in Linux; the model accepts it",
         _MADV,
     ),
     "result@madvise_HUGEPAGE": (_MADV_THP_HUGETLB, _MADV),
     "result@madvise_NOHUGEPAGE": (_MADV_THP_HUGETLB, _MADV),
+    "present@madvise_PAGEOUT/anon": (_PAGEOUT, _MADV),
+    "present@madvise_PAGEOUT/shared": (_PAGEOUT, _MADV),
+    "pmd_mapped@madvise_PAGEOUT/anon": (_PAGEOUT, _MADV),
+    "pmd_mapped@mprotect/anon": (
+        "mprotect of part of a THP to the protection it already has changes nothing in "
+        "Linux; the model splits the PMD",
+        _MADV,
+    ),
+    "result@mprotect": (_OBSERVED + "Linux succeeds, the model returns EINVAL", _MADV),
+    "vmas@mprotect/hugetlb": (
+        "mprotect over a range covering hugetlb VMAs: Linux changes them, the model leaves "
+        "one with its old protection",
+        _MADV,
+    ),
+    # faults
     "present@read/shared": (
         "a read fault on shmem maps the neighbouring cached pages too (fault-around) in Linux",
         "shmem fault-around",
     ),
+    "present@write/anon": (
+        _OBSERVED + "a write fault that maps a THP in Linux maps small pages in the model",
+        "not assigned (THP fault eligibility)",
+    ),
+    "pmd_mapped@write/anon": (
+        _OBSERVED + "a write fault's PMD mapping differs (THP eligibility or zero-page COW)",
+        "huge zero page write",
+    ),
+    "present@fork/anon": (_OBSERVED + "pages present after fork differ", "fork"),
+    # MAP_POPULATE
     "present@mmap_anon_populate/anon": (_POPULATE, _VMAS),
     "present@mmap_shared_populate/shared": (_POPULATE, _VMAS),
     "present@mmap_hugetlb_populate/hugetlb": (_POPULATE, _VMAS),
     "present@mmap_hugetlb_shared_populate/hugetlb_shared": (_POPULATE, _VMAS),
-    "vmas@mmap_anon/anon": (_MERGE, _VMAS),
-    "vmas@mmap_anon/hugetlb": (_MERGE, _VMAS),
-    "vmas@mmap_anon_populate/anon": (_MERGE, _VMAS),
-    "vmas@mmap_shared/shared": (_MERGE, _VMAS),
-    "vmas@mmap_shared_populate/hugetlb": (_MERGE, _VMAS),
-    "vmas@mprotect/hugetlb": (_MERGE, _VMAS),
-    "vmas@mprotect/hugetlb_shared": (_MERGE, _VMAS),
-    "vmas@mremap_dontunmap/anon": (_MERGE, _VMAS),
-    "vmas@mremap_dontunmap/shared": (_MERGE, _VMAS),
-    "vmas@mremap_fixed/anon": (_MERGE, _VMAS),
+    # VMA layout and mremap
+    "vma_merge": (_MERGE, _VMAS),
     "result@mremap_shrink": (
         "Linux shrinks a range that spans several VMAs (it unmaps the tail first); the model "
         "returns EFAULT",
         _VMAS,
     ),
-    "result@mremap_fixed": (
-        "Linux (6.17+) moves a source range that spans several VMAs with MREMAP_FIXED, "
-        "each VMA keeping its flags; the model returns EFAULT",
-        _VMAS,
+    "result@mremap_fixed": (_MULTI_VMA, _VMAS),
+    "result@mremap_dontunmap": (_MULTI_VMA + " (also with MREMAP_DONTUNMAP)", _VMAS),
+    "result@mremap_grow": (_OBSERVED + "Linux grows in place, the model returns EINVAL", _VMAS),
+    "result@mmap_hugetlb": (_OBSERVED + "a MAP_FIXED hugetlb mmap's result differs", _VMAS),
+    # hugetlb
+    "result@write": (_HTLB_RESV, _HTLB),
+    "result@read": (_HTLB_RESV, _HTLB),
+    "crash@mmap_hugetlb_populate": (_CRASH, _HTLB),
+    "crash@write": (_CRASH, _HTLB),
+    "contents@mmap_hugetlb_populate/hugetlb": (
+        "a populated private hugetlb page holds stale bytes in the model; Linux hands out "
+        "zeroed huge pages",
+        _HTLB,
     ),
-    "result@mremap_dontunmap": (
-        "Linux returns EINVAL for MREMAP_DONTUNMAP on a hugetlb or shared range where the "
-        "model returns EFAULT",
-        _VMAS,
-    ),
-    "result@write": (_HTLB_RESV, "not assigned (hugetlb reservations)"),
-    "result@read": (_HTLB_RESV, "not assigned (hugetlb reservations)"),
-    "crash@mmap_hugetlb_populate": (
-        "the model trips 'folio refcount underflow' populating hugetlb over a replaced range",
-        "not assigned (hugetlb reservations)",
-    ),
-    "exclusive@mremap_fixed/anon": (
-        "pagemap bit 56 after a move: Linux reports the moved anon page exclusively mapped",
-        "pagemap exclusive bit",
-    ),
-    "exclusive@mmap_shared/anon": (
-        "pagemap bit 56 of a private anon page after another process's MAP_FIXED: Linux "
-        "reports it exclusive once the other mapping is gone",
-        "pagemap exclusive bit",
+    # pagemap exclusive bit (bit 56)
+    "exclusive@mremap_fixed/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@mremap_dontunmap/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@mmap_anon/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@mmap_shared/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@mmap_shared_populate/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@madvise_NOHUGEPAGE/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@madvise_DONTNEED/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@munmap/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@write/anon": (_EXCL, _EXCL_ITEM),
+    "exclusive@write/shared": (_EXCL, _EXCL_ITEM),
+    "contents@write/shared": (
+        _OBSERVED + "bytes of a shared page differ after a write (COW/shmem sharing)",
+        "fork",
     ),
 }
 
@@ -157,4 +198,6 @@ def classify(d: Divergence) -> str:
         return "host_thp_fallback"
     if hugetlb_pool_contention(d):
         return "hugetlb_pool_contention"
+    if d.field == "vma_merge":
+        return "vma_merge"
     return d.key

@@ -21,8 +21,8 @@ from .state import BIT_NAMES, ProcState, Result, frame_classes
 class Divergence:
     step: int
     op: Op
-    #: result procs vmas present swapped zero_page pmd_mapped large_folio exclusive frames
-    #: contents
+    #: result procs vmas vma_merge present swapped zero_page pmd_mapped large_folio
+    #: exclusive frames contents crash
     field: str
     proc: int | None
     page: int | None
@@ -99,7 +99,8 @@ def compare_step(
                 if v is not None:
                     page = (v[0] - BASE) // PAGE
                     break
-            div("vmas", proc, page, h, m)
+            same_pages = _page_perms(hv) == _page_perms(mv)
+            div("vma_merge" if same_pages else "vmas", proc, page, h, m)
     if not common:
         return out
     hs = [host[p] for p in common]
@@ -130,6 +131,15 @@ def compare_step(
         proc, page = common[i // WINDOW_PAGES], i % WINDOW_PAGES
         div("contents", proc, page, f"{int(hh[i]):016x}", f"{int(mh[i]):016x}")
     return out
+
+
+def _page_perms(vmas: list[tuple[int, int, str]]) -> bytes:
+    """The permissions of every page of the window (b"" where unmapped)."""
+    out = bytearray(WINDOW_PAGES * 4)
+    for start, end, perms in vmas:
+        lo, hi = (start - BASE) // PAGE, (end - BASE) // PAGE
+        out[lo * 4 : hi * 4] = perms.encode()[:4] * (hi - lo)
+    return bytes(out)
 
 
 def _fmt_vma(v: tuple[int, int, str]) -> str:

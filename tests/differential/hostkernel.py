@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -480,6 +481,25 @@ def _worker_main(sock: socket.socket) -> None:
     w.serve()
 
 
+def _wait_gone(pid: int, timeout: float) -> None:
+    """Wait until process ``pid`` has released its memory (reaped, or a zombie).
+
+    A process tears its mm down on the way out, after the worker's last reply:
+    the next snapshot must not see its mappings (mapcounts, hugetlb pages).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.0005)
+    raise TimeoutError(f"worker {pid} did not exit within {timeout} s")
+
+
 # ----- the driver -------------------------------------------------------------------------
 class HostRun:
     """The simulated processes of one sequence, as real processes."""
@@ -536,7 +556,7 @@ class HostRun:
         try:
             result, self.last_fallback, child_pid, self.last_hugetlb = _recv(sock)
         except WorkerDied as e:
-            self._drop(op.proc)
+            self._drop(op.proc, wait=True)
             self.last_fallback = {}
             self.last_hugetlb = -1
             if op.kind == "fork":
@@ -545,12 +565,14 @@ class HostRun:
         if op.kind == "fork":
             self.workers[op.arg("child")] = (self._pending_child, child_pid)
         elif op.kind == "exit":
-            self._drop(op.proc)
+            self._drop(op.proc, wait=True)
         return result  # type: ignore[no-any-return]
 
-    def _drop(self, proc: int) -> None:
-        sock, _ = self.workers.pop(proc)
+    def _drop(self, proc: int, wait: bool = False) -> None:
+        sock, pid = self.workers.pop(proc)
         sock.close()
+        if wait:
+            _wait_gone(pid, self.timeout)
 
     def snapshot(self) -> dict[int, ProcState]:
         self.send_snapshot()

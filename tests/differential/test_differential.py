@@ -27,13 +27,13 @@ needs_host = pytest.mark.skipif(_REASON is not None, reason=f"differential: {_RE
 DEFAULT_SEEDS = range(0, 40)
 DEFAULT_STEPS = 20
 #: Sequences of the default run that agreed outside the intentional classes on
-#: main when the test was written (minus a margin for host THP fallbacks); the
+#: main when the test was written (40 % and 45 %, minus a margin); the
 #: known-defect fixes only raise it.
-DEFAULT_MIN_AGREE = 0.30
+DEFAULT_MIN_AGREE = 0.35
 #: The slow run.
 SLOW_SEEDS = range(10_000, 10_600)
 SLOW_STEPS = 25
-SLOW_MIN_AGREE = 0.30
+SLOW_MIN_AGREE = 0.40
 
 
 @pytest.fixture(scope="module")
