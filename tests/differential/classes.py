@@ -40,8 +40,9 @@ INTENTIONAL: dict[str, str] = {
 }
 
 _MERGE = (
-    "VMA boundaries differ from /proc/pid/maps: Linux merges (or leaves unsplit) adjacent "
-    "compatible VMAs where the model keeps them apart, or the reverse"
+    "only VMA boundaries differ: Linux merges (or leaves unsplit) compatible VMAs where the "
+    "model splits them, e.g. mprotect to the protection a VMA already has, the source of "
+    "MREMAP_DONTUNMAP, a MAP_FIXED mmap next to a compatible VMA"
 )
 _POPULATE = (
     "MAP_POPULATE differs: Linux populates nothing in a PROT_NONE mapping (and does "
@@ -71,6 +72,10 @@ _EXCL = (
 _EXCL_ITEM = "pagemap exclusive bit"
 _OBSERVED = "observed, not analysed yet: "
 _HTLB = "not assigned (hugetlb reservations)"
+_HTLB_FIXED = (
+    "after a MAP_FIXED hugetlb mmap over existing mappings the VMAs differ in extent or "
+    "protection, not only in merging (observed, not analysed yet)"
+)
 _VMAS = "mmap/mremap/MAP_FIXED page tables (VMA merge)"
 _MADV = "mprotect/madvise/collapse"
 
@@ -136,6 +141,22 @@ KNOWN: dict[str, tuple[str, str]] = {
     "result@mremap_dontunmap": (_MULTI_VMA + " (also with MREMAP_DONTUNMAP)", _VMAS),
     "result@mremap_grow": (_OBSERVED + "Linux grows in place, the model returns EINVAL", _VMAS),
     "result@mmap_hugetlb": (_OBSERVED + "a MAP_FIXED hugetlb mmap's result differs", _VMAS),
+    "result@mmap_hugetlb_populate": (
+        _OBSERVED + "a MAP_FIXED|MAP_POPULATE hugetlb mmap's result differs",
+        _VMAS,
+    ),
+    "vmas@mprotect/anon": (_OBSERVED + "VMA protections differ after mprotect", _MADV),
+    "vmas@mmap_hugetlb/anon": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb/shared": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb/hugetlb": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb/hugetlb_shared": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb_populate/anon": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb_populate/shared": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb_populate/hugetlb_shared": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb_shared/anon": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb_shared/hugetlb_shared": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb_shared_populate/anon": (_HTLB_FIXED, _VMAS),
+    "vmas@mmap_hugetlb_shared_populate/shared": (_HTLB_FIXED, _VMAS),
     # hugetlb
     "result@write": (_HTLB_RESV, _HTLB),
     "result@read": (_HTLB_RESV, _HTLB),
