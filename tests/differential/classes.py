@@ -83,8 +83,8 @@ _MADV = "mprotect/madvise/collapse"
 KNOWN: dict[str, tuple[str, str]] = {
     # madvise
     "result@madvise_COLLAPSE": (
-        "Linux refuses MADV_COLLAPSE with EINVAL on an anonymous VMA with no anon_vma yet "
-        "(never faulted) and on shmem while shmem_enabled=never; the model collapses",
+        "Linux collapses a chunk of shmem that has pages into a shmem THP (forced "
+        "collapse); the model has no shmem THPs and returns EOPNOTSUPP",
         _MADV,
     ),
     "zero_page@madvise_COLLAPSE/anon": (
@@ -178,6 +178,10 @@ KNOWN: dict[str, tuple[str, str]] = {
     "exclusive@munmap/anon": (_EXCL, _EXCL_ITEM),
     "exclusive@write/anon": (_EXCL, _EXCL_ITEM),
     "exclusive@write/shared": (_EXCL, _EXCL_ITEM),
+    "contents@write/hugetlb_shared": (
+        _OBSERVED + "bytes of a shared hugetlb page differ after a write",
+        "fork",
+    ),
     "contents@write/shared": (
         _OBSERVED + "bytes of a shared page differ after a write (COW/shmem sharing)",
         "fork",
