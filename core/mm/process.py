@@ -260,31 +260,41 @@ class Process:
         with self.mm.mmap_lock.read():
             self._access(addr, len(data), bytes(data))
 
-    def _pieces(self, addr: int, length: int, write: bool) -> list[tuple[Any, int, int]]:
+    def _pieces(
+        self, addr: int, length: int, write: bool
+    ) -> tuple[list[tuple[Any, int, int]], SegmentationFault | None]:
+        """The VMA pieces of [addr, addr + length) up to the first place the
+        access faults, and that fault (None if the whole range is accessible)."""
         end = addr + length
         if addr < 0 or end > (1 << 47):
             raise SegmentationFault(f"access to [{addr:#x}, {end:#x}) is outside user space")
         need = VM_WRITE if write else (VM_READ | VM_WRITE)
         pos = addr
-        pieces = []
+        pieces: list[tuple[Any, int, int]] = []
         for vma in self.mm.vmas.intersecting(addr, end):
             if vma.start > pos:
                 break
             if not vma.flags & need:
                 what = "write to" if write else "read from"
-                raise SegmentationFault(f"{what} {pos:#x}: {vma} does not allow it")
+                return pieces, SegmentationFault(f"{what} {pos:#x}: {vma} does not allow it")
             pieces.append((vma, pos, min(end, vma.end)))
             pos = vma.end
         if pos < end:
-            raise SegmentationFault(f"access to {pos:#x}: no mapping there")
-        return pieces
+            return pieces, SegmentationFault(f"access to {pos:#x}: no mapping there")
+        return pieces, None
 
     def _access(self, addr: int, length: int, data: bytes | None) -> bytes:
+        """A CPU load or store. A store that faults part-way has stored the bytes
+        before the fault, as a CPU's store loop has (other processes sharing the
+        memory see them); then it raises ``SegmentationFault``."""
         write = data is not None
         out = bytearray() if not write else b""
         phys = self.machine.phys
         pt = self.mm.pt
-        for vma, lo, hi in self._pieces(addr, length, write):
+        pieces, fault = self._pieces(addr, length, write)
+        if fault is not None and not write:
+            raise fault  # a load that faults returns nothing
+        for vma, lo, hi in pieces:
             vpn0 = lo >> PAGE_SHIFT
             n = ((hi + PAGE_SIZE - 1) >> PAGE_SHIFT) - vpn0
             for _ in range(MAX_ACCESS_RETRIES):
@@ -315,6 +325,8 @@ class Process:
             else:
                 assert isinstance(out, bytearray)
                 out += pages[off : off + (hi - lo)].tobytes()
+        if fault is not None:
+            raise fault
         return bytes(out)
 
     # ----- introspection ------------------------------------------------------------
