@@ -187,25 +187,41 @@ class DmaDebug:
         self.machine.trace.log("dma", "violation", violation=str(violation))
 
     def folios_freed(self, heads: NDArray[np.int64], orders: NDArray[np.int64]) -> None:
-        """``PhysMem`` hook: a freed page that a live mapping still covers is a violation."""
-        for dev in self.devices:
-            if not dev.nr_live:
+        """``PhysMem`` hook: a freed page that a live mapping still covers is a violation.
+
+        One vectorised look-up per device with live mappings (this runs on every
+        free); one violation per folio, naming its first mapped page.
+        """
+        live = [dev for dev in self.devices if dev.nr_live]
+        if not live or len(heads) == 0:
+            return
+        if orders.any():
+            sizes = np.left_shift(1, orders).astype(np.int64)
+            starts = np.cumsum(sizes) - sizes
+            folio = np.repeat(np.arange(len(heads)), sizes)
+            pages = heads[folio] + (np.arange(int(sizes.sum()), dtype=np.int64) - starts[folio])
+        else:
+            folio = np.arange(len(heads))
+            pages = heads
+        for dev in live:
+            dev._grow()
+            hit = (dev._rd[pages] > 0) | (dev._wr[pages] > 0)
+            if not hit.any():
                 continue
-            for head, order in zip(heads.tolist(), orders.tolist(), strict=True):
-                span = dev.mapped_span(head, 1 << order)
-                if span.any():
-                    pfn = head + int(np.argmax(span))
-                    m = dev.mapping_of_pfn(pfn)
-                    self.report(
-                        DmaViolation(
-                            DmaViolationKind.FREED_WHILE_MAPPED,
-                            dev.name,
-                            m.addr if m else 0,
-                            m.size if m else PAGE_SIZE,
-                            f"pfn {pfn:#x} freed while DMA-mapped",
-                            m.origin if m else "",
-                        )
+            first = np.flatnonzero(hit)
+            _, at = np.unique(folio[first], return_index=True)  # first hit of each folio
+            for pfn in pages[first[at]].tolist():
+                m = dev.mapping_of_pfn(pfn)
+                self.report(
+                    DmaViolation(
+                        DmaViolationKind.FREED_WHILE_MAPPED,
+                        dev.name,
+                        m.addr if m else 0,
+                        m.size if m else PAGE_SIZE,
+                        f"pfn {pfn:#x} freed while DMA-mapped",
+                        m.origin if m else "",
                     )
+                )
 
 
 def dma_debug(machine: Machine) -> DmaDebug:

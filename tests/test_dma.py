@@ -342,3 +342,17 @@ def test_dma_costs_count_maps_unmaps_iova_ptes_flushes_and_bytes(machine):
     assert d["iommu_ptes"] == 4
     assert d["iotlb_flushes"] == 1
     assert d["dma_bytes"] == 8
+
+
+def test_a_thp_freed_while_one_of_its_pages_is_mapped_is_one_violation_naming_that_page(machine):
+    dev = DmaDevice(machine, "gpu", domain=IommuDomain(machine))
+    p = machine.spawn()
+    raw = p.mmap(4 << 20, RW, ANON)
+    a = (raw + (2 << 20) - 1) & ~((2 << 20) - 1)
+    p.write(a, b"t")  # thp="always": a PMD-mapped THP
+    assert p.pagemap(a, 1)[0].order == 9
+    pfn = p.pagemap(a + 7 * PAGE, 1)[0].pfn
+    dma_map_page(dev, pfn, 0, PAGE, DMA_TO_DEVICE)
+    p.munmap(raw, 4 << 20)
+    (v,) = machine_violations(machine)
+    assert v.kind == DmaViolationKind.FREED_WHILE_MAPPED and f"{pfn:#x}" in v.message
