@@ -27,7 +27,7 @@ from .uapi import NVIF_VMM_PFNMAP_V0_A, NVIF_VMM_PFNMAP_V0_W
 from .vmm import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
-    from hmmsim.mm.process import Process
+    from hmmsim import Process
 
     from .device import NouveauDrm
 

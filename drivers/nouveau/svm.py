@@ -97,7 +97,7 @@ from .uapi import (
 from .vmm import PAGE_SHIFT, PAGE_SIZE, GpuVmm
 
 if TYPE_CHECKING:
-    from hmmsim.mm.address_space import AddressSpace
+    from hmmsim import AddressSpace
     from hmmsim.notifier import IntervalNotifier, NotifierRange
 
     from .device import NouveauCli, NouveauDrm
