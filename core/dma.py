@@ -266,6 +266,8 @@ class IommuDomain:
     #: Allocated IOVA ranges as sorted (start page, end page) pairs.
     _starts: list[int] = attrs.field(factory=list)
     _ends: list[int] = attrs.field(factory=list)
+    #: ``cached_node``: where the next top-down search starts (page number).
+    _cached: int = 1 << (48 - PAGE_SHIFT)
     iotlb_flushes: int = 0
     ptes: int = 0
 
@@ -276,7 +278,10 @@ class IommuDomain:
         As ``iommu_dma_alloc_iova`` asks: sizes under 32 pages are rounded up
         to a power of two, and every range is aligned to the power of two at
         or above its size (``size_aligned``), so a 2 MiB range can use 2 MiB
-        IOMMU entries.
+        IOMMU entries. As ``__alloc_and_insert_iova_range`` searches: top-down
+        from the cached node (the last range allocated, moved up by a free
+        above it), then once more from the limit down to where that search
+        began; with packed allocations this costs O(log n), not O(n).
         """
         if npages <= 0:
             raise InvalidArgument("alloc_iova of no pages")
@@ -285,31 +290,51 @@ class IommuDomain:
             size = 1 << (size - 1).bit_length()
         align = 1 << (size - 1).bit_length()
         limit = min(limit_pages, self.aperture_pages)
-        hi = limit
-        # Walk allocated ranges from the top: take the highest gap that fits.
-        for i in range(len(self._starts) - 1, -2, -1):
-            lo = self._ends[i] if i >= 0 else _IOVA_START_PFN
-            if lo >= hi:
-                hi = min(hi, self._starts[i]) if i >= 0 else hi
+        cached = min(limit, self._cached)
+        start = self._search(cached, size, align, _IOVA_START_PFN)
+        if start is None and cached < limit:
+            start = self._search(limit, size, align, cached)  # the kernel's retry
+        if start is None:
+            return None
+        j = bisect.bisect_left(self._starts, start)
+        self._starts.insert(j, start)
+        self._ends.insert(j, start + size)
+        self._cached = start
+        self.machine.costs.iova_bytes += size << PAGE_SHIFT
+        return start
+
+    def _search(self, hi: int, size: int, align: int, floor: int) -> int | None:
+        """The highest aligned free range of ``size`` pages below ``hi``, at or above
+        ``floor``, walking the allocated ranges down from ``hi``."""
+        j = bisect.bisect_left(self._starts, hi) - 1  # the last range starting below hi
+        while hi > floor:
+            if j >= 0 and self._ends[j] > hi:  # that range reaches past hi
+                hi = self._starts[j]
+                j -= 1
                 continue
-            start = (hi - size) & ~(align - 1)
-            if start >= lo:
-                j = bisect.bisect_left(self._starts, start)
-                self.machine.costs.iova_bytes += size << PAGE_SHIFT
-                self._starts.insert(j, start)
-                self._ends.insert(j, start + size)
-                return start
-            if i >= 0:
-                hi = min(hi, self._starts[i])
+            lo = max(floor, self._ends[j] if j >= 0 else _IOVA_START_PFN)
+            cand = (hi - size) & ~(align - 1)
+            if cand >= lo:
+                return cand
+            if j < 0:
+                return None
+            hi = self._starts[j]
+            j -= 1
         return None
 
     def free_iova(self, start: int) -> None:
-        """``free_iova``: give back the range allocated at ``start``."""
+        """``free_iova``: give back the range allocated at ``start``.
+
+        Freeing at or above the cached node moves it to the next range up
+        (``__cached_rbnode_delete_update``), so the next search finds the hole.
+        """
         j = bisect.bisect_left(self._starts, start)
         if j == len(self._starts) or self._starts[j] != start:
             raise InvalidArgument(f"free_iova: no IOVA range at page {start:#x}")
         del self._starts[j]
         del self._ends[j]
+        if start >= self._cached:
+            self._cached = self._starts[j] if j < len(self._starts) else self.aperture_pages
 
     def iova_allocated(self) -> int:
         """Pages of IOVA space currently allocated."""
