@@ -25,7 +25,7 @@ def test_drivers_lists_dmirror_with_capabilities():
     assert "private|coherent" in param and "default private" in param
 
 
-# hmmsim check end to end, --json and --junit-xml: tests/test_newcomer_report.py.
+# hmmsim check end to end, --json and --junit-xml: tests/plugins/test_newcomer_report.py.
 
 
 @pytest.mark.parametrize(

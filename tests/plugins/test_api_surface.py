@@ -8,7 +8,7 @@ import pathlib
 
 import hmmsim
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 LINUX_VALUES = {
     "PROT_NONE": 0x0,
