@@ -64,6 +64,8 @@ def test_bench_race_dfs_space(benchmark: Any, race: str, jobs: int) -> None:
 
 
 class _NoOpMutex:
+    holder: str | None = None
+
     def acquire(self) -> None:
         self.holder = "main"
 

@@ -183,7 +183,8 @@ def zone_device_pages_init(machine: Machine, pfns: np.ndarray) -> None:
 
 def folio_pgmap(machine: Machine, pfn: int) -> DevPagemap | None:
     """``page_pgmap``: the device pagemap of a page, None for RAM."""
-    return machine.phys.pgmap_of(pfn)
+    pgmap: DevPagemap | None = machine.phys.pgmap_of(pfn)
+    return pgmap
 
 
 def is_device_private_page(machine: Machine, pfn: int) -> bool:

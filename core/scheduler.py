@@ -30,6 +30,7 @@ import attrs
 import greenlet
 
 from . import sched
+from .errors import Deadlock
 
 #: Steps before a run is declared a livelock.
 DEFAULT_STEP_BUDGET = 20_000
@@ -163,7 +164,7 @@ class Scheduler:
         if self._killing:
             raise greenlet.GreenletExit
         if a is None or greenlet.getcurrent() is not a.g:
-            raise sched.Deadlock(f"the scheduler itself would sleep on {reason}")
+            raise Deadlock(f"the scheduler itself would sleep on {reason}")
         a.blocked_on, a.ready = reason, ready
         self._trace.append(TraceEntry(self._step, a.name, "block", repr(reason)))
         while not ready():

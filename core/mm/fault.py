@@ -781,9 +781,10 @@ def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
 
 def entries_needing_fault(entries: NDArray[np.uint64], write: bool) -> NDArray[np.bool_]:
     """Which entries a CPU access (read, or write) would fault on."""
-    present = (entries & U64(PTE_PRESENT)) != 0
+    present: NDArray[np.bool_] = (entries & U64(PTE_PRESENT)) != 0
     if write:
-        return ~present | ((entries & U64(PTE_WRITE)) == 0)
+        writable: NDArray[np.bool_] = (entries & U64(PTE_WRITE)) != 0
+        return ~present | ~writable
     return ~present
 
 

@@ -234,11 +234,12 @@ def softleaf_writable(entries: NDArray[np.uint64]) -> NDArray[np.bool_]:
     """Writable migration or device-private entries (device-exclusive counts too)."""
     typ = (entries & U64(SOFTLEAF_TYPE_MASK)) >> U64(SOFTLEAF_TYPE_SHIFT)
     soft = (entries & U64(PTE_SOFTLEAF | PTE_PRESENT)) == U64(PTE_SOFTLEAF)
-    return soft & (
+    out: NDArray[np.bool_] = soft & (
         (typ == SWP_MIGRATION_WRITE)
         | (typ == SWP_DEVICE_PRIVATE_WRITE)
         | (typ == SWP_DEVICE_EXCLUSIVE)
     )
+    return out
 
 
 def make_swap(slot: int) -> int:

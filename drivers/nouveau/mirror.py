@@ -162,7 +162,7 @@ class NouveauMirror(Mirror):
 
     def _own_vram(self, addr: int, npages: int) -> list[bool]:
         return [
-            e.kind == "device_private" and self.drm.is_own_vram(e.pfn)
+            e.kind == "device_private" and e.pfn is not None and self.drm.is_own_vram(e.pfn)
             for e in self.process.pagemap(addr, npages)
         ]
 

@@ -217,6 +217,10 @@ class NouveauSvmm:
         self.notifier = SvmmNotifier(self)
         self.stats = SvmmStats()
 
+    def transient_ops(self) -> _TransientOps:
+        """The ops of a per-fault interval notifier on this svmm (``nouveau_svm_mni_ops``)."""
+        return _TransientOps(self)
+
     def invalidate(self, start: int, limit: int) -> None:
         """``nouveau_svmm_invalidate``: PFNCLR [start, limit) (nothing if empty)."""
         if limit > start and self.vmm is not None:
