@@ -24,7 +24,7 @@ import hmmsim
 import pytest
 from hmmsim import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE, sched
 from hmmsim.explore import ScenarioRun, explore
-from hmmsim.scheduler import BoundedDFS, RandomWalk
+from hmmsim.sched import BoundedDFS, RandomWalk
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.races import RACES, race_by_name, race_scenario
 

@@ -180,7 +180,7 @@ def _resolve_specs(specs_text: list[str]) -> list[DriverSpec]:
 
 def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .explore import ExploreResult, explore, replay
-    from .scheduler import (
+    from .sched import (
         PCT,
         BoundedDFS,
         RandomWalk,

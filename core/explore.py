@@ -16,7 +16,7 @@ from typing import Any
 
 import attrs
 
-from .scheduler import (
+from .sched import (
     DEFAULT_STEP_BUDGET,
     BoundedDFS,
     Replay,

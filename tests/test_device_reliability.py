@@ -12,7 +12,7 @@ from hmmsim.driver import Capability
 from hmmsim.drivers.dmirror import HMM_DMIRROR_RELEASE, HMM_DMIRROR_WRITE, DmirrorCmd
 from hmmsim.explore import explore
 from hmmsim.mm.pagetable import KIND_DEVICE_PRIVATE, KIND_MIGRATION, entry_kind
-from hmmsim.scheduler import BoundedDFS
+from hmmsim.sched import BoundedDFS
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.env import pattern
 from hmmsim.testing.invariants import check_no_leaks

@@ -13,7 +13,7 @@ import pytest
 from hmmsim import sched
 from hmmsim.explore import ScenarioRun, explore
 from hmmsim.plugins import BUGZOO_GROUP
-from hmmsim.scheduler import PCT, BoundedDFS, RandomWalk, Scheduler
+from hmmsim.sched import PCT, BoundedDFS, RandomWalk, Scheduler
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.races import explore_race, race_by_name
 

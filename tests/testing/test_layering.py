@@ -43,7 +43,7 @@ ROOTS: dict[str, Path] = {
 #: below. Each layer lists module-name prefixes; the longest prefix wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors/trace", ("hmmsim.errors", "hmmsim.trace")),
-    ("sched", ("hmmsim.sched", "hmmsim.scheduler")),
+    ("sched", ("hmmsim.sched",)),
     ("notifier", ("hmmsim.notifier",)),
     ("mm", ("hmmsim.mm", "hmmsim.memremap")),
     # The DMA API sits under PCI: every PCI function owns a DmaDevice behind its
@@ -84,8 +84,6 @@ KNOWN_CYCLES: frozenset[str] = frozenset(
         "hmmsim.gup -> hmmsim.migrate (core/gup.py:249) -> hmmsim.gup (core/migrate.py:1146)",
         "hmmsim.mm.fault -> hmmsim.mm.thp (core/mm/fault.py:82)"
         " -> hmmsim.mm.fault (core/mm/thp.py:154)",
-        "hmmsim.sched -> hmmsim.scheduler (core/sched.py:279)"
-        " -> hmmsim.sched (core/scheduler.py:32)",
         "hmmsim.memremap -> hmmsim.mm (core/memremap.py:31)"
         " -> hmmsim.memremap (core/mm/__init__.py:15)",
     }
