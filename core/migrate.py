@@ -1,9 +1,9 @@
-"""Device migration: ``migrate_vma_*``, ``migrate_device_*`` and ``make_device_exclusive``.
+"""Device migration: ``migrate_vma_*`` and ``migrate_device_*``.
 
 Kernel counterpart: include/linux/migrate.h and mm/migrate_device.c (mainline
 6.19+, with device-private THP: ``MIGRATE_VMA_SELECT_COMPOUND`` and
-``MIGRATE_PFN_COMPOUND``), and ``make_device_exclusive`` from mm/rmap.c
-(6.15+ single-page API).
+``MIGRATE_PFN_COMPOUND``). ``make_device_exclusive`` (mm/rmap.c) is
+:mod:`hmmsim.exclusive`.
 
 The three steps follow the kernel's (docs/hmm-protocol.md §3):
 
@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import sched
-from .errors import InvalidArgument, NotSupported
+from .errors import InvalidArgument
 from .memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE
 from .mm.pagetable import (
     KIND_DEVICE_PRIVATE,
@@ -51,7 +51,6 @@ from .mm.pagetable import (
     PTE_YOUNG,
     SOFTLEAF_TYPE_MASK,
     SOFTLEAF_TYPE_SHIFT,
-    SWP_DEVICE_EXCLUSIVE,
     SWP_DEVICE_PRIVATE_READ,
     SWP_DEVICE_PRIVATE_WRITE,
     SWP_MIGRATION_READ,
@@ -72,7 +71,6 @@ from .mm.physmem import (
     PG_anon,
     PG_anon_exclusive,
     PG_dirty,
-    PG_hugetlb,
     PG_locked,
     PG_swapbacked,
     PG_swapcache,
@@ -89,11 +87,10 @@ from .mm.rmap import (
 from .mm.swap import swapcache_del
 from .mm.thp import split_huge_pmd, split_leaf_entries
 from .mm.vma import VM_SPECIAL, VM_WRITE
-from .notifier import MMU_NOTIFY_EXCLUSIVE, MMU_NOTIFY_MIGRATE, invalidation
+from .notifier import MMU_NOTIFY_MIGRATE, invalidation
 
 if TYPE_CHECKING:
     from .machine import Machine
-    from .mm.address_space import AddressSpace
     from .mm.vma import Vma
 
 MIGRATE_PFN_VALID: Final = 1 << 0
@@ -1130,55 +1127,6 @@ def migrate_device_coherent_folio(machine: Machine, head: int) -> None:
         raise Busy(f"device-coherent folio {head:#x} could not be migrated")
 
 
-# ----- device-exclusive access ----------------------------------------------------------
-
-
-def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> tuple[int, int]:
-    """Give a device exclusive access to the anonymous page at ``addr``.
-
-    Returns ``(page, folio)``: the pfn of the page at ``addr`` and the head
-    pfn of its folio (they differ inside a PTE-mapped large folio), as the
-    kernel returns the page and fills ``*foliop``. The folio is locked and
-    referenced: the caller maps ``page`` in its device page table, then
-    ``folio_unlock``s and ``put_page``s the folio. The CPU's next touch
-    restores the PTE and sends ``MMU_NOTIFY_EXCLUSIVE`` (owner None).
-    """
-    from .gup import FOLL_GET, FOLL_SPLIT_PMD, FOLL_WRITE, get_user_pages
-
-    mm.mmap_lock.assert_held()
-    addr &= ~(PAGE_SIZE - 1)
-    machine = mm.machine
-    phys = machine.phys
-    pt = mm.pt
-    while True:
-        pages = get_user_pages(mm, addr, 1, FOLL_WRITE | FOLL_SPLIT_PMD | FOLL_GET)
-        pfn = pages[0]
-        head = phys.head(pfn)
-        flags = int(phys.flags[head])
-        if not flags & PG_anon or flags & PG_hugetlb:
-            phys.put_page(pfn)
-            raise NotSupported(f"make_device_exclusive: {addr:#x} is not an anonymous page")
-        phys.folio_lock(head)
-        with invalidation(mm, MMU_NOTIFY_EXCLUSIVE, addr, addr + PAGE_SIZE, owner):
-            loc, e, level = pt.lookup(addr >> PAGE_SHIFT)
-            ok = (
-                loc >= 0
-                and level == 0
-                and kind_of(e) == KIND_PRESENT
-                and pfn_of(e) == pfn
-                and bool(e & PTE_WRITE)
-            )
-            if ok:
-                if e & PTE_DIRTY:
-                    phys.flags[head] |= np.uint16(PG_dirty)
-                pt.set(loc, make_softleaf(SWP_DEVICE_EXCLUSIVE, pfn))
-                machine.costs.pte_writes += 1
-        if ok:
-            return pfn, head
-        phys.folio_unlock(head)
-        phys.put_page(pfn)
-
-
 __all__ = [
     "MIGRATE_PFN_COMPOUND",
     "MIGRATE_PFN_MIGRATE",
@@ -1190,7 +1138,6 @@ __all__ = [
     "MIGRATE_VMA_SELECT_DEVICE_PRIVATE",
     "MIGRATE_VMA_SELECT_SYSTEM",
     "MigrateVma",
-    "make_device_exclusive",
     "migrate_device_coherent_folio",
     "migrate_device_finalize",
     "migrate_device_pages",

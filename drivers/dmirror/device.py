@@ -45,6 +45,7 @@ from hmmsim.errors import (
     NotPermitted,
     OutOfMemory,
 )
+from hmmsim.exclusive import make_device_exclusive
 from hmmsim.hmm import (
     HMM_PFN_ERROR,
     HMM_PFN_REQ_FAULT,
@@ -77,7 +78,6 @@ from hmmsim.migrate import (
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM,
     MigrateVma,
-    make_device_exclusive,
     migrate_device_finalize,
     migrate_device_pages,
     migrate_device_range,

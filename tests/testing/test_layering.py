@@ -72,14 +72,9 @@ EXCEPTIONS: list[tuple[str, str, str]] = [
 
 
 #: Layer violations and cycles being removed; these lists only shrink.
-KNOWN_VIOLATIONS: frozenset[str] = frozenset(
-    {
-        "core/migrate.py:1146: hmmsim.migrate (hmm/migrate) imports hmmsim.gup (gup)",
-    }
-)
+KNOWN_VIOLATIONS: frozenset[str] = frozenset()
 KNOWN_CYCLES: frozenset[str] = frozenset(
     {
-        "hmmsim.gup -> hmmsim.migrate (core/gup.py:249) -> hmmsim.gup (core/migrate.py:1146)",
         "hmmsim.mm.fault -> hmmsim.mm.thp (core/mm/fault.py:82)"
         " -> hmmsim.mm.fault (core/mm/thp.py:154)",
         "hmmsim.memremap -> hmmsim.mm (core/memremap.py:31)"
