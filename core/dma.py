@@ -51,7 +51,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import BadAddress, InvalidArgument, IoFailure
-from .memremap import MEMORY_DEVICE_PCI_P2PDMA
+from .mm.memremap import MEMORY_DEVICE_PCI_P2PDMA
 from .mm.pagetable import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:

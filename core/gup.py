@@ -25,7 +25,6 @@ from .errors import (
     OutOfMemory,
     RemoteIO,
 )
-from .memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
 from .mm.fault import (
     FAULT_FLAG_REMOTE,
     FAULT_FLAG_UNSHARE,
@@ -36,6 +35,7 @@ from .mm.fault import (
     VM_FAULT_OOM,
     handle_mm_fault,
 )
+from .mm.memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
 from .mm.pagetable import (
     KIND_PRESENT,
     LEVEL_PTE,

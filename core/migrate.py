@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from . import sched
 from .errors import InvalidArgument
-from .memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE
+from .mm.memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PRIVATE
 from .mm.pagetable import (
     KIND_DEVICE_PRIVATE,
     KIND_MIGRATION,

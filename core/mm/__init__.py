@@ -12,7 +12,6 @@ internals and may move, the names below stay.
 
 from __future__ import annotations
 
-from ..memremap import VmFault
 from .address_space import AddressSpace
 from .fault import (
     VM_FAULT_DONE_COW,
@@ -28,6 +27,7 @@ from .fault import (
     VM_FAULT_SIGBUS,
     VM_FAULT_SIGSEGV,
 )
+from .memremap import VmFault
 from .oom import alloc_pages_nofail
 from .pagetable import (
     PAGE_SHIFT,

@@ -311,7 +311,7 @@ def do_device_private_fault(vma: Vma, vpn: int, loc: int, e: int, pfn: int, writ
     lets the driver move the page back; the lock and reference are dropped
     afterwards (``migrate_vma_finalize`` leaves the fault page alone).
     """
-    from ..memremap import VmFault
+    from .memremap import VmFault
 
     phys = vma.mm.machine.phys
     head = phys.get_page(pfn)

@@ -33,7 +33,6 @@ from ..errors import (
     OutOfMemory,
     SegmentationFault,
 )
-from ..memremap import KIND_NAMES
 from .address_space import AddressSpace
 from .fault import (
     VM_FAULT_ERROR,
@@ -46,6 +45,7 @@ from .fault import (
 )
 from .fork import do_fork
 from .madvise import WRITE_LOCKED_ADVICE, check_advice, do_madvise
+from .memremap import KIND_NAMES
 from .migration import migrate_folio
 from .mmap import do_mmap, do_mremap, do_munmap
 from .mprotect import do_mprotect

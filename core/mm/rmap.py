@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
-from ..memremap import MEMORY_DEVICE_PRIVATE
+from .memremap import MEMORY_DEVICE_PRIVATE
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
     KIND_DEVICE_PRIVATE,

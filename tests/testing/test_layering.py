@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors/trace", ("hmmsim.errors", "hmmsim.trace")),
     ("sched", ("hmmsim.sched",)),
     ("notifier", ("hmmsim.notifier",)),
+    # hmmsim.memremap is the face of hmmsim.mm.memremap.
     ("mm", ("hmmsim.mm", "hmmsim.memremap")),
     # The DMA API sits under PCI: every PCI function owns a DmaDevice behind its
     # IOMMU domain (as struct pci_dev embeds the struct device the DMA API
@@ -77,8 +78,6 @@ KNOWN_CYCLES: frozenset[str] = frozenset(
     {
         "hmmsim.mm.fault -> hmmsim.mm.thp (core/mm/fault.py:82)"
         " -> hmmsim.mm.fault (core/mm/thp.py:154)",
-        "hmmsim.memremap -> hmmsim.mm (core/memremap.py:31)"
-        " -> hmmsim.memremap (core/mm/__init__.py:15)",
     }
 )
 
