@@ -25,6 +25,7 @@ from .errors import (
     OutOfMemory,
     RemoteIO,
 )
+from .migrate import migrate_device_coherent_folio
 from .mm.fault import (
     FAULT_FLAG_REMOTE,
     FAULT_FLAG_UNSHARE,
@@ -246,8 +247,6 @@ def _follow_and_fault(mm: AddressSpace, addr: int, gup_flags: int, mode: int) ->
 
 def _longterm_pinnable(mm: AddressSpace, start: int, pages: list[int], gup_flags: int) -> list[int]:
     """``check_and_migrate_movable_pages``: no device-coherent page may be pinned long."""
-    from .migrate import migrate_device_coherent_folio
-
     machine = mm.machine
     phys = machine.phys
     coherent = [
