@@ -23,9 +23,9 @@ from .mm.pagetable import (
     PTE_DIRTY,
     PTE_WRITE,
     SWP_DEVICE_EXCLUSIVE,
-    kind_of,
     make_softleaf,
-    pfn_of,
+    pte_kind,
+    pte_pfn,
 )
 from .mm.physmem import PG_anon, PG_dirty, PG_hugetlb
 from .notifier import MMU_NOTIFY_EXCLUSIVE, invalidation
@@ -63,8 +63,8 @@ def make_device_exclusive(mm: AddressSpace, addr: int, owner: object) -> tuple[i
             ok = (
                 loc >= 0
                 and level == 0
-                and kind_of(e) == KIND_PRESENT
-                and pfn_of(e) == pfn
+                and pte_kind(e) == KIND_PRESENT
+                and pte_pfn(e) == pfn
                 and bool(e & PTE_WRITE)
             )
             if ok:

@@ -44,8 +44,8 @@ from .mm.pagetable import (
     PAGE_SIZE,
     PTE_SPECIAL,
     PTE_WRITE,
-    kind_of,
-    pfn_of,
+    pte_kind,
+    pte_pfn,
 )
 from .mm.physmem import PG_anon, PG_anon_exclusive
 from .mm.thp import split_huge_pmd
@@ -204,11 +204,11 @@ def _follow_and_fault(mm: AddressSpace, addr: int, gup_flags: int, mode: int) ->
         vpn = addr >> PAGE_SHIFT
         loc, e, level = mm.pt.lookup(vpn)
         fault_flags = 0
-        if loc >= 0 and kind_of(e) == KIND_PRESENT:
+        if loc >= 0 and pte_kind(e) == KIND_PRESENT:
             if gup_flags & FOLL_SPLIT_PMD and level != LEVEL_PTE and not vma.is_hugetlb:
                 split_huge_pmd(vma, vpn)
                 continue
-            pfn = pfn_of(e) + (vpn & ((1 << (9 * level)) - 1) if level else 0)
+            pfn = pte_pfn(e) + (vpn & ((1 << (9 * level)) - 1) if level else 0)
             if e & PTE_SPECIAL and not phys.is_zero_pfn(pfn):
                 raise BadAddress(f"GUP: {addr:#x} maps a special (pfn-only) page")
             if write and not e & PTE_WRITE:

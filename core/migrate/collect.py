@@ -42,11 +42,11 @@ from ..mm.pagetable import (
     SWP_MIGRATION_READ_EXCLUSIVE,
     SWP_MIGRATION_WRITE,
     U64,
-    entry_kind,
     is_table_pointer,
-    kind_of,
     make_softleaf,
-    pfn_of,
+    pte_kind,
+    pte_kind_array,
+    pte_pfn,
     softleaf_type,
 )
 from ..mm.physmem import (
@@ -162,7 +162,7 @@ def _collect(args: MigrateVma, nr: int) -> None:
             if not _collect_pmd(args, vma, vpn, pmdloc, e, compound and aligned):
                 continue  # the PMD was split: look at it again as PTEs
         else:
-            _collect_ptes(args, vma, vpn, chunk_end)
+            _collect_pte_range(args, vma, vpn, chunk_end)
         vpn = chunk_end
     args.npages = nr
 
@@ -187,8 +187,8 @@ def _collect_pmd(
     phys = machine.phys
     src, _ = _entries(args)
     i = vpn - (args.start >> PAGE_SHIFT)
-    kind = kind_of(e)
-    pfn = pfn_of(e)
+    kind = pte_kind(e)
+    pfn = pte_pfn(e)
     if kind == KIND_PRESENT and phys.is_zero_pfn(pfn):
         if not args.flags & MIGRATE_VMA_SELECT_SYSTEM:
             return True
@@ -224,10 +224,10 @@ def _entry_writable(e: int, kind: int) -> bool:
     return softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE
 
 
-def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
+def _collect_pte_range(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
     """Collect a range mapped by PTEs: vectorised unless small or a large folio is in it."""
-    if hi - lo <= _defs.SCALAR_MAX_PAGES or not _collect_ptes_vectorised(args, vma, lo, hi):
-        _collect_ptes_one_by_one(args, vma, lo, hi)
+    if hi - lo <= _defs.SCALAR_MAX_PAGES or not _collect_ptes_array(args, vma, lo, hi):
+        _collect_ptes(args, vma, lo, hi)
 
 
 def _selectable(args: MigrateVma, machine: Machine, pfns: NDArray[np.int64]) -> NDArray[np.bool_]:
@@ -247,7 +247,7 @@ def _selectable(args: MigrateVma, machine: Machine, pfns: NDArray[np.int64]) -> 
     return ok
 
 
-def _collect_ptes_vectorised(args: MigrateVma, vma: Vma, lo: int, hi: int) -> bool:
+def _collect_ptes_array(args: MigrateVma, vma: Vma, lo: int, hi: int) -> bool:
     """The whole PTE range in array operations; False (nothing done) if a large
     folio needs splitting first."""
     machine = vma.mm.machine
@@ -256,7 +256,7 @@ def _collect_ptes_vectorised(args: MigrateVma, vma: Vma, lo: int, hi: int) -> bo
     src, _ = _entries(args)
     walk = pt.walk(lo, hi - lo)
     e = walk.entries
-    kinds = entry_kind(e)
+    kinds = pte_kind_array(e)
     pfn = (e & U64(PTE_PFN_MASK)).astype(_I64)
     present = kinds == KIND_PRESENT
     zero = present & phys.zero_mask(pfn)
@@ -316,7 +316,7 @@ def _collect_ptes_vectorised(args: MigrateVma, vma: Vma, lo: int, hi: int) -> bo
     return True
 
 
-def _collect_ptes_one_by_one(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
+def _collect_ptes(args: MigrateVma, vma: Vma, lo: int, hi: int) -> None:
     machine = vma.mm.machine
     phys = machine.phys
     pt = vma.mm.pt
@@ -326,14 +326,14 @@ def _collect_ptes_one_by_one(args: MigrateVma, vma: Vma, lo: int, hi: int) -> No
     while vpn < hi:
         loc, e, _level = pt.lookup(vpn)
         i = vpn - base
-        kind = kind_of(e) if loc >= 0 else KIND_NONE
+        kind = pte_kind(e) if loc >= 0 else KIND_NONE
         if kind == KIND_NONE:
             if vma.is_anonymous:
                 src[i] = U64(MIGRATE_PFN_MIGRATE)
                 args.cpages += 1
             vpn += 1
             continue
-        pfn = pfn_of(e)
+        pfn = pte_pfn(e)
         if kind == KIND_PRESENT and phys.is_zero_pfn(pfn):
             if args.flags & MIGRATE_VMA_SELECT_SYSTEM:
                 src[i] = U64(MIGRATE_PFN_MIGRATE)
@@ -443,18 +443,26 @@ def _isolate_one(
 def _unmap_phase(machine: Machine, args: MigrateVma, npages: int) -> None:
     """``migrate_device_unmap``: unmap other mappings, drop what cannot move."""
     src, _ = _entries(args)
-    args.unmapped_elsewhere = _unmap_entries(machine, src, npages, args.fault_page)
+    args.unmapped_elsewhere = _migrate_device_unmap(machine, src, npages, args.fault_page)
 
 
-def _unmap_entries(
+def _migrate_device_unmap(
     machine: Machine, src: NDArray[np.uint64], npages: int, fault_page: int | None
 ) -> set[int]:
     """Unmap selected folios everywhere else; drop those that cannot move.
 
-    Returns the folios that had other mappings.
+    Returns the folios that had other mappings. Up to ``SCALAR_MAX_PAGES``
+    entries go entry by entry, more in one vectorised pass; both agree.
     """
     if npages <= _defs.SCALAR_MAX_PAGES:
-        return _unmap_entries_one_by_one(machine, src, npages, fault_page)
+        return _unmap_entries(machine, src, npages, fault_page)
+    return _unmap_entries_array(machine, src, npages, fault_page)
+
+
+def _unmap_entries_array(
+    machine: Machine, src: NDArray[np.uint64], npages: int, fault_page: int | None
+) -> set[int]:
+    """``_migrate_device_unmap`` over the whole of ``src`` in one vectorised pass."""
     phys = machine.phys
     elsewhere: set[int] = set()
     s_all = src[:npages]
@@ -485,10 +493,10 @@ def _unmap_entries(
     return elsewhere
 
 
-def _unmap_entries_one_by_one(
+def _unmap_entries(
     machine: Machine, src: NDArray[np.uint64], npages: int, fault_page: int | None
 ) -> set[int]:
-    """``_unmap_entries`` entry by entry: cheaper for the few pages a fault migrates."""
+    """``_migrate_device_unmap`` entry by entry: cheaper for the few pages a fault migrates."""
     phys = machine.phys
     want = MIGRATE_PFN_MIGRATE | MIGRATE_PFN_VALID
     picked: list[tuple[int, int]] = []

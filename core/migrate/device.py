@@ -28,7 +28,7 @@ from .args import (
     MigrateVma,
     migrate_pfn,
 )
-from .collect import _unmap_entries
+from .collect import _migrate_device_unmap
 from .pages import _finalize, _migrate_pages
 
 
@@ -56,7 +56,7 @@ def migrate_device_range(
         src[i] = U64(
             migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE | (MIGRATE_PFN_COMPOUND if nr > 1 else 0)
         )
-    _unmap_entries(machine, src, npages, None)
+    _migrate_device_unmap(machine, src, npages, None)
 
 
 def migrate_device_pfns(machine: Machine, src: NDArray[np.uint64], npages: int) -> None:
@@ -72,7 +72,7 @@ def migrate_device_pfns(machine: Machine, src: NDArray[np.uint64], npages: int) 
             phys.put_one(pfn)
             continue
         src[i] = U64(migrate_pfn(pfn) | MIGRATE_PFN_MIGRATE)
-    _unmap_entries(machine, src, npages, None)
+    _migrate_device_unmap(machine, src, npages, None)
 
 
 def migrate_device_coherent_folio(machine: Machine, head: int) -> None:
@@ -87,7 +87,7 @@ def migrate_device_coherent_folio(machine: Machine, head: int) -> None:
         phys.put_one(head)
         raise Busy(f"device-coherent folio {head:#x} is locked")
     src[0] = U64(migrate_pfn(head) | MIGRATE_PFN_MIGRATE)
-    _unmap_entries(machine, src, 1, None)
+    _migrate_device_unmap(machine, src, 1, None)
     if src[0] & U64(MIGRATE_PFN_MIGRATE):
         new = phys.alloc_one(0)
         phys.folio_trylock(new)

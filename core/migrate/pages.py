@@ -36,13 +36,13 @@ from ..mm.pagetable import (
     SWP_DEVICE_PRIVATE_WRITE,
     SWP_MIGRATION_WRITE,
     U64,
-    entry_kind,
     is_table_pointer,
-    kind_of,
     make_present,
     make_softleaf,
     make_table_pointer,
-    pfn_of,
+    pte_kind,
+    pte_kind_array,
+    pte_pfn,
 )
 from ..mm.physmem import (
     PER_PAGE_FLAGS,
@@ -101,7 +101,7 @@ def migrate_device_pages(
     _migrate_pages(machine, args, None)
 
 
-def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.int64]:
+def _migrate_pages_array(machine: Machine, args: MigrateVma) -> NDArray[np.int64]:
     """``folio_migrate_mapping`` for order-0 anonymous/device pages in one pass.
 
     Returns the selected entries it left undecided, for the generic loop.
@@ -148,7 +148,7 @@ def _migrate_pages_vectorised(machine: Machine, args: MigrateVma) -> NDArray[np.
 
 
 def _migrate_pages(machine: Machine, args: MigrateVma, vma: Vma | None) -> None:
-    todo = _migrate_pages_vectorised(machine, args)
+    todo = _migrate_pages_array(machine, args)
     src, dst = _entries(args)
     stack = None  # the MIGRATE invalidation, started at the first hole filled
     pending = todo[::-1].tolist()  # a stack, lowest index on top
@@ -310,12 +310,12 @@ def _insert_page(args: MigrateVma, vma: Vma, i: int, dpage: int, compound: bool)
         loc = pt.pmd_loc(vpn, alloc=True)
         old = pt.get(loc)
         if old and is_table_pointer(old):
-            if pt.rows[pfn_of(old)].any():
+            if pt.rows[pte_pfn(old)].any():
                 return False
             pt.set(loc, 0)
-            pt.free_table(pfn_of(old))
+            pt.free_table(pte_pfn(old))
             old = 0
-        if old and not (kind_of(old) == KIND_PRESENT and phys.is_zero_pfn(pfn_of(old))):
+        if old and not (pte_kind(old) == KIND_PRESENT and phys.is_zero_pfn(pte_pfn(old))):
             return False  # a CPU fault won the race
         order = PMD_ORDER
     else:
@@ -323,7 +323,7 @@ def _insert_page(args: MigrateVma, vma: Vma, i: int, dpage: int, compound: bool)
         if loc < 0:
             return False
         old = pt.get(loc)
-        if old and not (kind_of(old) == KIND_PRESENT and phys.is_zero_pfn(pfn_of(old))):
+        if old and not (pte_kind(old) == KIND_PRESENT and phys.is_zero_pfn(pte_pfn(old))):
             return False
         order = 0
     if vma.mm.unstable:
@@ -355,14 +355,14 @@ def migrate_vma_finalize(args: MigrateVma) -> None:
     src, dst = _entries(args)
     machine = vma.mm.machine
     sched.point("migrate:before_finalize")
-    _finalize_in_place(machine, args)
+    _finalize_array(machine, args)
     _finalize(machine, src, dst, args.npages, args.fault_page)
 
 
 def migrate_device_finalize(
     machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
 ) -> None:
-    _finalize_device_in_place(machine, src, dst, npages)
+    _finalize_device_array(machine, src, dst, npages)
     _finalize(machine, src, dst, npages, None)
 
 
@@ -408,7 +408,7 @@ def _finalize(
             phys.put_one(dpage)
 
 
-def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
+def _finalize_array(machine: Machine, args: MigrateVma) -> None:
     """The common case of finalize, vectorised: order-0 pages whose only
     migration entry is the one at their own address in this VMA.
 
@@ -438,7 +438,7 @@ def _finalize_in_place(machine: Machine, args: MigrateVma) -> None:
         _finalize_at(machine, vma, idx, vpns, src, dst, args.fault_page)
 
 
-def _finalize_device_in_place(
+def _finalize_device_array(
     machine: Machine, src: NDArray[np.uint64], dst: NDArray[np.uint64], npages: int
 ) -> None:
     """``migrate_device_finalize``'s common case, vectorised: order-0 anonymous
@@ -497,7 +497,7 @@ def _finalize_at(
     s = src[idx]
     spage = (s >> U64(MIGRATE_PFN_SHIFT)).astype(_I64)
     ours = (
-        (entry_kind(e) == KIND_MIGRATION)
+        (pte_kind_array(e) == KIND_MIGRATION)
         & ((e & U64(PTE_PFN_MASK)).astype(_I64) == spage)
         & (walk.level[off] == 0)
     )

@@ -27,6 +27,7 @@ from .fault import (
     VM_FAULT_SIGBUS,
     VM_FAULT_SIGSEGV,
 )
+from .kinds import MemoryKind
 from .memremap import VmFault
 from .oom import alloc_pages_nofail
 from .pagetable import (
@@ -96,6 +97,7 @@ __all__ = [
     "VM_WRITE",
     "ZERO_PFN",
     "AddressSpace",
+    "MemoryKind",
     "PG_anon",
     "PG_dirty",
     "PG_locked",

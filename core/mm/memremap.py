@@ -28,6 +28,7 @@ import attrs
 import numpy as np
 
 from ..errors import Busy, InvalidArgument
+from .kinds import MemoryKind
 from .physmem import PG_zone_device
 
 if TYPE_CHECKING:
@@ -56,11 +57,11 @@ PGMAP_VMEMMAP_OPTIMIZATION: Final = 1 << 1
 
 #: What pagemap's ``kind`` calls pages of each type.
 KIND_NAMES: Final = {
-    MEMORY_DEVICE_PRIVATE: "device_private",
-    MEMORY_DEVICE_COHERENT: "device_coherent",
-    MEMORY_DEVICE_FS_DAX: "fsdax",
-    MEMORY_DEVICE_GENERIC: "device_generic",
-    MEMORY_DEVICE_PCI_P2PDMA: "p2p",
+    MEMORY_DEVICE_PRIVATE: MemoryKind.DEVICE_PRIVATE,
+    MEMORY_DEVICE_COHERENT: MemoryKind.DEVICE_COHERENT,
+    MEMORY_DEVICE_FS_DAX: MemoryKind.FSDAX,
+    MEMORY_DEVICE_GENERIC: MemoryKind.DEVICE_GENERIC,
+    MEMORY_DEVICE_PCI_P2PDMA: MemoryKind.P2P,
 }
 
 

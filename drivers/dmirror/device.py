@@ -372,11 +372,15 @@ class DmirrorDevice(Device):
     def kind_of_page(self, pfn: int) -> MemoryKind:
         pgmap = self.machine.phys.pgmap_of(pfn)
         if pgmap is None:
-            return "system"
+            return MemoryKind.SYSTEM
         return (
-            "device_private"
+            MemoryKind.DEVICE_PRIVATE
             if pgmap.type == MEMORY_DEVICE_PRIVATE
-            else ("device_coherent" if pgmap.type == MEMORY_DEVICE_COHERENT else "p2p")
+            else (
+                MemoryKind.DEVICE_COHERENT
+                if pgmap.type == MEMORY_DEVICE_COHERENT
+                else MemoryKind.P2P
+            )
         )
 
 
