@@ -16,6 +16,7 @@ from typing import Any
 import hmmsim
 import pytest
 from hmmsim import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from hmmsim.machine import ThpMode
 
 from .conftest import costs_of
 
@@ -30,7 +31,7 @@ def _size() -> int:
     return (64 << 20) if SMOKE else GIB
 
 
-def _machine(thp: str = "never") -> hmmsim.Machine:
+def _machine(thp: ThpMode = "never") -> hmmsim.Machine:
     return hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=2 * GIB, thp=thp, store_data=False))
 
 
@@ -42,7 +43,7 @@ class Nop:
 
 @pytest.mark.benchmark(group="populate")
 @pytest.mark.parametrize("thp", ["never", "always"])
-def test_populate_1gib(benchmark: Any, thp: str) -> None:
+def test_populate_1gib(benchmark: Any, thp: ThpMode) -> None:
     size = _size()
     state: dict[str, Any] = {}
 

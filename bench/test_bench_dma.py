@@ -34,6 +34,7 @@ from hmmsim.hmm import (
     hmm_dma_unmap_pfn,
     hmm_range_fault,
 )
+from hmmsim.machine import ThpMode
 
 from .conftest import costs_of
 
@@ -52,7 +53,7 @@ class Nop:
         return True
 
 
-def _populated(thp: str) -> tuple[hmmsim.Machine, hmmsim.Process, int]:
+def _populated(thp: ThpMode) -> tuple[hmmsim.Machine, hmmsim.Process, int]:
     m = hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=2 * GIB, thp=thp, store_data=False))
     p = m.spawn()
     a = p.mmap(_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE)

@@ -24,7 +24,7 @@ import hmmsim
 import pytest
 from hmmsim import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE, sched
 from hmmsim.explore import ScenarioRun, explore
-from hmmsim.scheduler import BoundedDFS, RandomWalk
+from hmmsim.sched import BoundedDFS, RandomWalk
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.races import RACES, race_by_name, race_scenario
 
@@ -64,6 +64,8 @@ def test_bench_race_dfs_space(benchmark: Any, race: str, jobs: int) -> None:
 
 
 class _NoOpMutex:
+    holder: str | None = None
+
     def acquire(self) -> None:
         self.holder = "main"
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hmmsim import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from hmmsim.hmm import HMM_PFN_REQ_FAULT, HMM_PFN_REQ_WRITE, HmmRange, hmm_range_fault
+from hmmsim.machine import ThpMode
 from hmmsim.testing.devmem import Device
 
 from .conftest import costs_of
@@ -37,7 +38,7 @@ class Nop:
         return True
 
 
-def _setup(thp: str, populate: bool) -> tuple[hmmsim.Machine, hmmsim.Process, int, Any]:
+def _setup(thp: ThpMode, populate: bool) -> tuple[hmmsim.Machine, hmmsim.Process, int, Any]:
     m = hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=2 * GIB, thp=thp, store_data=False))
     p = m.spawn()
     size = _size()
@@ -48,7 +49,7 @@ def _setup(thp: str, populate: bool) -> tuple[hmmsim.Machine, hmmsim.Process, in
 
 @pytest.mark.benchmark(group="hmm_range_fault")
 @pytest.mark.parametrize("thp", ["never", "always"])
-def test_snapshot_of_populated_range(benchmark: Any, thp: str) -> None:
+def test_snapshot_of_populated_range(benchmark: Any, thp: ThpMode) -> None:
     m, p, a, sub = _setup(thp, populate=True)
     size = _size()
     pfns = np.zeros(size // PAGE, dtype=np.uint64)

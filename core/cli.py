@@ -13,7 +13,6 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .driver import Capability
@@ -162,15 +161,6 @@ def cmd_drivers(out: TextIO) -> int:
     return EXIT_OK
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
-    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
-    print(line, file=out)
-    print("  ".join("-" * w for w in widths), file=out)
-    for row in rows:
-        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)), file=out)
-
-
 def _resolve_specs(specs_text: list[str]) -> list[DriverSpec]:
     """Parse and validate ``NAME[:key=value,...]`` specs once, before anything runs.
 
@@ -190,7 +180,7 @@ def _resolve_specs(specs_text: list[str]) -> list[DriverSpec]:
 
 def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from .explore import ExploreResult, explore, replay
-    from .scheduler import (
+    from .sched import (
         PCT,
         BoundedDFS,
         RandomWalk,
@@ -199,11 +189,12 @@ def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         encode_schedule,
     )
     from .testing.races import RACES, applicable, race_by_name, race_scenario
+    from .testing.report import print_table
 
     if args.list or not args.scenario:
         if not args.list:
             raise UsageError("name a scenario (hmmsim explore --list shows them)")
-        _table(
+        print_table(
             ["scenario", "needs", "what"], [(r.name, str(r.needs.name), r.doc) for r in RACES], out
         )
         return EXIT_OK
@@ -291,6 +282,7 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
     import time
 
     from .testing.bugzoo import MUTANTS, run_zoo
+    from .testing.report import print_table
 
     known = {m.name for m in MUTANTS}
     unknown = [n for n in names if n not in known]
@@ -309,7 +301,7 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
             flush=True,
         )
     print(file=out)
-    _table(["mutant", "caught", "by", "schedules", "time"], rows, out)
+    print_table(["mutant", "caught", "by", "schedules", "time"], rows, out)
     caught = sum(row[1] == "yes" for row in rows)
     print(f"\nkill rate: {caught}/{len(rows)} in {time.perf_counter() - t0:.1f}s", file=out)
     return EXIT_OK if caught == len(rows) else EXIT_FAILED

@@ -51,7 +51,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import BadAddress, InvalidArgument, IoFailure
-from .memremap import MEMORY_DEVICE_PCI_P2PDMA
+from .mm.memremap import MEMORY_DEVICE_PCI_P2PDMA
 from .mm.pagetable import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -557,7 +557,8 @@ class DmaDevice:
             # Peer-to-peer by bus address: routed by the switches, not the IOMMU.
             peer = self.pci.topology.peer_pfns(self.pci, addr, length)
             if peer is not None:
-                return peer
+                peer_pfns: NDArray[np.int64] = peer
+                return peer_pfns
         if self.domain is not None:
             pfns = np.empty(n, np.int64)
             for i in range(n):

@@ -16,19 +16,18 @@ from __future__ import annotations
 import abc
 import enum
 from collections.abc import Hashable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 
 from .errors import BadAddress, InvalidArgument, NotSupported
+from .mm.kinds import MemoryKind as MemoryKind  # re-exported: the type of DevicePte.memory
 from .mm.uapi import PAGE_SIZE, TASK_SIZE
 
 if TYPE_CHECKING:
     from .machine import Machine
     from .mm.process import Process
     from .mm.vma import Vma
-
-MemoryKind = Literal["system", "device_private", "device_coherent", "p2p"]
 
 
 class FileOperations(Protocol):
@@ -81,7 +80,9 @@ class DevicePte:
     writable: bool
     atomic: bool
     order: int
-    memory: MemoryKind
+    #: What the entry points at: ``SYSTEM``, ``DEVICE_PRIVATE``,
+    #: ``DEVICE_COHERENT`` or ``P2P``; a plain string naming one is converted.
+    memory: MemoryKind = attrs.field(converter=MemoryKind)
 
 
 @attrs.define

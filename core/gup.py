@@ -25,7 +25,7 @@ from .errors import (
     OutOfMemory,
     RemoteIO,
 )
-from .memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
+from .migrate import migrate_device_coherent_folio
 from .mm.fault import (
     FAULT_FLAG_REMOTE,
     FAULT_FLAG_UNSHARE,
@@ -36,6 +36,7 @@ from .mm.fault import (
     VM_FAULT_OOM,
     handle_mm_fault,
 )
+from .mm.memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
 from .mm.pagetable import (
     KIND_PRESENT,
     LEVEL_PTE,
@@ -43,8 +44,8 @@ from .mm.pagetable import (
     PAGE_SIZE,
     PTE_SPECIAL,
     PTE_WRITE,
-    kind_of,
-    pfn_of,
+    pte_kind,
+    pte_pfn,
 )
 from .mm.physmem import PG_anon, PG_anon_exclusive
 from .mm.thp import split_huge_pmd
@@ -203,11 +204,11 @@ def _follow_and_fault(mm: AddressSpace, addr: int, gup_flags: int, mode: int) ->
         vpn = addr >> PAGE_SHIFT
         loc, e, level = mm.pt.lookup(vpn)
         fault_flags = 0
-        if loc >= 0 and kind_of(e) == KIND_PRESENT:
+        if loc >= 0 and pte_kind(e) == KIND_PRESENT:
             if gup_flags & FOLL_SPLIT_PMD and level != LEVEL_PTE and not vma.is_hugetlb:
                 split_huge_pmd(vma, vpn)
                 continue
-            pfn = pfn_of(e) + (vpn & ((1 << (9 * level)) - 1) if level else 0)
+            pfn = pte_pfn(e) + (vpn & ((1 << (9 * level)) - 1) if level else 0)
             if e & PTE_SPECIAL and not phys.is_zero_pfn(pfn):
                 raise BadAddress(f"GUP: {addr:#x} maps a special (pfn-only) page")
             if write and not e & PTE_WRITE:
@@ -246,8 +247,6 @@ def _follow_and_fault(mm: AddressSpace, addr: int, gup_flags: int, mode: int) ->
 
 def _longterm_pinnable(mm: AddressSpace, start: int, pages: list[int], gup_flags: int) -> list[int]:
     """``check_and_migrate_movable_pages``: no device-coherent page may be pinned long."""
-    from .migrate import migrate_device_coherent_folio
-
     machine = mm.machine
     phys = machine.phys
     coherent = [

@@ -84,7 +84,7 @@ from .mm.pagetable import (
     SWP_DEVICE_PRIVATE_WRITE,
     U64,
     Walk,
-    entry_kind,
+    pte_kind_array,
 )
 from .mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
 from .mm.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
@@ -330,7 +330,7 @@ def _walk_window(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) ->
     e = walk.entries
     if _fast_path(rng, walk, req, s):
         return
-    kinds = entry_kind(e)
+    kinds = pte_kind_array(e)
     # CPU state and output of every page, as the PTE/PMD handlers compute them.
     pfn = e & U64(PTE_PFN_MASK)
     huge = walk.huge
@@ -551,7 +551,7 @@ def _walk_hugetlb(mm: AddressSpace, rng: HmmRange, vma: Vma, lo: int, hi: int) -
             pos = chunk_end
             continue
         e = pt.get(loc)
-        present = e != 0 and entry_kind(np.array([e], dtype=U64))[0] == KIND_PRESENT
+        present = e != 0 and pte_kind_array(np.array([e], dtype=U64))[0] == KIND_PRESENT
         cpu = HMM_PFN_VALID | (HMM_PFN_WRITE if e & PTE_WRITE else 0) if present else 0
         cpu |= order << HMM_PFN_ORDER_SHIFT
         first = int(req[0]) if req is not None else 0

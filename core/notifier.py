@@ -314,7 +314,8 @@ def subscriber_name(sub: IntervalNotifier) -> str:
     else the class name and the interval (never an ``object at 0x…`` that
     changes from run to run)."""
     ops = sub.ops
-    if type(ops).__repr__ is not object.__repr__:
+    own_repr: object = type(ops).__repr__
+    if own_repr is not object.__repr__:
         return repr(ops)
     return f"{type(ops).__name__}[{sub.start:#x}, {sub.end:#x})"
 

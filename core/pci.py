@@ -51,7 +51,7 @@ from .dma import (
     PciP2PDmaMapType,
 )
 from .errors import InvalidArgument, NoDevice, OutOfMemory
-from .memremap import (
+from .mm.memremap import (
     MEMORY_DEVICE_PCI_P2PDMA,
     DevPagemap,
     memremap_pages,

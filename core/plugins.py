@@ -192,7 +192,8 @@ def plugin_distribution(pm: pluggy.PluginManager, cls: type[Driver]) -> tuple[st
     for pname, plugin in pm.list_name_plugin():
         modname = getattr(plugin, "__name__", "")
         if pname in dists and modname and ".".join(module[: len(modname.split("."))]) == modname:
-            return dists[pname]
+            found: tuple[str, str] = dists[pname]
+            return found
     return "?", "?"
 
 

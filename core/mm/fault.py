@@ -58,10 +58,10 @@ from .pagetable import (
     PTRS_PER_TABLE,
     U64,
     is_table_pointer,
-    kind_of,
     make_present,
     make_present_array,
-    pfn_of,
+    pte_kind,
+    pte_pfn,
 )
 from .physmem import (
     HUGE_ZERO_PFN,
@@ -168,7 +168,7 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
         return None
     if is_table_pointer(e):
         return None
-    kind = kind_of(e)
+    kind = pte_kind(e)
     if kind == KIND_PROTNONE:
         e = _numa_restore(vma, e)
         pt.set(pmdloc, e)
@@ -182,7 +182,7 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
     if kind == KIND_MIGRATION:
         return wait_on_migration(vma, pmdloc, e)
     if kind == KIND_DEVICE_PRIVATE:
-        return do_device_private_fault(vma, vpn, pmdloc, e, pfn_of(e) + (vpn & 511), write)
+        return do_device_private_fault(vma, vpn, pmdloc, e, pte_pfn(e) + (vpn & 511), write)
     return VM_FAULT_SIGBUS
 
 
@@ -217,7 +217,7 @@ def do_huge_pmd_wp_page(vma: Vma, vpn: int, pmdloc: int, e: int) -> int:
     page). Only if no THP can be had does it split and fall back to PTEs.
     """
     phys = vma.mm.machine.phys
-    head = pfn_of(e)
+    head = pte_pfn(e)
     if phys.is_zero_pfn(head):
         # No THP-policy check here: the huge zero PMD is replaced by a THP
         # even after MADV_NOHUGEPAGE (as observed on 6.18).
@@ -273,7 +273,7 @@ def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
     if loc < 0:  # raced with a new huge mapping: let the caller retry
         return 0
     e = pt.get(loc)
-    kind = kind_of(e)
+    kind = pte_kind(e)
     if kind == KIND_NONE:
         if vma.is_anonymous:
             return do_anonymous_page(vma, vpn, loc, write)
@@ -289,7 +289,7 @@ def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
     if kind == KIND_HWPOISON:
         return VM_FAULT_HWPOISON
     if kind == KIND_DEVICE_PRIVATE:
-        return do_device_private_fault(vma, vpn, loc, e, pfn_of(e), write)
+        return do_device_private_fault(vma, vpn, loc, e, pte_pfn(e), write)
     if kind == KIND_DEVICE_EXCLUSIVE:
         return remove_device_exclusive_entry(vma, vpn, loc, e)
     if kind == KIND_PROTNONE:
@@ -311,7 +311,7 @@ def do_device_private_fault(vma: Vma, vpn: int, loc: int, e: int, pfn: int, writ
     lets the driver move the page back; the lock and reference are dropped
     afterwards (``migrate_vma_finalize`` leaves the fault page alone).
     """
-    from ..memremap import VmFault
+    from .memremap import VmFault
 
     phys = vma.mm.machine.phys
     head = phys.get_page(pfn)
@@ -339,7 +339,7 @@ def remove_device_exclusive_entry(vma: Vma, vpn: int, loc: int, e: int) -> int:
     """
     mm = vma.mm
     phys = mm.machine.phys
-    pfn = pfn_of(e)
+    pfn = pte_pfn(e)
     head = phys.get_page(pfn)
     try:
         phys.folio_lock(head)
@@ -367,10 +367,10 @@ def _unshare(vma: Vma, vpn: int) -> int:
     if level != 0:
         split_huge_pmd(vma, vpn)
     loc, e, level = pt.lookup(vpn)
-    if loc < 0 or kind_of(e) != KIND_PRESENT:
+    if loc < 0 or pte_kind(e) != KIND_PRESENT:
         return 0
     phys = vma.mm.machine.phys
-    pfn = pfn_of(e)
+    pfn = pte_pfn(e)
     if phys.is_zero_pfn(pfn) or not phys.flags[pfn] & PG_anon:
         return 0
     if _can_reuse_anon(vma, pfn, phys.head(pfn), int(phys.flags[pfn])):
@@ -418,7 +418,7 @@ def do_wp_page(vma: Vma, vpn: int, loc: int, e: int) -> int:
     mm = vma.mm
     phys = mm.machine.phys
     pt = mm.pt
-    pfn = pfn_of(e)
+    pfn = pte_pfn(e)
     if phys.is_zero_pfn(pfn):
         return wp_page_copy(vma, vpn, loc, e, None)
     if e & PTE_SPECIAL:
@@ -638,7 +638,7 @@ def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:
     machine = mm.machine
     phys = machine.phys
     swap = machine.swap
-    slot = pfn_of(e)
+    slot = pte_pfn(e)
     pfn = swap.cache.get(slot)
     major = pfn is None
     if pfn is None:
@@ -729,7 +729,7 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
         pt.set(loc, make_present(pfn, write=writable, dirty=write, huge=True))
         machine.costs.pte_writes += 1
         return 0
-    kind = kind_of(e)
+    kind = pte_kind(e)
     if kind == KIND_PRESENT:
         if write and not e & PTE_WRITE:
             return hugetlb_wp(vma, hvpn, loc, e)
@@ -749,7 +749,7 @@ def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
     phys = machine.phys
     order = vma.hugetlb_order
     nr = 1 << order
-    old = pfn_of(e)
+    old = pte_pfn(e)
     flags = int(phys.flags[old])
     if vma.is_shared:
         mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
@@ -781,9 +781,10 @@ def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
 
 def entries_needing_fault(entries: NDArray[np.uint64], write: bool) -> NDArray[np.bool_]:
     """Which entries a CPU access (read, or write) would fault on."""
-    present = (entries & U64(PTE_PRESENT)) != 0
+    present: NDArray[np.bool_] = (entries & U64(PTE_PRESENT)) != 0
     if write:
-        return ~present | ((entries & U64(PTE_WRITE)) == 0)
+        writable: NDArray[np.bool_] = (entries & U64(PTE_WRITE)) != 0
+        return ~present | ~writable
     return ~present
 
 

@@ -79,8 +79,8 @@ from .pagetable import (
     SWP_MIGRATION_READ_EXCLUSIVE,
     U64,
     PageTable,
-    entry_kind,
     make_present_array,
+    pte_kind_array,
     softleaf_entries_readonly,
 )
 from .physmem import HUGE_ZERO_PFN, PG_anon, PG_anon_exclusive, PhysMem
@@ -205,7 +205,7 @@ _CAT_DEVICE_EXCLUSIVE = 5
 
 def _build_cat_lut() -> NDArray[np.uint8]:
     tops = np.arange(1 << 12, dtype=U64)
-    kinds = entry_kind(tops << U64(52))
+    kinds = pte_kind_array(tops << U64(52))
     special = (tops << U64(52)) & U64(PTE_SPECIAL) != 0
     lut = np.full(1 << 12, _CAT_OTHER, dtype=np.uint8)
     lut[((kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)) & ~special] = _CAT_PAGE

@@ -59,8 +59,8 @@ from .pagetable import (
     PTE_SPECIAL,
     PTE_YOUNG,
     U64,
-    kind_of,
-    pfn_of,
+    pte_kind,
+    pte_pfn,
 )
 from .physmem import (
     PG_anon,
@@ -395,11 +395,11 @@ def _pmd_leaves(vma: Vma, lo: int, hi: int, advice: int) -> list[tuple[int, int]
         haddr = first + c * PMD_PAGES
         clo, chi = max(lo, haddr), min(hi, haddr + PMD_PAGES)
         e = int(walk.chunk_entry[c])
-        kind = kind_of(e)
-        if kind not in (KIND_PRESENT, KIND_PROTNONE) or phys.is_zero_pfn(pfn_of(e)):
+        kind = pte_kind(e)
+        if kind not in (KIND_PRESENT, KIND_PROTNONE) or phys.is_zero_pfn(pte_pfn(e)):
             skip.append((clo, chi))
             continue
-        head = phys.head(pfn_of(e))
+        head = phys.head(pte_pfn(e))
         if _mapped_by_another_mm(vma, head):
             skip.append((clo, chi))
             continue

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidArgument
-from .pagetable import PTE_DIRTY, make_hwpoison, pfn_of
+from .pagetable import PTE_DIRTY, make_hwpoison, pte_pfn
 from .physmem import PG_anon, PG_dirty, PG_hugetlb, PG_hwpoison, PG_reserved
 from .reclaim import split_folio
 from .rmap import rmap_walk, try_to_unmap
@@ -52,7 +52,7 @@ def memory_failure(machine: Machine, pfn: int) -> None:
         bool((h.entries & np.uint64(PTE_DIRTY)).any()) for h in hits
     )
     poison_entries = bool(flags & PG_anon) or dirty or bool(flags & PG_hugetlb)
-    try_to_unmap(machine, head, lambda e: make_hwpoison(pfn_of(e)) if poison_entries else 0)
+    try_to_unmap(machine, head, lambda e: make_hwpoison(pte_pfn(e)) if poison_entries else 0)
     if not flags & PG_anon and phys.mapping[head]:
         owner = machine.mappings.get(int(phys.mapping[head]))
         if owner is not None:

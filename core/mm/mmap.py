@@ -46,7 +46,7 @@ from .pagetable import (
     PMD_PAGES,
     PMD_SIZE,
     is_table_pointer,
-    pfn_of,
+    pte_pfn,
 )
 from .rmap import anon_vma_clone, unlink_anon_vmas
 from .thp import split_huge_pmd
@@ -572,7 +572,7 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
             existing = pt.get(dloc)
             if existing and is_table_pointer(existing):
                 pt.set(dloc, 0)
-                pt.free_table(pfn_of(existing))
+                pt.free_table(pte_pfn(existing))
             pt.set(dloc, e)
             pt.set(loc, 0)
         small = np.flatnonzero((walk.level == LEVEL_PTE) & (walk.entries != 0))

@@ -58,7 +58,7 @@ PTE_PFN_SHIFT: Final = 0
 PTE_PFN_MASK: Final = (1 << 52) - 1
 SOFTLEAF_TYPE_SHIFT: Final = 52
 SOFTLEAF_TYPE_MASK: Final = 0xF << SOFTLEAF_TYPE_SHIFT
-#: The top 12 bits: every flag and the softleaf type (what ``entry_kind`` looks at).
+#: The top 12 bits: every flag and the softleaf type (what ``pte_kind_array`` looks at).
 _FLAG_SHIFT: Final = 52
 
 # Softleaf (swap-type) entry types.
@@ -72,7 +72,7 @@ SWP_DEVICE_EXCLUSIVE: Final = 6
 SWP_HWPOISON: Final = 7
 SWP_MARKER: Final = 8
 
-# What an entry is, as decoded by ``entry_kind`` (one uint8 per entry).
+# What an entry is, as decoded by ``pte_kind_array`` (one uint8 per entry).
 KIND_NONE: Final = 0
 KIND_PRESENT: Final = 1
 KIND_PROTNONE: Final = 2
@@ -135,22 +135,24 @@ def _build_kind_lut() -> NDArray[np.uint8]:
 _KIND_LUT: Final = _build_kind_lut()
 
 
-def entry_kind(entries: NDArray[np.uint64]) -> NDArray[np.uint8]:
+def pte_kind_array(entries: NDArray[np.uint64]) -> NDArray[np.uint8]:
     """Vectorised decode of entry kinds (``KIND_*``)."""
     return _KIND_LUT[(entries >> U64(_FLAG_SHIFT)).astype(np.intp)]
 
 
-def kind_of(entry: int) -> int:
-    """Kind of one entry."""
+def pte_kind(entry: int) -> int:
+    """The kind (``KIND_*``) of one entry; ``pte_kind_array`` is its vectorised twin."""
     return int(_KIND_LUT[entry >> _FLAG_SHIFT])
 
 
-def entry_pfn(entries: NDArray[np.uint64]) -> NDArray[np.int64]:
+def pte_pfn_array(entries: NDArray[np.uint64]) -> NDArray[np.int64]:
     """The pfn/offset field of entries, as int64."""
     return (entries & U64(PTE_PFN_MASK)).astype(np.int64)
 
 
-def pfn_of(entry: int) -> int:
+def pte_pfn(entry: int) -> int:
+    """``pte_pfn``: the pfn (or swap offset) field of one entry; ``pte_pfn_array``
+    is its vectorised twin."""
     return entry & PTE_PFN_MASK
 
 
@@ -234,11 +236,12 @@ def softleaf_writable(entries: NDArray[np.uint64]) -> NDArray[np.bool_]:
     """Writable migration or device-private entries (device-exclusive counts too)."""
     typ = (entries & U64(SOFTLEAF_TYPE_MASK)) >> U64(SOFTLEAF_TYPE_SHIFT)
     soft = (entries & U64(PTE_SOFTLEAF | PTE_PRESENT)) == U64(PTE_SOFTLEAF)
-    return soft & (
+    out: NDArray[np.bool_] = soft & (
         (typ == SWP_MIGRATION_WRITE)
         | (typ == SWP_DEVICE_PRIVATE_WRITE)
         | (typ == SWP_DEVICE_EXCLUSIVE)
     )
+    return out
 
 
 def make_swap(slot: int) -> int:
@@ -276,11 +279,11 @@ class EntrySlots:
 
     @property
     def kinds(self) -> NDArray[np.uint8]:
-        return entry_kind(self.entries)
+        return pte_kind_array(self.entries)
 
     @property
     def pfns(self) -> NDArray[np.int64]:
-        return entry_pfn(self.entries)
+        return pte_pfn_array(self.entries)
 
     @property
     def pages(self) -> NDArray[np.int64]:
@@ -378,11 +381,11 @@ class Walk:
 
     @property
     def kinds(self) -> NDArray[np.uint8]:
-        return entry_kind(self.entries)
+        return pte_kind_array(self.entries)
 
     def pfns(self) -> NDArray[np.int64]:
         """pfn (or softleaf offset) per page, with the offset inside huge leaves added."""
-        base = entry_pfn(self.entries)
+        base = pte_pfn_array(self.entries)
         if len(self.chunk_kind) == 1 and int(self.chunk_kind[0]) >= CHUNK_PMD:
             nr = 1 << LEVEL_ORDER[_CHUNK_LEVEL[int(self.chunk_kind[0])]]
             first = self.vpn & (nr - 1)
@@ -491,7 +494,7 @@ class PageTable:
             self.flat[loc] = make_table_pointer(t)
             return t
         if is_table_pointer(e):
-            return pfn_of(e)
+            return pte_pfn(e)
         return -1
 
     def pud_loc(self, vpn: int, alloc: bool = False) -> int:
@@ -551,13 +554,13 @@ class PageTable:
             return pudloc, e, LEVEL_PUD
         if not e:
             return -1, 0, LEVEL_PTE
-        pmdloc = pfn_of(e) * PTRS_PER_TABLE + ((vpn >> 9) & 511)
+        pmdloc = pte_pfn(e) * PTRS_PER_TABLE + ((vpn >> 9) & 511)
         e = int(self.flat[pmdloc])
         if e and not is_table_pointer(e):
             return pmdloc, e, LEVEL_PMD
         if not e:
             return -1, 0, LEVEL_PTE
-        loc = pfn_of(e) * PTRS_PER_TABLE + (vpn & 511)
+        loc = pte_pfn(e) * PTRS_PER_TABLE + (vpn & 511)
         return loc, int(self.flat[loc]), LEVEL_PTE
 
     def get(self, loc: int) -> int:
@@ -594,7 +597,7 @@ class PageTable:
             if pudloc >= 0:
                 pude = int(flat[pudloc])
                 if pude != 0 and is_table_pointer(pude):
-                    locs = pfn_of(pude) * PTRS_PER_TABLE + np.arange(
+                    locs = pte_pfn(pude) * PTRS_PER_TABLE + np.arange(
                         c & 511, (g_last & 511) + 1, dtype=np.int64
                     )
                     pmde = flat[locs]
@@ -654,10 +657,10 @@ class PageTable:
         if pudloc >= 0:
             pude = int(flat[pudloc])
             if pude != 0 and is_table_pointer(pude):
-                loc = pfn_of(pude) * PTRS_PER_TABLE + ((vpn >> PMD_ORDER) & 511)
+                loc = pte_pfn(pude) * PTRS_PER_TABLE + ((vpn >> PMD_ORDER) & 511)
                 pmde = int(flat[loc])
                 if pmde != 0 and is_table_pointer(pmde):
-                    kind, table = CHUNK_TABLE, pfn_of(pmde)
+                    kind, table = CHUNK_TABLE, pte_pfn(pmde)
                 elif pmde != 0:
                     kind, entry = CHUNK_PMD, pmde
             elif pude != 0:
@@ -731,7 +734,7 @@ class PageTable:
                 continue
             e = int(self.flat[pmdloc])
             if e != 0 and is_table_pointer(e):
-                t = pfn_of(e)
+                t = pte_pfn(e)
                 if not self.rows[t].any():
                     self.flat[pmdloc] = 0
                     self.free_table(t)
@@ -765,7 +768,7 @@ class PageTable:
         freed = 0
         for i in (pointers + first).tolist():
             lo = base + (i << shift)
-            child = pfn_of(int(self.rows[table, i]))
+            child = pte_pfn(int(self.rows[table, i]))
             if shift > PMD_ORDER:
                 freed += self._free_below(child, lo, shift - 9, vpn, end, floor, ceiling)
             if floor <= lo and lo + span <= ceiling and not self.rows[child].any():
@@ -787,7 +790,7 @@ class PageTable:
         g_last = min(PTRS_PER_TABLE - 1, (end - 1) >> 27)
         pgd = self.rows[0]
         for g in (np.flatnonzero(pgd[g_first : g_last + 1]) + g_first).tolist():
-            pud_t = pfn_of(int(pgd[g]))
+            pud_t = pte_pfn(int(pgd[g]))
             base = g << 27
             first = max(0, (vpn - base) >> PUD_ORDER)
             last = min(PTRS_PER_TABLE - 1, (end - 1 - base) >> PUD_ORDER)

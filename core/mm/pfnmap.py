@@ -22,9 +22,9 @@ from .pagetable import (
     PAGE_SIZE,
     PTE_SPECIAL,
     U64,
-    kind_of,
     make_present,
     make_present_array,
+    pte_kind,
 )
 from .vma import VM_DONTEXPAND, VM_IO, VM_MIXEDMAP, VM_PFNMAP, VM_SHARED, VM_WRITE
 
@@ -57,7 +57,7 @@ def vm_insert_page(vma: Vma, addr: int, pfn: int) -> None:
         raise InvalidArgument(f"vm_insert_page: pfn {pfn:#x} is not an allocated page")
     vma.flags |= VM_MIXEDMAP
     loc = vma.mm.pt.pte_loc(addr >> PAGE_SHIFT, alloc=True)
-    if kind_of(vma.mm.pt.get(loc)) != KIND_NONE:
+    if pte_kind(vma.mm.pt.get(loc)) != KIND_NONE:
         raise BadAddress(f"vm_insert_page: {addr:#x} is already mapped")
     head = phys.head(pfn)
     phys.refcount[head] += 1
@@ -78,7 +78,7 @@ def vmf_insert_pfn(vma: Vma, addr: int, pfn: int) -> None:
     if not vma.flags & (VM_PFNMAP | VM_MIXEDMAP):
         raise InvalidArgument("vmf_insert_pfn needs a VM_PFNMAP or VM_MIXEDMAP mapping")
     loc = vma.mm.pt.pte_loc(addr >> PAGE_SHIFT, alloc=True)
-    if kind_of(vma.mm.pt.get(loc)) != KIND_NONE:
+    if pte_kind(vma.mm.pt.get(loc)) != KIND_NONE:
         raise BadAddress(f"vmf_insert_pfn: {addr:#x} is already mapped")
     write = bool(vma.flags & VM_WRITE) and bool(vma.flags & VM_SHARED)
     vma.mm.pt.set(loc, make_present(pfn, write=write, special=True))

@@ -282,7 +282,8 @@ class PageArena:
         """A writable view of one page."""
         for start, end, block in zip(self.starts, self.ends, self.blocks, strict=True):
             if start <= pfn < end:
-                return block[pfn - start]
+                page: NDArray[np.uint8] = block[pfn - start]
+                return page
         raise IndexError(f"pfn {pfn:#x} has no storage")
 
 
@@ -418,7 +419,10 @@ class PhysMem:
         return pfn == ZERO_PFN or HUGE_ZERO_PFN <= pfn < HUGE_ZERO_PFN + PMD_PAGES
 
     def zero_mask(self, pfns: NDArray[np.int64]) -> NDArray[np.bool_]:
-        return (pfns == ZERO_PFN) | ((pfns >= HUGE_ZERO_PFN) & (pfns < HUGE_ZERO_PFN + PMD_PAGES))
+        mask: NDArray[np.bool_] = (pfns == ZERO_PFN) | (
+            (pfns >= HUGE_ZERO_PFN) & (pfns < HUGE_ZERO_PFN + PMD_PAGES)
+        )
+        return mask
 
     def valid_pfn(self, pfn: int) -> bool:
         return 0 <= pfn < self.capacity

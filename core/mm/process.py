@@ -33,7 +33,6 @@ from ..errors import (
     OutOfMemory,
     SegmentationFault,
 )
-from ..memremap import KIND_NAMES
 from .address_space import AddressSpace
 from .fault import (
     VM_FAULT_ERROR,
@@ -45,7 +44,9 @@ from .fault import (
     populate_range,
 )
 from .fork import do_fork
+from .kinds import MemoryKind
 from .madvise import WRITE_LOCKED_ADVICE, check_advice, do_madvise
+from .memremap import KIND_NAMES
 from .migration import migrate_folio
 from .mmap import do_mmap, do_mremap, do_munmap
 from .mprotect import do_mprotect
@@ -66,8 +67,8 @@ from .pagetable import (
     PTE_WRITE,
     PTE_YOUNG,
     U64,
-    entry_kind,
-    pfn_of,
+    pte_kind_array,
+    pte_pfn,
 )
 from .physmem import PG_anon, PG_hugetlb, PG_swapbacked, PG_zone_device
 from .rmap import rmap_walk
@@ -99,7 +100,7 @@ class PagemapEntry:
     pfn: int | None
     writable: bool
     order: int
-    kind: str
+    kind: MemoryKind
     dirty: bool = False
     exclusive: bool = False
     swap_offset: int | None = None
@@ -358,29 +359,33 @@ def _raise_fault(ret: int, addr: int, write: bool) -> None:
     raise SegmentationFault(f"{what} {addr:#x}: fault failed ({ret:#x})")
 
 
-def _backing_kind(machine: Machine, pfn: int, entry: int) -> str:
+def _backing_kind(machine: Machine, pfn: int, entry: int) -> MemoryKind:
     phys = machine.phys
     if phys.is_zero_pfn(pfn):
-        return "zero"
+        return MemoryKind.ZERO
     if entry & PTE_SPECIAL or not phys.valid_pfn(pfn):
-        return "pfnmap"
+        return MemoryKind.PFNMAP
     flags = int(phys.flags[pfn])
     if flags & PG_zone_device:
         pgmap = phys.pgmap_of(pfn)
-        return KIND_NAMES.get(pgmap.type, "device") if pgmap is not None else "device"
+        return (
+            KIND_NAMES.get(pgmap.type, MemoryKind.DEVICE)
+            if pgmap is not None
+            else MemoryKind.DEVICE
+        )
     if flags & PG_hugetlb:
-        return "hugetlb"
+        return MemoryKind.HUGETLB
     if flags & PG_anon:
-        return "anon"
-    return "shmem" if flags & PG_swapbacked else "file"
+        return MemoryKind.ANON
+    return MemoryKind.SHMEM if flags & PG_swapbacked else MemoryKind.FILE
 
 
 _SOFT_NAMES = {
-    KIND_SWAP: "swap",
-    KIND_MIGRATION: "migration",
-    KIND_HWPOISON: "hwpoison",
-    KIND_DEVICE_PRIVATE: "device_private",
-    KIND_DEVICE_EXCLUSIVE: "device_exclusive",
+    KIND_SWAP: MemoryKind.SWAP,
+    KIND_MIGRATION: MemoryKind.MIGRATION,
+    KIND_HWPOISON: MemoryKind.HWPOISON,
+    KIND_DEVICE_PRIVATE: MemoryKind.DEVICE_PRIVATE,
+    KIND_DEVICE_EXCLUSIVE: MemoryKind.DEVICE_EXCLUSIVE,
 }
 
 
@@ -408,13 +413,13 @@ def decode_pagemap(
         pfn = int(pfns[i])
         order = int(orders[i])
         if kind == KIND_NONE:
-            out.append(PagemapEntry(a, False, False, None, False, 0, "none"))
+            out.append(PagemapEntry(a, False, False, None, False, 0, MemoryKind.NONE))
         elif kind in (KIND_PRESENT, KIND_PROTNONE):
             backing = _backing_kind(machine, pfn, e)
             exclusive = False
-            if backing not in ("zero", "pfnmap"):
+            if backing not in (MemoryKind.ZERO, MemoryKind.PFNMAP):
                 # A PMD leaf reports the mapcount of its first page for all 512.
-                exclusive = mapcounts.precise(pfn_of(e) if order else pfn) == 1
+                exclusive = mapcounts.precise(pte_pfn(e) if order else pfn) == 1
             out.append(
                 PagemapEntry(
                     a,
@@ -429,9 +434,11 @@ def decode_pagemap(
                 )
             )
         elif kind == KIND_MARKER:
-            out.append(PagemapEntry(a, False, False, None, False, order, "marker"))
+            out.append(PagemapEntry(a, False, False, None, False, order, MemoryKind.MARKER))
         elif kind == KIND_SWAP:
-            out.append(PagemapEntry(a, False, True, None, False, 0, "swap", swap_offset=pfn))
+            out.append(
+                PagemapEntry(a, False, True, None, False, 0, MemoryKind.SWAP, swap_offset=pfn)
+            )
         else:
             out.append(PagemapEntry(a, False, True, pfn, False, order, _SOFT_NAMES[kind]))
     return out
@@ -474,7 +481,7 @@ def _page_mapcounts(machine: Machine, head: int) -> tuple[int, NDArray[np.int64]
     per_page = np.zeros(nr, dtype=np.int64)
     entire = 0
     for hit in rmap_walk(machine, head):
-        live = np.isin(entry_kind(hit.entries), _MAPPING_KINDS)
+        live = np.isin(pte_kind_array(hit.entries), _MAPPING_KINDS)
         pte = live & (hit.levels == 0)
         np.add.at(per_page, hit.pfns[pte] - head, 1)
         entire += len(np.unique(hit.locs[live & (hit.levels > 0)]))

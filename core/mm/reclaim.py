@@ -33,9 +33,9 @@ from .pagetable import (
     PTE_PRESENT,
     PTE_PROTNONE,
     U64,
-    entry_kind,
     make_present,
     make_swap,
+    pte_kind_array,
 )
 from .physmem import (
     ZERO_PFN,
@@ -131,7 +131,7 @@ def _remap_zero_filled(machine: Machine, pages: NDArray[np.int64], hits: list[Rm
         inside = (rel >= 0) & (rel < len(zero))
         sel = inside & (hit.levels == 0)
         sel[sel] = zero[rel[sel]]
-        kinds = entry_kind(hit.entries)
+        kinds = pte_kind_array(hit.entries)
         sel &= (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
         if not sel.any():
             continue
@@ -142,7 +142,7 @@ def _remap_zero_filled(machine: Machine, pages: NDArray[np.int64], hits: list[Rm
             locs = hit.locs[sel]
             old = mm.pt.flat[locs]
             new = np.full(len(locs), make_present(ZERO_PFN, special=True), dtype=U64)
-            protnone = entry_kind(old) == KIND_PROTNONE
+            protnone = pte_kind_array(old) == KIND_PROTNONE
             new[protnone] = (new[protnone] & ~U64(PTE_PRESENT)) | U64(PTE_PROTNONE)
             mm.pt.flat[locs] = new
             machine.costs.pte_writes += len(locs)

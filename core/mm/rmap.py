@@ -24,7 +24,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
-from ..memremap import MEMORY_DEVICE_PRIVATE
+from .memremap import MEMORY_DEVICE_PRIVATE
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
     KIND_DEVICE_PRIVATE,
@@ -41,10 +41,10 @@ from .pagetable import (
     SWP_MIGRATION_READ,
     SWP_MIGRATION_READ_EXCLUSIVE,
     SWP_MIGRATION_WRITE,
-    kind_of,
     make_present,
     make_softleaf,
-    pfn_of,
+    pte_kind,
+    pte_pfn,
     softleaf_type,
 )
 from .physmem import PG_anon, PG_anon_exclusive, PG_swapbacked, PhysMem
@@ -267,7 +267,7 @@ def rmap_walk(machine: Machine, head: int) -> Iterator[RmapHit]:
             # An order-0 folio (the common case): one entry to look at.
             loc, e, level = vma.mm.pt.lookup(lo)
             if level == LEVEL_PTE:
-                if loc >= 0 and kind_of(e) in _MAPPING_KINDS and pfn_of(e) == head:
+                if loc >= 0 and pte_kind(e) in _MAPPING_KINDS and pte_pfn(e) == head:
                     yield RmapHit(
                         vma,
                         np.array([lo], dtype=np.int64),
@@ -339,7 +339,7 @@ def try_to_unmap(machine: Machine, head: int, make_entry: Callable[[int], int]) 
         with invalidation(mm, MMU_NOTIFY_CLEAR, start, end):
             for loc in np.unique(hit.locs).tolist():
                 old = mm.pt.get(loc)
-                if kind_of(old) not in _LIVE_KINDS:
+                if pte_kind(old) not in _LIVE_KINDS:
                     continue  # already a migration or poison entry: not a mapping
                 mm.pt.set(loc, make_entry(old))
                 phys.mapcount[head] -= 1
@@ -353,8 +353,8 @@ def migration_entry_for(phys: PhysMem, e: int) -> int:
     Writable mappings become writable migration entries; read-only ones of an
     exclusive anonymous page become read-exclusive ones. YOUNG/DIRTY survive.
     """
-    pfn = pfn_of(e)
-    if kind_of(e) == KIND_DEVICE_PRIVATE:
+    pfn = pte_pfn(e)
+    if pte_kind(e) == KIND_DEVICE_PRIVATE:
         write = softleaf_type(e) == SWP_DEVICE_PRIVATE_WRITE
     else:
         write = bool(e & PTE_WRITE)
@@ -386,9 +386,9 @@ def remove_migration_ptes(machine: Machine, src_head: int, target: int) -> None:
         for i in first:
             loc = int(hit.locs[i])
             e = pt.get(loc)
-            if kind_of(e) != KIND_MIGRATION:
+            if pte_kind(e) != KIND_MIGRATION:
                 continue
-            new_pfn = target + (pfn_of(e) - src_head)
+            new_pfn = target + (pte_pfn(e) - src_head)
             write = softleaf_type(e) == SWP_MIGRATION_WRITE
             if device_private:
                 typ = SWP_DEVICE_PRIVATE_WRITE if write else SWP_DEVICE_PRIVATE_READ

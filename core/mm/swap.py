@@ -91,7 +91,8 @@ class SwapDevice:
         """Contents of a slot; None means all zero."""
         if self.zero[slot] or self.data is None:
             return None
-        return self.data[slot]
+        page: NDArray[np.uint8] = self.data[slot]
+        return page
 
 
 # ----- the swap cache -----------------------------------------------------------

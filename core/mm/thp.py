@@ -32,10 +32,10 @@ from .pagetable import (
     PTE_YOUNG,
     U64,
     is_table_pointer,
-    kind_of,
     make_present,
     make_table_pointer,
-    pfn_of,
+    pte_kind,
+    pte_pfn,
 )
 from .physmem import ZERO_PFN, PG_anon, PhysMem
 from .rmap import folio_add_new_anon_rmap
@@ -77,8 +77,8 @@ def split_leaf_entries(phys: PhysMem, e: int) -> NDArray[np.uint64]:
     A PMD mapping counts once in the folio's mapcount and holds one
     reference; 512 PTE mappings count 512 times.
     """
-    kind = kind_of(e)
-    base = pfn_of(e)
+    kind = pte_kind(e)
+    base = pte_pfn(e)
     if kind in (KIND_PRESENT, KIND_PROTNONE) and phys.is_zero_pfn(base):
         zero = make_present(ZERO_PFN, special=True, young=bool(e & PTE_YOUNG))
         if kind == KIND_PROTNONE:
@@ -182,7 +182,7 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
         if e == 0:
             raise InvalidArgument(f"MADV_COLLAPSE: no page table at {haddr << PAGE_SHIFT:#x}")
         if not is_table_pointer(e):
-            if kind_of(e) in (KIND_PRESENT, KIND_PROTNONE):
+            if pte_kind(e) in (KIND_PRESENT, KIND_PROTNONE):
                 continue  # already PMD-mapped (a THP or the huge zero page)
             again += 1  # a PMD migration entry: SCAN_PMD_MAPPED is not reached
             continue
@@ -224,7 +224,7 @@ def madvise_collapse(vma: Vma, start_vpn: int, end_vpn: int) -> None:
             old = pt.get(pmdloc)
             if old and is_table_pointer(old):
                 pt.set(pmdloc, 0)
-                pt.free_table(pfn_of(old))
+                pt.free_table(pte_pfn(old))
             new = make_present(head, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True)
             if not vma.flags & VM_ACCESS_FLAGS:
                 new = (new & ~PTE_PRESENT) | PTE_PROTNONE

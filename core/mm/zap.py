@@ -29,7 +29,7 @@ from .pagetable import (
     PTE_DIRTY,
     PTE_SPECIAL,
     U64,
-    entry_pfn,
+    pte_pfn_array,
 )
 from .physmem import PG_anon, PG_dirty
 from .swap import swap_entries_dropped
@@ -106,5 +106,5 @@ def _drop_entries(
         phys.unmap_folios(heads)
     swapped = kinds == KIND_SWAP
     if swapped.any():
-        swap_entries_dropped(machine.swap, phys, entry_pfn(entries[swapped]))
+        swap_entries_dropped(machine.swap, phys, pte_pfn_array(entries[swapped]))
     return len(kinds)

@@ -379,7 +379,9 @@ def build(mutant: Mutant | PackageMutant) -> type[Driver]:
     module.__file__ = f"<bugzoo {mutant.name}>"
     sys.modules[modname] = module
     exec(compile(source, module.__file__, "exec"), module.__dict__)
-    cls = module.__dict__["Dmirror" if mutant.base == "dmirror" else class_name(mutant.name)]
+    cls: type[Driver] = module.__dict__[
+        "Dmirror" if mutant.base == "dmirror" else class_name(mutant.name)
+    ]
     cls.__doc__ = mutant.doc
     return cls
 

@@ -15,15 +15,6 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..errors import OutOfMemory
-from ..memremap import (
-    MEMORY_DEVICE_COHERENT,
-    MEMORY_DEVICE_PRIVATE,
-    DevPagemap,
-    VmFault,
-    memremap_pages,
-    zone_device_page_init,
-    zone_device_pages_init,
-)
 from ..migrate import (
     MIGRATE_PFN_COMPOUND,
     MIGRATE_PFN_MIGRATE,
@@ -44,6 +35,15 @@ from ..migrate import (
     migrate_vma_setup,
 )
 from ..mm.fault import VM_FAULT_OOM, VM_FAULT_SIGBUS
+from ..mm.memremap import (
+    MEMORY_DEVICE_COHERENT,
+    MEMORY_DEVICE_PRIVATE,
+    DevPagemap,
+    VmFault,
+    memremap_pages,
+    zone_device_page_init,
+    zone_device_pages_init,
+)
 from ..mm.oom import alloc_pages_nofail
 from ..mm.pagetable import PAGE_SIZE, PMD_ORDER, PMD_PAGES
 from ..mm.physmem import FrameAllocator, PG_locked

@@ -26,7 +26,7 @@ from .. import MADV_DONTNEED, MADV_PAGEOUT, PROT_READ
 from ..driver import Capability, Mirror
 from ..errors import BadAddress, HmmsimError, NoEntry
 from ..explore import ExploreResult, Scenario, ScenarioRun, explore
-from ..scheduler import PCT, BoundedDFS
+from ..sched import PCT, BoundedDFS
 from .env import (
     HUGE,
     PAGE,

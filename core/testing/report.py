@@ -138,10 +138,18 @@ def run_suite(
     return run
 
 
+def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    """Print ``rows`` under ``header`` in left-aligned columns two spaces apart."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))
+    print(line, file=out)
+    print("  ".join("-" * w for w in widths), file=out)
+    for row in rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)), file=out)
+
+
 def summary(run: SuiteRun, out: TextIO) -> None:
     """The per-driver, per-area table and the totals line."""
-    from ..cli import _table
-
     areas = list(dict.fromkeys(r.area for r in run.results))
     rows = []
     for spec in run.specs:
@@ -152,7 +160,7 @@ def summary(run: SuiteRun, out: TextIO) -> None:
             row.append(cell + (f" +{c['xfailed']}x" if c["xfailed"] else ""))
         rows.append(row)
     print("\nresults (passed/failed/skipped, +N declared expected failures):", file=out)
-    _table(["driver", *areas], rows, out)
+    print_table(["driver", *areas], rows, out)
     failures = [r for r in run.results if r.outcome == "failed"]
     if failures:
         print("\nfailed:", file=out)

@@ -45,6 +45,7 @@ from hmmsim.errors import (
     NotPermitted,
     OutOfMemory,
 )
+from hmmsim.exclusive import make_device_exclusive
 from hmmsim.hmm import (
     HMM_PFN_ERROR,
     HMM_PFN_REQ_FAULT,
@@ -77,7 +78,6 @@ from hmmsim.migrate import (
     MIGRATE_VMA_SELECT_DEVICE_PRIVATE,
     MIGRATE_VMA_SELECT_SYSTEM,
     MigrateVma,
-    make_device_exclusive,
     migrate_device_finalize,
     migrate_device_pages,
     migrate_device_range,
@@ -372,11 +372,15 @@ class DmirrorDevice(Device):
     def kind_of_page(self, pfn: int) -> MemoryKind:
         pgmap = self.machine.phys.pgmap_of(pfn)
         if pgmap is None:
-            return "system"
+            return MemoryKind.SYSTEM
         return (
-            "device_private"
+            MemoryKind.DEVICE_PRIVATE
             if pgmap.type == MEMORY_DEVICE_PRIVATE
-            else ("device_coherent" if pgmap.type == MEMORY_DEVICE_COHERENT else "p2p")
+            else (
+                MemoryKind.DEVICE_COHERENT
+                if pgmap.type == MEMORY_DEVICE_COHERENT
+                else MemoryKind.P2P
+            )
         )
 
 

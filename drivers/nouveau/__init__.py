@@ -9,7 +9,7 @@ conformance suite drives, built on those paths.
 
 from __future__ import annotations
 
-from hmmsim.hookspecs import hookimpl
+from hmmsim import hookimpl
 
 from .device import NouveauChannel, NouveauCli, NouveauDrm
 from .driver import Nouveau

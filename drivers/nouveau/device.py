@@ -31,8 +31,7 @@ from .uapi import ACCESS_KINDS, FAULT_ACCESS_PREFETCH, FaultEntry
 from .vmm import NEED_ATOMIC, NEED_READ, NEED_WRITE, PAGE_SIZE
 
 if TYPE_CHECKING:
-    from hmmsim import Process
-    from hmmsim.machine import Machine
+    from hmmsim import Machine, Process
 
     from .mirror import NouveauMirror
 

@@ -66,7 +66,7 @@ from hmmsim.migrate import (
     migrate_vma_pages,
     migrate_vma_setup,
 )
-from hmmsim.mm.fault import VM_FAULT_SIGBUS
+from hmmsim.mm import VM_FAULT_SIGBUS
 
 from .uapi import (
     NVIF_VMM_PFNMAP_V0_ADDR_SHIFT,
@@ -77,7 +77,7 @@ from .uapi import (
 )
 
 if TYPE_CHECKING:
-    from hmmsim.mm.vma import Vma
+    from hmmsim.mm import Vma
 
     from .device import NouveauDrm
     from .svm import NouveauSvmm

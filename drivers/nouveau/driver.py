@@ -27,7 +27,7 @@ from hmmsim.pci import PciDev
 from .device import ERAS, FAMILIES, NouveauDrm
 
 if TYPE_CHECKING:
-    from hmmsim.machine import Machine
+    from hmmsim import Machine
 
 _SVM_CAPS = (
     Capability.MIRROR

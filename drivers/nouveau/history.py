@@ -66,7 +66,6 @@ from hmmsim.notifier import (
     mmu_interval_read_retry,
 )
 
-from .svm import _TransientOps
 from .uapi import (
     FAULT_ACCESS_PREFETCH,
     FAULT_ACCESS_READ,
@@ -186,7 +185,7 @@ def _window_fault(
     """Insert the window's notifier, fault it, PFNMAP it; (words, error)."""
     size = len(requests) * PAGE_SIZE
     try:
-        notifier = mmu_interval_notifier_insert(svmm.mm, start, size, _TransientOps(svmm))
+        notifier = mmu_interval_notifier_insert(svmm.mm, start, size, svmm.transient_ops())
     except HmmsimError as exc:
         return [], exc
     try:

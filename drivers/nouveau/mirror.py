@@ -95,17 +95,17 @@ class NouveauMirror(Mirror):
 
     def _kind(self, pfn: int, vram: bool) -> MemoryKind:
         if vram:
-            return "device_private"
+            return MemoryKind.DEVICE_PRIVATE
         pgmap = self.drm.machine.phys.pgmap_of(pfn)
         if pgmap is None:
-            return "system"
+            return MemoryKind.SYSTEM
         if pgmap.type == MEMORY_DEVICE_COHERENT:
-            return "device_coherent"
+            return MemoryKind.DEVICE_COHERENT
         if pgmap.type == MEMORY_DEVICE_PCI_P2PDMA:
-            return "p2p"
+            return MemoryKind.P2P
         if pgmap.type == MEMORY_DEVICE_PRIVATE:
-            return "device_private"
-        return "system"
+            return MemoryKind.DEVICE_PRIVATE
+        return MemoryKind.SYSTEM
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
         svmm = self.cli.svm
@@ -162,7 +162,7 @@ class NouveauMirror(Mirror):
 
     def _own_vram(self, addr: int, npages: int) -> list[bool]:
         return [
-            e.kind == "device_private" and self.drm.is_own_vram(e.pfn)
+            e.kind == "device_private" and e.pfn is not None and self.drm.is_own_vram(e.pfn)
             for e in self.process.pagemap(addr, npages)
         ]
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 from hmmsim import sched
 from hmmsim.errors import BadAddress, Busy, HmmsimError, InvalidArgument, NotSupported
+from hmmsim.exclusive import make_device_exclusive
 from hmmsim.hmm import (
     HMM_PFN_REQ_FAULT,
     HMM_PFN_REQ_WRITE,
@@ -64,7 +65,6 @@ from hmmsim.hmm import (
     hmm_pfn_to_page,
     hmm_range_fault,
 )
-from hmmsim.migrate import make_device_exclusive
 from hmmsim.notifier import (
     MMU_NOTIFY_EXCLUSIVE,
     MMU_NOTIFY_MIGRATE,
@@ -216,6 +216,10 @@ class NouveauSvmm:
         self.vmm: GpuVmm | None = GpuVmm(self.drm, cli.stats)
         self.notifier = SvmmNotifier(self)
         self.stats = SvmmStats()
+
+    def transient_ops(self) -> _TransientOps:
+        """The ops of a per-fault interval notifier on this svmm (``nouveau_svm_mni_ops``)."""
+        return _TransientOps(self)
 
     def invalidate(self, start: int, limit: int) -> None:
         """``nouveau_svmm_invalidate``: PFNCLR [start, limit) (nothing if empty)."""

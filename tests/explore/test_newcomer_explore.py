@@ -9,7 +9,7 @@ import pytest
 from hmmsim.cli import main
 from hmmsim.explore import explore
 from hmmsim.plugins import BUGZOO_GROUP
-from hmmsim.scheduler import BoundedDFS
+from hmmsim.sched import BoundedDFS
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.races import explore_race, race_by_name, race_scenario
 

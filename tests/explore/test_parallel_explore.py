@@ -13,7 +13,7 @@ import pytest
 from hmmsim import sched
 from hmmsim.explore import ScenarioRun, explore
 from hmmsim.plugins import BUGZOO_GROUP
-from hmmsim.scheduler import PCT, BoundedDFS, RandomWalk, Scheduler
+from hmmsim.sched import PCT, BoundedDFS, RandomWalk, Scheduler
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.races import explore_race, race_by_name
 
@@ -145,7 +145,7 @@ class _Unpicklable(Exception):
 
 
 def test_an_error_the_parent_cannot_rebuild_arrives_as_text():
-    from hmmsim.parallel import WorkerFailed
+    from hmmsim.explore import WorkerFailed
 
     def scenario() -> ScenarioRun:
         raise _Unpicklable(1, 2)
@@ -157,7 +157,7 @@ def test_an_error_the_parent_cannot_rebuild_arrives_as_text():
 def test_a_worker_that_dies_is_reported_with_its_exit_code():
     import os
 
-    from hmmsim.parallel import WorkerFailed
+    from hmmsim.explore import WorkerFailed
 
     def scenario() -> ScenarioRun:
         return ScenarioRun([("a", lambda: os._exit(3)), ("b", lambda: None)])

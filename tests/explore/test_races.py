@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from hmmsim.explore import explore, replay
 from hmmsim.plugins import BUGZOO_GROUP
-from hmmsim.scheduler import BoundedDFS
+from hmmsim.sched import BoundedDFS
 from hmmsim.testing.checks import CHECKS, DriverSpec
 from hmmsim.testing.races import RACES, explore_race, race_by_name, race_scenario
 

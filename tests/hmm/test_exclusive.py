@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmmsim
 import pytest
 from helpers import ANON, MB2, PAGE, RW, EventLog
-from hmmsim.migrate import make_device_exclusive
+from hmmsim.exclusive import make_device_exclusive
 from hmmsim.mm.debug import verify_machine
 
 

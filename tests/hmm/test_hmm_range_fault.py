@@ -337,7 +337,7 @@ def test_row_device_private_foreign(p, m, req):
 
 @pytest.mark.parametrize("req", [NOREQ, FAULT, WRITE])
 def test_row_device_exclusive(p, m, req):
-    from hmmsim.migrate import make_device_exclusive
+    from hmmsim.exclusive import make_device_exclusive
 
     a = p.mmap(PAGE, RW, ANON)
     p.write(a, b"x")

@@ -26,7 +26,7 @@ def migrate_path(request, monkeypatch):
     """Every test runs on both implementations of the migrate phases, which must agree
     (by default ranges of up to ``SCALAR_MAX_PAGES`` take the per-entry one)."""
     threshold = 0 if request.param == "vectorised" else 1 << 30
-    monkeypatch.setattr(hmmsim.migrate, "SCALAR_MAX_PAGES", threshold)
+    monkeypatch.setattr(hmmsim.migrate.args, "SCALAR_MAX_PAGES", threshold)
     return request.param
 
 

@@ -134,8 +134,8 @@ def test_entry_kinds_decode():
         ],
         dtype=np.uint64,
     )
-    assert ptm.entry_kind(entries).tolist() == list(range(9))
-    assert ptm.entry_pfn(entries)[1:8].tolist() == [5, 6, 7, 8, 9, 10, 11]
+    assert ptm.pte_kind_array(entries).tolist() == list(range(9))
+    assert ptm.pte_pfn_array(entries)[1:8].tolist() == [5, 6, 7, 8, 9, 10, 11]
 
 
 def test_walk_reports_levels_locations_and_huge_offsets():

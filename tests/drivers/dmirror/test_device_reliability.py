@@ -11,8 +11,8 @@ from helpers import ANON, PAGE, RW
 from hmmsim.driver import Capability
 from hmmsim.drivers.dmirror import HMM_DMIRROR_RELEASE, HMM_DMIRROR_WRITE, DmirrorCmd
 from hmmsim.explore import explore
-from hmmsim.mm.pagetable import KIND_DEVICE_PRIVATE, KIND_MIGRATION, entry_kind
-from hmmsim.scheduler import BoundedDFS
+from hmmsim.mm.pagetable import KIND_DEVICE_PRIVATE, KIND_MIGRATION, pte_kind_array
+from hmmsim.sched import BoundedDFS
 from hmmsim.testing.checks import DriverSpec
 from hmmsim.testing.env import pattern
 from hmmsim.testing.invariants import check_no_leaks
@@ -23,7 +23,7 @@ PATTERN = bytes(range(256)) * (64 * PAGE // 256)
 
 def _migration_entries(p: hmmsim.Process, addr: int, npages: int) -> int:
     walk = p.mm.pt.walk(addr // PAGE, npages)
-    return int((entry_kind(walk.entries) == KIND_MIGRATION).sum())
+    return int((pte_kind_array(walk.entries) == KIND_MIGRATION).sum())
 
 
 def _fill_ram(m: hmmsim.Machine) -> tuple[hmmsim.Process, int]:
@@ -416,7 +416,7 @@ def test_eviction_with_nothing_left_to_kill_leaves_the_pages_on_the_device(make_
         fd.close()  # where the kernel panics
     assert fd.closed and fd not in dev.files and fd.device_ptes(a, 1) == [None]
     walk = mm.pt.walk(a // PAGE, 64)
-    assert (entry_kind(walk.entries) == KIND_DEVICE_PRIVATE).all()  # whole, still mapped
+    assert (pte_kind_array(walk.entries) == KIND_DEVICE_PRIVATE).all()  # whole, still mapped
     mm.mmput()  # the last user: the address space and its device pages go
     dev.remove()
     assert dev.chunks == [] and dev.calloc == dev.cfree

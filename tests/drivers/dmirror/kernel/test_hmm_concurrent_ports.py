@@ -12,7 +12,7 @@ from __future__ import annotations
 from hmmsim.drivers.dmirror import HMM_DMIRROR_EXCLUSIVE
 from hmmsim.explore import ScenarioRun, explore
 from hmmsim.mm.debug import verify_machine
-from hmmsim.scheduler import PCT
+from hmmsim.sched import PCT
 from hmmtest import HmmBuffer, N, P, dmirror_cmd, iota, new_buffer
 
 

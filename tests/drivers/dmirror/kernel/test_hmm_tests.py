@@ -41,7 +41,7 @@ from hmmsim.gup import (
     put_page,
     unpin_user_page,
 )
-from hmmsim.scheduler import PCT, BoundedDFS
+from hmmsim.sched import PCT, BoundedDFS
 from hmmsim.testing.invariants import check_mirror
 from hmmtest import ANON, NTIMES, RW, H, HmmBuffer, N, P, dmirror_cmd, iota, new_buffer
 

@@ -1,24 +1,21 @@
-"""Exploring the interleavings of a scenario, and replaying one exactly.
+"""Running a scenario under one schedule, and replaying one exactly.
 
 A *scenario* is a callable that builds fresh state and returns a
 ``ScenarioRun``: the actors (``(name, callable)`` pairs) and optionally a check
-to run after every step and one to run at the end. ``explore`` runs it under
-many schedules (a ``BoundedDFS`` until exhausted, or ``RandomWalk``/``PCT``
-for ``max_schedules`` runs) and returns the failing schedule ids with a
-readable trace; ``replay`` reruns one id.
+to run after every step and one to run at the end. ``run_one`` runs it once
+under a strategy; ``replay`` reruns one schedule id. Exploring many schedules
+is :mod:`hmmsim.explore.search`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 
-from .scheduler import (
+from ..sched import (
     DEFAULT_STEP_BUDGET,
-    BoundedDFS,
     Replay,
     RunResult,
     Scheduler,
@@ -92,60 +89,6 @@ def run_one(
         except AssertionError as exc:
             result.violation = exc
     return result
-
-
-def explore(
-    scenario: Scenario,
-    strategy: Strategy,
-    max_schedules: int,
-    check: Callable[[], None] | None = None,
-    *,
-    stop_at_first: bool = False,
-    step_budget: int = DEFAULT_STEP_BUDGET,
-    jobs: int = 1,
-    progress: Callable[[ExploreResult], None] | None = None,
-) -> ExploreResult:
-    """Run ``scenario`` under up to ``max_schedules`` schedules of ``strategy``.
-
-    ``jobs`` > 1 runs the schedules in that many forked worker processes
-    (``hmmsim.parallel``); an exhaustive DFS, or any budget of a seeded
-    strategy, then returns what one process returns, only sooner.
-    ``progress`` is called with the result so far after every run of a
-    single-process exploration (it decides itself how often to say so).
-    """
-    if jobs < 1:
-        raise ValueError(f"jobs must be at least 1, not {jobs}")
-    if jobs > 1 and max_schedules > 1:
-        from .parallel import explore_parallel
-
-        return explore_parallel(
-            scenario,
-            strategy,
-            max_schedules,
-            check,
-            stop_at_first=stop_at_first,
-            step_budget=step_budget,
-            jobs=jobs,
-        )
-    out = ExploreResult()
-    t0 = time.perf_counter()
-    for run in range(max_schedules):
-        result = run_one(scenario, strategy, run, check, step_budget)
-        out.schedules += 1
-        out.steps += result.steps
-        if result.failed:
-            out.failures.append(
-                Failure(result.schedule, run, result.describe(), result.format_trace())
-            )
-            if stop_at_first:
-                break
-        if progress is not None:
-            progress(out)
-        if isinstance(strategy, BoundedDFS) and not strategy.advance():
-            out.exhausted = True
-            break
-    out.seconds = time.perf_counter() - t0
-    return out
 
 
 def replay(

@@ -40,8 +40,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from .explore import ExploreResult, Failure, Scenario, run_one
-from .scheduler import BoundedDFS, RunResult, Strategy, prefix_key
+from ..sched import BoundedDFS, RunResult, Strategy, prefix_key
+from .run import ExploreResult, Failure, Scenario, run_one
 
 #: Runs per block handed to a worker by seeded strategies (small enough to
 #: balance the last blocks, large enough that messages cost nothing).

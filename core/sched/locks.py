@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
-from .errors import Deadlock, KernelBug
+from ..errors import Deadlock, KernelBug
 
 
 class SchedulerHooks(Protocol):
@@ -271,29 +271,4 @@ __all__ = [
     "note",
     "point",
     "set_active",
-]
-
-
-# The scheduler lives in its own module (it needs greenlet); it is part of this
-# namespace so that ``hmmsim.sched.Scheduler`` is where users look for it.
-from .scheduler import (  # noqa: E402
-    PCT,
-    BoundedDFS,
-    RandomWalk,
-    Replay,
-    RunResult,
-    Scheduler,
-    decode_schedule,
-    encode_schedule,
-)
-
-__all__ += [
-    "PCT",
-    "BoundedDFS",
-    "RandomWalk",
-    "Replay",
-    "RunResult",
-    "Scheduler",
-    "decode_schedule",
-    "encode_schedule",
 ]
