@@ -54,7 +54,17 @@ class FileOperations(Protocol):
     demand. An exception from ``mmap`` undoes the mapping.
     """
 
-    def mmap(self, vma: Vma) -> None: ...
+    def mmap(self, vma: Vma) -> None:
+        """``file->f_op->mmap``: called once the VMA exists, ``mmap_lock`` held for write.
+
+        Args:
+            vma: the new mapping (``vma.start``, ``vma.end``, ``vma.flags``).
+
+        Raises:
+            HmmsimError: any errno error refuses the mapping; ``mmap`` undoes
+                it and the caller of ``Process.mmap`` sees the error.
+        """
+        ...
 
 
 class Capability(enum.Flag):

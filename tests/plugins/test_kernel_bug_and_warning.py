@@ -88,6 +88,18 @@ def test_invariant_6_fails_on_any_kernel_warning_with_the_first_one(machine):
         check_notifier_contract(machine)
 
 
+def test_nouveau_dropping_an_entry_without_its_valid_bit_is_a_kernel_warning(machine):
+    from hmmsim.drivers.nouveau.svm import FAULT_ACCESS_READ, FaultEntry
+
+    drm = machine.probe("nouveau")
+    chan = drm.open(machine.spawn()).channel
+    drm.svm.buffer.push(FaultEntry(chan.inst, 0x1000, 0, 0, 0, 0, FAULT_ACCESS_READ, 0, 0), False)
+    drm.svm.fault()
+    [w] = machine.kernel_warnings
+    assert (w.source, w.where, w.what) == ("nouveau", "nouveau_svm_fault_cache", "entry 0")
+    assert drm.svm.warnings == []  # its own log holds only the driver's messages
+
+
 def test_overlapping_vma_insert_is_a_kernel_bug(machine):
     p = machine.spawn()
     a = p.mmap(2 * PAGE, RW, ANON)
