@@ -301,6 +301,11 @@ class Mirror(abc.ABC):
         have been faulted in (on the CPU and in the device page table), as
         the real fault path leaves them. Never raises on a hole that a CPU
         load would read as zeroes.
+
+        Not guaranteed: ``BadAddress`` for a ``PROT_NONE`` page the device
+        already maps. A driver that maps pages when it migrates them (nouveau's
+        ``SVM_BIND``, which checks no VMA permission) lets the device read
+        them without a fault, as the real driver does.
         """
 
     @abc.abstractmethod
@@ -432,8 +437,10 @@ class Mirror(abc.ABC):
 
         Raises:
             NotSupported: the driver has no device memory (this default).
-            InvalidArgument: a bad range (``check_user_pages``), a part of it
-                not covered by a readable VMA, or the mm is gone.
+            InvalidArgument: a bad range (``check_user_pages``), or the mm is
+                gone; dmirror also for a part not covered by a readable VMA
+                (nouveau's ``SVM_BIND`` skips what no VMA covers, and moves
+                what a VMA covers whatever its protection).
             BadAddress: the range passes ``TASK_SIZE``.
             NoEntry: the driver's own read-back found pages not in its page
                 table (dmirror's ``MIGRATE_TO_DEV``, when a racing CPU access
@@ -466,9 +473,11 @@ class Mirror(abc.ABC):
 
         Raises:
             NotSupported: the driver has no device memory (this default).
-            InvalidArgument: a bad range, or a part not covered by a readable
-                VMA, or the mm is gone.
+            InvalidArgument: a bad range, or the mm is gone; dmirror also for
+                a part not covered by a readable VMA.
             BadAddress: the range passes ``TASK_SIZE``.
+            SegmentationFault: (nouveau, which moves pages back by CPU
+                touches) a page of the range is not readable by the CPU.
             OutOfMemory: no system memory for some page; those stay in device
                 memory, the others moved.
 
