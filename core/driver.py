@@ -143,10 +143,11 @@ class MirrorStats:
     #: ``mmu_interval_read_retry`` said an invalidation ran (after
     #: ``hmm_range_fault`` or after ``make_device_exclusive``).
     retries: int = 0
-    #: Calls of the mirror's own interval-notifier ``invalidate`` that it acted
-    #: on (took its lock, set the sequence, cleared the range, even if nothing
-    #: was mapped there); not the ones it refused (non-blockable, lock busy)
-    #: nor its own migrations it skipped.
+    #: Invalidation callbacks of the mirror's long-lived notifier (its
+    #: interval notifier, or nouveau's classic ``mmu_notifier``) that it acted
+    #: on: took its lock, cleared the range (even if nothing was mapped
+    #: there). Not the ones it refused (non-blockable, lock busy), not its own
+    #: migrations it skipped, not those of short-lived per-fault notifiers.
     invalidations: int = 0
     #: Device page-table entries written, in 4 KiB pages they cover (a 2 MiB
     #: entry counts 512; rewriting a live entry counts again): by faults,
