@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno as _errno
 
+import attrs
+
 
 class HmmsimError(OSError):
     """Base class of every error the model raises on purpose."""
@@ -162,7 +164,43 @@ class KernelBug(AssertionError):
     these; it crashes or warns. The model raises ``KernelBug``, an
     ``AssertionError``, so the conformance suite and pytest count it as a
     failed check, never as an expected error.
+
+    This is the one exception type for a broken contract: code under
+    ``core/`` and ``drivers/`` raises ``KernelBug`` (not a bare
+    ``AssertionError``, ``ValueError`` or ``RuntimeError``) wherever the
+    kernel would ``BUG()``. Where the kernel only ``WARN()``s and carries on,
+    the model carries on too and records a ``KernelWarning`` instead.
     """
+
+
+@attrs.frozen
+class KernelWarning:
+    """One broken kernel contract the kernel ``WARN()``s about and survives.
+
+    Kernel counterpart: a ``WARN_ON``/``WARN_ONCE`` splat in the log. The
+    model never prints it; it appends the record to the machine's one list,
+    ``Machine.kernel_warnings`` (through ``Machine.warn``), so the invariant
+    checks fail a run that produced any, and a test can assert on the fields.
+
+    Every component reports through this one type: the MMU-notifier core (a
+    blockable invalidation refused), and drivers (dmirror's ``WARN_ON`` on a
+    bad pfn from ``hmm_range_fault``). A driver's own device log messages
+    that are not ``WARN``s in the real driver (a cancelled GPU fault) are not
+    kernel warnings and do not go here.
+    """
+
+    #: Who warns: the subsystem or driver (``"mmu_notifier"``, ``"dmirror"``).
+    source: str
+    #: The kernel function that holds the ``WARN`` (``"mn_itree_invalidate"``).
+    where: str
+    #: The contract broken, in words (``"a blockable invalidation was refused"``).
+    rule: str
+    #: What happened this time: addresses, values, the event.
+    what: str = ""
+
+    def __str__(self) -> str:
+        detail = f": {self.what}" if self.what else ""
+        return f"WARNING in {self.where} ({self.source}): {self.rule}{detail}"
 
 
 __all__ = [
@@ -178,6 +216,7 @@ __all__ = [
     "InvalidArgument",
     "IoFailure",
     "KernelBug",
+    "KernelWarning",
     "NoDevice",
     "NoEntry",
     "NoProcess",

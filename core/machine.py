@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, KernelWarning
 from .mm.file import File
 from .mm.hugetlb import HugetlbPool
 from .mm.pagetable import PAGE_SIZE, PMD_ORDER, PUD_ORDER
@@ -104,8 +104,9 @@ class Machine:
     files: list[File] = attrs.field(factory=list)
     #: Called with every ``NotifierRange`` at invalidate_range_start (tests, tracing).
     invalidation_listeners: list[Callable[[NotifierRange], None]] = attrs.field(factory=list)
-    #: Contract violations the kernel would WARN about (e.g. a blockable refusal).
-    notifier_warnings: list[str] = attrs.field(factory=list)
+    #: Every broken kernel contract the kernel would WARN about, in order
+    #: (``Machine.warn``); the invariant checks require it to stay empty.
+    kernel_warnings: list[KernelWarning] = attrs.field(factory=list)
     #: DMA-API debugging state (``hmmsim.dma.DmaDebug``), made on first DMA use.
     dma_debug: Any = None
     #: The PCI topology (``hmmsim.pci.PciTopology``), made on first use.
@@ -197,6 +198,28 @@ class Machine:
         if order is None:
             raise InvalidArgument(f"no hugetlb pool of page size {size:#x}")
         return self.hugetlb[order]
+
+    # ----- kernel warnings ----------------------------------------------------
+    def warn(self, source: str, where: str, rule: str, what: str = "") -> KernelWarning:
+        """Record a ``WARN()``: a kernel contract broken, the kernel carrying on.
+
+        Args:
+            source: the subsystem or driver that warns (``"mmu_notifier"``).
+            where: the kernel function holding the ``WARN``.
+            rule: the contract broken, in words.
+            what: what happened this time (addresses, values).
+
+        Returns:
+            The record, also appended to ``kernel_warnings``.
+        """
+        warning = KernelWarning(source, where, rule, what)
+        self.kernel_warnings.append(warning)
+        return warning
+
+    @property
+    def notifier_warnings(self) -> list[str]:
+        """The MMU-notifier core's entries of ``kernel_warnings``, as text (read-only)."""
+        return [str(w) for w in self.kernel_warnings if w.source == "mmu_notifier"]
 
     # ----- devices ------------------------------------------------------------
     def probe(self, name: str, **params: Any) -> Any:

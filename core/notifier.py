@@ -410,9 +410,11 @@ def _itree_invalidate(subs: Subscriptions, rng: NotifierRange) -> bool:
             if rng.blockable:
                 # The kernel WARNs and carries on: a blockable invalidation
                 # cannot be refused. Record it so tests can catch the driver.
-                mm.machine.notifier_warnings.append(
-                    f"invalidate returned false for blockable {rng.event.name} "
-                    f"[{rng.start:#x}, {rng.end:#x})"
+                mm.machine.warn(
+                    "mmu_notifier",
+                    "mn_itree_invalidate",
+                    "a blockable invalidation was refused (invalidate returned false)",
+                    f"{rng.event.name} [{rng.start:#x}, {rng.end:#x}) -> {subscriber_name(sub)}",
                 )
             else:
                 ok = False
@@ -462,7 +464,12 @@ def invalidate_range_start(rng: NotifierRange) -> bool:
     for i, mn in enumerate(subs.classic):
         if mn.invalidate_range_start(rng) != 0:
             if rng.blockable:
-                mm.machine.notifier_warnings.append("classic invalidate_range_start failed")
+                mm.machine.warn(
+                    "mmu_notifier",
+                    "mn_hlist_invalidate_range_start",
+                    "a blockable invalidate_range_start failed",
+                    f"{rng.event.name} [{rng.start:#x}, {rng.end:#x})",
+                )
                 continue
             for other in subs.classic[:i]:
                 other.invalidate_range_end(rng)
@@ -548,7 +555,12 @@ def mmu_notifier_release(mm: AddressSpace) -> None:
         else:
             ret = ops.invalidate(sub, rng, cur_seq)
         if not ret:
-            mm.machine.notifier_warnings.append("invalidate returned false for RELEASE")
+            mm.machine.warn(
+                "mmu_notifier",
+                "mn_itree_release",
+                "invalidate returned false for RELEASE",
+                subscriber_name(sub),
+            )
     _itree_inv_end(subs)
     for mn in list(subs.classic):
         mn.release(mm)

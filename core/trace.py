@@ -16,6 +16,8 @@ from typing import Any
 
 import attrs
 
+from .errors import KernelBug
+
 #: Modelled costs in virtual nanoseconds. Rough orders of magnitude of the
 #: real operations; what matters is that they are deterministic.
 COST_FAULT_NS = 1_000
@@ -34,7 +36,7 @@ class Clock:
 
     def advance(self, ns: int) -> None:
         if ns < 0:
-            raise ValueError("time does not run backwards")
+            raise KernelBug("time does not run backwards")
         self.now_ns += ns
 
     @property

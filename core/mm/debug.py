@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import KernelBug
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
     KIND_DEVICE_PRIVATE,
@@ -32,7 +33,12 @@ if TYPE_CHECKING:
 
 
 def verify_machine(machine: Machine) -> None:
-    """Raise ``AssertionError`` describing the first inconsistency found."""
+    """Check the whole memory model's accounting.
+
+    Raises:
+        KernelBug: describing the first inconsistency found (an
+            ``AssertionError``, and raised under ``python -O`` too).
+    """
     phys = machine.phys
     maps: Counter[int] = Counter()
     swap_refs: Counter[int] = Counter()
@@ -40,8 +46,10 @@ def verify_machine(machine: Machine) -> None:
         mm = proc.mm
         prev_end = 0
         for vma in mm.vmas:
-            assert vma.start >= prev_end, f"overlapping VMAs in mm {mm.id}"
-            assert vma.start < vma.end and vma.start % 4096 == 0 and vma.end % 4096 == 0
+            if vma.start < prev_end:
+                raise KernelBug(f"overlapping VMAs in mm {mm.id}")
+            if not (vma.start < vma.end and vma.start % 4096 == 0 and vma.end % 4096 == 0):
+                raise KernelBug(f"{vma} is empty or not page aligned")
             prev_end = vma.end
             slots = mm.pt.walk(vma.start_vpn, vma.npages).slots()
             k = slots.kinds
@@ -57,10 +65,10 @@ def verify_machine(machine: Machine) -> None:
             swap_refs.update(pfns[k == KIND_SWAP].tolist())
     for head, n in maps.items():
         mc = int(phys.mapcount[head])
-        assert mc == n, f"folio {head:#x}: mapcount {mc} but {n} mapping(s) found"
-        assert head >= phys.ram_pages or phys.allocator.used[head], (
-            f"folio {head:#x} is mapped but its frame is free"
-        )
+        if mc != n:
+            raise KernelBug(f"folio {head:#x}: mapcount {mc} but {n} mapping(s) found")
+        if head < phys.ram_pages and not phys.allocator.used[head]:
+            raise KernelBug(f"folio {head:#x} is mapped but its frame is free")
     live = np.flatnonzero(phys.refcount[: phys.ram_pages] > 0)
     for head in live.tolist():
         flags = int(phys.flags[head])
@@ -72,18 +80,22 @@ def verify_machine(machine: Machine) -> None:
         if head in (0, 512):  # the zero pages hold a permanent reference
             continue
         rc = int(phys.refcount[head])
-        assert rc >= expected, f"folio {head:#x}: refcount {rc} < expected {expected}"
+        if rc < expected:
+            raise KernelBug(f"folio {head:#x}: refcount {rc} < expected {expected}")
         if rc > expected and not flags & PG_hugetlb:
             extra = phys.extra_refs.get(head, 0)
-            assert rc == expected + extra, (
-                f"folio {head:#x}: refcount {rc} but only {expected} accounted for (leak?)"
-            )
+            if rc != expected + extra:
+                raise KernelBug(
+                    f"folio {head:#x}: refcount {rc} but only {expected} accounted for (leak?)"
+                )
         if expected == 0 and phys.extra_refs.get(head, 0) == 0:
-            raise AssertionError(f"folio {head:#x} is allocated but nothing holds it (leak)")
+            raise KernelBug(f"folio {head:#x} is allocated but nothing holds it (leak)")
     swap = machine.swap
     for slot in np.flatnonzero(swap.count).tolist():
         want = swap_refs.get(slot, 0) + (1 if slot in swap.cache else 0)
         have = int(swap.count[slot])
-        assert have == want, f"swap slot {slot}: count {have} but {want} user(s)"
+        if have != want:
+            raise KernelBug(f"swap slot {slot}: count {have} but {want} user(s)")
     for slot, n in swap_refs.items():
-        assert swap.count[slot] >= n, f"swap slot {slot} referenced but free"
+        if swap.count[slot] < n:
+            raise KernelBug(f"swap slot {slot} referenced but free")

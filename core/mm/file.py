@@ -34,7 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import sched
-from ..errors import FileTooLarge, InvalidArgument
+from ..errors import FileTooLarge, InvalidArgument, KernelBug
 from ..notifier import MMU_NOTIFY_CLEAR, MMU_NOTIFY_PROTECTION_PAGE, invalidation
 from .pagetable import PAGE_SHIFT, PAGE_SIZE, PTE_DIRTY, PTE_WRITE, U64
 from .physmem import PG_dirty, PG_swapbacked, PG_uptodate
@@ -152,7 +152,7 @@ class PageCache:
     def resize(self, nslots: int) -> None:
         """New number of slots; slots past it must already be uncached."""
         if nslots < self.nslots and len(self.cached(nslots)[0]):
-            raise AssertionError("shrinking a page cache that still caches pages past the end")
+            raise KernelBug("shrinking a page cache that still caches pages past the end")
         self.nslots = nslots
 
 

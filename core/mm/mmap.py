@@ -29,6 +29,7 @@ from ..errors import (
     BadAddress,
     BadFileDescriptor,
     InvalidArgument,
+    KernelBug,
     NotPermitted,
     NotSupported,
     OutOfMemory,
@@ -191,7 +192,7 @@ def split_vma(vma: Vma, addr: int) -> Vma:
     A THP straddling ``addr`` has its PMD split first (``CLEAR``).
     """
     if not vma.start < addr < vma.end:
-        raise AssertionError("split outside the VMA")
+        raise KernelBug("split outside the VMA")
     if vma.is_hugetlb and addr % vma.huge_page_size:
         raise InvalidArgument(f"{addr:#x} splits a hugetlb page of {vma}")
     vpn = addr >> PAGE_SHIFT
@@ -765,7 +766,7 @@ def do_mremap(
             align = PMD_SIZE
         dest = get_unmapped_area(mm, addr if dontunmap else 0, new_len, align)
     else:
-        raise AssertionError("unreachable mremap case")
+        raise KernelBug("unreachable mremap case")
 
     if old_len == 0:
         dup = Vma(

@@ -36,6 +36,8 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from ..errors import KernelBug
+
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
 PTRS_PER_TABLE: Final = 512
@@ -474,7 +476,7 @@ class PageTable:
 
     def free_table(self, t: int) -> None:
         if t == 0:
-            raise ValueError("the PGD is never freed")
+            raise KernelBug("the PGD is never freed")
         self.rows[t] = 0
         self._free.append(t)
         self.tables_in_use -= 1
@@ -526,7 +528,7 @@ class PageTable:
             pudloc = self.pud_loc(region << PUD_ORDER, alloc=True)
             t = self._child(pudloc, alloc=True)
             if t < 0:
-                raise ValueError(f"vpn {region << PUD_ORDER:#x} lies under a PUD leaf")
+                raise KernelBug(f"vpn {region << PUD_ORDER:#x} lies under a PUD leaf")
             out[sel] = t * PTRS_PER_TABLE + ((vpns[sel] >> PMD_ORDER) & 511)
         return out
 
@@ -578,7 +580,7 @@ class PageTable:
         from whole 2 MiB chunks.
         """
         if npages <= 0:
-            raise ValueError("empty walk")
+            raise KernelBug("empty walk")
         c0 = vpn >> PMD_ORDER
         c1 = (vpn + npages - 1) >> PMD_ORDER
         if c0 == c1:
@@ -691,7 +693,7 @@ class PageTable:
         for i, c in enumerate(range(c0, c1 + 1)):
             t = self.pte_table(c << PMD_ORDER, alloc=True)
             if t < 0:
-                raise ValueError(f"vpn {c << PMD_ORDER:#x} lies under a huge leaf")
+                raise KernelBug(f"vpn {c << PMD_ORDER:#x} lies under a huge leaf")
             tables[i] = t
         off = vpn & 511
         loc2d = tables[:, None] * PTRS_PER_TABLE + np.arange(PTRS_PER_TABLE, dtype=np.int64)
@@ -713,7 +715,7 @@ class PageTable:
             [self.pte_table(int(c) << PMD_ORDER, alloc=True) for c in uniq], dtype=np.int64
         )
         if (tables < 0).any():
-            raise ValueError("a page lies under a huge leaf")
+            raise KernelBug("a page lies under a huge leaf")
         return tables[inverse] * PTRS_PER_TABLE + (vpns & (PTRS_PER_TABLE - 1))
 
     def set_ptes(self, vpn: int, entries: NDArray[np.uint64]) -> None:

@@ -113,7 +113,7 @@ class FrameAllocator:
         """Take frames out of the allocator for good (zero pages, firmware …)."""
         sl = slice(pfn, pfn + count)
         if self.used[sl].any():
-            raise ValueError("reserving frames that are in use")
+            raise KernelBug("reserving frames that are in use")
         self.used[sl] = True
         for block in range(pfn >> PMD_ORDER, ((pfn + count - 1) >> PMD_ORDER) + 1):
             lo = max(pfn, block << PMD_ORDER)
@@ -124,7 +124,7 @@ class FrameAllocator:
     def alloc(self, order: int, count: int = 1) -> NDArray[np.int64]:
         """Head pfns of ``count`` free blocks of ``2**order`` frames (all or nothing)."""
         if not 0 <= order <= MAX_ORDER:
-            raise ValueError(f"order {order} outside 0..{MAX_ORDER}")
+            raise KernelBug(f"order {order} outside 0..{MAX_ORDER}")
         if count <= 0:
             return np.empty(0, dtype=I64)
         size = 1 << order
@@ -292,7 +292,7 @@ class PhysMem:
 
     def __init__(self, ram_bytes: int, store_data: bool, costs: Costs) -> None:
         if ram_bytes < 8 * PMD_PAGES * PAGE_SIZE:
-            raise ValueError("ram_bytes must be at least 16 MiB")
+            raise InvalidArgument("ram_bytes must be at least 16 MiB")
         self.costs = costs
         self.store_data = store_data
         #: Called with the heads and orders of folios about to be freed
@@ -363,7 +363,7 @@ class PhysMem:
         THPs are possible. Metadata arrays grow; contents get their own segment.
         """
         if npages <= 0:
-            raise ValueError("a device range needs pages")
+            raise KernelBug("a device range needs pages")
         start = (self.capacity + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
         end = start + ((npages + PMD_PAGES - 1) & ~(PMD_PAGES - 1))
         if end > len(self._meta["refcount"]):
@@ -445,7 +445,7 @@ class PhysMem:
             self.order[heads] = 0
             self.flags[heads] = PG_zeroed | flags
         elif isinstance(heads, int):
-            raise ValueError("init_folios takes a single pfn only for an order-0 folio")
+            raise KernelBug("init_folios takes a single pfn only for an order-0 folio")
         else:
             self.set_folio_field(self.order, heads, order, order)
             self.set_folio_field(self.flags, heads, order, PG_zeroed | flags)  # on every page

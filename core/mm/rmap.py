@@ -24,6 +24,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
+from ..errors import KernelBug
 from .memremap import MEMORY_DEVICE_PRIVATE
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
@@ -194,7 +195,7 @@ def unlink_anon_vmas(vma: Vma) -> None:
     vma.anon_vma = None
     for av in empty:
         if av.num_children or av.num_active_vmas:
-            raise AssertionError(f"anon_vma {av.id} freed while still in use")
+            raise KernelBug(f"anon_vma {av.id} freed while still in use")
         put_anon_vma(machine, av)
 
 
@@ -204,7 +205,7 @@ def put_anon_vma(machine: Machine, av: AnonVma) -> None:
     if av.refcount > 0:
         return
     if av.refcount < 0:
-        raise AssertionError(f"anon_vma {av.id} refcount underflow")
+        raise KernelBug(f"anon_vma {av.id} refcount underflow")
     machine.mappings.pop(av.id, None)
     root = av.root
     if root is not av:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
+from ..errors import KernelBug
 from .pagetable import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -206,16 +207,16 @@ class VmaSet:
     def insert(self, vma: Vma) -> None:
         i = bisect.bisect_left(self._starts, vma.start)
         if i < len(self._vmas) and self._vmas[i].start < vma.end:
-            raise AssertionError(f"{vma} overlaps {self._vmas[i]}")
+            raise KernelBug(f"{vma} overlaps {self._vmas[i]}")
         if i > 0 and self._vmas[i - 1].end > vma.start:
-            raise AssertionError(f"{vma} overlaps {self._vmas[i - 1]}")
+            raise KernelBug(f"{vma} overlaps {self._vmas[i - 1]}")
         self._starts.insert(i, vma.start)
         self._vmas.insert(i, vma)
 
     def remove(self, vma: Vma) -> None:
         i = bisect.bisect_left(self._starts, vma.start)
         if i == len(self._vmas) or self._vmas[i] is not vma:
-            raise AssertionError(f"{vma} is not in the set")
+            raise KernelBug(f"{vma} is not in the set")
         del self._starts[i]
         del self._vmas[i]
 

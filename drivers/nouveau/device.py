@@ -232,8 +232,6 @@ class NouveauChannel:
                 raise Busy(f"nouveau: GPU accesses from {self!r} never completed")
             for i in pending:
                 addr = accesses[i][0]
-                self.faults += 1
-                self.cli.stats.faults += 1
                 entry = FaultEntry(
                     self.inst,
                     addr & ~(PAGE_SIZE - 1),
@@ -247,6 +245,10 @@ class NouveauChannel:
                 )
                 if not svm.buffer.push(entry):
                     break  # the ring is full: the rest fault again after the replay
+                # Counted once the buffer holds it: a fault the full ring
+                # dropped is raised (and counted) again after the replay.
+                self.faults += 1
+                self.cli.stats.faults += 1
             self.cli.stats.fault_rounds += 1
             svm.fault()
         return [r if r is not None else b"" for r in results]

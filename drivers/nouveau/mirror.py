@@ -108,6 +108,9 @@ class NouveauMirror(Mirror):
         return MemoryKind.SYSTEM
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
+        # Slots are 4 KiB: an unaligned address means the slot it falls in.
+        addr &= ~(PAGE_SIZE - 1)
+        check_user_pages(addr, npages, "nouveau device_ptes")
         svmm = self.cli.svm
         vmm = svmm.vmm if svmm is not None else None
         out: list[DevicePte | None] = []

@@ -403,6 +403,7 @@ class NouveauSvm:
         self.replays = 0
         self.batches = 0
         self.dropped_invalid = 0
+        #: Fault log lines (the driver's SVM_ERR messages, not kernel WARNs).
         self.warnings: list[str] = []
 
     # ----- the work item -------------------------------------------------------------------
@@ -415,7 +416,13 @@ class NouveauSvm:
             entry, valid = decode_fault(buf.mem[off : off + FAULT_ENTRY_SIZE])
             if not valid:
                 self.dropped_invalid += 1
-                self.warnings.append(f"fault-buffer entry {buf.get} without its valid bit")
+                # nouveau_svm_fault_cache WARNs and drops it: a kernel warning.
+                self.drm.machine.warn(
+                    "nouveau",
+                    "nouveau_svm_fault_cache",
+                    "a fault-buffer entry without its valid bit was dropped",
+                    f"entry {buf.get}",
+                )
             else:
                 buf.mem[off + 31] &= 0x7F  # clear the valid bit
                 out.append(entry)
