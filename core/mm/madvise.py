@@ -47,6 +47,7 @@ from ..errors import (
     PermissionDenied,
 )
 from ..notifier import MMU_NOTIFY_CLEAR, invalidation
+from .khugepaged import madvise_collapse
 from .mmap import page_align, split_vma, try_merge
 from .pagetable import (
     CHUNK_PMD,
@@ -74,7 +75,6 @@ from .physmem import (
 from .reclaim import reclaim_folio, split_folio
 from .rmap import rmap_walk
 from .swap import swapcache_del
-from .thp import madvise_collapse
 from .uapi import (
     MADV_COLD,
     MADV_COLLAPSE,
