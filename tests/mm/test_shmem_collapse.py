@@ -10,6 +10,7 @@ file, by PTEs (fault-around) where it is not.
 from __future__ import annotations
 
 import hmmsim
+import numpy as np
 import pytest
 from helpers import MB2, PAGE, RW, EventLog
 from hmmsim import (
@@ -114,3 +115,35 @@ def test_partial_munmap_and_truncate_of_a_shmem_thp_keep_the_rest(proc, machine)
     proc.munmap(a, 2 * MB2)
     verify_machine(machine)
     assert machine.phys.refcount[: machine.phys.ram_pages].sum() >= 0
+
+
+def test_hmm_range_fault_sees_a_collapsed_shmem_thp_as_order_9(proc) -> None:
+    from hmmsim.hmm import HMM_PFN_REQ_FAULT, HmmRange, hmm_pfn_to_map_order, hmm_range_fault
+
+    class Ops:
+        def invalidate(self, sub, rng, cur_seq):
+            hmmsim.mmu_interval_set_seq(sub, cur_seq)
+            return True
+
+    a = _shared(proc)
+    with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(a, 2 * MB2, MADV_COLLAPSE)
+    c = BASE + 8 * MB2 + PAGE  # a second, unaligned view: PTE-mapped
+    assert proc.mremap(a, MB2, MB2, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, c) == c
+    # An unaligned move cannot take the PMD along: it is removed, not split.
+    assert not any(e.present for e in proc.pagemap(c, 512))
+    b = BASE + 4 * MB2
+    assert proc.mremap(c, MB2, MB2, MREMAP_MAYMOVE | MREMAP_FIXED, b) == b  # aligned again
+    orders = {}
+    for start in (a, b):
+        sub = hmmsim.mmu_interval_notifier_insert(proc.mm, start, MB2, Ops())
+        try:
+            arr = np.zeros(512, np.uint64)
+            rng = HmmRange(sub, start, start + MB2, arr, default_flags=HMM_PFN_REQ_FAULT)
+            rng.notifier_seq = hmmsim.mmu_interval_read_begin(sub)
+            with proc.mm.mmap_lock.read():
+                hmm_range_fault(rng)
+            orders[start] = {hmm_pfn_to_map_order(int(x)) for x in arr}
+        finally:
+            hmmsim.mmu_interval_notifier_remove(sub)
+    assert orders == {a: {9}, b: {9}}
