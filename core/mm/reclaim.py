@@ -197,6 +197,13 @@ def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
         nr = 1 << int(phys.order[head])
         try_to_unmap(machine, head, lambda e: 0)  # clean lazy-free folio: discard
         return nr
+    if phys.order[head] > 0 and not flags & PG_anon:
+        # A page-cache THP (shmem): shrink_folio_list unmaps it from every
+        # mapping (TTU_SPLIT_HUGE_PMD), then shmem_writeout finds no swap to
+        # split it to and keeps it, whole and cached. The model's shmem has no
+        # swap of its own for large folios, so it does the same with swap.
+        try_to_unmap(machine, head, lambda e: 0)
+        return 0
     if phys.order[head] > 0:
         nr = 1 << int(phys.order[head])
         if not split_folio(machine, head):

@@ -147,3 +147,20 @@ def test_hmm_range_fault_sees_a_collapsed_shmem_thp_as_order_9(proc) -> None:
         finally:
             hmmsim.mmu_interval_notifier_remove(sub)
     assert orders == {a: {9}, b: {9}}
+
+
+def test_pageout_of_a_shmem_thp_unmaps_it_and_keeps_it_cached(proc, machine) -> None:
+    from hmmsim import MADV_PAGEOUT
+
+    a = _shared(proc)
+    with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(a, 2 * MB2, MADV_COLLAPSE)
+    head = proc.pagemap(a, 1)[0].pfn
+    proc.madvise(a, MB2, MADV_PAGEOUT)
+    assert not any(e.present for e in proc.pagemap(a, 512))
+    assert proc.read(a + 5 * PAGE, 1) == b"\x07"
+    pm = proc.pagemap(a, 512)
+    assert {e.order for e in pm} == {9} and pm[0].pfn == head
+    proc.madvise(a, 16 * PAGE, MADV_PAGEOUT)  # part of it: the PMD goes
+    assert not any(e.present for e in proc.pagemap(a, 512))
+    verify_machine(machine)
