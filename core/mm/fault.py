@@ -80,7 +80,7 @@ from .physmem import (
 from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, rmap_walk, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
-from .vma import VM_IO, VM_PFNMAP, VM_WRITE
+from .vma import VM_IO, VM_NOHUGEPAGE, VM_PFNMAP, VM_WRITE
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -957,15 +957,16 @@ def _file_pmd_heads(vma: Vma, vpns: NDArray[np.int64]) -> NDArray[np.int64]:
 
     ``do_set_pmd`` (reached from ``finish_fault`` and ``filemap_map_pmd``)
     maps a PMD-sized page-cache folio by a PMD when the VMA holds its whole,
-    suitably aligned 2 MiB, whatever the THP settings say. The model does so
+    suitably aligned 2 MiB, whatever the THP settings say, unless the VMA
+    has ``VM_NOHUGEPAGE``. The model does so
     in shared mappings only: a private mapping maps the folio's pages by PTEs
     (Linux maps a read fault by a read-only PMD there and splits it on the
     first write; the bytes seen are the same).
     """
     out = np.full(len(vpns), -1, dtype=_I64)
     f = vma.page_cache
-    if f is None or f.hugetlb_order or not vma.is_shared:
-        return out
+    if f is None or f.hugetlb_order or not vma.is_shared or vma.flags & VM_NOHUGEPAGE:
+        return out  # vma_thp_disabled: MADV_NOHUGEPAGE refuses do_set_pmd
     if (vma.start_vpn - vma.pgoff) % PMD_PAGES:
         return out
     haddrs = vpns & ~(PMD_PAGES - 1)

@@ -164,3 +164,18 @@ def test_pageout_of_a_shmem_thp_unmaps_it_and_keeps_it_cached(proc, machine) -> 
     proc.madvise(a, 16 * PAGE, MADV_PAGEOUT)  # part of it: the PMD goes
     assert not any(e.present for e in proc.pagemap(a, 512))
     verify_machine(machine)
+
+
+def test_nohugepage_vma_maps_a_shmem_thp_by_ptes(proc, machine) -> None:
+    from hmmsim import MADV_NOHUGEPAGE
+
+    a = _shared(proc)
+    child = proc.fork()
+    with pytest.raises(hmmsim.InvalidArgument):
+        child.madvise(a, 2 * MB2, MADV_COLLAPSE)
+    proc.madvise(a, MB2, MADV_NOHUGEPAGE)  # vma_thp_disabled: no do_set_pmd
+    assert proc.read(a + 5 * PAGE, 1) == b"\x07"
+    pm = proc.pagemap(a, 512)
+    assert {pm[i].order for i in range(512) if pm[i].present} == {0}
+    assert [i for i in range(512) if pm[i].present] == list(range(16))
+    verify_machine(machine)
