@@ -168,9 +168,13 @@ class Machine:
         """A new process with an empty address space."""
         from .mm.process import Process
 
-        proc = Process(self, next(self._pids))
+        proc = Process(self, self.alloc_pid())
         self.processes.append(proc)
         return proc
+
+    def alloc_pid(self) -> int:
+        """The next process id (``alloc_pid``)."""
+        return next(self._pids)
 
     def create_file(self, size: int, name: str = "") -> File:
         """A regular file of ``size`` bytes, initially all zero."""

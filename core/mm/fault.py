@@ -80,7 +80,7 @@ from .physmem import (
 from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, rmap_walk, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
-from .vma import VM_IO, VM_PFNMAP, VM_WRITE
+from .vma import VM_IO, VM_NOHUGEPAGE, VM_PFNMAP, VM_WRITE
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -165,6 +165,11 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
             ret = do_huge_pmd_anonymous_page(vma, vpn, pmdloc, write)
             if ret != VM_FAULT_FALLBACK:
                 return ret
+        elif vma.page_cache is not None:
+            heads = _file_pmd_heads(vma, np.array([vpn], dtype=_I64))
+            if heads[0] >= 0:
+                _do_set_pmd(vma, np.array([pmdloc], dtype=_I64), heads, write)
+                return 0
         return None
     if is_table_pointer(e):
         return None
@@ -175,6 +180,12 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
         kind = KIND_PRESENT
     if kind == KIND_PRESENT:
         if write and not e & PTE_WRITE:
+            if not vma.is_anonymous:
+                # wp_huge_pmd on a file VMA: COW and write-notify are done at
+                # PTE level, so the PMD goes (split_huge_pmd removes a file
+                # PMD) and the fault starts again from the empty PMD.
+                split_huge_pmd(vma, vpn)
+                return _pmd_fault(vma, vpn, write)
             ret = do_huge_pmd_wp_page(vma, vpn, pmdloc, e)
             return None if ret == VM_FAULT_FALLBACK else ret
         pt.set(pmdloc, e | PTE_YOUNG | (PTE_DIRTY if write else 0))
@@ -567,10 +578,12 @@ def _map_file_pages(
         folio_add_new_anon_rmap(machine, vma, new, vpns, 0)
         pt.flat[locs] = make_present_array(new, write=True, dirty=True)
     else:
-        np.add.at(phys.mapcount, pfns, 1)
-        np.add.at(phys.refcount, pfns, 1)
+        heads = phys.head_of(pfns)
+        np.add.at(phys.mapcount, heads, 1)
+        np.add.at(phys.refcount, heads, 1)
         if write:
             phys.flags[pfns] |= np.uint16(PG_dirty)
+            phys.flags[heads] |= np.uint16(PG_dirty)
         pt.flat[locs] = make_present_array(pfns, write=_file_pte_writable(vma, write), dirty=write)
     machine.costs.pte_writes += len(locs)
     return 0
@@ -591,28 +604,40 @@ def _fault_around(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]) ->
     """``do_fault_around`` + ``filemap_map_pages`` for read faults at ``vpns``.
 
     Each fault maps the pages around it that are already in the page cache
-    and uptodate (not locked, not poisoned, not past EOF) into empty PTEs:
-    the ``FAULT_AROUND_PAGES``-aligned window of virtual pages holding the
-    fault, clipped to the VMA (the window never leaves its page table, so
-    the slots are in the table of the fault's own slot ``locs``). Entries
-    are young and clean, writable as a read fault would map them; filling
-    empty PTEs sends no MMU-notifier event.
+    and uptodate (not locked, not poisoned, not past EOF) into empty PTEs.
+    The window is ``do_fault_around``'s: ``FAULT_AROUND_PAGES`` long,
+    starting at the aligned start below the fault or at the VMA's start if
+    that is later (the window then shifts right, it is not just clipped),
+    and cut at the end of the page table and of the VMA. It never leaves the
+    fault's page table, so its slots are in the table of the fault's own
+    slot ``locs``. Entries are young and clean, writable as a read fault
+    would map them; filling empty PTEs sends no MMU-notifier event.
     """
     f = vma.page_cache
     if f is None or f.hugetlb_order or len(vpns) == 0:
         return
-    win = vpns // FAULT_AROUND_PAGES
-    if len(win) > 1:
-        win, first = np.unique(win, return_index=True)
+    pte_off = vpns % PTRS_PER_TABLE
+    base = vpns - pte_off
+    lo = np.maximum(
+        pte_off & ~(FAULT_AROUND_PAGES - 1), pte_off - np.minimum(pte_off, vpns - vma.start_vpn)
+    )
+    hi = np.minimum(
+        np.minimum(lo + FAULT_AROUND_PAGES, PTRS_PER_TABLE), pte_off + vma.end_vpn - vpns
+    )
+    start = base + lo
+    if len(start) > 1:
+        start, first = np.unique(start, return_index=True)
         tables = locs[first] // PTRS_PER_TABLE
+        stop = (base + hi)[first]
     else:
         tables = locs // PTRS_PER_TABLE
-    cand = (win[:, None] * FAULT_AROUND_PAGES + _AROUND).reshape(-1)
+        stop = base + hi
+    cand = (start[:, None] + _AROUND).reshape(-1)
     clocs = (
-        tables[:, None] * PTRS_PER_TABLE + (cand.reshape(len(win), -1) % PTRS_PER_TABLE)
+        tables[:, None] * PTRS_PER_TABLE + (cand.reshape(len(start), -1) % PTRS_PER_TABLE)
     ).reshape(-1)
     pt = vma.mm.pt
-    ok = (cand >= vma.start_vpn) & (cand < vma.end_vpn)
+    ok = (cand >= vma.start_vpn) & (cand < np.repeat(stop, FAULT_AROUND_PAGES))
     ok[ok] = pt.flat[clocs[ok]] == 0
     indices = vma.pgoff + cand[ok] - vma.start_vpn
     clocs = clocs[ok]
@@ -626,8 +651,9 @@ def _fault_around(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]) ->
     flags = phys.flags[pfns]
     usable = ((flags & PG_uptodate) != 0) & ((flags & (PG_locked | PG_hwpoison)) == 0)
     clocs, pfns = clocs[usable], pfns[usable]
-    np.add.at(phys.mapcount, pfns, 1)
-    np.add.at(phys.refcount, pfns, 1)
+    heads = phys.head_of(pfns)
+    np.add.at(phys.mapcount, heads, 1)
+    np.add.at(phys.refcount, heads, 1)
     pt.flat[clocs] = make_present_array(pfns, write=_file_pte_writable(vma, False), dirty=False)
     vma.mm.machine.costs.pte_writes += len(clocs)
 
@@ -820,6 +846,8 @@ def _populate_batch(vma: Vma, lo: int, hi: int, write: bool) -> int:
     n = hi - lo
     if thp_vma_allowable(vma):
         _populate_thp_chunks(vma, lo, hi, write)
+    elif vma.page_cache is not None and vma.is_shared:
+        _populate_file_pmds(vma, lo, hi, write)
     walk = pt.walk(lo, n)
     if (
         bool((walk.chunk_kind >= CHUNK_PMD).all())
@@ -923,6 +951,73 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
         heads, write=bool(vma.flags & VM_WRITE), dirty=True, huge=True
     )
     machine.costs.pte_writes += len(pmdlocs)
+
+
+def _file_pmd_heads(vma: Vma, vpns: NDArray[np.int64]) -> NDArray[np.int64]:
+    """The page-cache THP a PMD at each of ``vpns`` may map, or -1.
+
+    ``do_set_pmd`` (reached from ``finish_fault`` and ``filemap_map_pmd``)
+    maps a PMD-sized page-cache folio by a PMD when the VMA holds its whole,
+    suitably aligned 2 MiB, whatever the THP settings say, unless the VMA
+    has ``VM_NOHUGEPAGE``. The model does so
+    in shared mappings only: a private mapping maps the folio's pages by PTEs
+    (Linux maps a read fault by a read-only PMD there and splits it on the
+    first write; the bytes seen are the same).
+    """
+    out = np.full(len(vpns), -1, dtype=_I64)
+    f = vma.page_cache
+    if f is None or f.hugetlb_order or not vma.is_shared or vma.flags & VM_NOHUGEPAGE:
+        return out  # vma_thp_disabled: MADV_NOHUGEPAGE refuses do_set_pmd
+    if (vma.start_vpn - vma.pgoff) % PMD_PAGES:
+        return out
+    haddrs = vpns & ~(PMD_PAGES - 1)
+    ok = (haddrs >= vma.start_vpn) & (haddrs + PMD_PAGES <= vma.end_vpn)
+    idx = vma.pgoff + haddrs - vma.start_vpn
+    ok &= idx + PMD_PAGES <= f.npages
+    if not ok.any():
+        return out
+    pfns = f.cache.get(idx[ok])
+    phys = vma.mm.machine.phys
+    good = pfns >= 0
+    good[good] = phys.order[pfns[good]] == PMD_ORDER
+    sel = np.flatnonzero(ok)[good]
+    out[sel] = pfns[good]
+    return out
+
+
+def _do_set_pmd(
+    vma: Vma, pmdlocs: NDArray[np.int64], heads: NDArray[np.int64], write: bool
+) -> None:
+    """``do_set_pmd``: map page-cache THPs by PMDs (empty PMDs, no notifier)."""
+    machine = vma.mm.machine
+    phys = machine.phys
+    np.add.at(phys.mapcount, heads, 1)
+    np.add.at(phys.refcount, heads, 1)
+    if write:
+        for head in heads.tolist():
+            phys.or_folio_flags(np.array([head], dtype=_I64), PMD_ORDER, PG_dirty)
+    vma.mm.pt.flat[pmdlocs] = make_present_array(
+        heads, write=_file_pte_writable(vma, write), dirty=write, huge=True
+    )
+    machine.costs.pte_writes += len(pmdlocs)
+
+
+def _populate_file_pmds(vma: Vma, lo: int, hi: int, write: bool) -> None:
+    """Map by PMDs the page-cache THPs of [lo, hi) whose PMD is empty."""
+    pt = vma.mm.pt
+    first = max(lo & ~(PMD_PAGES - 1), (vma.start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1))
+    last = min(hi, vma.end_vpn & ~(PMD_PAGES - 1))
+    if first >= last:
+        return
+    chunks = np.arange(first, last, PMD_PAGES, dtype=_I64)
+    heads = _file_pmd_heads(vma, chunks)
+    if not (heads >= 0).any():
+        return
+    chunks, heads = chunks[heads >= 0], heads[heads >= 0]
+    pmdlocs = pt.pmd_locs(chunks)
+    empty = pt.flat[pmdlocs] == 0
+    if empty.any():
+        _do_set_pmd(vma, pmdlocs[empty], heads[empty], write)
 
 
 def _alloc_some_thps(phys: PhysMem, want: int) -> NDArray[np.int64]:

@@ -364,10 +364,47 @@ class File:
             del self.backing[i]
         unit = 1 << self.hugetlb_order
         idx, cached = self.cache.cached(first // unit, (last + unit - 1) // unit)
+        if len(cached) and not self.hugetlb_order and phys.order[cached].any():
+            idx, cached = self._split_partial_folios(idx, cached, first, last)
         if len(cached):
             self.cache.set(idx, np.full(len(idx), -1, dtype=np.int64))
-            phys.mapping[cached] = 0
-            phys.put(cached)
+            # The page cache holds one reference per folio, large or small.
+            heads = cached
+            if not self.hugetlb_order and phys.order[cached].any():
+                heads = np.unique(phys.head_of(cached))
+            phys.mapping[heads] = 0
+            phys.put(heads)
+
+    def _split_partial_folios(
+        self, idx: NDArray[np.int64], cached: NDArray[np.int64], first: int, last: int
+    ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+        """Large (shmem THP) folios only partly in [first, last): split them first.
+
+        As ``truncate_inode_partial_folio``: the folio is split into order-0
+        folios (their PMD mappings are gone already, the caller zapped the
+        range) so that only the pages in the range leave the cache; a folio
+        that cannot be split (extra references) stays whole and cached, its
+        pages in the range zeroed. Returns the (indices, pfns) to drop.
+        """
+        phys = self.machine.phys
+        heads = np.unique(phys.head_of(cached))
+        keep = np.ones(len(idx), dtype=np.bool_)
+        for head in heads[phys.order[heads] > 0].tolist():
+            nr = 1 << int(phys.order[head])
+            start = int(phys.index[head])
+            if first <= start and start + nr <= last:
+                continue
+            inside = (cached >= head) & (cached < head + nr)
+            if phys.refcount[head] != phys.mapcount[head] + 1:
+                phys.zero_pages(cached[inside])
+                keep &= ~inside
+                continue
+            counts = np.zeros(nr, dtype=np.int32)
+            for hit in rmap_walk(self.machine, head):
+                np.add.at(counts, hit.pfns - head, 1)
+            pages = phys.split_folio_metadata(head, counts)
+            phys.refcount[pages] += 1  # each page keeps its page-cache reference
+        return idx[keep], cached[keep]
 
     def release(self) -> None:
         """The last reference to an unlinked object is gone: free its pages."""
@@ -388,12 +425,19 @@ class File:
         for vma in self.i_mmap:
             if vma.is_shared:
                 _collect_pte_dirty(vma)
-        dirty = cached[(phys.flags[cached] & PG_dirty) != 0]
-        for pfn in dirty.tolist():
-            page_mkclean(self.machine, pfn)
-            self.backing[int(phys.index[pfn])] = phys.read(pfn, 0, PAGE_SIZE)
-            phys.flags[pfn] &= np.uint16(~PG_dirty & 0xFFFF)
-        return len(dirty)
+        heads = phys.head_of(cached)
+        dirty = (phys.flags[heads] & PG_dirty) != 0
+        # A large folio (a shmem THP) is dirty as a whole: every page is written.
+        dirty_heads = np.unique(heads[dirty]).tolist()
+        for head in dirty_heads:
+            page_mkclean(self.machine, head)
+        for pfn, head in zip(cached[dirty].tolist(), heads[dirty].tolist(), strict=True):
+            index = int(phys.index[head]) + pfn - head
+            self.backing[index] = phys.read(pfn, 0, PAGE_SIZE)
+        for head in dirty_heads:
+            pages = phys.folio_pages(head)
+            phys.flags[pages] &= np.uint16(~PG_dirty & 0xFFFF)
+        return int(dirty.sum())
 
 
 def _collect_pte_dirty(vma: Vma) -> None:

@@ -111,10 +111,14 @@ class _ForkFailed(OutOfMemory):
 def do_fork(parent: Process) -> Process:
     """``copy_process`` for the memory side: a child with a COW copy of ``parent``'s mm.
 
-    On ``ENOMEM`` the child's mm is torn down and no child exists.
+    On ``ENOMEM`` the child's mm is torn down and no child exists. The pid
+    is allocated after the mm is copied, as ``copy_process`` calls
+    ``alloc_pid`` after ``copy_mm``: a failed fork consumes no pid, and the
+    half-built child is never among the machine's processes (the OOM killer
+    cannot pick it, as it cannot pick a task not yet on the task list).
     """
     machine = parent.machine
-    child = machine.spawn()
+    child = type(parent)(machine, 0)
     try:
         with parent.mm.mmap_lock.write():
             dup_mm(parent, child.mm)
@@ -124,8 +128,9 @@ def do_fork(parent: Process) -> Process:
         # unlinked), and copy_process frees the task before it is ever seen.
         exit_mmap(child.mm)
         child.exited = True
-        machine.processes.remove(child)
         raise
+    child.pid = machine.alloc_pid()
+    machine.processes.append(child)
     return child
 
 

@@ -47,6 +47,7 @@ from ..errors import (
     PermissionDenied,
 )
 from ..notifier import MMU_NOTIFY_CLEAR, invalidation
+from .khugepaged import madvise_collapse
 from .mmap import page_align, split_vma, try_merge
 from .pagetable import (
     CHUNK_PMD,
@@ -74,7 +75,7 @@ from .physmem import (
 from .reclaim import reclaim_folio, split_folio
 from .rmap import rmap_walk
 from .swap import swapcache_del
-from .thp import madvise_collapse
+from .thp import split_huge_pmd
 from .uapi import (
     MADV_COLD,
     MADV_COLLAPSE,
@@ -404,7 +405,11 @@ def _pmd_leaves(vma: Vma, lo: int, hi: int, advice: int) -> list[tuple[int, int]
             skip.append((clo, chi))
             continue
         if chi - clo < PMD_PAGES:
-            if not split_folio(machine, head):
+            if not phys.flags[head] & PG_anon:
+                # A page-cache THP: split_huge_pmd removes its PMD (file VMA).
+                split_huge_pmd(vma, haddr)
+                skip.append((clo, chi))
+            elif not split_folio(machine, head):
                 skip.append((clo, chi))
             continue
         skip.append((clo, chi))

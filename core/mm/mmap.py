@@ -584,12 +584,17 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
         mm.machine.costs.pte_writes += int((walk.entries != 0).sum())
 
 
-def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool) -> Vma:
+def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: bool = False) -> Vma:
     """Move the whole of ``vma`` to ``new_addr`` (growing it to ``new_len``).
 
     An anonymous VMA that never faulted (no anon_vma) takes the linear page
     offset of its new address, as ``copy_vma`` does, so that it can merge
-    with anonymous neighbours there.
+    with anonymous neighbours there. With ``MREMAP_DONTUNMAP``, when the
+    moved range was a whole VMA (``whole``, decided before the range was cut
+    out), the VMA left behind loses its anon_vma links, as
+    ``dontunmap_complete`` unlinks them: its page tables went with the move,
+    so a later read fault maps the zero page without an anon_vma and fork
+    copies nothing of it.
     """
     mm = vma.mm
     pgoff = vma.pgoff
@@ -605,6 +610,8 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool) -> Vma:
     # afresh. Linux never splits it (only the final unmap would), so the
     # piece joins its neighbours again.
     if dontunmap:
+        if whole:
+            unlink_anon_vmas(vma)
         try_merge(vma)
     else:
         mm.vmas.remove(vma)
@@ -683,8 +690,9 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         unmap_range(mm, target, target + hi - lo)
         if target < MMAP_MIN_ADDR:
             raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
+        whole = vma.start == lo and vma.end == hi
         piece = isolate_range(mm, lo, hi)[0]
-        move_vma(piece, target, hi - lo, dontunmap)
+        move_vma(piece, target, hi - lo, dontunmap, whole=whole)
     return addr
 
 
@@ -782,8 +790,9 @@ def do_mremap(
         dup.link_file()
         try_merge(dup)
         return dest
+    whole = vma.start == old and vma.end == old + old_len
     piece = isolate_range(mm, old, old + old_len)[0]
-    move_vma(piece, dest, new_len, dontunmap)
+    move_vma(piece, dest, new_len, dontunmap, whole=whole)
     return dest
 
 

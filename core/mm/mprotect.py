@@ -29,12 +29,14 @@ from .pagetable import (
     CHUNK_NONE,
     KIND_PRESENT,
     KIND_PROTNONE,
+    PMD_ORDER,
     PTE_DIRTY,
     PTE_PRESENT,
     PTE_PROTNONE,
     PTE_SPECIAL,
     PTE_WRITE,
     U64,
+    PageTable,
     softleaf_entries_readonly,
 )
 from .physmem import PG_anon_exclusive
@@ -124,26 +126,51 @@ def mprotect_fixup(vma: Vma, start: int, end: int, new_flags: int) -> Vma:
 
 
 def change_protection(vma: Vma) -> None:
-    """Bring every entry of ``vma`` in line with its (new) ``flags``."""
+    """Bring every entry of ``vma`` in line with its (new) ``flags``.
+
+    Only the 2 MiB chunks that have a page table or a huge leaf are walked
+    page by page (found through the 1 GiB regions that hold tables), so the
+    cost follows the populated page tables, not the VMA's length, as
+    ``change_pmd_range`` skips empty PMDs.
+    """
     mm = vma.mm
     pt = mm.pt
-    walk = pt.walk(vma.start_vpn, vma.npages)
-    if not (walk.chunk_kind != CHUNK_NONE).any():
+    runs = populated_runs(pt, vma.start_vpn, vma.end_vpn)
+    if not runs:
         return  # change_pmd_range finds no page table: no invalidation
     with invalidation(mm, MMU_NOTIFY_PROTECTION_VMA, vma.start, vma.end):
-        slots = pt.walk(vma.start_vpn, vma.npages).slots()
-        entries = slots.entries
-        kinds = slots.kinds
-        locs = slots.locs
-        new = entries.copy()
-        mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)  # device-private: below
-        if mapped.any():
-            new[mapped] = _protect(vma, entries[mapped], slots.pfns[mapped])
-        if not vma.flags & VM_WRITE:
-            new = softleaf_entries_readonly(new)
-        changed = new != entries
-        pt.flat[locs[changed]] = new[changed]
-        mm.machine.costs.pte_writes += int(changed.sum())
+        for lo, hi in runs:
+            slots = pt.walk(lo, hi - lo).slots()
+            entries = slots.entries
+            kinds = slots.kinds
+            locs = slots.locs
+            new = entries.copy()
+            mapped = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)  # device-private: below
+            if mapped.any():
+                new[mapped] = _protect(vma, entries[mapped], slots.pfns[mapped])
+            if not vma.flags & VM_WRITE:
+                new = softleaf_entries_readonly(new)
+            changed = new != entries
+            pt.flat[locs[changed]] = new[changed]
+            mm.machine.costs.pte_writes += int(changed.sum())
+
+
+def populated_runs(pt: PageTable, start_vpn: int, end_vpn: int) -> list[tuple[int, int]]:
+    """The maximal runs [lo, hi) of [start_vpn, end_vpn) whose 2 MiB chunks
+    hold a page table or a huge leaf, in address order."""
+    runs: list[tuple[int, int]] = []
+    for lo, hi in pt.spans(start_vpn, end_vpn):
+        kinds = pt.walk(lo, hi - lo, per_page=False).chunk_kind
+        live = np.flatnonzero(kinds != CHUNK_NONE)
+        if not len(live):
+            continue
+        c0 = lo >> PMD_ORDER
+        breaks = np.flatnonzero(np.diff(live) != 1)
+        firsts = np.concatenate([live[:1], live[breaks + 1]]).tolist()
+        lasts = np.concatenate([live[breaks], live[-1:]]).tolist()
+        for a, b in zip(firsts, lasts, strict=True):
+            runs.append((max(lo, (c0 + a) << PMD_ORDER), min(hi, (c0 + b + 1) << PMD_ORDER)))
+    return runs
 
 
 def _protect(vma: Vma, entries: np.ndarray, pfns: np.ndarray) -> np.ndarray:

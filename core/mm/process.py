@@ -285,50 +285,81 @@ class Process:
         return pieces, None
 
     def _access(self, addr: int, length: int, data: bytes | None) -> bytes:
-        """A CPU load or store. A store that faults part-way has stored the bytes
-        before the fault, as a CPU's store loop has (other processes sharing the
-        memory see them); then it raises ``SegmentationFault``."""
+        """A CPU load or store, page by page in address order as a CPU's copy
+        loop runs. An access that faults part-way has done what came before
+        the fault: a store has stored those bytes (other processes sharing the
+        memory see them), a load has faulted those pages in; then it raises
+        the fault of the first page it cannot access (``BusError`` past the
+        end of a file before ``SegmentationFault`` at a later hole)."""
         write = data is not None
         out = bytearray() if not write else b""
-        phys = self.machine.phys
         pt = self.mm.pt
         pieces, fault = self._pieces(addr, length, write)
-        if fault is not None and not write:
-            raise fault  # a load that faults returns nothing
         for vma, lo, hi in pieces:
             vpn0 = lo >> PAGE_SHIFT
             n = ((hi + PAGE_SIZE - 1) >> PAGE_SHIFT) - vpn0
+            err = 0
             for _ in range(MAX_ACCESS_RETRIES):
                 ret = populate_range(vma, vpn0, n, write)
-                if ret & VM_FAULT_ERROR:
-                    _raise_fault(ret, lo, write)
                 walk = pt.walk(vpn0, n)
-                if not entries_needing_fault(walk.entries, write).any():
+                need = entries_needing_fault(walk.entries, write)
+                if ret & VM_FAULT_ERROR:
+                    err = ret
+                    break
+                if not need.any():
                     break
             else:
                 raise BusError(f"access to {lo:#x} kept faulting (livelock)")
-            pfns = walk.pfns()
-            locs = walk.loc
-            pt.flat[locs] |= U64(PTE_YOUNG | (PTE_DIRTY if write else 0))
-            off = lo - (vpn0 << PAGE_SHIFT)
-            if write and off == 0 and hi - lo == n << PAGE_SHIFT:
-                # Whole pages overwritten: nothing of the old contents survives.
-                assert data is not None
-                stored = np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo - addr)
-                phys.write_pages(pfns, stored.reshape(n, PAGE_SIZE))
-                continue
-            pages = phys.read_pages(pfns).reshape(-1)
-            if write:
-                assert data is not None
-                chunk = data[lo - addr : hi - addr]
-                pages[off : off + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-                phys.write_pages(pfns, pages.reshape(n, PAGE_SIZE))
-            else:
-                assert isinstance(out, bytearray)
-                out += pages[off : off + (hi - lo)].tobytes()
+            if err:
+                # The failing page is the first one left empty (pages past EOF,
+                # an empty pool); the pages before it that still need a fault
+                # (COW) get it now, as the CPU's loop would have reached them
+                # first. Then touch what is before the failing page.
+                empty = need & (walk.kinds == 0)
+                k = int(np.argmax(empty)) if empty.any() else int(np.argmax(need))
+                if k and need[:k].any():
+                    ret = populate_range(vma, vpn0, k, write)
+                    need = entries_needing_fault(pt.walk(vpn0, n).entries, write)
+                    if ret & VM_FAULT_ERROR:
+                        err = ret
+                        k = min(k, int(np.argmax(need)))
+                cut = min(hi, (vpn0 + k) << PAGE_SHIFT)
+                if cut > lo:
+                    self._touch(pt.walk(vpn0, k), addr, lo, cut, data, out)
+                _raise_fault(err, max(lo, (vpn0 + k) << PAGE_SHIFT), write)
+            self._touch(walk, addr, lo, hi, data, out)
         if fault is not None:
             raise fault
         return bytes(out)
+
+    def _touch(
+        self, walk: Any, addr: int, lo: int, hi: int, data: bytes | None, out: bytes | bytearray
+    ) -> None:
+        """Load or store [lo, hi) through the present entries of ``walk``
+        (which starts at the page of ``lo``); a load appends to ``out``."""
+        phys = self.machine.phys
+        write = data is not None
+        vpn0 = lo >> PAGE_SHIFT
+        n = ((hi + PAGE_SIZE - 1) >> PAGE_SHIFT) - vpn0
+        pfns = walk.pfns()[:n]
+        locs = walk.loc[:n]
+        self.mm.pt.flat[locs] |= U64(PTE_YOUNG | (PTE_DIRTY if write else 0))
+        off = lo - (vpn0 << PAGE_SHIFT)
+        if write and off == 0 and hi - lo == n << PAGE_SHIFT:
+            # Whole pages overwritten: nothing of the old contents survives.
+            assert data is not None
+            stored = np.frombuffer(data, dtype=np.uint8, count=hi - lo, offset=lo - addr)
+            phys.write_pages(pfns, stored.reshape(n, PAGE_SIZE))
+            return
+        pages = phys.read_pages(pfns).reshape(-1)
+        if write:
+            assert data is not None
+            chunk = data[lo - addr : hi - addr]
+            pages[off : off + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+            phys.write_pages(pfns, pages.reshape(n, PAGE_SIZE))
+        else:
+            assert isinstance(out, bytearray)
+            out += pages[off : off + (hi - lo)].tobytes()
 
     # ----- introspection ------------------------------------------------------------
     def pagemap(self, addr: int, npages: int) -> list[PagemapEntry]:

@@ -7,9 +7,12 @@ Reclaiming a folio first checks everything that could make it fail (extra
 references such as GUP pins, a locked folio, no swap space), then unmaps it
 from every mapping through the reverse map, one ``CLEAR`` invalidation per
 mapping, as ``try_to_unmap_one`` does. Anonymous pages become swap entries;
-file and shmem pages are written back if dirty and leave the page cache (the
-next access reads them in again); clean lazy-free pages are discarded. Large
-anonymous folios are split into base pages first.
+file pages are written back if dirty and leave the page cache (the next
+access reads them in again), and so are shmem pages when the machine has
+free swap (shmem's written-back copies are kept with the object, not in swap
+slots); without swap a shmem page is only unmapped and stays cached, as in
+Linux. Clean lazy-free pages are discarded. Large anonymous folios are split
+into base pages first; a shmem THP is unmapped and stays whole.
 
 The model does not age pages: ``reclaim_machine`` scans folios in physical
 order from a rotating cursor (a clock hand without referenced bits).
@@ -197,6 +200,13 @@ def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
         nr = 1 << int(phys.order[head])
         try_to_unmap(machine, head, lambda e: 0)  # clean lazy-free folio: discard
         return nr
+    if phys.order[head] > 0 and not flags & PG_anon:
+        # A page-cache THP (shmem): shrink_folio_list unmaps it from every
+        # mapping (TTU_SPLIT_HUGE_PMD), then shmem_writeout finds no swap to
+        # split it to and keeps it, whole and cached. The model keeps it so
+        # with swap too: it does not split shmem THPs for swap-out.
+        try_to_unmap(machine, head, lambda e: 0)
+        return 0
     if phys.order[head] > 0:
         nr = 1 << int(phys.order[head])
         if not split_folio(machine, head):
@@ -214,6 +224,14 @@ def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
         _swap_out(machine, head, hits)
     else:
         f = machine.mappings[int(phys.mapping[head])]
+        if f.shmem and machine.swap.nr_free == 0:
+            # shmem pages go to swap: with none, shrink_folio_list has already
+            # unmapped the page (try_to_unmap comes before pageout), then
+            # shmem_writeout finds no slot and the page stays cached, dirty.
+            if dirty:
+                phys.flags[head] |= np.uint16(PG_dirty)
+            try_to_unmap(machine, head, lambda e: 0)
+            return 0
         if dirty:
             f.backing[int(phys.index[head])] = phys.read(head, 0, PAGE_SIZE)
             machine.clock.advance(COST_SWAP_IO_NS)

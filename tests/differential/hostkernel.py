@@ -388,8 +388,15 @@ class _Worker:
         if op.kind == "read":
             return ("ok", digest(ctypes.string_at(addr, a["npages"] * PAGE)))
         if op.kind == "write":
+            # Page by page, in address order, as the model's store loop does:
+            # one memmove of the whole range may copy backwards (glibc picks
+            # the direction by address), and then a store through two views
+            # of the same shmem page (MREMAP_DONTUNMAP) keeps the lower
+            # view's bytes, and a store that faults part-way stores nothing
+            # below the fault.
             data = write_data(op)
-            ctypes.memmove(addr, data, len(data))
+            for off in range(0, len(data), PAGE):
+                ctypes.memmove(addr + off, data[off : off + PAGE], PAGE)
             return ("ok", 0)
         raise ValueError(op.kind)
 

@@ -309,9 +309,9 @@ def test_collapse_of_anonymous_shmem_follows_linux_where_the_model_can(proc):
     with pytest.raises(hmmsim.InvalidArgument):
         proc.madvise(a + PAGE, 2 * PAGE, MADV_COLLAPSE)  # inverted chunks
     proc.write(a, b"s" * (16 * PAGE))
-    # Linux collapses this into a shmem THP; the model has none and says so.
-    with pytest.raises(hmmsim.NotSupported):
-        proc.madvise(a, MB2, MADV_COLLAPSE)
+    # Linux collapses this into a shmem THP (tests/mm/test_shmem_collapse.py).
+    proc.madvise(a, MB2, MADV_COLLAPSE)
+    assert proc.pagemap(a, 1)[0].order == 9
     tiny = proc.mmap(4 * PAGE, RW, MAP_SHARED | hmmsim.MAP_ANONYMOUS)
     with pytest.raises(hmmsim.InvalidArgument):
         proc.madvise(tiny, 4 * PAGE, MADV_COLLAPSE)
