@@ -74,12 +74,7 @@ EXCEPTIONS: list[tuple[str, str, str]] = [
 
 #: Layer violations and cycles being removed; these lists only shrink.
 KNOWN_VIOLATIONS: frozenset[str] = frozenset()
-KNOWN_CYCLES: frozenset[str] = frozenset(
-    {
-        "hmmsim.mm.fault -> hmmsim.mm.thp (core/mm/fault.py:82)"
-        " -> hmmsim.mm.fault (core/mm/thp.py:154)",
-    }
-)
+KNOWN_CYCLES: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
