@@ -202,7 +202,12 @@ class Mirror(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Unbind from the mm: drop every mapping and device page this mirror holds."""
+        """Unbind from the mm: drop every mapping and device page this mirror holds.
+
+        Afterwards every method but ``device_ptes`` and ``close`` raises an
+        ``HmmsimError`` (``BadAddress``, as an ioctl on a released file says
+        EFAULT) and does nothing; a second ``close`` does nothing.
+        """
 
     def migrate_to_device(self, addr: int, npages: int) -> int:
         """Move the pages into device memory; returns how many now live there."""
@@ -264,6 +269,10 @@ class Driver(abc.ABC):
     parameters: ClassVar[Mapping[str, Parameter | str]] = {}
     #: The probe-parameter sets tested when none is named (default: one, no params).
     variants: ClassVar[list[dict[str, str]]] = [{}]
+    #: The bytes the device maps and unmaps as one unit (a power of two, at
+    #: least a page): where the CPU maps a whole aligned granule, the device
+    #: maps all of it or none of it. The suite checks device mappings against it.
+    mapping_granule: ClassVar[int] = PAGE_SIZE
 
     @classmethod
     def parameter(cls, key: str) -> Parameter:
