@@ -55,7 +55,8 @@ def check_device_coherent_memory(spec: DriverSpec) -> None:
         a = env.mmap(n * PAGE)
         env.proc.write(a, pattern(n * PAGE, 82))
         assert env.mirror.migrate_to_device(a, n) == n
-        assert {e.kind for e in env.proc.pagemap(a, n)} == {"device_coherent"}
+        kinds = {e.kind for e in env.proc.pagemap(a, n)}
+        assert kinds == {"device_coherent"}, f"migrated pages are {kinds}, not device_coherent"
         assert env.proc.read(a, n * PAGE) == pattern(n * PAGE, 82)
         assert {e.kind for e in env.proc.pagemap(a, n)} == {"device_coherent"}, (
             "a CPU read migrated coherent device memory back"
@@ -85,7 +86,8 @@ def check_device_private_memory(spec: DriverSpec) -> None:
         a = env.mmap(n * PAGE)
         env.proc.write(a, pattern(n * PAGE, 84))
         assert env.mirror.migrate_to_device(a, n) == n
-        assert {e.kind for e in env.proc.pagemap(a, n)} == {"device_private"}
+        kinds = {e.kind for e in env.proc.pagemap(a, n)}
+        assert kinds == {"device_private"}, f"migrated pages are {kinds}, not device_private"
         assert env.mirror.read(a, n * PAGE) == pattern(n * PAGE, 84)
         for p in env.mirror.device_ptes(a, n):
             assert p is not None and p.memory == "device_private", p
