@@ -7,8 +7,10 @@ dmirror's PROT_PMD snapshots rely on). ``DEVICE_COHERENT``: pages migrated to
 device memory stay CPU-addressable (``MEMORY_DEVICE_COHERENT``): the CPU
 reads and writes them in place, no migration back. ``DEVICE_PRIVATE``:
 migrated pages are device-private entries the device maps as its own memory.
-Sizes: device mappings of several MiB that span several page tables, each
-torn down by one CPU operation (one notifier range that covers them all).
+``P2P``: peer memory a process maps (``p2pmem/allocate``) is reachable
+through the mirror and mapped as such. Sizes: device mappings of several
+MiB that span several page tables, each torn down by one CPU operation (one
+notifier range that covers them all).
 The OOM reaper's non-blockable invalidation (``__oom_reap_task_mm``): a
 driver that accepts it must have dropped its mappings; one that cannot must
 refuse, and the reaper then skips the VMA.
@@ -156,10 +158,44 @@ def check_oom_reap_with_device_mappings(spec: DriverSpec) -> None:
         env.check(a, n)
 
 
+def check_p2p_memory(spec: DriverSpec) -> None:
+    """Peer memory: a process maps a provider's P2PDMA pages (its
+    ``p2pmem/allocate`` file); the device reads (and writes) them through the
+    mirror, maps them as ``p2p`` memory, and drops them when they are unmapped."""
+    from .. import MAP_SHARED, PROT_WRITE
+    from ..pci import pci_p2pdma_add_resource, pci_p2pmem_allocate_file, pci_topology
+
+    with environment(spec) as env:
+        _needs(env, Capability.P2P | Capability.READ)
+        topo = pci_topology(env.machine)
+        provider = topo.add_endpoint(
+            topo.add_root_port(topo.add_host_bridge()), "p2p-provider", bars={0: 4 << 20}
+        )
+        pci_p2pdma_add_resource(provider, 0, 0, 0)
+        n = 8
+        a = env.mmap(
+            n * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED, file=pci_p2pmem_allocate_file(provider)
+        )
+        env.proc.write(a, pattern(n * PAGE, 88))
+        assert env.mirror.read(a, n * PAGE) == pattern(n * PAGE, 88)
+        kinds = {p.memory if p is not None else None for p in env.mirror.device_ptes(a, n)}
+        assert kinds == {"p2p"}, f"the device maps peer memory as {kinds}, not p2p"
+        env.check(a, n)
+        if Capability.WRITE & env.caps:
+            env.mirror.write(a + PAGE, pattern(PAGE, 89))
+            assert env.proc.read(a + PAGE, PAGE) == pattern(PAGE, 89)
+            env.check(a, n)
+        env.proc.munmap(a, n * PAGE)
+        assert all(p is None for p in env.mirror.device_ptes(a, n)), (
+            "the device maps peer memory after munmap"
+        )
+
+
 CAPABILITY_CHECKS: list[Callable[[DriverSpec], None]] = [
     check_huge_mappings,
     check_device_coherent_memory,
     check_device_private_memory,
+    check_p2p_memory,
 ]
 SIZE_CHECKS: list[Callable[[DriverSpec], None]] = [check_large_range_one_invalidation]
 OOM_CHECKS: list[Callable[[DriverSpec], None]] = [check_oom_reap_with_device_mappings]

@@ -183,6 +183,19 @@ class StaleTlbFile(DmirrorFile):
             self.pt = saved
 
 
+class SystemKindFile(DmirrorFile):
+    """Maps peer (P2PDMA) memory as if it were system memory: it would DMA-map
+    a BAR page as RAM."""
+
+    def device_ptes(self, addr: int, npages: int) -> list[Any]:
+        import attrs
+
+        return [
+            None if p is None else attrs.evolve(p, memory="system")
+            for p in super().device_ptes(addr, npages)
+        ]
+
+
 # ----- their drivers --------------------------------------------------------------------------
 
 
@@ -228,6 +241,8 @@ BROKEN: list[type[Dmirror]] = [
     _driver("broken_claims_huge", add=Capability.HUGE_MAPPINGS),
     _driver("broken_claims_coherent", coherent_claim=True),
     _driver("broken_claims_64k", granule=64 << 10),
+    _driver("p2p_dmirror", add=Capability.P2P),
+    _driver("broken_p2p_as_system", SystemKindFile, add=Capability.P2P),
 ]
 
 
@@ -329,6 +344,14 @@ def test_device_coherent_check_catches_private_memory_claimed_as_coherent() -> N
 def test_granule_invariant_catches_a_64k_driver_mapping_4k() -> None:
     _fails("broken_claims_64k", check_transparent_huge_pages, "granule")
     assert run_check(DriverSpec("broken_claims_64k"), "x", check_read_anonymous).outcome == "passed"
+
+
+def test_p2p_check_passes_on_a_driver_that_maps_peer_memory_and_fails_on_one_that_does_not():
+    ok = run_check(DriverSpec("p2p_dmirror"), "x", caps.check_p2p_memory)
+    assert ok.outcome == "passed", ok.message
+    _fails_claim("broken_p2p_as_system", caps.check_p2p_memory, "not p2p")
+    skipped = run_check(DriverSpec("dmirror"), "x", caps.check_p2p_memory)
+    assert skipped.outcome == "skipped" and "P2P" in skipped.message
 
 
 def _fails_claim(name: str, check: Any, match: str) -> None:
