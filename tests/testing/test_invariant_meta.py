@@ -242,7 +242,7 @@ def test_device_page_allocated_but_unmapped_is_a_leak():
     env.mirror.close()
     for p in list(env.machine.processes):
         p.exit()
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match="is allocated but nothing maps it"):
         check_no_leaks(env.machine)
 
 
