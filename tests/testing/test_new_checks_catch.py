@@ -379,3 +379,13 @@ def test_use_after_invalidation_is_caught_by_the_audit_and_the_poison() -> None:
     env.mirror.write(a, b"u" * PAGE)
     assert env.proc.read(a, PAGE) == b"u" * PAGE
     close_environment(env)
+
+
+def test_unpopulated_migration_race_finds_nouveaus_unconditional_pfns_map() -> None:
+    """nouveau_dmem_migrate_chunk maps the pfns it computed before
+    migrate_vma_pages, migrated or not: a CPU store that fills a hole between
+    collect and pages leaves the GPU mapping a VRAM page the CPU does not map
+    (mainline; a dri-devel patch maps only when every page migrated)."""
+    r = explore_race(DriverSpec("nouveau"), race_by_name("migrate_unpopulated_vs_cpu_store"))
+    assert r.failures, "nouveau survived"
+    assert "invariant violated: device maps pfn" in r.failures[0].description
