@@ -111,6 +111,10 @@ def _check_data(mirror: Mirror, addr: int, ptes: list[DevicePte | None]) -> None
 def check_granules(ptes: list[DevicePte | None], walk: Walk, addr: int, granule: int) -> None:
     """Invariant 3, granule: where the CPU maps a whole aligned granule the
     device maps all of it or none of it (it maps and unmaps granules)."""
+    assert granule >= PAGE_SIZE and granule & (granule - 1) == 0, (
+        f"the driver declares a mapping granule of {granule} bytes, not a power of two "
+        f"of at least {PAGE_SIZE}"
+    )
     step = granule // PAGE_SIZE
     if step <= 1:
         return

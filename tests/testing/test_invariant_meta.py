@@ -167,6 +167,13 @@ def test_partially_mapped_granule_fails(cpu):  # type: ignore[no-untyped-def]
     check_mirror(CraftedMirror(p, ptes), aligned, 16)  # a 4 KiB driver may do that
 
 
+def test_a_granule_that_is_not_a_power_of_two_pages_is_refused(cpu):  # type: ignore[no-untyped-def]
+    _m, p, a = cpu
+    for bad in (3 * PAGE_SIZE, 2048):
+        with pytest.raises(AssertionError, match="not a power of two"):
+            check_mirror(CraftedMirror(p, _honest(p, a, 4)), a, 4, granule=bad)
+
+
 def test_mirror_watch_catches_what_check_mirror_catches(cpu):  # type: ignore[no-untyped-def]
     _m, p, a = cpu
     mirror = CraftedMirror(p, _honest(p, a, 4))
