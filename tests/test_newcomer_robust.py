@@ -206,7 +206,7 @@ def test_a_driver_that_raises_fails_its_checks_and_the_run_goes_on(tmp_path):
     assert bad["outcome"] == "failed" and "RuntimeError" in bad["traceback"]
     assert "Traceback" in bad["traceback"]
     dm = [r for r in data["results"] if r["driver"] == "dmirror:memory=private"]
-    assert len(dm) == 31 and {r["outcome"] for r in dm} == {"passed"}
+    assert len(dm) == N_CHECKS and {r["outcome"] for r in dm} <= {"passed", "skipped"}
     assert data["plugins"]["raisy"] == {"distribution": "hmmsim-raisy", "version": "0.1"}
     suites = {s.get("name"): s for s in ET.parse(xml).getroot()}
     assert int(suites["raisy"].get("failures")) > 0

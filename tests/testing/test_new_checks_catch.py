@@ -287,7 +287,7 @@ def _race_fails(name: str, race: str, match: str, memory: str = "private") -> in
 
 @pytest.mark.parametrize("memory", ["private", "coherent"])
 def test_read_only_source_catches_writable_migration(memory: str) -> None:
-    _fails("broken_writable_migration", mig.check_migrate_read_only_source, "writable", memory)
+    _fails("broken_writable_migration", mig.check_migrate_read_only_source, "read-only", memory)
 
 
 def test_close_leaves_nothing_catches_a_notifier_left_on_the_mm() -> None:
