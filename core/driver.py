@@ -410,7 +410,9 @@ class Mirror(abc.ABC):
         DMA mapping or device page it took is left (the leak checks at the
         end of every check). It works, and leaks nothing, after the process
         has exited (``teardown/exit_with_mirror_open``). A second ``close``
-        does nothing.
+        does nothing. Afterwards every method but ``device_ptes`` and ``close``
+        raises ``BadAddress`` (EFAULT, as an ioctl on a released file) and does
+        nothing.
 
         Raises:
             Nothing the caller can act on: it must not fail. (An exception
@@ -599,6 +601,10 @@ class Driver(abc.ABC):
     parameters: ClassVar[Mapping[str, Parameter | str]] = {}
     #: The probe-parameter sets tested when none is named (default: one, no params).
     variants: ClassVar[list[dict[str, str]]] = [{}]
+    #: The bytes the device maps and unmaps as one unit (a power of two, at
+    #: least a page): where the CPU maps a whole aligned granule, the device
+    #: maps all of it or none of it. The suite checks device mappings against it.
+    mapping_granule: ClassVar[int] = PAGE_SIZE
 
     @classmethod
     def parameter(cls, key: str) -> Parameter:

@@ -87,6 +87,7 @@ class {cls}Mirror(Mirror):
         self.stats = MirrorStats()
         self.lock = sched.Mutex("{name}.lock")
         self.pt = {{}}  # vpn -> (pfn, writable)
+        self.closed = False
         self.notifier = hmmsim.mmu_interval_notifier_insert(
             self.mm, 0, ULONG_MAX & ~(PAGE - 1), self)
 
@@ -141,6 +142,8 @@ class {cls}Mirror(Mirror):
         self.stats.fault_rounds += 1
 
     def _access(self, addr, length, data=None):
+        if self.closed:  # a closed file refuses work (its notifier is gone)
+            raise BadAddress("{name}: access through a closed mirror")
         write = data is not None
         first, end = addr // PAGE * PAGE, -(-(addr + length) // PAGE) * PAGE
         phys = self.mm.machine.phys
@@ -184,6 +187,9 @@ class {cls}Mirror(Mirror):
         return out
 
     def close(self):
+        if self.closed:
+            return
+        self.closed = True
         hmmsim.mmu_interval_notifier_remove(self.notifier)
         with self.lock:
             self.pt.clear()

@@ -376,6 +376,17 @@ CHECKS: dict[str, list[Callable[[DriverSpec], None]]] = {
 
 CHECKS["races"] = [race_check(race) for race in RACES]
 
+# The checks of other modules (imported here: they use this module's helpers).
+from .checks_capabilities import CAPABILITY_CHECKS, OOM_CHECKS, SIZE_CHECKS  # noqa: E402
+from .checks_migrate import MIGRATE_CHECKS  # noqa: E402
+from .checks_teardown import TEARDOWN_CHECKS  # noqa: E402
+
+CHECKS["device-memory"] += MIGRATE_CHECKS
+CHECKS["teardown"] += TEARDOWN_CHECKS
+CHECKS["capabilities"] = CAPABILITY_CHECKS
+CHECKS["sizes"] = SIZE_CHECKS
+CHECKS["oom"] = OOM_CHECKS
+
 
 def check_name(check: Callable[[DriverSpec], None]) -> str:
     """A check's name: its function name without ``check_`` (``read_anonymous``);

@@ -26,6 +26,8 @@ from .invariants import (
     check_no_leaks,
     check_notifier_contract,
 )
+from .poison import check_poison, install_poisoning
+from .watchdog import install_watchdog
 
 PAGE = 4096
 HUGE = 2 << 20
@@ -82,6 +84,8 @@ class Env:
     proc: Process
     mirror: Mirror
     caps: Capability
+    #: The driver's ``mapping_granule`` (bytes).
+    granule: int = PAGE
 
     def mmap(self, size: int, prot: int = RW, flags: int = ANON, **kw: Any) -> int:
         return self.proc.mmap(size, prot, flags, **kw)
@@ -93,7 +97,7 @@ class Env:
         return a
 
     def check(self, addr: int, npages: int) -> None:
-        check_mirror(self.mirror, addr, npages)
+        check_mirror(self.mirror, addr, npages, granule=self.granule)
 
     def open(self, proc: Process) -> Mirror:
         return self.device.open(proc)
@@ -105,10 +109,13 @@ def open_environment(spec: DriverSpec, pm: Any = None, *, small: bool = False) -
     caps = spec.capabilities(pm)
     machine = spec.machine(small)
     machine.plugin_manager = pm
+    install_poisoning(machine)
+    install_watchdog(machine)
     device = machine.probe(spec.name, **dict(spec.params))
     proc = machine.spawn()
     mirror = device.open(proc)
-    return Env(spec, machine, device, proc, mirror, caps)
+    granule = int(getattr(spec.driver(pm), "mapping_granule", PAGE))
+    return Env(spec, machine, device, proc, mirror, caps, granule)
 
 
 def close_environment(env: Env) -> None:
@@ -119,6 +126,7 @@ def close_environment(env: Env) -> None:
     check_no_leaks(env.machine)
     check_notifier_contract(env.machine)
     check_dma_contract(env.machine)
+    check_poison(env.machine)
 
 
 @contextmanager

@@ -8,10 +8,13 @@ faulting load (which would migrate pages back and disturb the run):
    a device-private entry (or the page behind a device-exclusive entry; a
    page in flight behind a migration entry is checked when it lands);
 2. device-writable implies CPU-writable;
-3. the device never maps more than the CPU does (mapping order);
-4. what the device reads is what the CPU would read;
-5. after close/exit nothing leaks: no stray references, pins, or device pages
-   that nothing maps;
+3. the device never maps more than the CPU does (mapping order), and maps
+   whole granules of the driver's declared ``Driver.mapping_granule``;
+4. what the device reads (through ``Mirror.read``) is what the CPU would
+   read; device-atomic access holds exactly where the CPU entry is
+   device-exclusive (both directions) or the page is the device's own;
+5. after close/exit nothing leaks: no stray references, pins, device pages
+   that nothing maps, or mapping counts no page table accounts for;
 6. no kernel warning is recorded (no notifier refuses a blockable
    invalidation, no driver hits a ``WARN_ON``);
 7. every device access to memory went through a live DMA mapping made for
@@ -24,6 +27,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ..dma import machine_violations
 from ..mm.debug import verify_machine
@@ -32,8 +36,10 @@ from ..mm.pagetable import (
     KIND_DEVICE_PRIVATE,
     KIND_MIGRATION,
     KIND_PRESENT,
+    KIND_PROTNONE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PTE_SPECIAL,
     PTE_WRITE,
     SWP_DEVICE_PRIVATE_WRITE,
     Walk,
@@ -45,13 +51,85 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 
-def check_mirror(mirror: Mirror, addr: int, npages: int, *, data: bool = True) -> None:
-    """Check invariants 1-4 for [addr, addr + npages pages) of ``mirror``."""
+def check_mirror(
+    mirror: Mirror, addr: int, npages: int, *, data: bool = True, granule: int = PAGE_SIZE
+) -> None:
+    """Check invariants 1-4 for [addr, addr + npages pages) of ``mirror``.
+
+    With ``data`` the device's view is read through ``mirror.read`` (the
+    driver's own data path, run over each stretch of pages the device maps,
+    so it takes no fault) and compared with the bytes the CPU would read.
+    ``granule`` is the driver's ``mapping_granule``.
+    """
     mm = mirror.process.mm
     ptes = mirror.device_ptes(addr, npages)
     if not any(p is not None for p in ptes):
         return
-    _check_entries(mirror, addr, ptes, mm.pt.walk(addr >> PAGE_SHIFT, npages), data)
+    _check_entries(mirror, addr, ptes, mm.pt.walk(addr >> PAGE_SHIFT, npages), False, granule)
+    if data:
+        _check_data(mirror, addr, ptes)
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    """Maximal stretches ``(first, count)`` of consecutive indices."""
+    out: list[tuple[int, int]] = []
+    for i in idx:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out
+
+
+def _check_data(mirror: Mirror, addr: int, ptes: list[DevicePte | None]) -> None:
+    """Invariant 4, data: what ``mirror.read`` returns is what the CPU would read.
+
+    The device reads first (its data path may use anything it cached); the
+    CPU's view is then taken from the pages the CPU maps at that moment (a
+    device-private page holds the data a CPU fault would bring back).
+    """
+    mm = mirror.process.mm
+    phys = mm.machine.phys
+    vpn = addr >> PAGE_SHIFT
+    walk = mm.pt.walk(vpn, len(ptes))
+    kinds = walk.kinds.tolist()
+    readable = (KIND_PRESENT, KIND_DEVICE_PRIVATE, KIND_DEVICE_EXCLUSIVE)
+    idx = [i for i, p in enumerate(ptes) if p is not None and kinds[i] in readable]
+    for first, count in _runs(idx):
+        start = addr + first * PAGE_SIZE
+        got = mirror.read(start, count * PAGE_SIZE)
+        now = mm.pt.walk(start >> PAGE_SHIFT, count)
+        cpu = phys.read_pages(now.pfns()).reshape(-1).tobytes()
+        if got != cpu:
+            view = np.frombuffer(got, dtype=np.uint8).reshape(count, PAGE_SIZE)
+            want = np.frombuffer(cpu, dtype=np.uint8).reshape(count, PAGE_SIZE)
+            bad = int(np.flatnonzero((view != want).any(axis=1))[0])
+            raise AssertionError(
+                f"device data differs from CPU data at {start + bad * PAGE_SIZE:#x}"
+            )
+
+
+def check_granules(ptes: list[DevicePte | None], walk: Walk, addr: int, granule: int) -> None:
+    """Invariant 3, granule: where the CPU maps a whole aligned granule the
+    device maps all of it or none of it (it maps and unmaps granules)."""
+    assert granule >= PAGE_SIZE and granule & (granule - 1) == 0, (
+        f"the driver declares a mapping granule of {granule} bytes, not a power of two "
+        f"of at least {PAGE_SIZE}"
+    )
+    step = granule // PAGE_SIZE
+    if step <= 1:
+        return
+    mapped_cpu = np.isin(walk.kinds, (KIND_PRESENT, KIND_DEVICE_PRIVATE, KIND_DEVICE_EXCLUSIVE))
+    dev = np.array([p is not None for p in ptes], dtype=bool)
+    vpn = addr >> PAGE_SHIFT
+    first = (-vpn) % step  # the first index at a granule boundary
+    for i in range(first, len(ptes) - step + 1, step):
+        sl = slice(i, i + step)
+        if mapped_cpu[sl].all() and dev[sl].any() and not dev[sl].all():
+            raise AssertionError(
+                f"device maps part of the {granule // 1024} KiB granule at "
+                f"{addr + i * PAGE_SIZE:#x} (it declares that it maps whole granules)"
+            )
 
 
 class MirrorWatch:
@@ -65,8 +143,9 @@ class MirrorWatch:
     against the last verified state is exact.
     """
 
-    def __init__(self, mirror: Mirror, addr: int, npages: int) -> None:
+    def __init__(self, mirror: Mirror, addr: int, npages: int, granule: int = PAGE_SIZE) -> None:
         self.mirror = mirror
+        self.granule = granule
         self.addr = addr
         self.npages = npages
         self._verified: tuple[object, ...] | None = None
@@ -82,12 +161,18 @@ class MirrorWatch:
         if state == self._verified:
             return
         ptes = self.mirror.device_ptes(self.addr, self.npages)
-        _check_entries(self.mirror, self.addr, ptes, pt.walk(vpn, self.npages), data=False)
+        walk = pt.walk(vpn, self.npages)
+        _check_entries(self.mirror, self.addr, ptes, walk, False, self.granule)
         self._verified = state
 
 
 def _check_entries(
-    mirror: Mirror, addr: int, ptes: list[DevicePte | None], walk: Walk, data: bool
+    mirror: Mirror,
+    addr: int,
+    ptes: list[DevicePte | None],
+    walk: Walk,
+    data: bool,
+    granule: int = PAGE_SIZE,
 ) -> None:
     phys = mirror.process.mm.machine.phys
     kinds = walk.kinds
@@ -105,6 +190,13 @@ def _check_entries(
         cpu_pfn = pfn_list[i]
         e = entry_list[i]
         where = f"{dpte.addr:#x}"
+        if dpte.atomic and kind not in (KIND_DEVICE_EXCLUSIVE, KIND_DEVICE_PRIVATE, KIND_MIGRATION):
+            # Converse of the exclusive check below: atomic access to memory
+            # the CPU can reach needs the CPU locked out (make_device_exclusive).
+            raise AssertionError(
+                f"device holds atomic access at {where} but the CPU entry is not "
+                f"device-exclusive (the CPU can write the page meanwhile)"
+            )
         if kind == KIND_PRESENT:
             cpu_writable = bool(e & PTE_WRITE)
         elif kind == KIND_DEVICE_PRIVATE:
@@ -134,15 +226,9 @@ def _check_entries(
         assert dpte.order <= order_list[i], (
             f"device maps order {dpte.order} at {where} where the CPU maps order {order_list[i]}"
         )
+    check_granules(ptes, walk, addr, granule)
     if data:
-        idx = [i for i, p in enumerate(ptes) if p is not None and kinds[i] != KIND_MIGRATION]
-        dev_pfns = np.array([ptes[i].pfn for i in idx], dtype=np.int64)  # type: ignore[union-attr]
-        cpu = phys.read_pages(pfns[idx])
-        dev = phys.read_pages(dev_pfns)
-        bad = np.flatnonzero((cpu != dev).any(axis=1))
-        assert len(bad) == 0, (
-            f"device data differs from CPU data at {addr + idx[int(bad[0])] * PAGE_SIZE:#x}"
-        )
+        _check_data(mirror, addr, ptes)
 
 
 def check_notifier_contract(machine: Machine) -> None:
@@ -159,10 +245,45 @@ def check_dma_contract(machine: Machine) -> None:
     assert not violations, f"{len(violations)} DMA violation(s), first: {violations[0]}"
 
 
+def mapped_heads(machine: Machine) -> NDArray[np.int64]:
+    """The folio heads some page table of a live process maps (with repeats)."""
+    phys = machine.phys
+    found = []
+    for proc in machine.processes:
+        mm = proc.mm
+        for vma in mm.vmas:
+            slots = mm.pt.walk(vma.start_vpn, vma.npages).slots()
+            k = slots.kinds
+            mapped = np.isin(
+                k, (KIND_PRESENT, KIND_PROTNONE, KIND_DEVICE_PRIVATE, KIND_DEVICE_EXCLUSIVE)
+            )
+            mapped &= (slots.entries & np.uint64(PTE_SPECIAL)) == 0
+            mapped &= ~phys.zero_mask(slots.pfns)
+            found.append(phys.head_of(slots.pfns[mapped]))
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def check_mapcounts(machine: Machine) -> None:
+    """Invariant 5, mappings: no page counts a mapping that no page table holds.
+
+    ``verify_machine`` recounts the pages it finds mapped; a page whose
+    mapping count was never dropped (a zap that forgot it) is mapped by
+    nothing, so only a scan of every mapping count sees it.
+    """
+    phys = machine.phys
+    counted = np.flatnonzero(phys.mapcount > 0)
+    stray = np.setdiff1d(counted, mapped_heads(machine))
+    assert len(stray) == 0, (
+        f"{len(stray)} page(s) count mappings no page table holds, first {int(stray[0]):#x} "
+        f"(mapcount {int(phys.mapcount[stray[0]])}, refcount {int(phys.refcount[stray[0]])})"
+    )
+
+
 def check_no_leaks(machine: Machine) -> None:
-    """Invariants 5 and 7: consistent accounting, no stray references, device
-    pages or DMA mappings."""
+    """Invariants 5 and 7: consistent accounting, no stray references, mapping
+    counts, device pages or DMA mappings."""
     verify_machine(machine)
+    check_mapcounts(machine)
     dbg = machine.dma_debug
     for dev in dbg.devices if dbg is not None else ():
         left = dev.mappings()

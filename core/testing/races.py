@@ -22,10 +22,11 @@ from typing import Any
 
 import attrs
 
-from .. import MADV_DONTNEED, MADV_PAGEOUT, PROT_READ
+from .. import MADV_DONTNEED, MADV_PAGEOUT, PROT_READ, PROT_WRITE
 from ..driver import Capability, Mirror
-from ..errors import BadAddress, HmmsimError, NoEntry
+from ..errors import BadAddress, Busy, HmmsimError, NoEntry
 from ..explore import ExploreResult, Scenario, ScenarioRun, explore
+from ..mm.exit import oom_reap
 from ..sched import PCT, BoundedDFS
 from .env import (
     HUGE,
@@ -43,6 +44,7 @@ from .invariants import (
     check_mirror,
     check_notifier_contract,
 )
+from .poison import poisoner
 
 #: Pages each race touches.
 NPAGES = 4
@@ -107,6 +109,8 @@ class Race:
     #: Replaces the device access as the first actor (named ``first_name``).
     first: Callable[[RaceState], None] | None = None
     first_name: str = "device"
+    #: Write the old data before the race (False: never-populated memory).
+    populate: bool = True
 
 
 def _each_page_one_of(got: list[bytes], *allowed: list[bytes], what: str) -> None:
@@ -224,6 +228,98 @@ def _after_close(st: RaceState) -> None:
     _after_dontneed(st)
 
 
+#: mprotect toggles in the invalidation stream of the liveness race.
+STREAM = 1
+SUBPAGE = 64  # bytes each side stores per page in the sub-page race
+
+
+def _invalidation_stream(st: RaceState) -> None:
+    for _ in range(STREAM):
+        st.env.proc.mprotect(st.addr, st.npages * PAGE, PROT_READ)
+        st.env.proc.mprotect(st.addr, st.npages * PAGE, PROT_READ | PROT_WRITE)
+
+
+def _after_stream(st: RaceState) -> None:
+    """The access ended (the scheduler got here): with the old data, or Busy;
+    and once the stream is over, the device reads the data."""
+    if st.device_error is not None:
+        assert isinstance(st.device_error, Busy), f"device read failed: {st.device_error}"
+    _device_read_is(st, st.old)
+    got = st.env.mirror.read(st.addr, st.npages * PAGE)
+    assert st.pages(got) == st.old, "after the stream the device reads wrong data"
+
+
+def _oom_reap(st: RaceState) -> None:
+    st.extra["skipped"] = oom_reap(st.env.proc.mm)
+
+
+def _after_oom_reap(st: RaceState) -> None:
+    # The reaper zaps what no notifier refused: a page reads old (before the
+    # reap, or a VMA it skipped) or not at all; the reaped mm is not read back.
+    zero = [bytes(PAGE)] * st.npages
+    _device_read_is(st, st.old, zero)
+
+
+def _migrate_unpopulated(st: RaceState) -> None:
+    try:
+        st.extra["moved"] = st.env.mirror.migrate_to_device(st.addr, st.npages)
+    except (NoEntry, Busy) as exc:
+        st.extra["migrate_error"] = exc
+
+
+def _cpu_store_new(st: RaceState) -> None:
+    st.env.proc.write(st.addr, pattern(st.npages * PAGE, NEW_SEED))
+
+
+def _after_cpu_store(st: RaceState) -> None:
+    assert st.cpu_pages() == st.new, "a CPU store was lost to the migration"
+    got = st.env.mirror.read(st.addr, st.npages * PAGE)
+    assert st.pages(got) == st.new, "the device does not see the CPU's store"
+
+
+def _subpage_device_store(st: RaceState) -> None:
+    new = pattern(st.npages * PAGE, NEW_SEED)
+    for i in range(st.npages):
+        off = i * PAGE
+        st.env.mirror.write(st.addr + off, new[off : off + SUBPAGE])
+
+
+def _subpage_cpu_store(st: RaceState) -> None:
+    cpu = pattern(st.npages * PAGE, 9)
+    for i in range(st.npages):
+        off = i * PAGE + SUBPAGE
+        st.env.proc.write(st.addr + off, cpu[off : off + SUBPAGE])
+
+
+def _after_subpage(st: RaceState) -> None:
+    old, new, cpu = st.old, st.new, st.pages(pattern(st.npages * PAGE, 9))
+    want = [
+        new[i][:SUBPAGE] + cpu[i][SUBPAGE : 2 * SUBPAGE] + old[i][2 * SUBPAGE :]
+        for i in range(st.npages)
+    ]
+    got = st.cpu_pages()
+    for i in range(st.npages):
+        assert got[i][:SUBPAGE] == want[i][:SUBPAGE], f"the device's store to page {i} was lost"
+        assert got[i][SUBPAGE : 2 * SUBPAGE] == want[i][SUBPAGE : 2 * SUBPAGE], (
+            f"the CPU's store to page {i} was lost (a device store rewrote the whole page)"
+        )
+        assert got[i] == want[i], f"page {i} changed outside both stores"
+
+
+def _migrate_first(st: RaceState) -> None:
+    st.env.mirror.migrate_to_device(st.addr, st.npages)
+
+
+def _cpu_reads_back(st: RaceState) -> None:
+    st.extra["cpu_read"] = st.env.proc.read(st.addr, st.npages * PAGE)
+
+
+def _after_fault_back(st: RaceState) -> None:
+    _device_read_is(st, st.old)
+    assert st.pages(st.extra["cpu_read"]) == st.old, "the CPU read wrong data back"
+    assert st.cpu_pages() == st.old, "data lost"
+
+
 RACES: list[Race] = [
     Race(
         "read_vs_munmap",
@@ -328,11 +424,85 @@ RACES: list[Race] = [
         first_name="notifier",
         doc="closing a mirror (notifier remove) against MADV_DONTNEED",
     ),
+    Race(
+        "read_vs_invalidation_stream",
+        Capability.READ,
+        "read",
+        _invalidation_stream,
+        _after_stream,
+        (Busy,),
+        doc="liveness: a device read against a stream of invalidations must end "
+        "(with the data, or Busy after HMM_RANGE_DEFAULT_TIMEOUT)",
+    ),
+    Race(
+        "read_vs_oom_reap",
+        Capability.READ,
+        "read",
+        _oom_reap,
+        _after_oom_reap,
+        (HmmsimError,),
+        doc="a faulting device read against the OOM reaper's non-blockable "
+        "invalidation: a driver that cannot take its lock must refuse, never "
+        "claim an invalidation it did not do",
+    ),
+    Race(
+        "migrate_unpopulated_vs_cpu_store",
+        Capability.MIGRATE,
+        "read",
+        _cpu_store_new,
+        _after_cpu_store,
+        first=_migrate_unpopulated,
+        first_name="migrate",
+        populate=False,
+        doc="migration of never-populated memory against CPU stores to it",
+    ),
+    Race(
+        "read_device_memory_vs_munmap",
+        Capability.READ | Capability.MIGRATE,
+        "read",
+        _munmap,
+        _after_munmap,
+        (BadAddress,),
+        prepare=_migrate_first,
+        doc="a device read of pages in device memory against munmap (device pages freed)",
+    ),
+    Race(
+        "subpage_store_vs_cpu_store",
+        Capability.WRITE,
+        "write",
+        _subpage_cpu_store,
+        _after_subpage,
+        first=_subpage_device_store,
+        doc="device stores of 64 bytes per page against CPU stores to the next 64 "
+        "bytes of the same pages: no lost update",
+    ),
+]
+
+
+#: Races explorable by name (``hmmsim explore``) but not yet in the suite:
+#: each fails on an installed driver whose owner has still to fix or declare it.
+#: ``read_device_memory_vs_cpu_fault_back`` fails on dmirror (private): its
+#: invalidate callback ignores its own MIGRATE events without
+#: ``mmu_interval_set_seq``, so a device fault that read the device-private
+#: pfn before ``migrate_to_ram`` moved the page back still passes
+#: ``mmu_interval_read_retry`` and maps the freed device page (lib/test_hmm.c
+#: does the same).
+PENDING_RACES: list[Race] = [
+    Race(
+        "read_device_memory_vs_cpu_fault_back",
+        Capability.READ | Capability.MIGRATE,
+        "read",
+        _cpu_reads_back,
+        _after_fault_back,
+        prepare=_migrate_first,
+        doc="a device read of pages in device memory against CPU reads of them "
+        "(migrate_to_ram of private memory; in place for coherent memory)",
+    ),
 ]
 
 
 def race_by_name(name: str) -> Race:
-    for race in RACES:
+    for race in RACES + PENDING_RACES:
         if race.name == name:
             return race
     raise KeyError(f"no race named {name!r}; known: {', '.join(r.name for r in RACES)}")
@@ -349,7 +519,8 @@ def _setup(spec: DriverSpec, race: Race, pm: Any) -> RaceState:
     # The first write faults in the whole THP (or the pages); only the pages
     # the race looks at need data.
     a = env.thp_region() if race.huge else env.mmap(n * PAGE)
-    env.proc.write(a, pattern(n * PAGE, OLD_SEED))
+    if race.populate:
+        env.proc.write(a, pattern(n * PAGE, OLD_SEED))
     st = RaceState(env, a, n, [env.mirror])
     if race.premap:
         env.mirror.read(a, n * PAGE)
@@ -399,15 +570,18 @@ def race_scenario(spec: DriverSpec, race: Race, pm: Any = None) -> Scenario:
             for m in st.mirrors:
                 watch = watches.get(id(m))
                 if watch is None:
-                    watch = watches[id(m)] = MirrorWatch(m, st.addr, st.npages)
+                    watch = watches[id(m)] = MirrorWatch(m, st.addr, st.npages, st.env.granule)
                 watch.check()
             check_notifier_contract(st.env.machine)
             check_dma_contract(st.env.machine)
+            pz = poisoner(st.env.machine)
+            if pz is not None and pz.violations:
+                raise AssertionError(f"access to freed memory: {pz.violations[0]}")
 
         def final(_result: object) -> None:
             race.outcome(st)
             for m in st.mirrors:
-                check_mirror(m, st.addr, st.npages)
+                check_mirror(m, st.addr, st.npages, granule=st.env.granule)
                 if m is not st.env.mirror:
                     m.close()
             close_environment(st.env)
