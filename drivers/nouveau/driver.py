@@ -52,6 +52,13 @@ _QUIRKS = {
         "GPU page table down: an invalidation in between skips its PFNCLR and pages are "
         "freed under live DMA mappings (no channel is left to use them; not fixed)"
     ),
+    "races/migrate_unpopulated_vs_cpu_store": (
+        "nouveau_dmem_migrate_chunk hands nouveau_pfns_map the VRAM words it built before "
+        "migrate_vma_pages, without looking at which pages migrate_vma_pages really moved: "
+        "a CPU store that fills a hole between migrate_vma_setup and migrate_vma_pages keeps "
+        "its system page, and the GPU maps the VRAM page that migrate_vma_finalize then "
+        "frees (nouveau_dmem.c; not fixed)"
+    ),
 }
 #: The v5.7/v5.8 defect: a retried window asks for what the failed attempt got.
 _STALE_REQUESTS = (

@@ -284,7 +284,7 @@ def test_dma_access_after_unmap_violates_the_contract():
 def test_refused_blockable_invalidation_violates_the_notifier_contract():
     m = _machine()
     check_notifier_contract(m)
-    m.notifier_warnings.append("invalidate returned false for blockable UNMAP")
+    m.warn("mmu_notifier", "mn_itree_invalidate", "a blockable invalidation was refused", "UNMAP")
     with pytest.raises(AssertionError, match="blockable"):
         check_notifier_contract(m)
 
