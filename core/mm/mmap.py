@@ -528,8 +528,13 @@ def do_mmap(
         try:
             backing.mmap(vma)
         except BaseException:
+            # unmap_region: undo a partial mapping the driver made (pages it
+            # installed with vm_insert_page/remap_pfn_range) before the VMA goes.
+            with invalidation(mm, MMU_NOTIFY_UNMAP, vma.start, vma.end):
+                zap_range(vma, vma.start_vpn, vma.npages)
             mm.vmas.remove(vma)
             vma.unlink_file()
+            free_page_tables(mm, vma.start, vma.end)
             raise
     vma = try_merge(vma)
     populate = (flags & (MAP_POPULATE | MAP_NONBLOCK)) == MAP_POPULATE or flags & MAP_LOCKED

@@ -175,3 +175,30 @@ def test_device_pte_state_follows_device_ptes(env):
     p.write(a + PAGE, b"y")  # COW of the zero page: the device entry goes
     assert mirror.device_ptes(a + PAGE, 1) == [None]
     assert mirror.device_pte_state(a, 4) != before
+
+
+def _driver_locks(mirror):  # type: ignore[no-untyped-def]
+    """The update locks a device fault and an invalidation of this mirror take."""
+    if hasattr(mirror, "mutex"):  # dmirror: struct dmirror's mutex
+        return [mirror.mutex]
+    return [mirror.cli.svm.mutex, mirror.drm.svm.mutex]  # nouveau: svmm and svm
+
+
+def test_device_ptes_takes_no_driver_lock(env):
+    # The invariant checks read the device page table between the steps of a
+    # scheduled run, while an actor may hold these locks: a read that took one
+    # would deadlock (a recursive acquire raises Deadlock here).
+    _m, p, mirror, _caps = env
+    a = p.mmap(4 * PAGE, RW, ANON)
+    p.write(a, b"l" * 4 * PAGE)
+    mirror.read(a, 4 * PAGE)
+    locks = _driver_locks(mirror)
+    for lock in locks:
+        lock.acquire()
+    try:
+        ptes = mirror.device_ptes(a, 4)
+        state = mirror.device_pte_state(a, 4)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
+    assert all(d is not None for d in ptes) and state is not None
