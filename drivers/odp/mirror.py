@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Final
 
 from hmmsim.dma import IOMMU_PAGE_ORDERS
 from hmmsim.driver import DevicePte, MemoryKind, Mirror, MirrorStats, check_user_range
-from hmmsim.errors import HmmsimError
+from hmmsim.errors import Again, HmmsimError
 from hmmsim.memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
 
 from .device import WorkRequestFailed
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
 #: The span one lazily registered MR covers.
 CHUNK_SHIFT: Final = 21
 CHUNK: Final = 1 << CHUNK_SHIFT
+#: How often ``write`` retries a prefetch that raced an invalidation.
+ADVISE_RETRIES: Final = 100
 RO_ACCESS: Final = IB_ACCESS_ON_DEMAND | IB_ACCESS_REMOTE_READ
 RW_ACCESS: Final = (
     IB_ACCESS_ON_DEMAND | IB_ACCESS_LOCAL_WRITE | IB_ACCESS_REMOTE_WRITE | IB_ACCESS_REMOTE_READ
@@ -142,13 +144,22 @@ class OdpMirror(Mirror):
         faults0 = self.hca.stats.page_faults
         try:
             sges = [IbvSge(a, n, self._mr(chunk, True).key) for chunk, a, n in pieces]
-            if sges:
-                self.hca.advise_mr(
-                    self.pd,
-                    IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE,
-                    IB_UVERBS_ADVISE_MR_FLAG_FLUSH,
-                    sges,
-                )
+            for attempt in range(ADVISE_RETRIES):
+                # A synchronous prefetch reports -EAGAIN when it raced an
+                # invalidation (in the gup era even one its own COW break
+                # caused); ibv_advise_mr's callers retry.
+                try:
+                    if sges:
+                        self.hca.advise_mr(
+                            self.pd,
+                            IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE,
+                            IB_UVERBS_ADVISE_MR_FLAG_FLUSH,
+                            sges,
+                        )
+                    break
+                except Again:
+                    if attempt == ADVISE_RETRIES - 1:
+                        raise
             mv = memoryview(bytes(data))
             for sge in sges:
                 off = sge.addr - addr

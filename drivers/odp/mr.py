@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 from hmmsim import sched
 from hmmsim.dma import DMA_BIDIRECTIONAL, dma_map_page, dma_mapping_error, dma_unmap_page
-from hmmsim.errors import BadAddress, InvalidArgument, OutOfMemory
+from hmmsim.errors import Again, BadAddress, InvalidArgument, OutOfMemory
 from hmmsim.gup import FOLL_LONGTERM, FOLL_WRITE, pin_user_pages, unpin_user_pages
 from hmmsim.hmm import HMM_PFN_DMA_MAPPED, HMM_PFN_VALID, HMM_PFN_WRITE, hmm_dma_map_pfn
 from hmmsim.notifier import mmu_interval_set_seq
@@ -199,7 +199,14 @@ class OdpMr:
         shift = umem.page_shift
         start_idx = (user_va - umem.start) >> shift
         xlt = MLX5_IB_UPD_XLT_DOWNGRADE if downgrade else 0
-        np_ = umem.map_dma_and_lock(user_va, bcnt, write, fault)
+        try:
+            np_ = umem.map_dma_and_lock(user_va, bcnt, write, fault)
+        except Again:
+            if umem.era == "gup" and umem.notifiers_count > 0:
+                # v5.3 pagefault_mr: wait (up to MMU_NOTIFIER_TIMEOUT) for the
+                # running invalidation to end before the -EAGAIN goes back.
+                umem.notifier_completion.wait_event(lambda: umem.notifiers_count <= 0)
+            raise
         try:
             self.umr_update_xlt(start_idx, np_, xlt)
             if flags & MLX5_PF_FLAGS_ENABLE:

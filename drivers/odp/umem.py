@@ -38,7 +38,7 @@ import numpy as np
 from hmmsim import sched
 from hmmsim.dma import DMA_BIDIRECTIONAL, dma_map_page, dma_mapping_error, dma_unmap_page
 from hmmsim.errors import Again, BadAddress, Busy, InvalidArgument, Overflow
-from hmmsim.gup import FOLL_FORCE, FOLL_WRITE, get_user_pages, put_page
+from hmmsim.gup import FOLL_WRITE, get_user_pages, put_page
 from hmmsim.hmm import (
     HMM_PFN_DMA_MAPPED,
     HMM_PFN_ERROR,
@@ -150,6 +150,9 @@ class IbUmemOdp:
         # gup era: v5.3 ib_umem_notifier_start/end_account.
         self.notifiers_seq = 0
         self.notifiers_count = 0
+        #: The ranges whose start this umem saw (see ``PerMm.invalidate_range_end``).
+        self.started: list[NotifierRange] = []
+        self.notifier_completion = sched.WaitQueue(f"odp{hca.owner_id}.notifier_completion")
 
     def __repr__(self) -> str:
         return f"IbUmemOdp([{self.start:#x}, {self.end:#x}), shift {self.page_shift}, {self.era})"
@@ -307,7 +310,7 @@ class IbUmemOdp:
         shift = self.page_shift
         mask = ~((1 << shift) - 1)
         access = ODP_READ_ALLOWED_BIT | (ODP_WRITE_ALLOWED_BIT if write else 0)
-        flags = FOLL_FORCE | (FOLL_WRITE if write else 0)
+        flags = FOLL_WRITE if write else 0
         start_idx = (user_virt - self.start) >> shift
         k = start_idx
         # "Make sure we map whole umem pages."
@@ -394,6 +397,8 @@ class IbUmemOdp:
             finally:
                 self.notifiers_count -= 1
                 self.notifiers_seq += 1
+                if not self.notifiers_count:
+                    self.notifier_completion.wake_up_all()
             raise Again(f"odp: a different page is already mapped at {a:#x}")
 
     # ----- unmapping -----------------------------------------------------------------------
@@ -446,12 +451,14 @@ class IbUmemOdp:
         self.released = True
         if self.is_implicit_odp:
             return
+        # Unmap first, then stop listening (the mkey is already revoked, so no
+        # fault can map anything in between).
+        with self.umem_mutex:
+            self.unmap_dma_pages(self.start, self.end)
         if self.era == "gup":
             self.hca.per_mm(self.mm).remove(self)
         elif self.notifier is not None:
             mmu_interval_notifier_remove(self.notifier)
-        with self.umem_mutex:
-            self.unmap_dma_pages(self.start, self.end)
         if self.era == "mainline":
             hmm_dma_map_free(self.hca.dma, self.map)
 
@@ -573,10 +580,20 @@ class PerMm(MmuNotifier):
         self.umems: list[IbUmemOdp] = []
         self.umem_rwsem = sched.RwSem(f"odp{hca.owner_id}.umem_rwsem")
         self.registered = False
+        #: Blockable ranges between invalidate_range_start and _end.
+        self.active: list[NotifierRange] = []
 
     def add(self, umem: IbUmemOdp) -> None:
+        """Insert ``umem`` in the tree. One inserted while an overlapping
+        invalidation runs counts as invalidated by it until it ends, so its
+        faults retry instead of mapping pages about to go (the model's rule;
+        v4.x parked such umems on ``no_private_counters`` for the same reason)."""
         with self.umem_rwsem.write():
             self.umems.append(umem)
+            for rng in self.active:
+                if umem.start < rng.end and rng.start < umem.end:
+                    umem.notifiers_count += 1
+                    umem.started.append(rng)
         if not self.registered:
             # mmu_notifier_register takes mmap_lock for write (v5.3 get_per_mm).
             with self.mm.mmap_lock.write():
@@ -604,19 +621,34 @@ class PerMm(MmuNotifier):
                     return -11  # -EAGAIN
             return 0
         with self.umem_rwsem.read():
+            self.active.append(rng)
             for umem in self._overlapping(rng):
                 umem.notifiers_count += 1
+                umem.started.append(rng)
                 if umem.mr is not None:
                     umem.mr.invalidate_span(rng.start, rng.end)
         return 0
 
     def invalidate_range_end(self, rng: NotifierRange) -> None:
+        """End the accounting of every umem that saw this range start.
+
+        v5.3 ended it for every umem overlapping the range at the end, so a
+        umem inserted in between had its count driven below zero, and every
+        later fault on it retried for good. The model ends only what started.
+        """
         if not rng.blockable:
             return
         with self.umem_rwsem.read():
+            if rng in self.active:
+                self.active.remove(rng)
             for umem in self._overlapping(rng):
-                umem.notifiers_seq += 1
-                umem.notifiers_count -= 1
+                if rng in umem.started:
+                    umem.started.remove(rng)
+                    with umem.umem_mutex:
+                        umem.notifiers_seq += 1
+                        umem.notifiers_count -= 1
+                        if not umem.notifiers_count:
+                            umem.notifier_completion.wake_up_all()
 
     def release(self, mm: AddressSpace) -> None:
         """``ib_umem_notifier_release``: every umem is invalidated for good."""
@@ -627,3 +659,5 @@ class PerMm(MmuNotifier):
                     umem.mr.invalidate_span(umem.start, umem.end)
                 umem.notifiers_seq += 1
                 umem.notifiers_count -= 1
+                if not umem.notifiers_count:
+                    umem.notifier_completion.wake_up_all()
