@@ -181,7 +181,8 @@ def check_huge_only_refuses_small_pages(spec: DriverSpec) -> None:
     """A driver that only takes huge pages refuses 4 KiB memory with EINVAL."""
     with environment(spec) as env:
         needs(env, Capability.HUGE_ONLY)
-        a = env.proc.mmap(HUGE, RW, ANON)  # not Env.mmap: 4 KiB pages
+        # Not Env.mmap: 4 KiB pages, over a whole 2 MiB-aligned huge page.
+        a = (env.proc.mmap(2 * HUGE, RW, ANON) + HUGE - 1) & ~(HUGE - 1)
         env.proc.write(a, pattern(4 * PAGE))
         assert env.proc.pagemap(a, 1)[0].order == 0
         expect_error(
