@@ -92,7 +92,7 @@ def teardown(machine: Machine, hca) -> None:  # type: ignore[no-untyped-def]
     check_dma_contract(machine)
 
 
-# ----- probe -------------------------------------------------------------------------------
+# ----- probe ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -158,7 +158,7 @@ def test_registration_snapshot_maps_present_pages_and_faults_nothing(machine):
     teardown(machine, hca)
 
 
-# ----- device accesses ---------------------------------------------------------------------------
+# ----- device accesses ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("era", ERAS)
@@ -350,7 +350,7 @@ def test_hmm_era_hugetlb_mr_of_two_huge_pages_is_consistent(machine):
     teardown(machine, hca)
 
 
-# ----- prefetch ------------------------------------------------------------------------------------
+# ----- prefetch -------------------------------------------------------------------------------
 
 
 def test_prefetch_maps_read_only_even_on_a_writable_mr(machine):
@@ -424,11 +424,11 @@ def test_prefetch_of_unmapped_memory_fails_synchronously_only(machine):
     teardown(machine, hca)
 
 
-# ----- invalidation -------------------------------------------------------------------------------
+# ----- invalidation ---------------------------------------------------------------------------
 
 
 def _mapped_mr(machine, era, npages, holes=()):  # type: ignore[no-untyped-def]
-    hca, proc, pd, qp = setup(machine, era)
+    hca, proc, pd, _qp = setup(machine, era)
     a = proc.mmap(npages * PAGE, RW, ANON)
     for i in range(npages):
         if i not in holes:
@@ -466,7 +466,7 @@ def test_zap_run_closes_only_at_an_8_aligned_invalid_entry(machine, era):
 
 
 def test_zap_run_goes_on_over_unaligned_invalid_entries(machine):
-    hca, proc, mr, a = _mapped_mr(machine, "mainline", 16, holes=(3, 4, 5, 6, 7))
+    hca, proc, _mr, a = _mapped_mr(machine, "mainline", 16, holes=(3, 4, 5, 6, 7))
     umrs = hca.stats.umrs
     proc.madvise(a, 9 * PAGE, MADV_DONTNEED)
     # Entry 8 is valid, so nothing closes the run [0, 9): one UMR.
@@ -498,7 +498,7 @@ def test_invalidation_unmaps_and_dirties_writable_pages(machine):
     teardown(machine, hca)
 
 
-# ----- implicit ODP ----------------------------------------------------------------------------
+# ----- implicit ODP ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("era", ["mainline", "hmm"])
@@ -538,7 +538,7 @@ def test_implicit_child_survives_a_partial_invalidation(machine):
     teardown(machine, hca)
 
 
-# ----- EBUSY ----------------------------------------------------------------------------------------
+# ----- EBUSY ----------------------------------------------------------------------------------
 
 
 def test_ebusy_after_the_deadline_reaches_the_fault_handler(machine, monkeypatch):
@@ -615,7 +615,7 @@ def test_pinned_mr_blocks_migration_and_never_sees_invalidations(machine):
     teardown(machine, hca)
 
 
-# ----- the gup era -----------------------------------------------------------------------------
+# ----- the gup era ----------------------------------------------------------------------------
 
 
 def test_gup_era_dma_list_keeps_access_bits_and_holds_no_page_reference(machine):
