@@ -72,8 +72,12 @@ class Odp(Driver):
         {"implicit": "1"},
     ]
 
-    @staticmethod
-    def _params(params: dict[str, Any]) -> tuple[str, bool, bool, PciDev | None]:
+    #: Parameters a preset subclass probes with when none are given.
+    preset: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def _params(cls, given: dict[str, Any]) -> tuple[str, bool, bool, PciDev | None]:
+        params = {**cls.preset, **given}
         unknown = set(params) - {"era", "hugetlb", "implicit", "pci"}
         if unknown:
             raise InvalidArgument(f"odp: unknown parameter(s) {sorted(unknown)}")
@@ -120,3 +124,18 @@ class Odp(Driver):
     def probe(self, machine: Machine, **params: Any) -> OdpHca:
         era, hugetlb, implicit, pci = self._params(params)
         return OdpHca(self, machine, era, hugetlb, implicit, pci)
+
+
+class OdpHugetlbHmm(Odp):
+    """``odp`` preset to ``era=hmm, hugetlb=1``: what the bug zoo builds the mutants
+    of hugetlb-only code from (a mutant is probed without parameters)."""
+
+    preset: ClassVar[dict[str, str]] = {"era": "hmm", "hugetlb": "1"}
+    variants: ClassVar[list[dict[str, str]]] = [{}]
+
+
+class OdpGup(Odp):
+    """``odp`` preset to ``era=gup`` (v5.3), for the bug zoo's mutants of the GUP era."""
+
+    preset: ClassVar[dict[str, str]] = {"era": "gup"}
+    variants: ClassVar[list[dict[str, str]]] = [{}]
