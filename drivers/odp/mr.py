@@ -288,6 +288,8 @@ class OdpMr:
         umem = self.umem
         assert umem is not None
         with umem.umem_mutex:
+            if umem.npages:
+                self.hca.stats.invalidations += 1
             self._zap(start, end)
 
     def _valid(self, idx: np.ndarray) -> np.ndarray:

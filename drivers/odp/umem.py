@@ -273,8 +273,12 @@ class IbUmemOdp:
                 ODP_READ_ALLOWED_BIT | ODP_WRITE_ALLOWED_BIT,
                 ODP_READ_ALLOWED_BIT,
             )
-        for i in todo.tolist():
-            self._orders_ok(heads[i : i + 1])
+        # The kernel checks each entry's order right before mapping it; an
+        # error stops the walk there, after the earlier entries were mapped.
+        orders = (heads[todo] >> _U64(HMM_PFN_ORDER_SHIFT)) & _U64(0x1F)
+        bad = np.flatnonzero(orders.astype(np.int64) + PAGE_SHIFT < self.page_shift)
+        stop = int(bad[0]) if len(bad) else len(todo)
+        for i in todo[:stop].tolist():
             idx = dma0 + i
             cur = int(self.dma_list[idx])
             mask = int(access[i])
@@ -288,6 +292,8 @@ class IbUmemOdp:
             self.hca.stats.dma_maps += 1
             self.npages += 1
             self.dma_list[idx] = _U64(addr | mask)
+        if stop < len(todo):
+            self._orders_ok(heads[todo[stop] : todo[stop] + 1])
 
     # ----- the 2019 GUP path ---------------------------------------------------------------
 
