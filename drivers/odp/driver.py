@@ -24,7 +24,7 @@ from hmmsim.errors import InvalidArgument
 from hmmsim.pci import PciDev
 
 from .device import OdpHca
-from .umem import ERAS
+from .history import ERAS
 
 if TYPE_CHECKING:
     from hmmsim.machine import Machine

@@ -81,7 +81,6 @@ if TYPE_CHECKING:
 
     from .device import OdpHca
 
-ERAS: Final = ("mainline", "hmm", "gup")
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
 #: ``HPAGE_SHIFT`` on x86-64: what an ``IB_ACCESS_HUGETLB`` umem uses after 2019.
