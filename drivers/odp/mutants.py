@@ -117,8 +117,8 @@ MUTANTS: tuple[Mutant, ...] = (
         _UMEM,
         (
             (
-                "        if len(entries) and int(orders.min()) + PAGE_SHIFT < self.page_shift:\n",
-                "        if False:  # mutant\n",
+                "        return int(bad[0]) if len(bad) else len(entries)\n",
+                "        return len(entries)  # mutant\n",
             ),
         ),
         "The map path does not check hmm_pfn_to_map_order against the umem page: an "

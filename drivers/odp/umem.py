@@ -238,12 +238,20 @@ class IbUmemOdp:
             raise
         return len(heads)
 
+    def _first_too_small(self, entries: np.ndarray) -> int:
+        """Index of the first entry the CPU maps with pages smaller than the umem
+        page (``hmm_pfn_to_map_order() + PAGE_SHIFT < page_shift``), or len."""
+        orders = ((entries >> _U64(HMM_PFN_ORDER_SHIFT)) & _U64(0x1F)).astype(np.int64)
+        bad = np.flatnonzero(orders + PAGE_SHIFT < self.page_shift)
+        return int(bad[0]) if len(bad) else len(entries)
+
     def _orders_ok(self, entries: np.ndarray) -> None:
-        orders = (entries >> _U64(HMM_PFN_ORDER_SHIFT)) & _U64(0x1F)
-        if len(entries) and int(orders.min()) + PAGE_SHIFT < self.page_shift:
+        i = self._first_too_small(entries)
+        if i < len(entries):
+            order = int(entries[i] >> _U64(HMM_PFN_ORDER_SHIFT)) & 0x1F
             raise InvalidArgument(
                 f"odp: a umem page of {self.page_size:#x} bytes is mapped by the CPU with "
-                f"order {int(orders.min())} pages"
+                f"order {order} pages"
             )
 
     def _mainline_check(self, heads: np.ndarray, fault: bool) -> None:
@@ -274,9 +282,7 @@ class IbUmemOdp:
             )
         # The kernel checks each entry's order right before mapping it; an
         # error stops the walk there, after the earlier entries were mapped.
-        orders = (heads[todo] >> _U64(HMM_PFN_ORDER_SHIFT)) & _U64(0x1F)
-        bad = np.flatnonzero(orders.astype(np.int64) + PAGE_SHIFT < self.page_shift)
-        stop = int(bad[0]) if len(bad) else len(todo)
+        stop = self._first_too_small(heads[todo])
         for i in todo[:stop].tolist():
             idx = dma0 + i
             cur = int(self.dma_list[idx])
