@@ -190,6 +190,11 @@ class OdpMirror(Mirror):
 
     def _bus_to_pfn(self, bus: int) -> int | None:
         dev = self.hca.dma
+        if dev.pci is not None:
+            # A P2P bus address is routed by the switches, not the IOMMU.
+            peer = dev.pci.topology.peer_pfns(dev.pci, bus, 1)
+            if peer is not None:
+                return int(peer[0])
         if dev.domain is None:
             return (bus - dev.bus_offset) >> PAGE_SHIFT
         # The IOMMU's page table, read without filling the IOTLB (a debug read).

@@ -653,3 +653,35 @@ def test_mirror_round_trip_and_close(machine, era):
     m.close()
     assert all(p is None for p in m.device_ptes(a, 64))
     teardown(machine, hca)
+
+
+# ----- P2P (mainline: hmm_dma_map_pfn maps peer memory) ---------------------------------------
+
+
+def test_mainline_mr_reaches_peer_memory_by_bus_address(machine):
+    from hmmsim import MAP_SHARED
+    from hmmsim.pci import pci_p2pdma_add_resource, pci_p2pmem_allocate_file, pci_topology
+
+    topo = pci_topology(machine)
+    hb = topo.add_host_bridge(0x8086, 0x1234)
+    _, (d0, d1) = topo.add_switch(topo.add_root_port(hb), ports=2)
+    gpu = topo.add_endpoint(d0, "gpu", bars={0: 4 << 20})
+    pci_p2pdma_add_resource(gpu, 0, 0, 0)
+    nic = topo.add_endpoint(d1, "nic")
+    hca = machine.probe("odp", pci=nic)
+    proc = machine.spawn()
+    pd = hca.alloc_ucontext(proc).alloc_pd()
+    qp = hca.create_qp(pd)
+    a = proc.mmap(4 * PAGE, RW, MAP_SHARED, file=pci_p2pmem_allocate_file(gpu))
+    proc.write(a, b"peer")
+    mr = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    assert qp.rdma_read(mr.key, a, 4) == b"peer"
+    qp.rdma_write(mr.key, a + PAGE, b"from the nic")
+    assert proc.read(a + PAGE, 12) == b"from the nic"
+    m = hca.open(proc)
+    m.mrs[(a >> 21, True)] = mr
+    assert {p.memory for p in m.device_ptes(a, 2) if p is not None} == {"p2p"}
+    check_mirror(m, a, 2)
+    proc.munmap(a, 4 * PAGE)
+    assert not mr.mtt.any()
+    teardown(machine, hca)
