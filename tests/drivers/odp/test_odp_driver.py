@@ -685,3 +685,30 @@ def test_mainline_mr_reaches_peer_memory_by_bus_address(machine):
     proc.munmap(a, 4 * PAGE)
     assert not mr.mtt.any()
     teardown(machine, hca)
+
+
+def test_zero_length_data_segment_means_2gib(machine):
+    hca, proc, pd, qp = setup(machine)
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    mr = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    proc.madvise(a, 4 * PAGE, MADV_DONTNEED)
+    # The WQE fault handler reads length 0 as 2 GiB, which leaves the MR: -EFAULT.
+    with pytest.raises(WorkRequestFailed) as info:
+        qp.post_send([IbvSge(a, 0, mr.key), IbvSge(a, PAGE, mr.key)])
+    assert isinstance(info.value.cause, BadAddress)
+    assert qp.completions[-1].status == WcStatus.LOC_PROT_ERR
+    assert hca.stats.wqe_faults == 1 and hca.stats.error_resumes == 1
+    teardown(machine, hca)
+
+
+def test_a_key_that_is_not_odp_counts_as_mapped_in_a_wqe_fault(machine):
+    hca, proc, pd, qp = setup(machine)
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    proc.write(a, data(4 * PAGE))
+    pinned = hca.reg_mr(pd, a, 2 * PAGE, IB_ACCESS_LOCAL_WRITE)
+    odp = hca.reg_mr(pd, a + 2 * PAGE, 2 * PAGE, ODP_RW)
+    proc.madvise(a + 2 * PAGE, 2 * PAGE, MADV_DONTNEED)
+    got = qp.post_send([IbvSge(a, PAGE, pinned.key), IbvSge(a + 2 * PAGE, PAGE, odp.key)])
+    assert got == data(4 * PAGE)[:PAGE] + bytes(PAGE)
+    assert hca.stats.wqe_faults == 1
+    teardown(machine, hca)
