@@ -6,7 +6,7 @@ import pytest
 from hmmsim.testing.checks import (
     CHECKS,
     HUGE_ONLY_RACES,
-    check_huge_only_refuses_small_pages,
+    check_hugetlb,
     check_invalidate_on_munmap,
     run_check,
 )
@@ -34,22 +34,19 @@ def test_env_mmap_is_unchanged_for_other_drivers():
         assert vma is not None and not vma.is_hugetlb and vma.end - vma.start == 4 * PAGE
 
 
-def test_the_refusal_check_passes_for_huge_only_and_is_skipped_otherwise():
-    assert run_check(HUGE_ODP, "permissions", check_huge_only_refuses_small_pages).outcome == (
-        "passed"
-    )
-    other = run_check(DriverSpec.parse("odp"), "permissions", check_huge_only_refuses_small_pages)
-    assert other.outcome == "skipped" and "HUGE_ONLY" in other.message
+def test_the_hugetlb_check_passes_for_huge_only_and_for_others():
+    assert run_check(HUGE_ODP, "coherence", check_hugetlb).outcome == "passed"
+    assert run_check(DriverSpec.parse("odp"), "coherence", check_hugetlb).outcome == "passed"
 
 
-def test_the_refusal_check_fails_for_a_driver_that_maps_small_pages_under_huge_only(
+def test_the_hugetlb_check_fails_a_huge_only_driver_that_maps_small_pages(
     monkeypatch,
 ):
     from hmmsim.drivers.odp import umem
 
     monkeypatch.setattr(umem.IbUmemOdp, "_first_too_small", lambda self, entries: len(entries))
-    result = run_check(HUGE_ODP, "permissions", check_huge_only_refuses_small_pages)
-    assert result.outcome == "failed" and "succeeded" in result.message
+    result = run_check(HUGE_ODP, "coherence", check_hugetlb)
+    assert result.outcome == "failed" and "device read of 4 KiB pages succeeded" in result.message
 
 
 def test_sub_huge_scenarios_skip_naming_the_capability():
