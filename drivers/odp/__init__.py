@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from hmmsim.hookspecs import hookimpl
 
-from .device import OdpHca, OdpStats, Pd, Qp, Ucontext, WorkRequestFailed
+from .device import OdpHca, OdpStats, Pd, Qp, Ucontext
 from .driver import Odp
 from .mirror import OdpMirror
 from .mr import OdpMr
@@ -30,6 +30,7 @@ from .uapi import (
     IbvSge,
     WcStatus,
     WorkCompletion,
+    WorkRequestFailed,
 )
 from .umem import IbUmemOdp
 

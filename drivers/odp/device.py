@@ -82,6 +82,7 @@ from .uapi import (
     PageFaultType,
     WcStatus,
     WorkCompletion,
+    WorkRequestFailed,
 )
 from .umem import (
     PAGE_SHIFT,
@@ -100,22 +101,6 @@ if TYPE_CHECKING:
 #: Rounds of fault-and-resume after which an access is declared livelocked.
 MAX_RESUME_ROUNDS: Final = 10_000
 _TASK_SIZE_BITS: Final = 47
-
-
-class WorkRequestFailed(HmmsimError):
-    """A work request completed with an error completion.
-
-    ``wc`` is the completion; ``cause`` the error the fault handler (or the
-    protection check) saw. ``errno`` is the cause's, so callers can treat it
-    as that error.
-    """
-
-    def __init__(self, wc: WorkCompletion, cause: BaseException | None) -> None:
-        super().__init__(f"odp: work request failed ({wc.status.name}): {cause}")
-        self.errno_value = getattr(cause, "errno", None) or 5
-        self.errno = self.errno_value
-        self.wc = wc
-        self.cause = cause
 
 
 @attrs.define

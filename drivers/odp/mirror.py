@@ -30,7 +30,6 @@ from hmmsim.driver import DevicePte, MemoryKind, Mirror, MirrorStats, check_user
 from hmmsim.errors import Again, HmmsimError
 from hmmsim.memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
 
-from .device import WorkRequestFailed
 from .mr import OdpMr
 from .uapi import (
     IB_ACCESS_HUGETLB,
@@ -45,6 +44,7 @@ from .uapi import (
     MLX5_IB_MTT_WRITE,
     MLX5_IMR_MTT_SHIFT,
     IbvSge,
+    WorkRequestFailed,
 )
 from .umem import PAGE_SHIFT
 

@@ -13,6 +13,7 @@ import enum
 from typing import Final
 
 import attrs
+from hmmsim.errors import HmmsimError
 
 # ----- memory-region access flags (ibv_reg_mr) ---------------------------------------------
 
@@ -135,4 +136,24 @@ class WorkCompletion:
     errno: int = 0
 
 
-__all__ = [name for name in dir() if name.isupper() or name[0].isupper()]
+class WorkRequestFailed(HmmsimError):
+    """A work request completed with an error completion.
+
+    ``wc`` is the completion; ``cause`` the error the fault handler (or the
+    protection check) saw. ``errno`` is the cause's, so callers can treat it
+    as that error.
+    """
+
+    def __init__(self, wc: WorkCompletion, cause: BaseException | None) -> None:
+        super().__init__(f"odp: work request failed ({wc.status.name}): {cause}")
+        self.errno_value = getattr(cause, "errno", None) or 5
+        self.errno = self.errno_value
+        self.wc = wc
+        self.cause = cause
+
+
+__all__ = [
+    name
+    for name in dir()
+    if (name.isupper() or name[0].isupper()) and name not in {"Final", "HmmsimError"}
+]

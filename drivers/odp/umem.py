@@ -62,6 +62,7 @@ from hmmsim.notifier import (
     mmu_interval_notifier_remove,
     mmu_interval_read_begin,
     mmu_interval_read_retry,
+    mmu_interval_set_seq,
     mmu_notifier_register,
     mmu_notifier_unregister,
 )
@@ -485,11 +486,14 @@ class _UmemNotifierOps:
 
     def invalidate(self, sub: IntervalNotifier, rng: NotifierRange, cur_seq: int) -> bool:
         mr = self.umem.mr
-        if mr is None:
-            from .mr import invalidate_umem
-
-            return invalidate_umem(self.umem, None, sub, rng, cur_seq)
-        return bool(mr.invalidate(sub, rng, cur_seq))
+        if mr is not None:
+            return bool(mr.invalidate(sub, rng, cur_seq))
+        # No MR yet (ib_umem_odp_get has not returned): only record the sequence.
+        if not rng.blockable:
+            return False
+        with self.umem.umem_mutex:
+            mmu_interval_set_seq(sub, cur_seq)
+        return True
 
 
 def _umem_bounds(addr: int, size: int, page_shift: int) -> tuple[int, int]:
