@@ -265,6 +265,12 @@ def mmu_interval_notifier_insert(
     if not hasattr(ops, "invalidate") and not hasattr(ops, "invalidate_start"):
         raise InvalidArgument("ops must provide invalidate() or invalidate_start()")
     sched.point("notifier_insert")
+    if mm.notifier_subscriptions is None:
+        # The first subscription of an mm registers its notifier state under
+        # mmap_write_lock (__mmu_notifier_register), so it cannot appear in
+        # the middle of an invalidation that started without it.
+        with mm.mmap_lock.write():
+            _subscriptions(mm)
     subs = _subscriptions(mm)
     sub = IntervalNotifier(mm, start, start + length - 1, ops)
     if subs.active_invalidate_ranges:
@@ -287,6 +293,7 @@ def mmu_interval_notifier_insert_locked(
 ) -> IntervalNotifier:
     """As ``mmu_interval_notifier_insert``, called with the mmap lock held for write."""
     mm.mmap_lock.assert_held_write()
+    _subscriptions(mm)
     return mmu_interval_notifier_insert(mm, start, length, ops)
 
 

@@ -35,6 +35,7 @@ from .env import (
     ANON,
     HUGE,
     PAGE,
+    RW,
     CheckSkipped,
     DriverSpec,
     Env,
@@ -50,6 +51,13 @@ from .races import RACES, RaceFailure, race_check
 def needs(env: Env, cap: Capability) -> None:
     if not cap & env.caps:
         raise CheckSkipped(f"{env.spec} does not claim {cap.name}")
+
+
+def not_huge_only(env: Env, what: str) -> None:
+    """Skip a scenario that works on 4 KiB pieces of memory when the driver only
+    takes huge pages (``HUGE_ONLY``): it has no hugetlb counterpart."""
+    if Capability.HUGE_ONLY & env.caps:
+        raise CheckSkipped(f"{env.spec} claims HUGE_ONLY: {what} has no hugetlb counterpart")
 
 
 def expect_error(exc: type[Exception], call: Callable[[], object], what: str) -> None:
@@ -101,6 +109,7 @@ def check_file_backed(spec: DriverSpec) -> None:
     """Shared file mappings: device writes reach the file; private ones copy on write."""
     with environment(spec) as env:
         needs(env, Capability.WRITE)
+        not_huge_only(env, "page-cache memory")
         f = env.machine.create_file(4 * PAGE)
         f.pwrite(0, pattern(4 * PAGE, 3))
         a = env.mmap(4 * PAGE, flags=MAP_SHARED, file=f)
@@ -129,13 +138,34 @@ def check_transparent_huge_pages(spec: DriverSpec) -> None:
 
 
 def check_hugetlb(spec: DriverSpec) -> None:
-    """hugetlb memory reads and writes coherently."""
+    """hugetlb memory reads and writes coherently; a driver that only takes huge
+    pages (``HUGE_ONLY``) refuses 4 KiB memory with EINVAL."""
     with environment(spec) as env:
         needs(env, Capability.WRITE)
         a = env.mmap(HUGE, flags=ANON | MAP_HUGETLB)
         env.mirror.write(a + 3 * PAGE, pattern(PAGE, 4))
         assert env.proc.read(a + 3 * PAGE, PAGE) == pattern(PAGE, 4)
         env.check(a, HUGE // PAGE)
+        if Capability.HUGE_ONLY & env.caps:
+            refuses_small_pages(env)
+
+
+def refuses_small_pages(env: Env) -> None:
+    """A ``HUGE_ONLY`` driver refuses 4 KiB memory with EINVAL, storing nothing."""
+    # Not Env.mmap: 4 KiB pages, over a whole 2 MiB-aligned huge page.
+    a = (env.proc.mmap(2 * HUGE, RW, ANON) + HUGE - 1) & ~(HUGE - 1)
+    env.proc.write(a, pattern(4 * PAGE))
+    assert env.proc.pagemap(a, 1)[0].order == 0
+    expect_error(
+        InvalidArgument, lambda: env.mirror.read(a, 4 * PAGE), "device read of 4 KiB pages"
+    )
+    expect_error(
+        InvalidArgument,
+        lambda: env.mirror.write(a, pattern(PAGE, 2)),
+        "device write of 4 KiB pages",
+    )
+    assert env.proc.read(a, 4 * PAGE) == pattern(4 * PAGE)
+    env.check(a, 4)
 
 
 # ----- permissions ------------------------------------------------------------------------
@@ -145,6 +175,7 @@ def check_permission_errors(spec: DriverSpec) -> None:
     """No read without VM_READ, no write without VM_WRITE, nothing half-copied."""
     with environment(spec) as env:
         needs(env, Capability.READ)
+        not_huge_only(env, "mprotect of 4 KiB pages")
         a = env.mmap(4 * PAGE)
         env.proc.write(a, pattern(4 * PAGE))
         env.proc.mprotect(a + 2 * PAGE, 2 * PAGE, PROT_NONE)
@@ -186,6 +217,7 @@ def _mapped(env: Env, npages: int, write: bool = True) -> int:
 def check_invalidate_on_munmap(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.READ)
+        not_huge_only(env, "munmap of 4 KiB pages")
         a = _mapped(env, 8)
         env.proc.munmap(a + 2 * PAGE, 4 * PAGE)
         assert all(p is None for p in env.mirror.device_ptes(a + 2 * PAGE, 4)), (
@@ -202,6 +234,7 @@ def check_invalidate_on_munmap(spec: DriverSpec) -> None:
 def check_invalidate_on_mprotect(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.WRITE)
+        not_huge_only(env, "mprotect of 4 KiB pages")
         a = _mapped(env, 8)
         env.proc.mprotect(a, 8 * PAGE, PROT_READ)
         env.check(a, 8)  # nothing device-writable any more
@@ -241,6 +274,7 @@ def check_device_write_in_fork_child(spec: DriverSpec) -> None:
 def check_invalidate_on_dontneed(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.READ)
+        not_huge_only(env, "MADV_DONTNEED of 4 KiB pages")
         a = _mapped(env, 4)
         env.proc.madvise(a, 4 * PAGE, MADV_DONTNEED)
         env.check(a, 4)
@@ -250,6 +284,7 @@ def check_invalidate_on_dontneed(spec: DriverSpec) -> None:
 def check_invalidate_on_swap_out(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.READ)
+        not_huge_only(env, "swap-out (hugetlb is never swapped)")
         a = _mapped(env, 4)
         env.proc.madvise(a, 4 * PAGE, MADV_PAGEOUT)
         env.check(a, 4)
@@ -374,7 +409,29 @@ CHECKS: dict[str, list[Callable[[DriverSpec], None]]] = {
     "teardown": [check_close_drops_everything, check_exit_with_mirror_open],
 }
 
-CHECKS["races"] = [race_check(race) for race in RACES]
+#: The races that have a hugetlb counterpart: the others change 4 KiB pieces
+#: of the buffer (munmap, mprotect, MADV_DONTNEED, reclaim, THP split).
+HUGE_ONLY_RACES = frozenset({"write_vs_fork", "read_vs_page_migration"})
+
+
+def _race_check(race: Any) -> Callable[[DriverSpec], None]:
+    """``race_check``, skipped for a ``HUGE_ONLY`` driver unless it has a hugetlb
+    counterpart (``HUGE_ONLY_RACES``)."""
+    check = race_check(race)
+    if race.name in HUGE_ONLY_RACES:
+        return check
+
+    def wrapped(spec: DriverSpec) -> None:
+        if Capability.HUGE_ONLY & spec.capabilities():
+            raise CheckSkipped(f"{spec} claims HUGE_ONLY: {race.name} works on 4 KiB pages")
+        check(spec)
+
+    for attr in ("race", "__name__", "__qualname__", "__doc__"):
+        setattr(wrapped, attr, getattr(check, attr))
+    return wrapped
+
+
+CHECKS["races"] = [_race_check(race) for race in RACES]
 
 # The checks of other modules (imported here: they use this module's helpers).
 from .checks_capabilities import CAPABILITY_CHECKS, OOM_CHECKS, SIZE_CHECKS  # noqa: E402

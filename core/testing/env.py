@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from .. import MADV_HUGEPAGE, MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from .. import MADV_HUGEPAGE, MAP_ANONYMOUS, MAP_HUGETLB, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from ..driver import Capability, Device, Driver, Mirror
 from ..machine import Machine, MachineConfig
 from ..mm.process import Process
@@ -64,13 +64,20 @@ class DriverSpec:
     def capabilities(self, pm: Any = None) -> Capability:
         return self.driver(pm).capabilities_for(**dict(self.params))
 
-    def machine(self, small: bool = False) -> Machine:
+    def machine(self, small: bool = False, huge_only: bool = False) -> Machine:
         """The checks' machine; ``small`` for the race scenarios, built thousands
-        of times (no hugetlb pool, less RAM to index)."""
+        of times (no hugetlb pool, less RAM to index). ``huge_only`` (a driver
+        claiming ``HUGE_ONLY``): a hugetlb pool big enough for every mapping
+        ``Env.mmap`` makes, since each one is a 2 MiB hugetlb mapping."""
         if small:
+            if huge_only:
+                return Machine(
+                    MachineConfig(ram_bytes=32 << 20, swap_bytes=1 << 20, hugetlb_pages={HUGE: 6})
+                )
             return Machine(MachineConfig(ram_bytes=16 << 20, swap_bytes=1 << 20))
+        pool = 32 if huge_only else 2
         return Machine(
-            MachineConfig(ram_bytes=256 << 20, swap_bytes=64 << 20, hugetlb_pages={2 << 20: 2})
+            MachineConfig(ram_bytes=256 << 20, swap_bytes=64 << 20, hugetlb_pages={HUGE: pool})
         )
 
 
@@ -88,10 +95,21 @@ class Env:
     granule: int = PAGE
 
     def mmap(self, size: int, prot: int = RW, flags: int = ANON, **kw: Any) -> int:
+        """``mmap`` for a check. A driver claiming ``HUGE_ONLY`` refuses memory
+        that is not huge, so anonymous memory is then a ``MAP_HUGETLB``
+        mapping rounded up to 2 MiB (2 MiB aligned)."""
+        if Capability.HUGE_ONLY & self.caps and "file" not in kw and flags & MAP_ANONYMOUS:
+            flags |= MAP_HUGETLB
+            size = (size + HUGE - 1) & ~(HUGE - 1)
         return self.proc.mmap(size, prot, flags, **kw)
 
     def thp_region(self) -> int:
-        """A 2 MiB-aligned, MADV_HUGEPAGE region of 2 MiB (its first fault makes a THP)."""
+        """A 2 MiB-aligned, MADV_HUGEPAGE region of 2 MiB (its first fault makes a THP).
+
+        Raises ``CheckSkipped`` for a driver claiming ``HUGE_ONLY`` (it refuses THP
+        memory by definition of the scenario: hugetlb is what it maps)."""
+        if Capability.HUGE_ONLY & self.caps:
+            raise CheckSkipped(f"{self.spec} claims HUGE_ONLY: a THP scenario does not apply")
         a = (self.mmap(2 * HUGE) + HUGE - 1) & ~(HUGE - 1)
         self.proc.madvise(a, HUGE, MADV_HUGEPAGE)
         return a
@@ -107,7 +125,7 @@ def open_environment(spec: DriverSpec, pm: Any = None, *, small: bool = False) -
     """Probe the driver on a fresh machine, spawn a process and open a mirror on it."""
     pm = pm or spec.plugin_manager()
     caps = spec.capabilities(pm)
-    machine = spec.machine(small)
+    machine = spec.machine(small, bool(Capability.HUGE_ONLY & caps))
     machine.plugin_manager = pm
     install_poisoning(machine)
     install_watchdog(machine)
