@@ -208,12 +208,12 @@ class OdpMirror(Mirror):
     def _kind(self, pfn: int) -> MemoryKind:
         pgmap = self.hca.machine.phys.pgmap_of(pfn)
         if pgmap is None:
-            return "system"
+            return MemoryKind.SYSTEM
         if pgmap.type == MEMORY_DEVICE_COHERENT:
-            return "device_coherent"
+            return MemoryKind.DEVICE_COHERENT
         if pgmap.type == MEMORY_DEVICE_PCI_P2PDMA:
-            return "p2p"
-        return "system"
+            return MemoryKind.P2P
+        return MemoryKind.SYSTEM
 
     def _live_mrs(self, addr: int, npages: int) -> list[OdpMr]:
         end = addr + (npages << PAGE_SHIFT)

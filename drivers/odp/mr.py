@@ -297,8 +297,12 @@ class OdpMr:
         assert umem is not None
         if umem.era == "mainline":
             # pfn_list[idx] & HMM_PFN_VALID with idx in umem pages (as read).
-            return (umem.pfn_list[idx] & _U64(HMM_PFN_VALID)) != 0
-        return (umem.dma_list[idx] & _U64(ODP_READ_ALLOWED_BIT | ODP_WRITE_ALLOWED_BIT)) != 0
+            valid: np.ndarray = (umem.pfn_list[idx] & _U64(HMM_PFN_VALID)) != 0
+            return valid
+        allowed: np.ndarray = (
+            umem.dma_list[idx] & _U64(ODP_READ_ALLOWED_BIT | ODP_WRITE_ALLOWED_BIT)
+        ) != 0
+        return allowed
 
     def _zap(self, start: int, end: int) -> None:
         """ZAP runs of valid entries, closing a run only at an 8-aligned invalid entry;
