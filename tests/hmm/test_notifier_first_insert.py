@@ -29,7 +29,7 @@ from hmmsim.notifier import (
     mmu_interval_read_retry,
     mmu_interval_set_seq,
 )
-from hmmsim.scheduler import BoundedDFS
+from hmmsim.sched import BoundedDFS
 
 PAGE = 4096
 
