@@ -290,9 +290,9 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
     """The suite on every mutant: caught or not, by which check, after how many schedules."""
     import time
 
-    from .testing.bugzoo import MUTANTS, run_zoo
+    from .testing.bugzoo import all_mutants, run_zoo
 
-    known = {m.name for m in MUTANTS}
+    known = {m.name for m in all_mutants()}
     unknown = [n for n in names if n not in known]
     if unknown:
         raise UsageError(f"no mutant named {unknown[0]!r} (see hmmsim check --bugzoo)")

@@ -19,8 +19,11 @@ import keyword
 import pathlib
 import re
 
-from ..errors import AlreadyExists, InvalidArgument
-from ..plugins import driver_classes, get_plugin_manager, plugin_distribution
+# Absolute imports: the bug zoo runs this package's body again in a private
+# copy when it builds the template's mutants (testing/bugzoo.py), where a
+# relative import could not reach beyond the copy.
+from hmmsim.errors import AlreadyExists, InvalidArgument
+from hmmsim.plugins import driver_classes, get_plugin_manager, plugin_distribution
 
 PYPROJECT = """[build-system]
 requires = ["setuptools>=61"]
