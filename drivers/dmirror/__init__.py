@@ -23,7 +23,7 @@ module of ``hmmsim.mm``.
 
 from __future__ import annotations
 
-from hmmsim.hookspecs import hookimpl
+from hmmsim import hookimpl
 
 from .device import DmirrorDevice
 from .driver import Dmirror

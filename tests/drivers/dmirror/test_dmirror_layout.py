@@ -27,7 +27,6 @@ FACES = {
     "hmmsim.sched",
     "hmmsim.errors",
     "hmmsim.trace",
-    "hmmsim.hookspecs",
 }
 
 
