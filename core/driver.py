@@ -155,6 +155,12 @@ class Mutant:
     edits: tuple[tuple[str, str], ...]
     #: The kernel rule it breaks, and the real driver bug it stands for.
     rule: str
+    #: The part of a driver it breaks, for the zoo's kill rate per area:
+    #: fault, invalidation, permissions, huge, migration, exclusive, teardown, dma.
+    area: str = ""
+    #: Why the conformance suite does not catch it yet (a known gap): the zoo
+    #: then expects a miss, and reports the mutant once a check catches it.
+    suite_gap: str = ""
 
 
 class Mirror(abc.ABC):

@@ -23,15 +23,19 @@ import importlib.abc
 import importlib.machinery
 import importlib.metadata
 import importlib.util
+import re
 import sys
 import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import attrs
 
+from .. import errors
 from ..driver import Driver, Mutant
+from ..errors import Deadlock, HmmsimError
 from ..hookspecs import hookimpl
 from ..plugins import BUGZOO_GROUP, get_plugin_manager
 from .checks import CheckSkipped, DriverSpec, all_checks, check_id
@@ -127,26 +131,84 @@ def mutant_drivers() -> tuple[type[Driver], ...]:
     return tuple(build(m) for m in all_mutants())
 
 
+#: Mutants ``run_mutant`` was handed that no package registers, while it runs.
+_EXTRA: dict[str, type[Driver]] = {}
+
+
 @hookimpl
 def hmmsim_register_drivers() -> list[type[Driver]]:
-    return list(mutant_drivers())
+    return [*mutant_drivers(), *_EXTRA.values()]
 
 
 # ----- running the suite on the zoo ------------------------------------------------------
+#
+# What counts as a catch: a check of the suite failing the mutant as it would
+# fail a real driver — an AssertionError from a check, an invariant or a
+# KernelBug; an errno error (hmmsim.errors) the check did not expect; a
+# Deadlock the model's locks detect; for a race, an invariant violated, a
+# deadlock or livelock, or an actor failing with one of those. A mutant whose
+# edits do not apply fails to build (an AssertionError from ``build``, before
+# any check runs), and a check or actor dying of a plain Python error is a
+# crash: neither is a catch.
+
+
+#: Exceptions that are the suite failing a driver: an oracle's AssertionError
+#: (checks, invariants, ``KernelBug``), an errno error the check did not
+#: expect (the driver answered its user wrongly), or a ``Deadlock`` the
+#: model's locks detected (what lockdep reports). Anything else is a crash.
+CATCHING: tuple[type[BaseException], ...] = (AssertionError, HmmsimError, Deadlock)
+_CATCHING_NAMES = frozenset(
+    name
+    for name, obj in vars(errors).items()
+    if isinstance(obj, type) and issubclass(obj, CATCHING)
+) | {"AssertionError", "RaceFailure"}
 
 
 @attrs.frozen
 class ZooResult:
+    """What the suite did with one mutant.
+
+    ``status`` is ``caught`` (a check failed, see ``CATCHING``), ``missed``
+    (every check passed) or ``crashed`` (a check or a race actor died of a
+    Python error such as ``NameError`` or ``TypeError``: the mutant is broken
+    code, which says nothing about the suite's oracle, so it is no catch).
+    """
+
     mutant: str
-    caught: bool
+    status: str
     check: str = ""
     #: For a race: schedules explored up to and including the failing one.
     schedules: int | None = None
     message: str = ""
     seconds: float = 0.0
+    #: The unmutated driver's name (``skel`` is the new-driver template).
+    driver: str = ""
+    #: The mutant's area (``Mutant.area``).
+    area: str = ""
+    #: The mutant's documented suite gap (``Mutant.suite_gap``), if any.
+    suite_gap: str = ""
+
+    @property
+    def caught(self) -> bool:
+        return self.status == "caught"
+
+    @property
+    def expected(self) -> bool:
+        """Caught, or missed where the mutant documents the suite's gap."""
+        return self.status == ("missed" if self.suite_gap else "caught")
 
 
-def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, int | None, str]:
+def _race_failure_catches(description: str) -> bool:
+    """Whether a race's failure is a check failing (see ``ZooResult``)."""
+    if description.startswith(("invariant violated", "deadlock", "livelock")):
+        return True
+    # Actor errors read "actor: ExceptionType: message; ...".
+    kinds = re.findall(r"(?:^|; )[\w-]+: (\w+): ", description)
+    return bool(kinds) and all(k in _CATCHING_NAMES for k in kinds)
+
+
+def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, str, int | None, str]:
+    """(status, check id, schedules, message) of the first check that fails."""
     # A check the driver declares it fails (a quirk of the real driver, kept on
     # purpose) fails for the unmutated driver too: it catches nothing.
     known = spec.driver(pm).expected_failures(**dict(spec.params))
@@ -160,37 +222,88 @@ def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, int | None, str]:
             result = explore_race(spec, race, pm=pm)
             if result.failures:
                 f = result.failures[0]
-                return f"{area}/{race.name}", f.run + 1, f"{f.description} [{f.schedule}]"
+                status = "caught" if _race_failure_catches(f.description) else "crashed"
+                message = f"{f.description} [{f.schedule}]"
+                return status, f"{area}/{race.name}", f.run + 1, message
             continue
         try:
             check(spec)
         except CheckSkipped:
             continue
+        except CATCHING as exc:
+            return "caught", check_id(area, check), None, f"{type(exc).__name__}: {exc}"
         except Exception as exc:
-            return check_id(area, check), None, f"{type(exc).__name__}: {exc}"
-    return "", None, ""
+            return "crashed", check_id(area, check), None, f"{type(exc).__name__}: {exc}"
+    return "missed", "", None, ""
+
+
+def _driver_name(mutant: Mutant) -> str:
+    base = build(mutant).__mro__[1]
+    return str(getattr(base, "name", mutant.driver))
+
+
+def run_mutant(mutant: Mutant, pm: Any = None) -> ZooResult:
+    """Run the suite on one mutant until a check catches it (see ``ZooResult``).
+
+    ``mutant`` need not be registered: one that is not is built and offered
+    by this module's hook while the suite runs on it.
+    """
+    extra = mutant.name not in {m.name for m in all_mutants()}
+    if extra:
+        _EXTRA[mutant.name] = build(mutant)
+    try:
+        pm = pm or get_plugin_manager(group=BUGZOO_GROUP)
+        spec = DriverSpec(mutant.name, (), BUGZOO_GROUP)
+        t0 = time.perf_counter()
+        status, check, schedules, message = _first_failure(spec, pm)
+    finally:
+        if extra:
+            del _EXTRA[mutant.name]
+    return ZooResult(
+        mutant.name,
+        status,
+        check,
+        schedules,
+        message,
+        time.perf_counter() - t0,
+        _driver_name(mutant),
+        mutant.area,
+        mutant.suite_gap,
+    )
 
 
 def run_zoo(names: list[str] | None = None) -> Iterator[ZooResult]:
-    """Run the suite on each mutant (all by default) until a check catches it."""
+    """Run the suite on each mutant (all by default) until a check catches it.
+
+    Checks run in the suite's order and the first failure decides: for a
+    race, how many schedules the exploration needed up to the failing one.
+    """
     pm = get_plugin_manager(group=BUGZOO_GROUP)
     for mutant in all_mutants():
         if names and mutant.name not in names:
             continue
-        spec = DriverSpec(mutant.name, (), BUGZOO_GROUP)
-        t0 = time.perf_counter()
-        check, schedules, message = _first_failure(spec, pm)
-        yield ZooResult(
-            mutant.name, bool(check), check, schedules, message, time.perf_counter() - t0
-        )
+        yield run_mutant(mutant, pm)
+
+
+def kill_rates(results: list[ZooResult], key: str) -> dict[str, tuple[int, int]]:
+    """(caught, total) per value of ``key`` (``driver`` or ``area``), sorted by it."""
+    out: dict[str, tuple[int, int]] = {}
+    for r in results:
+        k = getattr(r, key) or "-"
+        caught, total = out.get(k, (0, 0))
+        out[k] = (caught + r.caught, total + 1)
+    return dict(sorted(out.items()))
 
 
 __all__: list[str] = [
+    "CATCHING",
     "Mutant",
     "ZooResult",
     "all_mutants",
     "build",
     "build_package_mutant",
+    "kill_rates",
     "mutant_drivers",
+    "run_mutant",
     "run_zoo",
 ]
