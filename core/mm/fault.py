@@ -193,7 +193,9 @@ def _pmd_fault(vma: Vma, vpn: int, write: bool) -> int | None:
     if kind == KIND_MIGRATION:
         return wait_on_migration(vma, pmdloc, e)
     if kind == KIND_DEVICE_PRIVATE:
-        return do_device_private_fault(vma, vpn, pmdloc, e, pte_pfn(e) + (vpn & 511), write)
+        return do_device_private_fault(
+            vma, vpn, pmdloc, e, pte_pfn(e) + (vpn & 511), write, PMD_ORDER
+        )
     return VM_FAULT_SIGBUS
 
 
@@ -300,7 +302,7 @@ def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
     if kind == KIND_HWPOISON:
         return VM_FAULT_HWPOISON
     if kind == KIND_DEVICE_PRIVATE:
-        return do_device_private_fault(vma, vpn, loc, e, pte_pfn(e), write)
+        return do_device_private_fault(vma, vpn, loc, e, pte_pfn(e), write, 0)
     if kind == KIND_DEVICE_EXCLUSIVE:
         return remove_device_exclusive_entry(vma, vpn, loc, e)
     if kind == KIND_PROTNONE:
@@ -315,8 +317,14 @@ def _pte_fault(vma: Vma, vpn: int, write: bool) -> int:
     return VM_FAULT_SIGBUS  # poison and guard markers
 
 
-def do_device_private_fault(vma: Vma, vpn: int, loc: int, e: int, pfn: int, write: bool) -> int:
+def do_device_private_fault(
+    vma: Vma, vpn: int, loc: int, e: int, pfn: int, write: bool, order: int
+) -> int:
     """CPU touch of device-private page ``pfn``: the owner's ``migrate_to_ram`` (§3.5).
+
+    ``order`` is that of the faulting entry (0 for a PTE, ``PMD_ORDER`` for a
+    device-private PMD); it travels in the ``VmFault`` so the driver never
+    reads the CPU page table to learn it.
 
     The core takes a reference and the folio lock, rechecks the entry, and
     lets the driver move the page back; the lock and reference are dropped
@@ -332,7 +340,8 @@ def do_device_private_fault(vma: Vma, vpn: int, loc: int, e: int, pfn: int, writ
             if vma.mm.pt.get(loc) != e:
                 return 0  # changed under us: let the access retry
             pgmap = phys.pgmap_of(pfn)
-            vmf = VmFault(vma, vpn << PAGE_SHIFT, FAULT_FLAG_WRITE if write else 0, pfn, pgmap, e)
+            flags = FAULT_FLAG_WRITE if write else 0
+            vmf = VmFault(vma, vpn << PAGE_SHIFT, flags, pfn, pgmap, e, order)
             return int(pgmap.ops.migrate_to_ram(vmf))
         finally:
             # The driver may have split the folio: unlock the fault page's folio.

@@ -76,6 +76,11 @@ class VmFault:
     page: int
     pgmap: DevPagemap
     orig_pte: int
+    #: The order of the faulting CPU entry: 0 for a PTE, ``PMD_ORDER`` for a
+    #: device-private PMD (the kernel's fault path knows which of
+    #: ``do_swap_page`` and ``do_huge_pmd_device_private`` it is in), so
+    #: ``migrate_to_ram`` never reads the CPU page table for it.
+    order: int = 0
 
 
 class DevPagemapOps(Protocol):

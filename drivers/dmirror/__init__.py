@@ -4,13 +4,30 @@
 ``dev.open(process)`` a ``DmirrorFile`` (a mirror) whose ``ioctl`` takes the
 ``HMM_DMIRROR_*`` commands of the kernel UAPI, so the kernel's hmm-tests port
 line by line.
+
+The package is laid out the way every driver package is (copy it):
+
+* ``driver.py``: the ``Driver`` class, its capabilities, parameters and probe;
+* ``device.py``: device memory — chunks, free lists, allocation, eviction;
+* ``mirror.py``: one open file — the interval notifier, the device page
+  table, the fault path, the ioctl table, snapshot and exclusive access;
+* ``migrate.py``: migration to the device, to system memory, and the CPU
+  fault on a device page (``migrate_to_ram``);
+* ``uapi.py``: the native interface under the kernel's names;
+* ``mutants.py``: its bug-zoo mutants (entry-point group ``hmmsim.bugzoo``).
+
+Only public faces are imported (``hmmsim``, ``hmmsim.mm``, ``hmmsim.hmm``,
+``hmmsim.notifier``, ``hmmsim.migrate``, ``hmmsim.memremap``, …), never a
+module of ``hmmsim.mm``.
 """
 
 from __future__ import annotations
 
-from hmmsim.hookspecs import hookimpl
+from hmmsim import hookimpl
 
-from .device import Dmirror, DmirrorDevice, DmirrorFile
+from .device import DmirrorDevice
+from .driver import Dmirror
+from .mirror import DmirrorFile
 from .uapi import (
     HMM_DMIRROR_CHECK_EXCLUSIVE,
     HMM_DMIRROR_EXCLUSIVE,

@@ -35,6 +35,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "Maps the whole compound page (the folio's order) where the CPU maps only part of "
         "it with PTEs: the GPU keeps 2 MiB after a THP split (the 2020 cover letter's rule, "
         "the GPU never maps more than the CPU).",
+        area="huge",
     ),
     Mutant(
         "zoo_nouveau_skips_every_migrate",
@@ -43,6 +44,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (("                and rng.owner is svmm.drm\n", "                and True  # mutant\n"),),
         "The whole-mm notifier skips every MMU_NOTIFY_MIGRATE, not only nouveau's own: a "
         "page another migration moved stays mapped on the GPU at its old frame.",
+        area="invalidation",
     ),
     Mutant(
         "zoo_nouveau_stale_requests_after_busy",
@@ -58,6 +60,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "Per-entry requests in hmm_pfns that are not refilled after -EBUSY or a stale "
         "read_retry (the v5.8 FIXME): the outputs of the failed attempt are asked for "
         "again, so a read retried after an mprotect asks for a write.",
+        area="fault",
     ),
     Mutant(
         "zoo_nouveau_no_read_retry",
@@ -71,6 +74,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         "Writes the GPU PTE without mmu_interval_read_retry: an invalidation after "
         "hmm_range_fault is missed and the GPU maps a page the CPU no longer maps.",
+        area="fault",
     ),
     Mutant(
         "zoo_nouveau_transient_no_set_seq",
@@ -79,6 +83,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (("        mmu_interval_set_seq(sub, cur_seq)\n", "        pass  # mutant\n"),),
         "The transient interval notifier does not bump the sequence, so read_retry never "
         "sees an invalidation of the window being faulted.",
+        area="invalidation",
     ),
     Mutant(
         "zoo_nouveau_no_pfnclr",
@@ -87,6 +92,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (("            svmm.invalidate(start, limit)\n", "            pass  # mutant\n"),),
         "The whole-mm notifier takes the lock but issues no PFNCLR: GPU PTEs outlive the "
         "CPU mappings they mirror.",
+        area="invalidation",
     ),
     Mutant(
         "zoo_nouveau_ignores_write_bit",
@@ -100,6 +106,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         "Sets W in the PFNMAP word without HMM_PFN_WRITE: the GPU writes a page the CPU "
         "maps read-only (a COW-shared or zero page).",
+        area="permissions",
     ),
     Mutant(
         "zoo_nouveau_no_dma_unmap",
@@ -114,5 +121,89 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         "PFNCLR clears the GPU entry but never DMA-unmaps the host page: the IOMMU keeps "
         "the page mapped after it is freed (what DMA-API debugging reports).",
+        area="dma",
+    ),
+    Mutant(
+        "zoo_nouveau_drops_huge_order",
+        _DRIVER,
+        _SVM,
+        (
+            (
+                "    if order:\n        args.page = order + PAGE_SHIFT\n",
+                "    if False:  # mutant: the CPU mapping's order is dropped\n"
+                "        args.page = order + PAGE_SHIFT\n",
+            ),
+        ),
+        "Ignores hmm_pfn_to_map_order and maps every page with a 4 KiB GPU PTE, though it "
+        "claims HUGE_MAPPINGS: where the CPU maps 2 MiB the GPU should too (the v5.9 "
+        "change that made nouveau map huge pages).",
+        area="huge",
+        suite_gap=(
+            "HUGE_MAPPINGS is claimed but no check asserts a 2 MiB device entry where the CPU maps "
+            "a PMD"
+        ),
+    ),
+    Mutant(
+        "zoo_nouveau_pfnclr_short_by_one_page",
+        _DRIVER,
+        _SVM,
+        (
+            (
+                "            svmm.invalidate(start, limit)\n",
+                "            svmm.invalidate(start, limit - PAGE_SIZE)  # mutant\n",
+            ),
+        ),
+        "Clears [start, end - PAGE_SIZE) on invalidate_range_start: the last page of "
+        "every invalidated range stays mapped on the GPU.",
+        area="invalidation",
+    ),
+    Mutant(
+        "zoo_nouveau_nonblockable_claims_success",
+        _DRIVER,
+        _SVM,
+        (
+            (
+                "            return -11  # -EAGAIN\n",
+                "            return 0  # mutant: success without clearing anything\n",
+            ),
+        ),
+        "Returns success from a non-blockable invalidate_range_start (the OOM reaper's) "
+        "without clearing the GPU PTEs: the reaper frees the pages while the GPU maps "
+        "them. It must return -EAGAIN when it cannot do the work without sleeping.",
+        area="invalidation",
+        suite_gap="no check drives the OOM reaper's non-blockable invalidations",
+    ),
+    Mutant(
+        "zoo_nouveau_seq_reused_across_retries",
+        _DRIVER,
+        _SVM,
+        (
+            (
+                "        while True:\n"
+                "            if clock.now_ns > deadline:\n"
+                '                raise Busy(f"nouveau: fault at {args.addr:#x} timed out")\n'
+                "            rng.notifier_seq = mmu_interval_read_begin(notifier)\n",
+                "        rng.notifier_seq = mmu_interval_read_begin(notifier)\n"
+                "        while True:  # mutant: one sequence for every attempt\n"
+                "            if clock.now_ns > deadline:\n"
+                '                raise Busy(f"nouveau: fault at {args.addr:#x} timed out")\n',
+            ),
+        ),
+        "Calls mmu_interval_read_begin once and retries with the same sequence: after one "
+        "invalidation of the window the replayed fault spins until the 1000 ms deadline "
+        "and is cancelled.",
+        area="fault",
+    ),
+    Mutant(
+        "zoo_nouveau_fini_keeps_notifier",
+        _DRIVER,
+        _SVM,
+        (("        mmu_notifier_unregister(self.notifier, self.mm)\n", ""),),
+        "nouveau_svmm_fini never unregisters the whole-mm notifier: the mm keeps calling "
+        "into a torn-down svmm.",
+        area="teardown",
+        suite_gap=(
+            "the teardown checks do not look for the mirror's notifier on the mm after close()"
+        ),
     ),
 )

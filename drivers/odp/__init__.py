@@ -10,7 +10,7 @@ generic mirror the conformance suite drives, built on those paths.
 
 from __future__ import annotations
 
-from hmmsim.hookspecs import hookimpl
+from hmmsim import hookimpl
 
 from .device import OdpHca, OdpStats, Pd, Qp, Ucontext
 from .driver import Odp

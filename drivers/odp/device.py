@@ -93,8 +93,7 @@ from .umem import (
 )
 
 if TYPE_CHECKING:
-    from hmmsim import AddressSpace, Process
-    from hmmsim.machine import Machine
+    from hmmsim import AddressSpace, Machine, Process
 
     from .mirror import OdpMirror
 

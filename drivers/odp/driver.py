@@ -27,7 +27,7 @@ from .device import OdpHca
 from .history import ERAS
 
 if TYPE_CHECKING:
-    from hmmsim.machine import Machine
+    from hmmsim import Machine
 
 _BASE = Capability.MIRROR | Capability.READ | Capability.WRITE
 

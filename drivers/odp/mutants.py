@@ -28,6 +28,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "mmu_interval_set_seq: a fault that walked the page tables before the "
         "invalidation passes its read_retry and maps pages that are gone (the rule "
         "every mmu_interval_notifier user had to follow from v5.5 on).",
+        area="invalidation",
     ),
     Mutant(
         "zoo_odp_no_read_retry_under_umem_mutex",
@@ -42,6 +43,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "ib_umem_odp_map_dma_and_lock takes umem_mutex but does not check "
         "mmu_interval_read_retry: the MTTs are written from a walk an invalidation "
         "overtook (the sequence check the 2019 code did with notifiers_seq).",
+        area="fault",
     ),
     Mutant(
         "zoo_odp_zap_without_dma_unmap",
@@ -51,6 +53,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "The invalidation zaps the MTTs but leaves the pages DMA-mapped: the IOMMU "
         "still lets the HCA reach pages the CPU freed (ib_umem_odp_unmap_dma_pages "
         "skipped).",
+        area="dma",
     ),
     Mutant(
         "zoo_odp_mtt_writable_regardless_of_cpu",
@@ -65,6 +68,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "populate_mtt sets MLX5_IB_MTT_WRITE without looking at HMM_PFN_WRITE: the "
         "HCA may write pages the CPU maps read-only (the zero page, COW-shared "
         "pages after fork).",
+        area="permissions",
     ),
     Mutant(
         "zoo_odp_npages_not_counted",
@@ -80,6 +84,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "The MTT writer DMA-maps entries without counting them in umem_odp->npages: "
         "mlx5_ib_invalidate_range's 'nothing was ever mapped' shortcut then skips "
         "the zap, and the HCA keeps pages the CPU unmapped.",
+        area="invalidation",
     ),
     Mutant(
         "zoo_odp_release_stops_listening_first",
@@ -102,6 +107,7 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         "ib_umem_odp_release removes the notifier before it unmaps: an invalidation "
         "in between is not seen, and its pages are freed while still DMA-mapped.",
+        area="teardown",
     ),
     Mutant(
         "zoo_odp_fault_resumed_without_error",
@@ -110,6 +116,7 @@ MUTANTS: tuple[Mutant, ...] = (
         (("        eqe.error = exc\n", "        eqe.error = None  # mutant\n"),),
         "A failed page fault resumes the QP without the error bit: the HCA retries "
         "the access for ever instead of completing the work request with an error.",
+        area="fault",
     ),
     Mutant(
         "zoo_odp_hugetlb_map_order_unchecked",
@@ -124,6 +131,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "The map path does not check hmm_pfn_to_map_order against the umem page: an "
         "IB_ACCESS_HUGETLB MR over 4 KiB pages maps 2 MiB from one 4 KiB page (the "
         "check v5.10 added, kept an error so hugetlb MRs over small pages fail).",
+        area="huge",
     ),
     Mutant(
         "zoo_odp_gup_no_sequence_check",
@@ -144,5 +152,6 @@ MUTANTS: tuple[Mutant, ...] = (
         ),
         "The 2019 GUP path maps pages without ib_umem_mmu_notifier_retry: a page "
         "GUP returned before an invalidation is mapped after it.",
+        area="fault",
     ),
 )

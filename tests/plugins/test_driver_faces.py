@@ -38,19 +38,7 @@ FACES = frozenset(
 
 #: Imports of internals that are being removed (the dmirror split moves them to
 #: the faces). This list only shrinks: a new entry is a regression.
-KNOWN_OFFENDERS = frozenset(
-    {
-        ("drivers/dmirror/__init__.py", "hmmsim.hookspecs"),
-        ("drivers/dmirror/device.py", "hmmsim.machine"),
-        ("drivers/dmirror/device.py", "hmmsim.mm.fault"),
-        ("drivers/dmirror/device.py", "hmmsim.mm.oom"),
-        ("drivers/dmirror/device.py", "hmmsim.mm.pagetable"),
-        ("drivers/dmirror/device.py", "hmmsim.mm.pfnmap"),
-        ("drivers/dmirror/device.py", "hmmsim.mm.physmem"),
-        ("drivers/dmirror/device.py", "hmmsim.mm.process"),
-        ("drivers/dmirror/device.py", "hmmsim.mm.vma"),
-    }
-)
+KNOWN_OFFENDERS: frozenset[tuple[str, str]] = frozenset()
 
 
 def hmmsim_imports(path: Path) -> set[str]:

@@ -51,8 +51,9 @@ def test_the_generated_test_fails_with_a_readable_message(tmp_path):
     module = pkg / "hmmsim_flaky.py"
     src = module.read_text()
     broken = src.replace(
-        "    def read(self, addr, length):\n",
-        "    def read(self, addr, length):\n        raise RuntimeError('flaky: DMA engine hung')\n",
+        "    def read(self, addr: int, length: int) -> bytes:\n",
+        "    def read(self, addr: int, length: int) -> bytes:\n"
+        "        raise RuntimeError('flaky: DMA engine hung')\n",
     )
     assert broken != src
     module.write_text(broken)

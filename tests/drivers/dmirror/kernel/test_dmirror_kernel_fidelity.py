@@ -25,7 +25,7 @@ from hmmsim.drivers.dmirror import (
     HMM_DMIRROR_PROT_WRITE,
     HMM_DMIRROR_SNAPSHOT,
 )
-from hmmsim.drivers.dmirror.device import FAULT_WINDOW, _SnapshotOps
+from hmmsim.drivers.dmirror.mirror import FAULT_WINDOW, _SnapshotOps
 from hmmsim.errors import Deadlock, OutOfMemory
 from hmmsim.mm.debug import verify_machine
 from hmmsim.notifier import (
