@@ -58,6 +58,10 @@ def verify_machine(machine: Machine) -> None:
     for head, n in maps.items():
         mc = int(phys.mapcount[head])
         assert mc == n, f"folio {head:#x}: mapcount {mc} but {n} mapping(s) found"
+        # Each mapping holds a reference: fewer is a use after free to come
+        # (such a folio may even read as free, refcount 0, to the loop below).
+        rc = int(phys.refcount[head])
+        assert rc >= n, f"folio {head:#x}: refcount {rc} < {n} mapping(s)"
         assert head >= phys.ram_pages or phys.allocator.used[head], (
             f"folio {head:#x} is mapped but its frame is free"
         )

@@ -285,6 +285,7 @@ _MM = [
     "tests/test_madvise_fidelity.py",
     "tests/test_state_machine.py",
     "tests/mm",
+    "tests/testing/test_verify_machine_meta.py",
 ]
 _HMM = [
     "tests/test_hmm_range_fault.py",
@@ -467,7 +468,9 @@ def run(args: argparse.Namespace) -> None:
                 cmd = _suite_cmd(args.driver)
                 n = 1
             else:
-                sel = tests_for(m, extra, w.base)
+                sel = [f for f in extra if (w.base / f).exists()]
+                if not args.only:
+                    sel = tests_for(m, sel, w.base)
                 cmd = _pytest_cmd(sel)
                 n = len(sel)
             status, dt, tail = w.run(m, cmd, args.timeout)
@@ -523,11 +526,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("-n", type=int, default=200)
     s.add_argument("--seed", type=int, default=13)
     s.add_argument("-o", "--out", required=True)
+    s.add_argument("--ids", nargs="*", help="pick these mutant ids instead of sampling")
     r = sub.add_parser("run")
     r.add_argument("--sample", required=True)
     r.add_argument("--results", required=True)
     r.add_argument("--tests", choices=["pytest", "suite"], default="pytest")
     r.add_argument("--always", nargs="*", help="test files run first for every mutant")
+    r.add_argument("--only", action="store_true", help="run only the --always files")
     r.add_argument("--driver", default="dmirror")
     r.add_argument("--timeout", type=float, default=300.0)
     r.add_argument("-j", "--jobs", type=int, default=2)
@@ -543,7 +548,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{m.id}\t{m.kind}\tline {m.line}\t{m.old!r} -> {m.new!r}")
         print(f"{len(ms)} mutants", file=sys.stderr)
     elif a.cmd == "sample":
-        ms = sample(enumerate_mutants(tuple(a.targets)), a.n, a.seed)
+        ms = enumerate_mutants(tuple(a.targets))
+        if a.ids:
+            by_id = {m.id: m for m in ms}
+            ms = [by_id[i] for i in a.ids]
+        else:
+            ms = sample(ms, a.n, a.seed)
         Path(a.out).write_text(json.dumps([asdict(m) for m in ms], indent=1))
         print(f"{len(ms)} mutants sampled (seed {a.seed}) -> {a.out}")
     elif a.cmd == "run":

@@ -1,0 +1,115 @@
+"""Exact outcomes of mm paths a sampled mutation run found untested: THP
+suitability at VMA edges, aligned PMD splits, reclaim of a whole THP, mremap
+with old_len 0 and MREMAP_FIXED resizing, move_pages range checks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import hmmsim
+import pytest
+from hmmsim import (
+    MADV_HUGEPAGE,
+    MADV_PAGEOUT,
+    MAP_ANONYMOUS,
+    MAP_PRIVATE,
+    MAP_SHARED,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+    PROT_READ,
+    PROT_WRITE,
+)
+from hmmsim.mm.debug import verify_machine
+
+PAGE = 4096
+MB2 = 2 << 20
+RW = PROT_READ | PROT_WRITE
+ANON = MAP_PRIVATE | MAP_ANONYMOUS
+
+
+@pytest.fixture
+def m() -> hmmsim.Machine:
+    return hmmsim.Machine(
+        hmmsim.MachineConfig(ram_bytes=64 << 20, swap_bytes=16 << 20, thp="always")
+    )
+
+
+def test_small_vma_never_gets_a_huge_pmd(m: hmmsim.Machine) -> None:
+    p = m.spawn()
+    big = p.mmap(2 * MB2, RW, ANON)  # an aligned hole to place the small VMA in
+    p.munmap(big, 2 * MB2)
+    a = p.mmap(16 * PAGE, RW, ANON | hmmsim.MAP_FIXED, addr=big)
+    assert a % MB2 == 0  # the aligned 2 MiB around it starts at the VMA
+    p.write(a, b"s" * (16 * PAGE))
+    pm = p.pagemap(a, 16)
+    assert [(e.kind, e.order) for e in pm] == [("anon", 0)] * 16
+    assert len({e.pfn for e in pm}) == 16
+    verify_machine(m)
+
+
+def test_mprotect_of_a_whole_aligned_thp_does_not_split_it(m: hmmsim.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(2 * MB2, RW, ANON)
+    assert a % MB2 == 0
+    p.write(a, b"x")
+    p.write(a + MB2, b"y")
+    assert [e.order for e in p.pagemap(a, 1) + p.pagemap(a + MB2, 1)] == [9, 9]
+    p.mprotect(a, MB2, PROT_READ)  # both edges PMD-aligned: nothing to split
+    first, second = p.pagemap(a, 1)[0], p.pagemap(a + MB2, 1)[0]
+    assert (first.order, first.writable) == (9, False)
+    assert (second.order, second.writable) == (9, True)
+    p.munmap(a + MB2, MB2)
+    assert p.pagemap(a, 1)[0].order == 9
+    verify_machine(m)
+
+
+def test_pageout_of_a_fully_written_thp_swaps_every_subpage(m: hmmsim.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(MB2, RW, ANON)
+    p.madvise(a, MB2, MADV_HUGEPAGE)
+    p.write(a, b"\x5a" * MB2)
+    assert p.pagemap(a, 1)[0].order == 9
+    free0 = m.swap.nr_free
+    p.madvise(a, MB2, MADV_PAGEOUT)
+    assert Counter(e.kind for e in p.pagemap(a, 512)) == {"swap": 512}
+    assert m.swap.nr_free == free0 - 512
+    assert p.read(a + 77 * PAGE, 4) == b"\x5a" * 4
+    verify_machine(m)
+
+
+def test_mremap_with_old_len_zero_duplicates_a_shared_mapping(m: hmmsim.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(2 * PAGE, RW, MAP_SHARED | MAP_ANONYMOUS)
+    p.write(a, b"shared")
+    b = p.mremap(a, 0, 2 * PAGE, MREMAP_MAYMOVE)
+    assert b != a
+    assert p.read(b, 6) == b"shared"
+    p.write(b + PAGE, b"both")
+    assert p.read(a + PAGE, 4) == b"both"
+    # The duplicate is in the file's rmap: reclaim unmaps the pages from
+    # both mappings (MADV_PAGEOUT would skip them: mapped twice).
+    m.reclaim(64 << 20)
+    verify_machine(m)
+    assert [e.present for e in p.pagemap(a, 2) + p.pagemap(b, 2)] == [False] * 4
+    assert p.read(b, 6) == b"shared"
+    verify_machine(m)
+
+
+@pytest.mark.parametrize("new_pages", [2, 6])
+def test_mremap_fixed_may_resize(m: hmmsim.Machine, new_pages: int) -> None:
+    p = m.spawn()
+    a = p.mmap(4 * PAGE, RW, ANON)
+    p.write(a, b"mv" * 2048 * 4)
+    dst = p.mmap(8 * PAGE, PROT_READ, ANON)
+    b = p.mremap(a, 4 * PAGE, new_pages * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED, dst)
+    assert b == dst
+    keep = min(4, new_pages) * PAGE
+    assert p.read(b, keep) == (b"mv" * 2048 * 4)[:keep]
+    verify_machine(m)
+
+
+def test_move_pages_past_task_size_is_efault(m: hmmsim.Machine) -> None:
+    p = m.spawn()
+    top = hmmsim.mm.mmap.TASK_SIZE if hasattr(hmmsim.mm.mmap, "TASK_SIZE") else 1 << 47
+    with pytest.raises(hmmsim.BadAddress):
+        p.move_pages(top - PAGE, 2)
