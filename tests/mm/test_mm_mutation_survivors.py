@@ -113,3 +113,11 @@ def test_move_pages_past_task_size_is_efault(m: hmmsim.Machine) -> None:
     top = hmmsim.mm.mmap.TASK_SIZE if hasattr(hmmsim.mm.mmap, "TASK_SIZE") else 1 << 47
     with pytest.raises(hmmsim.BadAddress):
         p.move_pages(top - PAGE, 2)
+
+
+@pytest.mark.parametrize("order", [0, 1, 9])
+def test_frame_allocator_request_for_no_blocks_is_empty(m: hmmsim.Machine, order: int) -> None:
+    alloc = m.phys.allocator
+    free0 = alloc.nr_free
+    heads = alloc.alloc(order, 0)
+    assert heads.shape == (0,) and alloc.nr_free == free0

@@ -262,10 +262,22 @@ def enumerate_mutants(targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[Mutant
 def apply(src: str, m: Mutant) -> str:
     """The mutated text of ``src`` (which must be the original of ``m.path``)."""
     lines = src.splitlines(keepends=True)
-    a, b = _offset(lines, m.start), _offset(lines, m.end)
-    if src[a:b] != m.old:
-        raise ValueError(f"{m.id}: source changed since the sample was drawn")
+    try:
+        a, b = _offset(lines, m.start), _offset(lines, m.end)
+    except IndexError:
+        a = b = -1
+    if a < 0 or src[a:b] != m.old:
+        # The file changed since the sample was drawn: the mutated text, if
+        # it still occurs exactly once, is the same mutant moved.
+        if src.count(m.old) != 1:
+            raise StaleMutant(f"{m.id}: {m.old!r} no longer occurs once in {m.path}")
+        a = src.index(m.old)
+        b = a + len(m.old)
     return src[:a] + m.new + src[b:]
+
+
+class StaleMutant(ValueError):
+    """A sampled mutant whose original text is gone from the source."""
 
 
 def sample(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
@@ -363,7 +375,7 @@ class Result:
     """The outcome of one mutant."""
 
     id: str
-    status: str  # killed | survived | timeout | no-coverage | error
+    status: str  # killed | survived | timeout | stale
     seconds: float
     tests: int
     detail: str = ""
@@ -403,7 +415,10 @@ class Worker:
         """Apply ``m``, run ``cmd``; (status, seconds, tail of output)."""
         dst = self.target(m.path)
         orig = (ROOT / m.path).read_text()
-        dst.write_text(apply(orig, m))
+        try:
+            dst.write_text(apply(orig, m))
+        except StaleMutant as exc:
+            return "stale", 0.0, str(exc)
         t0 = time.monotonic()
         try:
             proc = subprocess.run(
@@ -502,13 +517,13 @@ def score(
     for r in rs:
         status = "equivalent" if r.status == "survived" and r.id in eq else r.status
         counts[status] = counts.get(status, 0) + 1
-    killed = counts.get("killed", 0) + counts.get("timeout", 0)
-    scored = len(rs) - counts.get("equivalent", 0)
+    killed = counts.get("killed", 0)  # a timeout is not counted as a kill
+    scored = len(rs) - counts.get("equivalent", 0) - counts.get("stale", 0)
     share = killed / scored if scored else 1.0
     print(f"mutants {len(rs)}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     print(f"score: {killed}/{scored} killed = {100 * share:.1f} % (equivalents excluded)")
     for r in rs:
-        if r.status in ("survived", "no-coverage") and r.id not in eq:
+        if r.status in ("survived", "stale") and r.id not in eq:
             m = by.get(r.id)
             desc = f"  line {m.line}: {m.old!r} -> {m.new!r}" if m else ""
             print(f"  {r.status}: {r.id}{desc}")
