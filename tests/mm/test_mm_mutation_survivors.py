@@ -121,3 +121,74 @@ def test_frame_allocator_request_for_no_blocks_is_empty(m: hmmsim.Machine, order
     free0 = alloc.nr_free
     heads = alloc.alloc(order, 0)
     assert heads.shape == (0,) and alloc.nr_free == free0
+
+
+@pytest.mark.parametrize(
+    ("prot", "flags", "accounted"),
+    [
+        (RW, ANON, True),
+        (PROT_READ, ANON, False),
+        (RW, MAP_SHARED | MAP_ANONYMOUS, False),
+        (RW, ANON | hmmsim.MAP_NORESERVE, False),
+    ],
+)
+def test_only_private_writable_reserved_mappings_are_accounted(
+    m: hmmsim.Machine, prot: int, flags: int, accounted: bool
+) -> None:
+    from hmmsim.mm.vma import VM_ACCOUNT
+
+    p = m.spawn()
+    a = p.mmap(4 * PAGE, prot, flags)
+    assert bool(p.mm.find_vma(a).flags & VM_ACCOUNT) is accounted
+
+
+def test_fork_during_migration_turns_read_exclusive_entries_into_read_ones(
+    m: hmmsim.Machine,
+) -> None:
+    import numpy as np
+    from hmmsim.migrate import (
+        MIGRATE_PFN_SHIFT,
+        MIGRATE_PFN_VALID,
+        MIGRATE_VMA_SELECT_SYSTEM,
+        MigrateVma,
+        migrate_vma_finalize,
+        migrate_vma_pages,
+        migrate_vma_setup,
+    )
+    from hmmsim.testing.devmem import Device
+
+    dev = Device(m)
+    p = m.spawn()
+    n = 2
+    a = p.mmap(n * PAGE, RW, ANON)
+    p.write(a, b"A" * (n * PAGE))
+    p.mprotect(a, n * PAGE, PROT_READ)  # read-only exclusive pages
+    src = np.zeros(n, np.uint64)
+    dst = np.zeros(n, np.uint64)
+    args = MigrateVma(
+        p.mm.find_vma(a),
+        a,
+        a + n * PAGE,
+        src,
+        dst,
+        pgmap_owner=dev,
+        flags=MIGRATE_VMA_SELECT_SYSTEM,
+    )
+    with p.mm.mmap_lock.read():
+        migrate_vma_setup(args)
+    assert [e.kind for e in p.pagemap(a, n)] == ["migration"] * n
+    child = p.fork()
+    assert [e.kind for e in p.pagemap(a, n)] == ["migration"] * n
+    assert [e.kind for e in child.pagemap(a, n)] == ["migration"] * n
+    with p.mm.mmap_lock.read():
+        new = dev.alloc_pages(n)
+        m.phys.copy_pages(new, (src >> np.uint64(MIGRATE_PFN_SHIFT)).astype(np.int64))
+        dst[:] = (new.astype(np.uint64) << np.uint64(MIGRATE_PFN_SHIFT)) | np.uint64(
+            MIGRATE_PFN_VALID
+        )
+        migrate_vma_pages(args)
+        migrate_vma_finalize(args)
+    verify_machine(m)
+    assert p.read(a, n * PAGE) == b"A" * (n * PAGE)
+    assert child.read(a, n * PAGE) == b"A" * (n * PAGE)
+    verify_machine(m)
