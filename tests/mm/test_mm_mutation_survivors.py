@@ -192,3 +192,35 @@ def test_fork_during_migration_turns_read_exclusive_entries_into_read_ones(
     assert p.read(a, n * PAGE) == b"A" * (n * PAGE)
     assert child.read(a, n * PAGE) == b"A" * (n * PAGE)
     verify_machine(m)
+
+
+def test_fault_where_the_aligned_chunk_crosses_the_vma_start_maps_small_pages(
+    m: hmmsim.Machine,
+) -> None:
+    p = m.spawn()
+    a = p.mmap(2 * MB2, RW, ANON)
+    assert a % MB2 == 0
+    p.munmap(a, MB2 // 2)  # the VMA now starts 1 MiB into the first chunk
+    p.write(a + MB2 // 2, b"edge")
+    (e,) = p.pagemap(a + MB2 // 2, 1)
+    assert (e.kind, e.order) == ("anon", 0)
+    assert p.pagemap(a, 1)[0].kind == "none"
+    with pytest.raises(hmmsim.SegmentationFault):
+        p.read(a, 1)
+    p.write(a + MB2, b"full")  # the second chunk fits: a THP
+    assert p.pagemap(a + MB2, 1)[0].order == 9
+    verify_machine(m)
+
+
+def test_mremap_move_to_pmd_multiple_is_placed_top_down(m: hmmsim.Machine) -> None:
+    p = m.spawn()
+    a = p.mmap(4 * PAGE, RW, ANON)
+    p.write(a, b"top")
+    p.mmap(PAGE, PROT_READ, ANON | hmmsim.MAP_FIXED, addr=a + 4 * PAGE)  # no growing in place
+    b = p.mremap(a, 4 * PAGE, 2 * MB2, MREMAP_MAYMOVE)
+    # No hint: a PMD-aligned range from the top of the mmap area, as a fresh
+    # mmap of the same size would get, not the lowest aligned address.
+    assert b % MB2 == 0
+    assert b > 1 << 46
+    assert p.read(b, 3) == b"top"
+    verify_machine(m)
