@@ -223,3 +223,40 @@ def test_mremap_move_to_pmd_multiple_is_placed_top_down(m: hmmsim.Machine) -> No
     assert b > 1 << 46
     assert p.read(b, 3) == b"top"
     verify_machine(m)
+
+
+class _FaultingFile:
+    """A device file whose vm_ops.fault inserts a pfn, or fails with SIGBUS."""
+
+    def __init__(self, machine: hmmsim.Machine, fail: bool) -> None:
+        self.pfn = int(machine.phys.alloc_one(0))
+        machine.phys.write(self.pfn, 0, b"dev")
+        self.fail = fail
+        self.calls = 0
+
+    def mmap(self, vma):  # type: ignore[no-untyped-def]
+        from hmmsim.mm.vma import VM_IO, VM_PFNMAP
+
+        if not self.fail:
+            vma.flags |= VM_IO | VM_PFNMAP  # what a pfn-inserting driver sets up
+        vma.vm_ops = self
+
+    def fault(self, vma, addr, write):  # type: ignore[no-untyped-def]
+        from hmmsim.mm.fault import VM_FAULT_NOPAGE, VM_FAULT_SIGBUS
+        from hmmsim.mm.pfnmap import vmf_insert_pfn
+
+        self.calls += 1
+        if self.fail:
+            return VM_FAULT_SIGBUS
+        vmf_insert_pfn(vma, addr, self.pfn)
+        return VM_FAULT_NOPAGE
+
+
+def test_vm_ops_fault_failure_is_the_access_result_at_once(m: hmmsim.Machine) -> None:
+    p = m.spawn()
+    bad = _FaultingFile(m, fail=True)
+    b = p.mmap(PAGE, PROT_READ, MAP_SHARED, file=bad)
+    with pytest.raises(hmmsim.BusError, match="SIGBUS"):
+        p.read(b, 1)
+    assert bad.calls == 1  # the fault handler's answer, not a retry loop
+    assert p.pagemap(b, 1)[0].kind == "none"
