@@ -67,6 +67,11 @@ def verify_machine(machine: Machine) -> None:
         mc = int(phys.mapcount[head])
         if mc != n:
             raise KernelBug(f"folio {head:#x}: mapcount {mc} but {n} mapping(s) found")
+        # Each mapping holds a reference: fewer is a use after free to come
+        # (such a folio may even read as free, refcount 0, to the loop below).
+        rc = int(phys.refcount[head])
+        if rc < n:
+            raise KernelBug(f"folio {head:#x}: refcount {rc} < {n} mapping(s)")
         if head < phys.ram_pages and not phys.allocator.used[head]:
             raise KernelBug(f"folio {head:#x} is mapped but its frame is free")
     live = np.flatnonzero(phys.refcount[: phys.ram_pages] > 0)

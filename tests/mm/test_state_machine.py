@@ -1,11 +1,19 @@
 """Random sequences of mm operations on several processes, checked against a
 plain reference model of memory contents and against the folio/swap
-accounting invariants (``verify_machine``)."""
+accounting invariants (``verify_machine``).
+
+Contents are not read back after every step: a read faults every page in, so
+no rule would ever act on a swapped-out or never-touched page. Instead one
+rule reads back a single sampled page (as a program would), and every page is
+compared at the end of each sequence (``teardown``). ``ACTED_ON`` counts, by
+pagemap kind, the pages the rules acted on; a test below requires swapped-out
+and empty pages among them."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections import Counter
 
 import attrs
 import hmmsim
@@ -23,11 +31,20 @@ from hmmsim import (
 from hmmsim.mm.debug import verify_machine
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 PAGE = 4096
 ZERO = bytes(PAGE)
 KINDS = ("anon", "anon_thp", "shmem", "file_shared", "file_private")
+
+#: Pages the rules acted on, by their pagemap kind just before the rule.
+ACTED_ON: Counter[str] = Counter()
 
 
 @attrs.define
@@ -85,6 +102,15 @@ class MemoryModel(RuleBasedStateMachine):
     def has_regions(self) -> bool:
         return any(mp.regions for mp in self.procs)
 
+    def note(self, mp: ModelProc, vpn: int, npages: int) -> None:
+        """Count the states of the pages a rule is about to act on."""
+        for e in mp.proc.pagemap(vpn << 12, npages):
+            ACTED_ON[e.kind] += 1
+
+    def note_all(self, mp: ModelProc) -> None:
+        for r in mp.regions:
+            self.note(mp, r.start, r.npages)
+
     # ----- rules ------------------------------------------------------------------
     @rule(data=st.data(), kind=st.sampled_from(KINDS), npages=st.integers(1, 6))
     def mmap(self, data, kind, npages):
@@ -116,6 +142,7 @@ class MemoryModel(RuleBasedStateMachine):
         off = data.draw(st.integers(0, PAGE - length))
         vpn = r.start + i
         addr = (vpn << 12) + off
+        self.note(mp, vpn, 1)
         if not r.writable:
             try:
                 mp.proc.write(addr, bytes([fill]) * length)
@@ -131,11 +158,32 @@ class MemoryModel(RuleBasedStateMachine):
             mp.private[vpn] = bytes(page)
 
     @precondition(has_regions)
+    @rule(data=st.data(), fill=st.integers(1, 255))
+    def populate(self, data, fill):
+        """Write one byte into every page of a region (up to 8 pages), so that
+        later rules find whole populated ranges to page out, move or unmap."""
+        mp, r = self.pick(data)
+        if not r.writable:
+            return
+        n = min(r.npages, 8)
+        self.note(mp, r.start, n)
+        for i in range(n):
+            vpn = r.start + i
+            mp.proc.write((vpn << 12) + i, bytes([fill]))
+            page = bytearray(self.expected(mp, vpn))
+            page[i] = fill
+            if r.kind in ("shmem", "file_shared"):
+                self.objects[r.obj][r.pgoff + i] = bytes(page)
+            else:
+                mp.private[vpn] = bytes(page)
+
+    @precondition(has_regions)
     @rule(data=st.data())
     def munmap(self, data):
         mp, r = self.pick(data)
         lo = data.draw(st.integers(0, r.npages - 1))
         hi = data.draw(st.integers(lo + 1, r.npages))
+        self.note(mp, r.start + lo, hi - lo)
         mp.proc.munmap((r.start + lo) << 12, (hi - lo) << 12)
         mp.regions.remove(r)
         for v in range(r.start + lo, r.start + hi):
@@ -152,6 +200,7 @@ class MemoryModel(RuleBasedStateMachine):
     def mprotect(self, data, writable):
         mp, r = self.pick(data)
         prot = PROT_READ | (PROT_WRITE if writable else 0)
+        self.note(mp, r.start, r.npages)
         mp.proc.mprotect(r.start << 12, r.npages << 12, prot)
         r.writable = writable
 
@@ -159,6 +208,7 @@ class MemoryModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def fork(self, data):
         mp = data.draw(st.sampled_from(self.procs))
+        self.note_all(mp)
         child = mp.proc.fork()
         self.procs.append(ModelProc(child, [attrs.evolve(r) for r in mp.regions], dict(mp.private)))
 
@@ -166,6 +216,7 @@ class MemoryModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def exit(self, data):
         mp = data.draw(st.sampled_from(self.procs))
+        self.note_all(mp)
         mp.proc.exit()
         self.procs.remove(mp)
 
@@ -173,6 +224,7 @@ class MemoryModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def dontneed(self, data):
         mp, r = self.pick(data)
+        self.note(mp, r.start, r.npages)
         mp.proc.madvise(r.start << 12, r.npages << 12, MADV_DONTNEED)
         for v in range(r.start, r.start + r.npages):
             mp.private.pop(v, None)
@@ -180,8 +232,22 @@ class MemoryModel(RuleBasedStateMachine):
     @precondition(has_regions)
     @rule(data=st.data())
     def pageout(self, data):
-        mp, r = self.pick(data)
+        # Anonymous regions first: they are the ones that go to swap.
+        anon = [(mp, r) for mp in self.procs for r in mp.regions if r.kind == "anon"]
+        if anon and data.draw(st.booleans()):
+            mp, r = data.draw(st.sampled_from(anon))
+        else:
+            mp, r = self.pick(data)
+        self.note(mp, r.start, r.npages)
         mp.proc.madvise(r.start << 12, r.npages << 12, MADV_PAGEOUT)
+
+    @precondition(has_regions)
+    @rule(data=st.data(), fill=st.integers(1, 255))
+    def populate_and_pageout(self, data, fill):
+        """A program that fills a buffer and then comes under memory pressure:
+        the one way most pages end up swapped out for the next rules."""
+        self.populate(data, fill)
+        self.pageout(data)
 
     @rule(pages=st.integers(1, 64))
     def reclaim(self, pages):
@@ -191,6 +257,7 @@ class MemoryModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def move_pages(self, data):
         mp, r = self.pick(data)
+        self.note(mp, r.start, r.npages)
         mp.proc.move_pages(r.start << 12, r.npages)
 
     @precondition(has_regions)
@@ -199,6 +266,7 @@ class MemoryModel(RuleBasedStateMachine):
         mp, r = self.pick(data)
         if r.kind != "anon":
             grow = 0  # growing past the end of the object would only give SIGBUS
+        self.note(mp, r.start, r.npages)
         new = (
             mp.proc.mremap(r.start << 12, r.npages << 12, (r.npages + grow) << 12, MREMAP_MAYMOVE)
             >> 12
@@ -224,6 +292,7 @@ class MemoryModel(RuleBasedStateMachine):
     def map_fixed_over(self, data):
         mp, r = self.pick(data)
         i = data.draw(st.integers(0, r.npages - 1))
+        self.note(mp, r.start + i, 1)
         mp.proc.mmap(
             PAGE,
             PROT_READ | PROT_WRITE,
@@ -248,15 +317,32 @@ class MemoryModel(RuleBasedStateMachine):
         mp, r = self.pick(data)
         if r.kind != "anon":
             return
+        self.note(mp, r.start, r.npages)
         # A chunk that cannot be collapsed fails with EAGAIN, as in the kernel;
         # a VMA too small for a PMD or never written, or a chunk with no page,
         # with EINVAL; either way the contents must not change.
         with contextlib.suppress(hmmsim.Again, hmmsim.InvalidArgument):
             mp.proc.madvise(r.start << 12, r.npages << 12, hmmsim.MADV_COLLAPSE)
 
+    @precondition(has_regions)
+    @rule(data=st.data())
+    def read_one_page(self, data):
+        """A sampled read-back: one page, which the read itself faults in."""
+        mp, r = self.pick(data)
+        i = data.draw(st.integers(0, r.npages - 1))
+        self.note(mp, r.start + i, 1)
+        got = mp.proc.read((r.start + i) << 12, PAGE)
+        assert got == self.expected(mp, r.start + i), (
+            f"pid {mp.proc.pid} {r.kind} page {i} of {r.start << 12:#x}"
+        )
+
     # ----- checks -------------------------------------------------------------------
     @invariant()
-    def contents_match(self):
+    def accounting_is_consistent(self):
+        verify_machine(self.m)
+
+    def teardown(self):
+        """Every page's contents, once, at the end of the sequence."""
         for mp in self.procs:
             for r in mp.regions:
                 got = mp.proc.read(r.start << 12, r.npages << 12)
@@ -265,9 +351,6 @@ class MemoryModel(RuleBasedStateMachine):
                     assert got[i * PAGE : (i + 1) * PAGE] == want, (
                         f"pid {mp.proc.pid} {r.kind} page {i} of {r.start << 12:#x}"
                     )
-
-    @invariant()
-    def accounting_is_consistent(self):
         verify_machine(self.m)
 
 
@@ -278,3 +361,23 @@ MemoryModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestMemoryModel = MemoryModel.TestCase
+
+
+def test_state_machine_acts_on_swapped_out_and_empty_pages():
+    """The rules act on pages in every state, swapped-out and empty ones included."""
+    ACTED_ON.clear()
+    run_state_machine_as_test(
+        MemoryModel,
+        settings=settings(
+            max_examples=20,
+            stateful_step_count=40,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+    counts = dict(ACTED_ON)
+    print(f"page states acted on: {sorted(counts.items())}")
+    assert counts.get("swap", 0) >= 25, sorted(counts.items())
+    assert counts.get("none", 0) >= 100, counts

@@ -126,7 +126,7 @@ def device_maps_only_what_migrated(driver: hmmsim.Driver) -> bool:
     (a PFN walker's speculative get, as compaction takes) does not move: the core
     clears MIGRATE_PFN_MIGRATE, and the driver must not map its destination."""
     from hmmsim.explore import ScenarioRun, explore
-    from hmmsim.scheduler import BoundedDFS
+    from hmmsim.sched import BoundedDFS
 
     def scenario() -> ScenarioRun:
         p, fd = _open(driver)
