@@ -401,12 +401,20 @@ def _itree_invalidate(subs: Subscriptions, rng: NotifierRange) -> bool:
         costs.notifier_calls += 1
         mm.machine.trace.clock.advance(COST_INVALIDATION_NS)
         ops = sub.ops
-        if hasattr(ops, "invalidate_start"):
-            ret, finish = ops.invalidate_start(sub, rng, cur_seq)
-            if finish is not None:
-                finishes.append((ops, finish))
-        else:
-            ret = ops.invalidate(sub, rng, cur_seq)
+        if not rng.blockable:
+            # mn_itree_invalidate brackets a non-blockable callback with
+            # non_block_start/end: a sleeping lock inside is a kernel bug.
+            sched.non_block_start()
+        try:
+            if hasattr(ops, "invalidate_start"):
+                ret, finish = ops.invalidate_start(sub, rng, cur_seq)
+                if finish is not None:
+                    finishes.append((ops, finish))
+            else:
+                ret = ops.invalidate(sub, rng, cur_seq)
+        finally:
+            if not rng.blockable:
+                sched.non_block_end()
         if sched.active() is not None:
             sched.note(
                 "notify",
@@ -469,7 +477,14 @@ def invalidate_range_start(rng: NotifierRange) -> bool:
     if not _itree_invalidate(subs, rng):
         return False
     for i, mn in enumerate(subs.classic):
-        if mn.invalidate_range_start(rng) != 0:
+        if not rng.blockable:
+            sched.non_block_start()
+        try:
+            err = mn.invalidate_range_start(rng)
+        finally:
+            if not rng.blockable:
+                sched.non_block_end()
+        if err != 0:
             if rng.blockable:
                 mm.machine.warn(
                     "mmu_notifier",

@@ -25,6 +25,9 @@ from .locks import (
     WaitQueue,
     active,
     current,
+    might_sleep,
+    non_block_end,
+    non_block_start,
     note,
     point,
     set_active,
@@ -42,6 +45,9 @@ from .strategies import (
 )
 
 __all__ = [
+    "might_sleep",
+    "non_block_end",
+    "non_block_start",
     "DEFAULT_STEP_BUDGET",
     "MAIN_ACTOR",
     "PCT",

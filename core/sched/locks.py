@@ -88,6 +88,45 @@ def _record(kind: str, what: str) -> None:
         record(kind, what)
 
 
+#: Per actor: how deep it is in sections that must not sleep.
+_non_block: dict[object, int] = {}
+
+
+def non_block_start() -> None:
+    """Enter a section that must not sleep (``non_block_start``).
+
+    The kernel brackets every non-blockable MMU-notifier callback (the OOM
+    reaper's invalidations) with it; a sleeping lock taken inside is the
+    ``BUG: sleeping function called from invalid context`` splat of
+    ``CONFIG_DEBUG_ATOMIC_SLEEP``.
+    """
+    me = current()
+    _non_block[me] = _non_block.get(me, 0) + 1
+
+
+def non_block_end() -> None:
+    """Leave the section entered by :func:`non_block_start`."""
+    me = current()
+    depth = _non_block.get(me, 0)
+    if depth <= 0:
+        raise KernelBug("non_block_end without non_block_start")
+    if depth == 1:
+        del _non_block[me]
+    else:
+        _non_block[me] = depth - 1
+
+
+def might_sleep(what: str) -> None:
+    """``might_sleep()``: a sleeping call inside a non-blocking section is a
+    kernel bug (raised as :class:`KernelBug`, the splat made fatal) whether or
+    not it would have had to wait this time."""
+    if _non_block and _non_block.get(current(), 0):
+        raise KernelBug(
+            f"sleeping function called from invalid context: {what} inside a "
+            "non-blockable MMU-notifier callback (non_block_start)"
+        )
+
+
 def _wait(reason: object, ready: Callable[[], bool]) -> None:
     if ready():
         return
@@ -109,6 +148,7 @@ class Mutex:
         return f"Mutex({self.name!r}, holder={self.holder!r})"
 
     def acquire(self) -> None:
+        might_sleep(f"mutex_lock({self.name})")
         me = current()
         if self.holder == me:
             raise Deadlock(f"{self.name}: recursive acquire by {me!r}")
@@ -164,6 +204,7 @@ class RwSem:
         return f"RwSem({self.name!r}, readers={list(self.readers)}, writer={self.writer!r})"
 
     def down_read(self) -> None:
+        might_sleep(f"down_read({self.name})")
         me = current()
         if self.writer == me:
             raise Deadlock(f"{self.name}: read acquire by the writer {me!r}")
@@ -184,6 +225,7 @@ class RwSem:
             _active.point(f"{self.name}:up_read")
 
     def down_write(self) -> None:
+        might_sleep(f"down_write({self.name})")
         me = current()
         if self.writer == me or me in self.readers:
             raise Deadlock(f"{self.name}: write acquire by {me!r}, which already holds it")
@@ -252,6 +294,7 @@ class WaitQueue:
         self.wakeups = 0
 
     def wait_event(self, cond: Callable[[], bool]) -> None:
+        might_sleep(f"wait_event({self.name})")
         _wait(self, cond)
 
     def wake_up_all(self) -> None:

@@ -84,14 +84,20 @@ def check_read_anonymous(spec: DriverSpec) -> None:
 
 
 def check_write_anonymous(spec: DriverSpec) -> None:
-    """Device writes land in the process's memory."""
+    """Device writes land in the process's memory, also where a device read
+    mapped the zero page first (the store must break COW, not write the zero page)."""
     with environment(spec) as env:
         needs(env, Capability.WRITE)
         a = env.mmap(16 * PAGE)
         data = pattern(16 * PAGE, 7)
+        assert env.mirror.read(a + 8 * PAGE, 8 * PAGE) == bytes(8 * PAGE)
         env.mirror.write(a, data)
         assert env.proc.read(a, 16 * PAGE) == data
         env.check(a, 16)
+        fresh = env.mmap(16 * PAGE)
+        assert env.proc.read(fresh, 16 * PAGE) == bytes(16 * PAGE), (
+            "untouched memory reads non-zero: a device store went into the zero page"
+        )
 
 
 def check_shared_anonymous(spec: DriverSpec) -> None:

@@ -25,6 +25,7 @@ from .invariants import (
     check_mirror,
     check_no_leaks,
     check_notifier_contract,
+    check_zero_pages,
 )
 from .poison import check_poison, install_poisoning
 from .watchdog import install_watchdog
@@ -145,6 +146,7 @@ def close_environment(env: Env) -> None:
     check_notifier_contract(env.machine)
     check_dma_contract(env.machine)
     check_poison(env.machine)
+    check_zero_pages(env.machine)
 
 
 @contextmanager

@@ -20,6 +20,9 @@ faulting load (which would migrate pages back and disturb the run):
 7. every device access to memory went through a live DMA mapping made for
    that direction, and no page was freed under a live mapping (DMA-API
    debugging and the IOMMU, ``hmmsim.dma``); after close no mapping is left.
+8. the zero page and the huge zero page still read zero: a device store
+   through an entry a read fault mapped (the zero page of untouched memory)
+   must fault for write and break COW, never land in the shared zero page.
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ from ..mm.pagetable import (
     KIND_PROTNONE,
     PAGE_SHIFT,
     PAGE_SIZE,
+    PMD_PAGES,
     PTE_SPECIAL,
     PTE_WRITE,
     SWP_DEVICE_PRIVATE_WRITE,
     Walk,
     softleaf_type,
 )
+from ..mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
 
 if TYPE_CHECKING:
     from ..driver import DevicePte, Mirror
@@ -282,6 +287,20 @@ def check_mapcounts(machine: Machine) -> None:
         f"{len(stray)} page(s) count mappings no page table holds, first {int(stray[0]):#x} "
         f"(mapcount {int(phys.mapcount[stray[0]])}, refcount {int(phys.refcount[stray[0]])})"
     )
+
+
+def check_zero_pages(machine: Machine) -> None:
+    """Invariant 8: ``ZERO_PFN`` and the huge zero folio hold only zeros."""
+    phys = machine.phys
+    zero = phys.read_pages(np.arange(ZERO_PFN, ZERO_PFN + 1, dtype=np.int64))
+    assert not zero.any(), "the zero page was written: a store went through a read-only entry"
+    huge = phys.read_pages(np.arange(HUGE_ZERO_PFN, HUGE_ZERO_PFN + PMD_PAGES, dtype=np.int64))
+    if huge.any():
+        bad = int(np.flatnonzero(huge.any(axis=1))[0])
+        raise AssertionError(
+            f"the huge zero page was written (subpage {bad}): a store went through a "
+            "read-only entry"
+        )
 
 
 def check_no_leaks(machine: Machine) -> None:

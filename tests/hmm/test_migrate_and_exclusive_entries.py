@@ -8,19 +8,19 @@ import hmmsim
 import numpy as np
 import pytest
 from hmmsim import MADV_FREE, MADV_PAGEOUT, MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from hmmsim.exclusive import make_device_exclusive
 from hmmsim.gup import FOLL_WRITE, pin_user_pages, unpin_user_page
 from hmmsim.migrate import (
     MIGRATE_PFN_MIGRATE,
     MIGRATE_PFN_SHIFT,
     MIGRATE_PFN_VALID,
     MIGRATE_VMA_SELECT_SYSTEM,
-    SCALAR_MAX_PAGES,
     MigrateVma,
-    make_device_exclusive,
     migrate_vma_finalize,
     migrate_vma_pages,
     migrate_vma_setup,
 )
+from hmmsim.migrate.args import SCALAR_MAX_PAGES
 from hmmsim.mm.debug import verify_machine
 from hmmsim.mm.physmem import PG_dirty
 from hmmsim.testing.devmem import Device
