@@ -96,6 +96,17 @@ KNOWN: dict[str, tuple[str, str]] = {
     "vmas@mmap_hugetlb/hugetlb": (_HTLB_VMAS, "hugetlb reservations"),
     "vmas@mmap_hugetlb/hugetlb_shared": (_HTLB_VMAS, "hugetlb reservations"),
     "vmas@mmap_hugetlb_shared/hugetlb_shared": (_HTLB_VMAS, "hugetlb reservations"),
+    "present@madvise_PAGEOUT/anon": (
+        "observed on seed 10491 (and twice on seeds 50000-52999 before), not analysed: "
+        "after MADV_PAGEOUT of private anonymous pages with no swap, Linux still maps a "
+        "page the model no longer maps (a lazy-free page discarded on one side only?)",
+        "anonymous reclaim without swap",
+    ),
+    "pmd_mapped@write/anon": (
+        "observed once (seed 10570), not analysed: a write fault maps a THP by a PMD in "
+        "Linux where the model maps small pages (THP eligibility after the VMA changes)",
+        "THP fault eligibility",
+    ),
     "result@mmap_hugetlb_populate": (
         "a MAP_POPULATE private hugetlb mmap after fork and COW of another private hugetlb "
         "mapping: the model runs out of hugetlb pages (ENOMEM) where Linux succeeds (seed "
