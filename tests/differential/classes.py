@@ -66,22 +66,10 @@ KNOWN: dict[str, tuple[str, str]] = {
         "vma_merge class decides whether a 2 MiB chunk fits)",
         "the vma_merge rules",
     ),
-    "present@read/shared": (
-        "observed on seeds 60745, 61420, 61701, 61756, 62831 (measured before the model "
-        "dropped clean shmem pages on MADV_PAGEOUT again): a read fault-around maps a page "
-        "in the model that Linux does not map, most likely a clean shmem page the model "
-        "kept cached and Linux dropped; not confirmed",
-        "shmem reclaim (re-measure on these seeds)",
-    ),
     "present@madvise_PAGEOUT/shared": (
         "observed on seeds 62208 and 62872, not analysed: after MADV_PAGEOUT of shmem a page "
         "is still mapped in the model where Linux unmapped it",
         "shmem reclaim",
-    ),
-    "present@fork/anon": (
-        "observed on seed 62998 before MREMAP_DONTUNMAP of a whole VMA unlinked its "
-        "anon_vma: fork copied a zero-page PTE Linux does not copy",
-        "fixed after that run (tests/mm/test_mremap_dontunmap_anon_vma.py), not re-measured",
     ),
     "exclusive@write/anon": (
         "observed once (seed 61244), not analysed: pagemap bit 56 of a page of another "
