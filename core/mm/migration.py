@@ -71,7 +71,8 @@ def migrate_folio(machine: Machine, head: int) -> int:
         phys.refcount[head] -= 1
     if not flags & PG_anon and phys.mapping[head]:
         f = machine.mappings[int(phys.mapping[head])]
-        f.cache[int(phys.index[head])] = new
+        # Every slot of a large folio (a shmem THP) points at the new pages.
+        f.cache.set(int(phys.index[head]) + np.arange(nr, dtype=_I64), dst)
         phys.refcount[new] += 1  # the page cache's reference moves over
         phys.refcount[head] -= 1
     remove_migration_ptes(machine, head, new)

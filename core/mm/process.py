@@ -310,6 +310,10 @@ class Process:
                     break
             else:
                 raise BusError(f"access to {lo:#x} kept faulting (livelock)")
+            if err & VM_FAULT_OOM:
+                # Out of memory is not a signal the store loop stops at: the
+                # model's store fails whole (the caller may retry it).
+                _raise_fault(err, lo, write)
             if err:
                 # The failing page is the first one left empty (pages past EOF,
                 # an empty pool); the pages before it that still need a fault

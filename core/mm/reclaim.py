@@ -10,8 +10,8 @@ mapping, as ``try_to_unmap_one`` does. Anonymous pages become swap entries;
 file pages are written back if dirty and leave the page cache (the next
 access reads them in again), and so are shmem pages when the machine has
 free swap (shmem's written-back copies are kept with the object, not in swap
-slots); without swap a shmem page is only unmapped and stays cached, as in
-Linux. Clean lazy-free pages are discarded. Large anonymous folios are split
+slots); without swap a dirty shmem page is only unmapped and stays cached,
+as in Linux. Clean lazy-free pages are discarded. Large anonymous folios are split
 into base pages first; a shmem THP is unmapped and stays whole.
 
 The model does not age pages: ``reclaim_machine`` scans folios in physical
@@ -224,12 +224,12 @@ def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
         _swap_out(machine, head, hits)
     else:
         f = machine.mappings[int(phys.mapping[head])]
-        if f.shmem and machine.swap.nr_free == 0:
-            # shmem pages go to swap: with none, shrink_folio_list has already
-            # unmapped the page (try_to_unmap comes before pageout), then
-            # shmem_writeout finds no slot and the page stays cached, dirty.
-            if dirty:
-                phys.flags[head] |= np.uint16(PG_dirty)
+        if f.shmem and dirty and machine.swap.nr_free == 0:
+            # A dirty shmem page goes to swap: with none, shrink_folio_list
+            # has already unmapped it (try_to_unmap comes before pageout),
+            # then shmem_writeout finds no slot and the page stays cached,
+            # dirty. A clean one (a hole read in) is dropped as any clean page.
+            phys.flags[head] |= np.uint16(PG_dirty)
             try_to_unmap(machine, head, lambda e: 0)
             return 0
         if dirty:

@@ -34,7 +34,7 @@ DEFAULT_MIN_AGREE = 0.9
 #: The slow run.
 SLOW_SEEDS = range(10_000, 10_600)
 SLOW_STEPS = 25
-SLOW_MIN_AGREE = 0.95
+SLOW_MIN_AGREE = 0.97  # 598 of 600 (99.7 %) after the last issue-10 fixes
 
 
 @pytest.fixture(scope="module")

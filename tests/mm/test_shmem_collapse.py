@@ -179,3 +179,16 @@ def test_nohugepage_vma_maps_a_shmem_thp_by_ptes(proc, machine) -> None:
     assert {pm[i].order for i in range(512) if pm[i].present} == {0}
     assert [i for i in range(512) if pm[i].present] == list(range(16))
     verify_machine(machine)
+
+
+def test_move_pages_of_a_shmem_thp_moves_every_page_cache_slot(proc, machine) -> None:
+    a = _shared(proc)
+    with pytest.raises(hmmsim.InvalidArgument):
+        proc.madvise(a, 2 * MB2, MADV_COLLAPSE)
+    old = proc.pagemap(a, 1)[0].pfn
+    assert proc.move_pages(a, 1) == [0]
+    new = proc.pagemap(a, 1)[0].pfn
+    assert new != old and proc.pagemap(a + 300 * PAGE, 1)[0].pfn == new + 300
+    proc.munmap(a, 2 * MB2)  # drops the mapping; the cache then is the only user
+    assert machine.files == [] or all(f.cache.count() == 0 for f in machine.files)
+    verify_machine(machine)
