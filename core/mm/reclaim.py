@@ -217,26 +217,27 @@ def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
                 freed += reclaim_folio(machine, pfn)
         return freed
     hits = list(rmap_walk(machine, head))
-    dirty = bool(phys.flags[head] & PG_dirty) or any(
-        bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits
-    )
     if flags & PG_anon:
         _swap_out(machine, head, hits)
     else:
         f = machine.mappings[int(phys.mapping[head])]
+        pte_dirty = any(bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits)
+        # shrink_folio_list unmaps before it looks at the dirty bit: the
+        # PTEs' dirty bits move to the folio, and the notifier invalidations
+        # of try_to_unmap let a device driver dirty the folio as it drops its
+        # own mapping (set_page_dirty on unmap, as ODP does).
+        try_to_unmap(machine, head, lambda e: 0)
+        dirty = pte_dirty or bool(phys.flags[head] & PG_dirty)
         if f.shmem and dirty and machine.swap.nr_free == 0:
-            # A dirty shmem page goes to swap: with none, shrink_folio_list
-            # has already unmapped it (try_to_unmap comes before pageout),
-            # then shmem_writeout finds no slot and the page stays cached,
-            # dirty. A clean one (a hole read in) is dropped as any clean page.
+            # A dirty shmem page goes to swap: with none, shmem_writeout
+            # finds no slot and the page stays cached, dirty. A clean one (a
+            # hole read in) is dropped as any clean page.
             phys.flags[head] |= np.uint16(PG_dirty)
-            try_to_unmap(machine, head, lambda e: 0)
             return 0
         if dirty:
             f.backing[int(phys.index[head])] = phys.read(head, 0, PAGE_SIZE)
             machine.clock.advance(COST_SWAP_IO_NS)
         phys.flags[head] &= np.uint16(~PG_dirty & 0xFFFF)
-        try_to_unmap(machine, head, lambda e: 0)
         index = int(phys.index[head])
         f.cache[index] = -1
         phys.mapping[head] = 0

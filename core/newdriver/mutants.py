@@ -103,10 +103,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "A device store checks only that each page is mapped, not that it is mapped "
         "writable: it writes through entries the fault path mapped read-only.",
         area="permissions",
-        suite_gap=(
-            "no check stores through the device into a page a device read mapped read-only (the "
-            "zero page of untouched memory)"
-        ),
     ),
     Mutant(
         "zoo_template_invalidate_range_short_by_one_page",
@@ -167,10 +163,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "Stores through the device without dirtying the folio: reclaim drops a clean "
         "page the device wrote, and the store is lost.",
         area="coherence",
-        suite_gap=(
-            "no check stores through the device into a clean, writable page and reclaims it "
-            "(MADV_PAGEOUT of shmem) before reading it back"
-        ),
     ),
     Mutant(
         "zoo_template_close_keeps_notifier",
@@ -179,8 +171,5 @@ MUTANTS: tuple[Mutant, ...] = (
         (("        hmmsim.mmu_interval_notifier_remove(self.notifier)\n", ""),),
         "close() never removes its interval notifier: the mm keeps calling into a closed mirror.",
         area="teardown",
-        suite_gap=(
-            "the teardown checks do not look for the mirror's notifier on the mm after close()"
-        ),
     ),
 )

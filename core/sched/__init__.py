@@ -45,9 +45,6 @@ from .strategies import (
 )
 
 __all__ = [
-    "might_sleep",
-    "non_block_end",
-    "non_block_start",
     "DEFAULT_STEP_BUDGET",
     "MAIN_ACTOR",
     "PCT",
@@ -66,6 +63,9 @@ __all__ = [
     "current",
     "decode_schedule",
     "encode_schedule",
+    "might_sleep",
+    "non_block_end",
+    "non_block_start",
     "note",
     "point",
     "prefix_key",

@@ -111,7 +111,8 @@ def check_closed_mirror_refuses_work(spec: DriverSpec) -> None:
         if Capability.EXCLUSIVE & env.caps:
             _refused("make_exclusive", lambda: m.make_exclusive(a, 4))
         assert all(p is None for p in m.device_ptes(a, 4)), "a closed mirror mapped pages"
-        assert {e.kind for e in env.proc.pagemap(a, 4)} == {"anon"}
+        kinds = {e.kind for e in env.proc.pagemap(a, 4)}
+        assert kinds <= {"anon", "hugetlb"}, f"a closed mirror left {kinds} in the process"
         assert env.proc.read(a, 4 * PAGE) == pattern(4 * PAGE, 71), "a closed mirror stored data"
         m.close()  # a second close is harmless
 

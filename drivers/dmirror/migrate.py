@@ -204,7 +204,7 @@ def alloc_and_copy_to_ram(dmirror: DmirrorFile, args: MigrateVma) -> bool:
     assert args.src is not None and args.dst is not None
     src, dst = args.src, args.dst
     base = args.start >> PAGE_SHIFT
-    if alloc_and_copy_to_ram_order0_TMP(dmirror, args):
+    if _alloc_and_copy_to_ram_order0(dmirror, args):
         return True
     i = 0
     while i < args.npages:
@@ -255,7 +255,7 @@ def alloc_and_copy_to_ram(dmirror: DmirrorFile, args: MigrateVma) -> bool:
     return True
 
 
-def alloc_and_copy_to_ram_order0_TMP(dmirror: DmirrorFile, args: MigrateVma) -> bool:
+def _alloc_and_copy_to_ram_order0(dmirror: DmirrorFile, args: MigrateVma) -> bool:
     """The common case of ``alloc_and_copy_to_ram``, vectorised: every
     migrating entry is an order-0 device page, FAIL_ALLOC is clear and
     there are enough free pages for all of them. Then the per-entry walk

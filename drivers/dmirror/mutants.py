@@ -293,10 +293,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "page-cache or lazily-freed page the device wrote is dropped by reclaim and the "
         "store is lost.",
         area="coherence",
-        suite_gap=(
-            "no check stores through the device into a clean, writable page and reclaims it "
-            "(MADV_PAGEOUT of shmem) before reading it back"
-        ),
     ),
     Mutant(
         "zoo_dmirror_ignores_clear",
@@ -345,10 +341,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "true: mmu_notifier_range_blockable() false means the callback must not sleep and "
         "must return false when it cannot do its work at once.",
         area="invalidation",
-        suite_gap=(
-            "no check drives a non-blockable invalidation (the OOM reaper) while the driver holds "
-            "its lock"
-        ),
     ),
     Mutant(
         "zoo_dmirror_write_through_read_only_entry",
@@ -365,10 +357,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "writable: it writes the zero page, a COW-shared page or a read-only mapping "
         "through an entry the fault path mapped read-only.",
         area="permissions",
-        suite_gap=(
-            "no check stores through the device into a page a device read mapped read-only (the "
-            "zero page of untouched memory)"
-        ),
     ),
     Mutant(
         "zoo_dmirror_migrated_page_mapped_writable",
@@ -383,10 +371,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "Maps every page it migrated to the device writable, ignoring MIGRATE_PFN_WRITE: "
         "a page migrated out of a read-only or COW-shared mapping becomes device-writable.",
         area="migration",
-        suite_gap=(
-            "the migration checks never look at the writability of the device entry of a page "
-            "migrated out of a read-only mapping"
-        ),
     ),
     Mutant(
         "zoo_dmirror_maps_entries_that_did_not_migrate",
@@ -402,10 +386,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "MIGRATE_PFN_MIGRATE after migrate_vma_pages: an entry the core could not migrate "
         "(pinned, raced) is mapped to a device page that finalize then frees.",
         area="migration",
-        suite_gap=(
-            "no migration check has a source page gain a reference between migrate_vma_setup and "
-            "migrate_vma_pages"
-        ),
     ),
     Mutant(
         "zoo_dmirror_device_page_without_init",
@@ -527,9 +507,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "close() never removes its interval notifier: the mm keeps calling into a closed "
         "mirror for the rest of its life.",
         area="teardown",
-        suite_gap=(
-            "the teardown checks do not look for the mirror's notifier on the mm after close()"
-        ),
     ),
     Mutant(
         "zoo_dmirror_close_leaves_device_pages",

@@ -138,10 +138,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "claims HUGE_MAPPINGS: where the CPU maps 2 MiB the GPU should too (the v5.9 "
         "change that made nouveau map huge pages).",
         area="huge",
-        suite_gap=(
-            "HUGE_MAPPINGS is claimed but no check asserts a 2 MiB device entry where the CPU maps "
-            "a PMD"
-        ),
     ),
     Mutant(
         "zoo_nouveau_pfnclr_short_by_one_page",
@@ -171,7 +167,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "without clearing the GPU PTEs: the reaper frees the pages while the GPU maps "
         "them. It must return -EAGAIN when it cannot do the work without sleeping.",
         area="invalidation",
-        suite_gap="no check drives the OOM reaper's non-blockable invalidations",
     ),
     Mutant(
         "zoo_nouveau_seq_reused_across_retries",
@@ -202,8 +197,5 @@ MUTANTS: tuple[Mutant, ...] = (
         "nouveau_svmm_fini never unregisters the whole-mm notifier: the mm keeps calling "
         "into a torn-down svmm.",
         area="teardown",
-        suite_gap=(
-            "the teardown checks do not look for the mirror's notifier on the mm after close()"
-        ),
     ),
 )

@@ -16,6 +16,7 @@ import pytest
 from hmmsim import MADV_DONTNEED, hookimpl
 from hmmsim.driver import Capability
 from hmmsim.drivers.dmirror import Dmirror, DmirrorCmd, DmirrorDevice, DmirrorFile
+from hmmsim.drivers.dmirror import migrate as dmirror_migrate
 from hmmsim.errors import Busy
 from hmmsim.hmm import (
     HMM_PFN_REQ_FAULT,
@@ -53,8 +54,8 @@ class WritableMigrationFile(DmirrorFile):
     """Migrates every page as writable, ignoring the source's write permission
     (the device-private entry of a read-only VMA becomes writable)."""
 
-    def _alloc_and_copy_to_device(self, args: Any) -> None:
-        super()._alloc_and_copy_to_device(args)
+    @staticmethod
+    def alloc_and_copy_to_device(args: Any) -> None:
         args.dst[args.dst != 0] |= _U64(MIGRATE_PFN_WRITE)
 
 
@@ -94,8 +95,8 @@ class ExclusiveIgnoredFile(DmirrorFile):
 class OnePageTableFile(DmirrorFile):
     """Erases at most one page table (512 entries) per invalidation."""
 
-    def _erase(self, first: int, last: int) -> None:
-        super()._erase(first, min(last, first + 511))
+    def erase(self, first: int, last: int) -> None:
+        super().erase(first, min(last, first + 511))
 
 
 class NonblockingLiarFile(DmirrorFile):
@@ -144,11 +145,12 @@ class MapsUnmigratedFile(DmirrorFile):
     nouveau's nouveau_pfns_map does with the pfns computed before
     migrate_vma_pages)."""
 
-    def _finalize_and_map(self, args: Any) -> None:
+    @staticmethod
+    def finalize_and_map(args: Any, real: Any, dmirror: Any) -> None:
         saved = args.src.copy()
         args.src[args.dst != 0] |= _U64(MIGRATE_PFN_MIGRATE)
         try:
-            super()._finalize_and_map(args)
+            real(dmirror, args)
         finally:
             args.src[:] = saved
 
@@ -262,6 +264,24 @@ def broken_drivers(monkeypatch: pytest.MonkeyPatch) -> None:
         return got
 
     monkeypatch.setattr(envmod, "get_plugin_manager", pm)
+    # dmirror's migration steps are functions of its migrate module that take
+    # the open file (as in test_hmm.c): the broken files bend them per file.
+    real_copy = dmirror_migrate.alloc_and_copy_to_device
+    real_map = dmirror_migrate.finalize_and_map
+
+    def copy(dmirror: Any, args: Any) -> None:
+        real_copy(dmirror, args)
+        if isinstance(dmirror, WritableMigrationFile):
+            WritableMigrationFile.alloc_and_copy_to_device(args)
+
+    def finalize(dmirror: Any, args: Any) -> None:
+        if isinstance(dmirror, MapsUnmigratedFile):
+            MapsUnmigratedFile.finalize_and_map(args, real_map, dmirror)
+        else:
+            real_map(dmirror, args)
+
+    monkeypatch.setattr(dmirror_migrate, "alloc_and_copy_to_device", copy)
+    monkeypatch.setattr(dmirror_migrate, "finalize_and_map", finalize)
 
 
 def _fails(name: str, check: Any, match: str, memory: str = "private") -> None:
