@@ -26,6 +26,7 @@ from .mm.memremap import (
     is_pci_p2pdma_page,
     memremap_pages,
     memunmap_pages,
+    page_memory_kind,
     zone_device_page_init,
     zone_device_pages_init,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "is_pci_p2pdma_page",
     "memremap_pages",
     "memunmap_pages",
+    "page_memory_kind",
     "zone_device_page_init",
     "zone_device_pages_init",
 ]

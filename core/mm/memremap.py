@@ -203,6 +203,24 @@ def is_device_coherent_page(machine: Machine, pfn: int) -> bool:
     return pgmap is not None and pgmap.type == MEMORY_DEVICE_COHERENT
 
 
+def page_memory_kind(machine: Machine, pfn: int) -> MemoryKind:
+    """What a device entry pointing at ``pfn`` maps, as ``DevicePte.memory``
+    names it: ``DEVICE_PRIVATE``, ``DEVICE_COHERENT`` or ``P2P`` for ZONE_DEVICE
+    pages of those types, ``SYSTEM`` for everything else (RAM, and FS-DAX or
+    generic device memory, which a device reaches as it reaches RAM)."""
+    pgmap = machine.phys.pgmap_of(pfn)
+    if pgmap is None:
+        return MemoryKind.SYSTEM
+    return _DEVICE_PTE_KINDS.get(pgmap.type, MemoryKind.SYSTEM)
+
+
+_DEVICE_PTE_KINDS: Final = {
+    MEMORY_DEVICE_PRIVATE: MemoryKind.DEVICE_PRIVATE,
+    MEMORY_DEVICE_COHERENT: MemoryKind.DEVICE_COHERENT,
+    MEMORY_DEVICE_PCI_P2PDMA: MemoryKind.P2P,
+}
+
+
 def is_pci_p2pdma_page(machine: Machine, pfn: int) -> bool:
     pgmap = machine.phys.pgmap_of(pfn)
     return pgmap is not None and pgmap.type == MEMORY_DEVICE_PCI_P2PDMA

@@ -30,6 +30,7 @@ from hmmsim.memremap import (
     VmFault,
     memremap_pages,
     memunmap_pages,
+    page_memory_kind,
     zone_device_page_init,
 )
 from hmmsim.migrate import (
@@ -309,11 +310,4 @@ class DmirrorDevice(Device):
         return DmirrorFile(self, process)
 
     def kind_of_page(self, pfn: int) -> MemoryKind:
-        pgmap = self.machine.phys.pgmap_of(pfn)
-        if pgmap is None:
-            return MemoryKind.SYSTEM
-        if pgmap.type == MEMORY_DEVICE_PRIVATE:
-            return MemoryKind.DEVICE_PRIVATE
-        if pgmap.type == MEMORY_DEVICE_COHERENT:
-            return MemoryKind.DEVICE_COHERENT
-        return MemoryKind.P2P
+        return page_memory_kind(self.machine, pfn)

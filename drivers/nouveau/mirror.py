@@ -15,11 +15,7 @@ from typing import TYPE_CHECKING
 
 from hmmsim.driver import DevicePte, MemoryKind, Mirror, check_user_pages, check_user_range
 from hmmsim.errors import HmmsimError, NotSupported
-from hmmsim.memremap import (
-    MEMORY_DEVICE_COHERENT,
-    MEMORY_DEVICE_PCI_P2PDMA,
-    MEMORY_DEVICE_PRIVATE,
-)
+from hmmsim.memremap import page_memory_kind
 
 from . import uapi
 from .svm import ChannelKilled
@@ -96,16 +92,7 @@ class NouveauMirror(Mirror):
     def _kind(self, pfn: int, vram: bool) -> MemoryKind:
         if vram:
             return MemoryKind.DEVICE_PRIVATE
-        pgmap = self.drm.machine.phys.pgmap_of(pfn)
-        if pgmap is None:
-            return MemoryKind.SYSTEM
-        if pgmap.type == MEMORY_DEVICE_COHERENT:
-            return MemoryKind.DEVICE_COHERENT
-        if pgmap.type == MEMORY_DEVICE_PCI_P2PDMA:
-            return MemoryKind.P2P
-        if pgmap.type == MEMORY_DEVICE_PRIVATE:
-            return MemoryKind.DEVICE_PRIVATE
-        return MemoryKind.SYSTEM
+        return page_memory_kind(self.drm.machine, pfn)
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
         # Slots are 4 KiB: an unaligned address means the slot it falls in.

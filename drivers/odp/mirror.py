@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Final
 from hmmsim.dma import IOMMU_PAGE_ORDERS
 from hmmsim.driver import DevicePte, MemoryKind, Mirror, MirrorStats, check_user_range
 from hmmsim.errors import Again, HmmsimError
-from hmmsim.memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
+from hmmsim.memremap import page_memory_kind
 
 from .mr import OdpMr
 from .uapi import (
@@ -206,14 +206,7 @@ class OdpMirror(Mirror):
         return None
 
     def _kind(self, pfn: int) -> MemoryKind:
-        pgmap = self.hca.machine.phys.pgmap_of(pfn)
-        if pgmap is None:
-            return MemoryKind.SYSTEM
-        if pgmap.type == MEMORY_DEVICE_COHERENT:
-            return MemoryKind.DEVICE_COHERENT
-        if pgmap.type == MEMORY_DEVICE_PCI_P2PDMA:
-            return MemoryKind.P2P
-        return MemoryKind.SYSTEM
+        return page_memory_kind(self.hca.machine, pfn)
 
     def _live_mrs(self, addr: int, npages: int) -> list[OdpMr]:
         end = addr + (npages << PAGE_SHIFT)
