@@ -14,25 +14,35 @@ from typing import Any
 
 import hmmsim
 import pytest
-from hmmsim import MAP_ANONYMOUS, MAP_POPULATE, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from hmmsim import MAP_ANONYMOUS, MAP_HUGETLB, MAP_POPULATE, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from hmmsim.driver import Capability
 from hmmsim.testing.checks import DriverSpec
 
 from .conftest import costs_of
 
 PAGE = 4096
+HUGE = 2 << 20
 RW = PROT_READ | PROT_WRITE
 ANON = MAP_PRIVATE | MAP_ANONYMOUS
 
 
 def _setup(spec: DriverSpec, size: int) -> dict[str, Any]:
-    if not Capability.READ & spec.capabilities():
+    caps = spec.capabilities()
+    if not Capability.READ & caps:
         pytest.skip(f"{spec} cannot read")
-    m = hmmsim.Machine(hmmsim.MachineConfig(ram_bytes=512 << 20, store_data=False))
+    flags = ANON | MAP_POPULATE
+    config = hmmsim.MachineConfig(ram_bytes=512 << 20, store_data=False)
+    if Capability.HUGE_ONLY & caps:
+        # A driver that refuses 4 KiB memory gets hugetlb memory, as in the suite.
+        flags |= MAP_HUGETLB
+        config = hmmsim.MachineConfig(
+            ram_bytes=512 << 20, store_data=False, hugetlb_pages={HUGE: size // HUGE}
+        )
+    m = hmmsim.Machine(config)
     dev = m.probe(spec.name, **dict(spec.params))
     p = m.spawn()
     mirror = dev.open(p)
-    a = p.mmap(size, RW, ANON | MAP_POPULATE)
+    a = p.mmap(size, RW, flags)
     return {"m": m, "p": p, "mirror": mirror, "a": a, "before": m.costs.snapshot()}
 
 
