@@ -41,16 +41,12 @@ from .env import (
     Env,
     close_environment,
     environment,
+    needs,
     open_environment,
     pattern,
 )
 from .invariants import check_mirror
 from .races import RACES, RaceFailure, race_check
-
-
-def needs(env: Env, cap: Capability) -> None:
-    if not cap & env.caps:
-        raise CheckSkipped(f"{env.spec} does not claim {cap.name}")
 
 
 def not_huge_only(env: Env, what: str) -> None:

@@ -23,19 +23,13 @@ from collections.abc import Callable
 from .. import MADV_DONTNEED, PROT_READ
 from ..driver import Capability
 from ..mm.exit import oom_reap
-from .env import HUGE, PAGE, CheckSkipped, DriverSpec, Env, environment, pattern
-
-
-def _needs(env: Env, cap: Capability) -> None:
-    missing = cap & ~env.caps
-    if missing:
-        raise CheckSkipped(f"{env.spec} does not claim {missing.name}")
+from .env import HUGE, PAGE, CheckSkipped, DriverSpec, environment, needs, pattern
 
 
 def check_huge_mappings(spec: DriverSpec) -> None:
     """A device read over a THP maps it with order 9, and a split brings it down."""
     with environment(spec) as env:
-        _needs(env, Capability.HUGE_MAPPINGS | Capability.READ)
+        needs(env, Capability.HUGE_MAPPINGS | Capability.READ)
         a = env.thp_region()
         env.proc.write(a, pattern(HUGE, 81))
         assert env.proc.pagemap(a, 1)[0].order == 9, "no THP to test with"
@@ -53,7 +47,7 @@ def check_huge_mappings(spec: DriverSpec) -> None:
 def check_device_coherent_memory(spec: DriverSpec) -> None:
     """Coherent device memory: the CPU reads and writes migrated pages in place."""
     with environment(spec) as env:
-        _needs(env, Capability.DEVICE_COHERENT | Capability.MIGRATE)
+        needs(env, Capability.DEVICE_COHERENT | Capability.MIGRATE)
         n = 8
         a = env.mmap(n * PAGE)
         env.proc.write(a, pattern(n * PAGE, 82))
@@ -84,7 +78,7 @@ def check_device_private_memory(spec: DriverSpec) -> None:
     """Private device memory: migrated pages are device-private entries, the
     device maps them as its own memory, the CPU cannot reach them in place."""
     with environment(spec) as env:
-        _needs(env, Capability.DEVICE_PRIVATE | Capability.MIGRATE | Capability.READ)
+        needs(env, Capability.DEVICE_PRIVATE | Capability.MIGRATE | Capability.READ)
         n = 8
         a = env.mmap(n * PAGE)
         env.proc.write(a, pattern(n * PAGE, 84))
@@ -101,7 +95,7 @@ def check_large_range_one_invalidation(spec: DriverSpec) -> None:
     """3 MiB of device mappings across three page tables, torn down by one
     mprotect, one MADV_DONTNEED and one munmap, each covering all of them."""
     with environment(spec) as env:
-        _needs(env, Capability.READ)
+        needs(env, Capability.READ)
         if Capability.HUGE_ONLY & env.caps:
             # Its mprotect and MADV_DONTNEED split the range at 4 KiB.
             raise CheckSkipped(f"{spec} claims HUGE_ONLY: the range is cut at 4 KiB")
@@ -137,7 +131,7 @@ def check_oom_reap_with_device_mappings(spec: DriverSpec) -> None:
     maps nothing of the reaped range afterwards; one that refuses keeps the
     data whole; device memory is reaped too and nothing leaks."""
     with environment(spec) as env:
-        _needs(env, Capability.READ)
+        needs(env, Capability.READ)
         if Capability.HUGE_ONLY & env.caps:
             # __oom_reap_task_mm skips VM_HUGETLB VMAs: no invalidation to see.
             raise CheckSkipped(f"{spec} claims HUGE_ONLY: the OOM reaper skips hugetlb VMAs")
@@ -173,7 +167,7 @@ def check_p2p_memory(spec: DriverSpec) -> None:
     )
 
     with environment(spec) as env:
-        _needs(env, Capability.P2P | Capability.READ)
+        needs(env, Capability.P2P | Capability.READ)
         topo = pci_topology(env.machine)
         # The provider gets a host bridge of its own, as a device probed
         # without a topology has: on an AMD Zen CPU, which routes P2P between

@@ -20,15 +20,9 @@ from collections.abc import Callable
 from .. import MADV_DONTNEED, MADV_PAGEOUT, PROT_READ, PROT_WRITE
 from ..driver import Capability
 from ..errors import HmmsimError, NotPermitted
-from .env import PAGE, CheckSkipped, DriverSpec, Env, environment, pattern
+from .env import PAGE, DriverSpec, Env, environment, needs, pattern
 
 DEVICE_KINDS = {"device_private", "device_coherent"}
-
-
-def _needs(env: Env, cap: Capability) -> None:
-    missing = cap & ~env.caps
-    if missing:
-        raise CheckSkipped(f"{env.spec} does not claim {missing.name}")
 
 
 def _kinds(env: Env, addr: int, npages: int) -> list[str]:
@@ -48,7 +42,7 @@ def _back_to_system(env: Env, addr: int, npages: int) -> None:
 def check_partial_fault_back_then_migrate_again(spec: DriverSpec) -> None:
     """Migrate 16 pages, bring 4 back, migrate all 16 again: data and entries hold."""
     with environment(spec) as env:
-        _needs(env, Capability.MIGRATE)
+        needs(env, Capability.MIGRATE)
         n = 16
         a = env.mmap(n * PAGE)
         data = pattern(n * PAGE, 21)
@@ -80,7 +74,7 @@ def check_partial_fault_back_then_migrate_again(spec: DriverSpec) -> None:
 def check_migrate_read_only_source(spec: DriverSpec) -> None:
     """A page migrated out of a read-only mapping stays read-only on both sides."""
     with environment(spec) as env:
-        _needs(env, Capability.MIGRATE)
+        needs(env, Capability.MIGRATE)
         n = 8
         a = env.mmap(n * PAGE)
         data = pattern(n * PAGE, 31)
@@ -121,7 +115,7 @@ def check_invalidate_device_resident(spec: DriverSpec) -> None:
     memory (read-only), a partial munmap frees only what it unmaps, DONTNEED
     and reclaim leave no device mapping of what they dropped."""
     with environment(spec) as env:
-        _needs(env, Capability.MIGRATE)
+        needs(env, Capability.MIGRATE)
         n = 16
         a = env.mmap(n * PAGE)
         data = pattern(n * PAGE, 41)
@@ -163,7 +157,7 @@ def check_round_trip_pages_behave(spec: DriverSpec) -> None:
     exclusive (a CPU store does not copy), writable, and every invalidation
     (fork, mprotect, swap-out, page migration, munmap) keeps the mirror right."""
     with environment(spec) as env:
-        _needs(env, Capability.MIGRATE)
+        needs(env, Capability.MIGRATE)
         n = 8
         a = env.mmap(n * PAGE)
         data = pattern(n * PAGE, 51)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from ..driver import Capability
 from ..errors import HmmsimError
-from .env import PAGE, CheckSkipped, DriverSpec, Env, environment, pattern
+from .env import PAGE, DriverSpec, Env, environment, needs, pattern
 
 #: pagemap kinds of device memory.
 _DEVICE_KINDS = {"device_private", "device_coherent"}
@@ -58,8 +58,7 @@ def check_close_leaves_nothing(spec: DriverSpec) -> None:
     on a CPU touch, and after the device is removed none is left; the data is
     the process's, intact."""
     with environment(spec) as env:
-        if not Capability.READ & env.caps:
-            raise CheckSkipped(f"{spec} does not claim READ")
+        needs(env, Capability.READ)
         n = 16
         base = _notifiers(env)
         a = env.mmap(n * PAGE)
@@ -96,8 +95,7 @@ def check_closed_mirror_refuses_work(spec: DriverSpec) -> None:
     """Every operation on a closed mirror raises an HmmsimError and does nothing:
     no mapping appears, no byte is stored, closing again is harmless."""
     with environment(spec) as env:
-        if not Capability.READ & env.caps:
-            raise CheckSkipped(f"{spec} does not claim READ")
+        needs(env, Capability.READ)
         a = env.mmap(4 * PAGE)
         env.proc.write(a, pattern(4 * PAGE, 71))
         env.mirror.read(a, PAGE)

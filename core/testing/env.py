@@ -164,5 +164,12 @@ def pattern(n: int, seed: int = 1) -> bytes:
     return (np.arange(n, dtype=np.uint32) * 2654435761 + seed).astype(np.uint32).tobytes()[:n]
 
 
+def needs(env: Env, cap: Capability) -> None:
+    """Skip the check unless the driver claims every capability in ``cap``."""
+    missing = cap & ~env.caps
+    if missing:
+        raise CheckSkipped(f"{env.spec} does not claim {missing.name}")
+
+
 class CheckSkipped(Exception):
     """The driver does not claim what this check needs."""
