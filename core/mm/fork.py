@@ -448,7 +448,10 @@ def _copy_entries(dst: Vma, src: Vma, cow: bool) -> None:
         for r0 in range(0, len(tab), _BLOCK_ROWS):
             r1 = min(len(tab), r0 + _BLOCK_ROWS)
             lo = first if r0 == 0 else 0
-            hi = min((r1 - r0) * PTRS_PER_TABLE, end - int(chunk_vpns[r0]))
+            # The rows are the chunks that have a table, not consecutive
+            # chunks: only the block's last row can reach past the VMA's end.
+            last = min(PTRS_PER_TABLE, end - int(chunk_vpns[r1 - 1]))
+            hi = (r1 - r0 - 1) * PTRS_PER_TABLE + last
             stop_vpn = _copy_pte_block(
                 machine, dst, src, tables[r0:r1], dtables[r0:r1], chunk_vpns[r0:r1], lo, hi, cow
             )

@@ -102,6 +102,28 @@ def test_fork_copies_only_the_vma_share_of_a_page_table_shared_with_neighbours(p
     verify_machine(machine)
 
 
+def test_fork_skips_empty_chunks_without_copying_a_neighbours_ptes():
+    # A VMA over three 2 MiB chunks whose middle one has no PTE table: its
+    # tables are not consecutive chunks, and the copy of the last one must
+    # stop at the VMA's end, not take the neighbour's entries too.
+    m = _big_machine(32 * MIB)
+    p = m.spawn()
+    base = p.mmap(4 * MB2, RW, ANON)
+    base = (base + MB2 - 1) & ~(MB2 - 1)
+    start, end = base + MB2 - PAGE, base + 2 * MB2 + PAGE
+    p.write(start, b"a")
+    p.write(end - PAGE, b"b")
+    for i in range(8):
+        p.write(end + i * PAGE, bytes([i + 1]))
+    p.mprotect(end, 8 * PAGE, hmmsim.PROT_READ)  # a neighbour VMA in the last chunk
+    c = p.fork()
+    verify_machine(m)
+    pfns, _ = _present(p, end, 8)
+    assert m.phys.mapcount[pfns].tolist() == [2] * 8
+    assert c.read(start, 1) == b"a" and c.read(end - PAGE, 1) == b"b"
+    assert [c.read(end + i * PAGE, 1)[0] for i in range(8)] == list(range(1, 9))
+
+
 def _state(m: hmmsim.Machine, p: hmmsim.Process, a: int, n: int):
     pfns, entries = _present(p, a, n)
     return (
