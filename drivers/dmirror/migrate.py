@@ -110,7 +110,8 @@ def migrate_to_device(dmirror: DmirrorFile, cmd: DmirrorCmd) -> None:
                 migrate_vma_pages(args)
                 finalize_and_map(dmirror, args)
                 migrate_vma_finalize(args)
-                dmirror.stats.migrations_to_device += 1
+                if args.cpages:  # a window that collected nothing moved nothing
+                    dmirror.stats.migrations_to_device += 1
     finally:
         dmirror.mm.mmput()
     dmirror.read_back(cmd, "some pages are not in this device's page table")
@@ -128,7 +129,12 @@ def alloc_and_copy_to_device(dmirror: DmirrorFile, args: MigrateVma) -> None:
             continue
         spage = migrate_pfn_to_page(s)
         if spage is not None and phys.pgmap_of(spage) is not None:
-            dmirror.warnings.append(f"dmirror: zone-device source {spage:#x} selected")
+            dmirror.machine.warn(
+                "dmirror",
+                "dmirror_migrate_alloc_and_copy",
+                "a ZONE_DEVICE page was collected where only system pages were selected",
+                f"source pfn {spage:#x}",
+            )
             i += 1
             continue
         compound = bool(s & MIGRATE_PFN_COMPOUND)
@@ -214,7 +220,12 @@ def alloc_and_copy_to_ram(dmirror: DmirrorFile, args: MigrateVma) -> bool:
             i += 1
             continue
         if phys.pgmap_of(spage) is None:
-            dmirror.warnings.append(f"dmirror: system page {spage:#x} selected for RAM")
+            dmirror.machine.warn(
+                "dmirror",
+                "dmirror_devmem_fault_alloc_and_copy",
+                "a system page was collected where only device pages were selected",
+                f"source pfn {spage:#x}",
+            )
             i += 1
             continue
         # The kernel takes the order of the backing folio; a source entry
@@ -336,7 +347,8 @@ def devmem_fault(dmirror: DmirrorFile, vmf: VmFault) -> int:
     migrate_vma_finalize(args)
     if not ok:
         return VM_FAULT_OOM
-    dmirror.stats.migrations_to_system += 1
+    if args.cpages:
+        dmirror.stats.migrations_to_system += 1
     return 0
 
 
@@ -365,6 +377,7 @@ def migrate_to_system(dmirror: DmirrorFile, cmd: DmirrorCmd) -> None:
                 migrate_vma_finalize(args)
                 if not ok:
                     raise OutOfMemory("dmirror: no system memory to migrate back")
-                dmirror.stats.migrations_to_system += 1
+                if args.cpages:
+                    dmirror.stats.migrations_to_system += 1
     finally:
         dmirror.mm.mmput()

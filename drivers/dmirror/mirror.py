@@ -121,7 +121,6 @@ class DmirrorFile(Mirror):
         self.pt: dict[int, tuple[int, int]] = {}
         self.mutex = sched.Mutex(f"dmirror{device.owner_id}.mutex")
         self.closed = False
-        self.warnings: list[str] = []
         self.notifier = mmu_interval_notifier_insert(self.mm, 0, ULONG_MAX & ~(PAGE_SIZE - 1), self)
         device.files.append(self)
 
@@ -252,7 +251,7 @@ class DmirrorFile(Mirror):
             start = cmd.addr + (self._cpages << PAGE_SHIFT)
             self.fault(start, end, write)  # raises on failure
             cmd.faults += 1
-            self.stats.fault_rounds += 1
+            self.stats.faults += 1
         cmd.cpages = self._cpages
         return bounce
 
@@ -294,6 +293,7 @@ class DmirrorFile(Mirror):
         while True:
             if clock.now_ns > deadline:
                 raise Busy(f"dmirror: fault of [{start:#x}, {end:#x}) timed out")
+            self.stats.fault_rounds += 1  # the hmm_range_fault call below
             rng.notifier_seq = mmu_interval_read_begin(self.notifier)
             try:
                 with self.mm.mmap_lock.read():
@@ -321,12 +321,16 @@ class DmirrorFile(Mirror):
         vpn = rng.start >> PAGE_SHIFT
         for i, e in enumerate(rng.hmm_pfns.tolist()):
             if e & HMM_PFN_ERROR or not e & HMM_PFN_VALID:
-                self.warnings.append(f"dmirror_do_fault: bad pfn {e:#x} at page {vpn + i:#x}")
+                self.machine.warn(
+                    "dmirror",
+                    "dmirror_do_fault",
+                    "hmm_range_fault returned 0 with a page not valid",
+                    f"pfn entry {e:#x} at page {vpn + i:#x}",
+                )
             tag = TAG_WRITE if e & HMM_PFN_WRITE else TAG_READ
             if write and tag != TAG_WRITE:
                 raise BadAddress(f"dmirror: write requested but not granted at {vpn + i:#x}")
             self.pt[vpn + i] = (hmm_pfn_to_page(e), tag)
-            self.stats.faults += 1
             self.stats.pages_mapped += 1
         if sched.active() is not None:
             sched.note("dpte", f"{self!r} maps {len(rng.hmm_pfns)} page(s) at {rng.start:#x}")
@@ -360,6 +364,7 @@ class DmirrorFile(Mirror):
                     page, folio = make_device_exclusive(self.mm, addr, None)
                     with self.mutex:
                         self.pt[addr >> PAGE_SHIFT] = (page, TAG_ATOMIC)
+                        self.stats.pages_mapped += 1
                     phys.folio_unlock(folio)
                     phys.put_page(folio)
         finally:
@@ -488,6 +493,7 @@ class DmirrorFile(Mirror):
             self.device.evict_all()
         finally:
             # Closed even if eviction found nothing left to kill (see evict_chunk).
+            self.stats.pages_unmapped += len(self.pt)
             self.pt.clear()
             if self in self.device.files:
                 self.device.files.remove(self)
@@ -536,7 +542,7 @@ class DmirrorFile(Mirror):
                     return
             start = first + (len(pfns) << PAGE_SHIFT)
             self.fault(start, end, True)  # raises on failure
-            self.stats.fault_rounds += 1
+            self.stats.faults += 1
 
     def _store(self, pfns: NDArray[np.int64], off: int, data: memoryview) -> None:
         """Copy ``data`` to byte ``off`` of the pages ``pfns`` (whole middle pages

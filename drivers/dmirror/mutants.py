@@ -221,12 +221,14 @@ MUTANTS: tuple[Mutant, ...] = (
                 "            if clock.now_ns > deadline:\n"
                 '                raise Busy(f"dmirror: fault of '
                 '[{start:#x}, {end:#x}) timed out")\n'
+                "            self.stats.fault_rounds += 1  # the hmm_range_fault call below\n"
                 "            rng.notifier_seq = mmu_interval_read_begin(self.notifier)\n",
                 "        rng.notifier_seq = mmu_interval_read_begin(self.notifier)\n"
                 "        while True:\n"
                 "            if clock.now_ns > deadline:\n"
                 '                raise Busy(f"dmirror: fault of '
-                '[{start:#x}, {end:#x}) timed out")\n',
+                '[{start:#x}, {end:#x}) timed out")\n'
+                "            self.stats.fault_rounds += 1  # the hmm_range_fault call below\n",
             ),
             (
                 "            except Busy:\n"
@@ -258,13 +260,15 @@ MUTANTS: tuple[Mutant, ...] = (
                 "            if clock.now_ns > deadline:\n"
                 '                raise Busy(f"dmirror: fault of '
                 '[{start:#x}, {end:#x}) timed out")\n'
+                "            self.stats.fault_rounds += 1  # the hmm_range_fault call below\n"
                 "            rng.notifier_seq = mmu_interval_read_begin(self.notifier)\n",
                 "        rng.notifier_seq = mmu_interval_read_begin(self.notifier)"
                 "  # mutant: once\n"
                 "        while True:\n"
                 "            if clock.now_ns > deadline:\n"
                 '                raise Busy(f"dmirror: fault of '
-                '[{start:#x}, {end:#x}) timed out")\n',
+                '[{start:#x}, {end:#x}) timed out")\n'
+                "            self.stats.fault_rounds += 1  # the hmm_range_fault call below\n",
             ),
         ),
         "Calls mmu_interval_read_begin once and retries with the same sequence: after one "

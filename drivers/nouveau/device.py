@@ -249,6 +249,5 @@ class NouveauChannel:
                 # dropped is raised (and counted) again after the replay.
                 self.faults += 1
                 self.cli.stats.faults += 1
-            self.cli.stats.fault_rounds += 1
             svm.fault()
         return [r if r is not None else b"" for r in results]

@@ -244,6 +244,7 @@ def _range_fault_v58(
         # FIXME of v5.8, kept: hmm_pfns is not refilled with the requests, so a
         # retry asks for whatever the failed attempt wrote there.
         rng.notifier_seq = seq
+        svmm.cli.stats.fault_rounds += 1
         hmm_range_fault(rng)
 
     _wait_loop(svmm, attempt, notifier)
@@ -287,6 +288,7 @@ def _range_fault_v57(
         rng.notifier_seq = seq
         rng.default_flags = 0
         rng.pfn_flags_mask = _MASK64
+        svmm.cli.stats.fault_rounds += 1
         hmm_range_fault_v57(rng)
 
     _wait_loop(svmm, attempt, notifier)

@@ -308,6 +308,7 @@ def nouveau_range_fault(svmm: NouveauSvmm, args: PfnmapArgs, hmm_flags: int) -> 
         while True:
             if clock.now_ns > deadline:
                 raise Busy(f"nouveau: fault at {args.addr:#x} timed out")
+            svmm.cli.stats.fault_rounds += 1  # the hmm_range_fault call below
             rng.notifier_seq = mmu_interval_read_begin(notifier)
             try:
                 with svmm.mm.mmap_lock.read():

@@ -1,9 +1,7 @@
 """``MirrorStats`` counters mean the same in every driver (the units in ``hmmsim.driver``).
 
-Each test pins one counter's unit on the shipped drivers. Where a driver does
-not count in the documented unit yet, its case is a strict xfail that names
-the change: when the driver is fixed the case passes, and the strict xfail
-fails until the marker is removed.
+Each test pins one counter's unit on the shipped drivers (the template's are
+pinned by its own tests).
 """
 
 from __future__ import annotations
@@ -25,10 +23,6 @@ RW = PROT_READ | PROT_WRITE
 ANON = MAP_PRIVATE | MAP_ANONYMOUS
 
 
-def _dmirror_todo(what: str):  # type: ignore[no-untyped-def]
-    return pytest.param("dmirror", marks=pytest.mark.xfail(strict=True, reason=f"dmirror {what}"))
-
-
 def _env(name: str):  # type: ignore[no-untyped-def]
     m = Machine(MachineConfig(ram_bytes=64 << 20))
     p = m.spawn()
@@ -44,7 +38,7 @@ def _filled(p, npages: int) -> int:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     "name",
     [
-        _dmirror_todo("counts faults per page mapped (64), not per READ stop (cmd.faults, 1)"),
+        "dmirror",
         "nouveau",
     ],
 )
@@ -73,14 +67,8 @@ def test_nouveau_counts_a_fault_the_full_ring_dropped_once():
 @pytest.mark.parametrize(
     "name",
     [
-        _dmirror_todo("counts dmirror_fault calls (1), not hmm_range_fault calls (2 windows)"),
-        pytest.param(
-            "nouveau",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="nouveau counts fault-buffer batches (1), not hmm_range_fault calls (64)",
-            ),
-        ),
+        "dmirror",
+        "nouveau",
     ],
 )
 def test_fault_rounds_count_hmm_range_fault_calls(name, monkeypatch):
@@ -124,9 +112,7 @@ def test_a_huge_device_entry_counts_its_512_pages(name):
     assert mirror.stats.pages_mapped == 512  # one PD0 entry (nouveau) or 512 PTEs (dmirror)
 
 
-@pytest.mark.parametrize(
-    "name", [_dmirror_todo("close() clears its table without counting pages_unmapped"), "nouveau"]
-)
+@pytest.mark.parametrize("name", ["dmirror", "nouveau"])
 def test_close_counts_the_pages_it_unmaps(name):
     _m, p, mirror = _env(name)
     a = _filled(p, 8)
@@ -138,7 +124,7 @@ def test_close_counts_the_pages_it_unmaps(name):
 
 @pytest.mark.parametrize(
     "name",
-    [_dmirror_todo("EXCLUSIVE writes device entries without counting pages_mapped"), "nouveau"],
+    ["dmirror", "nouveau"],
 )
 def test_exclusive_access_counts_the_pages_it_maps(name):
     _m, p, mirror = _env(name)
@@ -170,7 +156,7 @@ def test_migrations_count_migrate_vma_sequences(name):
 
 @pytest.mark.parametrize(
     "name",
-    [_dmirror_todo("counts a MIGRATE_TO_DEV window that collected no page"), "nouveau"],
+    ["dmirror", "nouveau"],
 )
 def test_a_migration_that_collects_nothing_is_not_counted(name):
     _m, p, mirror = _env(name)

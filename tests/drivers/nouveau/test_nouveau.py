@@ -214,7 +214,9 @@ def test_a_stronger_fault_folded_after_a_read_head_faults_again(machine):
     # the head's access class, so the write is folded anyway and replayed
     # unserviced. It faults again in batch 2, which breaks COW.
     assert drm.svm.batches == 2 and drm.svm.replays == 2
-    assert cli.stats.fault_rounds == 2
+    # hmm_range_fault calls: one in batch 1; in batch 2 the COW break the walk
+    # made invalidated the range, so read_retry threw it away and it ran again.
+    assert (cli.stats.fault_rounds, cli.stats.retries) == (3, 1)
     assert p.read(a, 1) == b"Z"
 
 
