@@ -143,12 +143,14 @@ MUTANTS: tuple[Mutant, ...] = (
                 "            while True:\n"
                 "                if clock.now_ns > deadline:\n"
                 '                    raise Busy("skel: fault timed out")\n'
+                "                self.stats.fault_rounds += 1  # one per hmm_range_fault call\n"
                 "                rng.notifier_seq = "
                 "hmmsim.mmu_interval_read_begin(self.notifier)\n",
                 "            rng.notifier_seq = hmmsim.mmu_interval_read_begin(self.notifier)\n"
                 "            while True:  # mutant: one sequence for every attempt\n"
                 "                if clock.now_ns > deadline:\n"
-                '                    raise Busy("skel: fault timed out")\n',
+                '                    raise Busy("skel: fault timed out")\n'
+                "                self.stats.fault_rounds += 1  # one per hmm_range_fault call\n",
             ),
         ),
         "Calls mmu_interval_read_begin once per window and retries with the same sequence: "

@@ -93,7 +93,7 @@ class SkelMirror(Mirror):
             while True:
                 if clock.now_ns > deadline:
                     raise Busy("skel: fault timed out")
-                self.stats.fault_rounds += 1  # each hmm_range_fault call counts
+                self.stats.fault_rounds += 1  # one per hmm_range_fault call
                 rng.notifier_seq = hmmsim.mmu_interval_read_begin(self.notifier)
                 try:
                     with self.mm.mmap_lock.read():

@@ -177,11 +177,13 @@ MUTANTS: tuple[Mutant, ...] = (
                 "        while True:\n"
                 "            if clock.now_ns > deadline:\n"
                 '                raise Busy(f"nouveau: fault at {args.addr:#x} timed out")\n'
+                "            svmm.cli.stats.fault_rounds += 1  # the hmm_range_fault call below\n"
                 "            rng.notifier_seq = mmu_interval_read_begin(notifier)\n",
                 "        rng.notifier_seq = mmu_interval_read_begin(notifier)\n"
                 "        while True:  # mutant: one sequence for every attempt\n"
                 "            if clock.now_ns > deadline:\n"
-                '                raise Busy(f"nouveau: fault at {args.addr:#x} timed out")\n',
+                '                raise Busy(f"nouveau: fault at {args.addr:#x} timed out")\n'
+                "            svmm.cli.stats.fault_rounds += 1  # the hmm_range_fault call below\n",
             ),
         ),
         "Calls mmu_interval_read_begin once and retries with the same sequence: after one "

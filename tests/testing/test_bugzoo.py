@@ -25,6 +25,20 @@ def test_there_are_at_least_twelve_mutants_of_both_bases_each_documented():
         assert cls.__doc__ == m.rule and len(m.rule) > 40
 
 
+def test_every_mutant_of_every_driver_applies_to_its_base():
+    # A mutant whose text no longer occurs exactly once (the base moved on)
+    # would make its whole group fail to load.
+    mutants = all_mutants()
+    assert {m.driver.split(":")[0].split(".")[-2] for m in mutants} == {
+        "dmirror",
+        "nouveau",
+        "odp",
+        "newdriver",
+    }
+    for m in mutants:
+        assert build(m).name == m.name
+
+
 def test_mutants_are_registered_only_in_their_own_group():
     zoo = driver_classes(get_plugin_manager(group=BUGZOO_GROUP))
     assert set(zoo) == {m.name for m in all_mutants()}
