@@ -436,6 +436,15 @@ class IommuDomain:
     # The I/O page table.
     def map(self, iova_pfn: int, pfn: int, npages: int, prot: int) -> None:
         """``iommu_map``: map ``npages`` from ``pfn`` at ``iova_pfn``, largest pages first."""
+        if npages == 1:  # one 4 KiB entry (no larger page fits): skip the search
+            table = self.entries[0]
+            if iova_pfn in table:
+                raise InvalidArgument(f"iommu_map: IOVA page {iova_pfn:#x} is already mapped")
+            table[iova_pfn] = (pfn, prot)
+            self.ptes += 1
+            self.machine.costs.iommu_ptes += 1
+            self.machine.clock.advance(COST_IOMMU_PTE_NS)
+            return
         done = 0
         while done < npages:
             v, p, left = iova_pfn + done, pfn + done, npages - done
@@ -549,13 +558,18 @@ class DmaDevice:
         if len(self._rd) < self.machine.phys.capacity:
             self._grow()
         d = m.direction
-        one = int(m.pfns[0]) if len(m.pfns) == 1 else -1
+        if len(m.pfns) == 1:
+            # One page (the per-page mappings of a large MR): plain item
+            # reads and writes, several times cheaper than NumPy's in-place add.
+            one = m.pfns.item(0)
+            if d != DMA_FROM_DEVICE:
+                self._rd[one] = self._rd.item(one) + sign
+            if d != DMA_TO_DEVICE:
+                self._wr[one] = self._wr.item(one) + sign
+            return
         for counts, skip in ((self._rd, DMA_FROM_DEVICE), (self._wr, DMA_TO_DEVICE)):
-            if d != skip:
-                if one >= 0:
-                    counts[one] += sign
-                else:  # the pfns of one mapping are distinct
-                    counts[m.pfns] += sign
+            if d != skip:  # the pfns of one mapping are distinct
+                counts[m.pfns] += sign
 
     def mapped_span(self, pfn: int, n: int) -> NDArray[np.bool_]:
         """Which of ``n`` pfns from ``pfn`` a live mapping of this device covers."""
