@@ -95,6 +95,9 @@ _INTERNAL: Final = (
 )
 #: How often a page may be faulted and found wanting before GUP gives up.
 _MAX_TRIES: Final = 16
+#: Fewer pages than this go page by page: the vectorised step's fixed cost is
+#: that of about ten pages followed one at a time.
+_RUN_MIN: Final = 16
 
 
 def get_user_pages(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int) -> list[int]:
@@ -128,7 +131,8 @@ def _gup(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int, mode: int)
     end = vpn + nr_pages
     while vpn < end:
         # Every page that needs nothing at once; the first that does, page by page.
-        vpn += _follow_run(mm, vpn, end - vpn, gup_flags, mode, pages)
+        if end - vpn >= _RUN_MIN:
+            vpn += _follow_run(mm, vpn, end - vpn, gup_flags, mode, pages)
         if vpn >= end:
             break
         try:
@@ -215,7 +219,10 @@ def _follow_run(
     if len(heads):
         if (phys.refcount[heads] <= 0).any():
             raise KernelBug("GUP: a mapped page with no reference")
-        uniq, counts = np.unique(heads, return_counts=True)
+        if phys.order[heads].any():  # pages of one large folio share a head
+            uniq, counts = np.unique(heads, return_counts=True)
+        else:  # order-0 pages: distinct heads, one reference each
+            uniq, counts = heads, np.ones(len(heads), dtype=np.int64)
         np.add.at(phys.refcount, uniq, counts.astype(phys.refcount.dtype))
         extra = phys.extra_refs
         for h, c in zip(uniq.tolist(), counts.tolist(), strict=True):
