@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final
 
+import numpy as np
+
+from . import sched
 from .errors import (
     BadAddress,
     Busy,
     HardwarePoison,
     InvalidArgument,
+    KernelBug,
     OutOfMemory,
     RemoteIO,
 )
@@ -35,20 +39,23 @@ from .mm.fault import (
     VM_FAULT_HWPOISON_LARGE,
     VM_FAULT_OOM,
     handle_mm_fault,
+    populate_range,
 )
 from .mm.memremap import MEMORY_DEVICE_COHERENT, MEMORY_DEVICE_PCI_P2PDMA
 from .mm.pagetable import (
+    KIND_NONE,
     KIND_PRESENT,
     LEVEL_PTE,
     PAGE_SHIFT,
     PAGE_SIZE,
     PTE_SPECIAL,
     PTE_WRITE,
+    U64,
     pte_kind,
     pte_pfn,
 )
 from .mm.physmem import PG_anon, PG_anon_exclusive
-from .mm.thp import split_huge_pmd
+from .mm.thp import split_huge_pmd, thp_vma_allowable
 from .mm.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 
 if TYPE_CHECKING:
@@ -88,6 +95,9 @@ _INTERNAL: Final = (
 )
 #: How often a page may be faulted and found wanting before GUP gives up.
 _MAX_TRIES: Final = 16
+#: Fewer pages than this go page by page: the vectorised step's fixed cost is
+#: that of about ten pages followed one at a time.
+_RUN_MIN: Final = 16
 
 
 def get_user_pages(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int) -> list[int]:
@@ -117,19 +127,112 @@ def _gup(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int, mode: int)
     mm.mmap_lock.assert_held()
     machine = mm.machine
     pages: list[int] = []
-    for i in range(nr_pages):
-        addr = start + i * PAGE_SIZE
+    vpn = start >> PAGE_SHIFT
+    end = vpn + nr_pages
+    while vpn < end:
+        # Every page that needs nothing at once; the first that does, page by page.
+        if end - vpn >= _RUN_MIN:
+            vpn += _follow_run(mm, vpn, end - vpn, gup_flags, mode, pages)
+        if vpn >= end:
+            break
         try:
-            pfn = _follow_and_fault(mm, addr, gup_flags, mode)
+            pfn = _follow_and_fault(mm, vpn << PAGE_SHIFT, gup_flags, mode)
         except (BadAddress, OutOfMemory, RemoteIO, HardwarePoison):
             if pages:
                 return pages
             raise
         _take(machine, pfn, mode)
         pages.append(pfn)
+        vpn += 1
     if mode == FOLL_PIN and gup_flags & FOLL_LONGTERM:
         pages = _longterm_pinnable(mm, start, pages, gup_flags)
     return pages
+
+
+def _follow_run(
+    mm: AddressSpace, vpn: int, nr_pages: int, gup_flags: int, mode: int, pages: list[int]
+) -> int:
+    """The pages from ``vpn`` that ``_follow_and_fault`` would return at once, taken
+    in one vectorised step and appended to ``pages``; returns how many.
+
+    Empty pages at the start of the run in an anonymous VMA that THP does not
+    back are first faulted in with ``populate_range`` (what ``__mm_populate``
+    does with GUP in the kernel), unless a scheduler explores interleavings
+    (each fault is a scheduling point there), ``FOLL_NOFAULT`` forbids it or
+    ``FOLL_DUMP`` stops at the first zero page a read fault maps. The
+    run stops before the first page that needs anything else (a write fault,
+    an unshare, a PMD split, a special or device page, an error): that page
+    takes the page-by-page path, so every outcome, error and partial count is
+    the one the page-by-page loop gives.
+    """
+    vma = mm.find_vma(vpn << PAGE_SHIFT)
+    if vma is None or vma.start > vpn << PAGE_SHIFT:
+        return 0
+    try:
+        _check_vma(mm, vpn << PAGE_SHIFT, gup_flags)
+    except BadAddress:
+        return 0
+    n = min(nr_pages, vma.end_vpn - vpn)
+    if n <= 0:
+        return 0
+    write = bool(gup_flags & FOLL_WRITE)
+    pt = mm.pt
+    walk = pt.walk(vpn, n)
+    kinds = walk.kinds
+    if (
+        kinds[0] == KIND_NONE
+        and not gup_flags & (FOLL_NOFAULT | FOLL_DUMP)
+        and sched.active() is None
+        and vma.is_anonymous
+        and not vma.is_hugetlb
+        and not vma.flags & (VM_IO | VM_PFNMAP)
+        and not thp_vma_allowable(vma)
+    ):
+        filled = np.flatnonzero(kinds != KIND_NONE)
+        k = int(filled[0]) if len(filled) else n
+        populate_range(vma, vpn, k, write)  # a failure stops it where the slow path will
+        walk = pt.walk(vpn, n)
+        kinds = walk.kinds
+    entries = walk.entries
+    phys = mm.machine.phys
+    ok = kinds == KIND_PRESENT
+    if write:
+        ok &= (entries & U64(PTE_WRITE)) != 0
+    pfns = walk.pfns()
+    pfns = np.where(ok, pfns, 0)
+    ok &= pfns < phys.ram_pages  # device memory: the page-by-page checks
+    zero = phys.zero_mask(pfns)
+    ok &= ((entries & U64(PTE_SPECIAL)) == 0) | zero
+    if gup_flags & FOLL_DUMP:
+        ok &= ~zero
+    if gup_flags & FOLL_SPLIT_PMD and not vma.is_hugetlb:
+        ok &= walk.level == LEVEL_PTE
+    if mode == FOLL_PIN and not write:
+        fl = phys.flags[pfns]
+        ok &= ((fl & PG_anon) == 0) | ((fl & PG_anon_exclusive) != 0)
+    bad = np.flatnonzero(~ok)
+    k = int(bad[0]) if len(bad) else n
+    if k == 0:
+        return 0
+    got = pfns[:k]
+    heads = phys.head_of(got[~zero[:k]])
+    if len(heads):
+        if (phys.refcount[heads] <= 0).any():
+            raise KernelBug("GUP: a mapped page with no reference")
+        if phys.order[heads].any():  # pages of one large folio share a head
+            uniq, counts = np.unique(heads, return_counts=True)
+        else:  # order-0 pages: distinct heads, one reference each
+            uniq, counts = heads, np.ones(len(heads), dtype=np.int64)
+        np.add.at(phys.refcount, uniq, counts.astype(phys.refcount.dtype))
+        extra = phys.extra_refs
+        for h, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+            extra[h] = extra.get(h, 0) + c
+        if mode == FOLL_PIN:
+            pins = phys.pins
+            for h, c in zip(uniq.tolist(), counts.tolist(), strict=True):
+                pins[h] = pins.get(h, 0) + c
+    pages.extend(got.tolist())
+    return k
 
 
 def _take(machine: Machine, pfn: int, mode: int) -> None:

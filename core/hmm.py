@@ -448,12 +448,17 @@ _OFFSETS = np.arange(PMD_PAGES, dtype=np.uint64)
 
 
 def _fast_path(rng: HmmRange, walk: Walk, req: NDArray[np.uint64] | None, s: slice) -> bool:
-    """Every page mapped by a normal present PTE and no request that could fault:
-    with the model's entry layout the output is one mask away."""
-    if walk.huge or (req is not None and bool((req & _WRITE).any())):
+    """Every page mapped by a normal present PTE (a writable one where a write
+    is requested), so no request can fault: with the model's entry layout the
+    output is one mask away."""
+    if walk.huge:
         return False
     e = walk.entries
-    if not bool(((e & _PRESENT_SPECIAL) == U64(PTE_PRESENT)).all()):
+    if req is not None and bool((req & _WRITE).any()):
+        # Writes requested: every PTE writable too (an ODP MR's faults).
+        if not bool(((e & _PRESENT_SPECIAL_WRITE) == _PRESENT_WRITE).all()):
+            return False
+    elif not bool(((e & _PRESENT_SPECIAL) == U64(PTE_PRESENT)).all()):
         return False
     np.bitwise_and(e, _PTE_TO_HMM, out=e)
     out = rng.hmm_pfns[s]
@@ -489,6 +494,8 @@ def _huge_fast_path(
 
 
 _PRESENT_SPECIAL = U64(PTE_PRESENT | PTE_SPECIAL)
+_PRESENT_SPECIAL_WRITE = U64(PTE_PRESENT | PTE_SPECIAL | PTE_WRITE)
+_PRESENT_WRITE = U64(PTE_PRESENT | PTE_WRITE)
 
 _KIND_WORDS = {
     KIND_HWPOISON: "hwpoison entry",
