@@ -198,12 +198,13 @@ def test_no_anon_vma_reuse_across_a_gap(swap_machine: hmmsim.Machine) -> None:
     verify_machine(machine)
 
 
-def test_read_only_neighbour_is_reused_only_with_matching_pgoff(
+def test_neighbour_moved_by_mremap_is_not_reused_so_they_never_merge(
     machine: hmmsim.Machine,
 ) -> None:
     """``anon_vma_compatible`` also wants the page offsets to follow on: a
     VMA's anon pgoff is where it was created, so one moved next to another by
-    mremap does not share its anon_vma and the two never merge."""
+    mremap does not share its anon_vma and the two never merge. Host: two
+    rw-p VMAs after the mprotect."""
     p = machine.spawn()
     a = p.mmap(2 * PAGE, RW, ANON | MAP_FIXED, addr=BASE)
     p.munmap(a + PAGE, PAGE)
