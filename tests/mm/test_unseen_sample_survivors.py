@@ -153,3 +153,19 @@ def test_move_pages_of_a_cow_shared_page_keeps_both_mappings_read_only(
     assert p.read(a, 8) == b"\x11" * 8
     assert p.pagemap(a, 1)[0].pfn == new
     verify_machine(machine)
+
+
+def test_freeing_a_folio_that_is_still_mapped_is_a_bad_page(machine: hmmsim.Machine) -> None:
+    """``free_page_is_bad``: a folio whose last reference goes while its
+    mapcount is not zero is ``BUG: Bad page state`` (a mapping count never
+    dropped, as a collapse that forgot the old pages' mappings would leave)."""
+    phys = machine.phys
+    free0 = phys.allocator.nr_free
+    (pfn,) = phys.alloc(0, 1).tolist()
+    phys.mapcount[pfn] = 1
+    with pytest.raises(hmmsim.KernelBug, match="Bad page state"):
+        phys.put_one(pfn)
+    assert phys.allocator.nr_free == free0 - 1  # not freed
+    phys.mapcount[pfn] = 0
+    phys.release(np.array([pfn], dtype=np.int64))
+    assert phys.allocator.nr_free == free0

@@ -341,6 +341,7 @@ _TESTING = [
     "tests/testing/test_bugzoo.py",
     "tests/explore/test_races.py",
     "tests/testing",
+    "tests/plugins/test_newcomer_report.py",
 ]
 _DMIRROR = [
     "tests/drivers/dmirror/test_dmirror.py",
