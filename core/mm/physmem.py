@@ -581,9 +581,16 @@ class PhysMem:
             raise KernelBug(f"folio refcount underflow at pfn {head:#x}")
 
     def release(self, heads: NDArray[np.int64]) -> None:
-        """Free folios whose last reference is gone."""
+        """Free folios whose last reference is gone.
+
+        A folio freed while still counted as mapped is ``BUG: Bad page
+        state`` (``free_page_is_bad``): a mapping count was never dropped.
+        """
         for watch in self.free_watchers:
             watch(heads, self.order[heads].astype(I64))
+        if self.mapcount[heads].any():
+            bad = heads[self.mapcount[heads] != 0]
+            raise KernelBug(f"BUG: Bad page state: pfn {int(bad[0]):#x} freed while mapped")
         self.mapcount[heads] = 0
         device = (self.flags[heads] & PG_zone_device) != 0
         if device.any():

@@ -374,10 +374,18 @@ def remove_migration_ptes(machine: Machine, src_head: int, target: int) -> None:
     ``target`` is the new folio (or ``src_head`` itself when a migration is
     undone). Device-private targets get device-private entries; others get
     present entries, writable iff the migration entry was.
+
+    An anonymous page is exclusive afterwards iff its entry was writable or
+    read-exclusive (``RMAP_EXCLUSIVE`` in ``remove_migration_pte``): the
+    entry, not the folio, carries exclusivity during a migration. Linux
+    clears ``PageAnonExclusive`` when it installs the entry; the model keeps
+    the flag on the folio meanwhile, so a fork that copied the entry as a
+    plain read one (the page is shared now) must not leave it set.
     """
     phys = machine.phys
     pgmap = phys.pgmap_of(target)
     device_private = pgmap is not None and pgmap.type == MEMORY_DEVICE_PRIVATE
+    anon = bool(phys.flags[target] & PG_anon)
     for hit in list(rmap_walk(machine, src_head)):
         pt = hit.vma.mm.pt
         if len(hit.locs) == 1:
@@ -390,10 +398,17 @@ def remove_migration_ptes(machine: Machine, src_head: int, target: int) -> None:
             if pte_kind(e) != KIND_MIGRATION:
                 continue
             new_pfn = target + (pte_pfn(e) - src_head)
-            write = softleaf_type(e) == SWP_MIGRATION_WRITE
+            typ = softleaf_type(e)
+            write = typ == SWP_MIGRATION_WRITE
+            if anon:
+                nr = 1 << (9 * int(hit.levels[i]))  # the pages this entry maps
+                if write or typ == SWP_MIGRATION_READ_EXCLUSIVE:
+                    phys.flags[new_pfn : new_pfn + nr] |= np.uint16(PG_anon_exclusive)
+                else:
+                    phys.flags[new_pfn : new_pfn + nr] &= np.uint16(~PG_anon_exclusive & 0xFFFF)
             if device_private:
-                typ = SWP_DEVICE_PRIVATE_WRITE if write else SWP_DEVICE_PRIVATE_READ
-                entry = make_softleaf(typ, new_pfn, keep=e)
+                dtyp = SWP_DEVICE_PRIVATE_WRITE if write else SWP_DEVICE_PRIVATE_READ
+                entry = make_softleaf(dtyp, new_pfn, keep=e)
             else:
                 entry = make_present(
                     new_pfn,

@@ -51,7 +51,7 @@ DEFAULT_TARGETS = (
     "core/mm",
     "core/hmm.py",
     "core/notifier.py",
-    "core/migrate.py",
+    "core/migrate",
     "core/gup.py",
     "core/testing",
     "drivers/dmirror",
@@ -224,38 +224,43 @@ def enumerate_mutants(targets: tuple[str, ...] = DEFAULT_TARGETS) -> list[Mutant
         files.extend(sorted(p.rglob("*.py")) if p.is_dir() else [p])
     out: list[Mutant] = []
     for f in files:
-        rel = str(f.relative_to(ROOT))
-        src = f.read_text()
-        tree = ast.parse(src)
-        docs = _docstring_nodes(tree)
-        for qual, fn in _functions(tree):
-            skip = _skipped_subtrees(fn) | docs
-            n = 0
-            for node in sorted(
-                _direct_nodes(fn),
-                key=lambda x: (getattr(x, "lineno", 0), getattr(x, "col_offset", 0)),
-            ):
-                if id(node) in skip or not hasattr(node, "lineno"):
+        out.extend(_mutants_of(str(f.relative_to(ROOT)), f.read_text()))
+    return out
+
+
+def _mutants_of(rel: str, src: str) -> list[Mutant]:
+    """The mutants of one module's text ``src`` (repository path ``rel``)."""
+    out: list[Mutant] = []
+    tree = ast.parse(src)
+    docs = _docstring_nodes(tree)
+    for qual, fn in _functions(tree):
+        skip = _skipped_subtrees(fn) | docs
+        n = 0
+        for node in sorted(
+            _direct_nodes(fn),
+            key=lambda x: (getattr(x, "lineno", 0), getattr(x, "col_offset", 0)),
+        ):
+            if id(node) in skip or not hasattr(node, "lineno"):
+                continue
+            for kind, found, new in _mutations(node, src):
+                target: Any = found  # an expr or a stmt: it has positions
+                old = ast.get_source_segment(src, target) or ""
+                if old == new:
                     continue
-                for kind, found, new in _mutations(node, src):
-                    target: Any = found  # an expr or a stmt: it has positions
-                    old = ast.get_source_segment(src, target) or ""
-                    if old == new:
-                        continue
-                    n += 1
-                    out.append(
-                        Mutant(
-                            id=f"{rel}:{qual}:{n}",
-                            path=rel,
-                            function=qual,
-                            line=target.lineno,
-                            kind=kind,
-                            start=(target.lineno, target.col_offset),
-                            end=(target.end_lineno, target.end_col_offset),
-                            old=old,
-                            new=new,
-                        )
+                n += 1
+                out.append(
+                    Mutant(
+                        id=f"{rel}:{qual}:{n}",
+                        path=rel,
+                        function=qual,
+                        line=target.lineno,
+                        kind=kind,
+                        start=(target.lineno, target.col_offset),
+                        end=(target.end_lineno, target.end_col_offset),
+                        old=old,
+                        new=new,
                     )
+                )
     return out
 
 
@@ -268,12 +273,28 @@ def apply(src: str, m: Mutant) -> str:
         a = b = -1
     if a < 0 or src[a:b] != m.old:
         # The file changed since the sample was drawn: the mutated text, if
-        # it still occurs exactly once, is the same mutant moved.
-        if src.count(m.old) != 1:
-            raise StaleMutant(f"{m.id}: {m.old!r} no longer occurs once in {m.path}")
-        a = src.index(m.old)
-        b = a + len(m.old)
+        # it still occurs exactly once, is the same mutant moved; otherwise
+        # the mutant of the same function and index, if it makes the same
+        # change, is (the code around it moved, the function did not change
+        # before that point).
+        if src.count(m.old) == 1:
+            a = src.index(m.old)
+            b = a + len(m.old)
+        else:
+            a, b = _relocate(src, m)
     return src[:a] + m.new + src[b:]
+
+
+def _relocate(src: str, m: Mutant) -> tuple[int, int]:
+    """Where mutant ``m`` (by function, index and text) now is in ``src``."""
+    lines = src.splitlines(keepends=True)
+    # The id is "<module path>:<function>:<n>"; samples drawn before a module
+    # became a package keep the old module path in the id (``path`` follows).
+    key = f"{m.path}:{m.id.split(':', 1)[1]}"
+    for cur in _mutants_of(m.path, src):
+        if cur.id == key and (cur.old, cur.new) == (m.old, m.new):
+            return _offset(lines, cur.start), _offset(lines, cur.end)
+    raise StaleMutant(f"{m.id}: {m.old!r} is no longer found in {m.path}")
 
 
 class StaleMutant(ValueError):
@@ -290,49 +311,44 @@ def sample(mutants: list[Mutant], n: int, seed: int) -> list[Mutant]:
 # ----------------------------------------------------------------- test selection
 
 _MM = [
-    "tests/test_physmem_pagetable.py",
-    "tests/test_mm_ops.py",
-    "tests/test_faults.py",
-    "tests/test_fork_fidelity.py",
-    "tests/test_madvise_fidelity.py",
-    "tests/test_state_machine.py",
     "tests/mm",
     "tests/testing/test_verify_machine_meta.py",
 ]
 _HMM = [
-    "tests/test_hmm_range_fault.py",
-    "tests/test_hmm_pte_hole.py",
-    "tests/test_hmm_dma.py",
-    "tests/test_dmirror.py",
+    "tests/hmm/test_hmm_range_fault.py",
+    "tests/hmm/test_hmm_pte_hole.py",
+    "tests/dma/test_hmm_dma.py",
+    "tests/drivers/dmirror/test_dmirror.py",
     "tests/hmm",
 ]
-_NOTIFIER = ["tests/test_notifier_events.py", "tests/test_notifier_seq.py", *_HMM]
+_NOTIFIER = ["tests/hmm/test_notifier_events.py", "tests/hmm/test_notifier_seq.py", *_HMM]
 _MIGRATE = [
-    "tests/test_migrate.py",
-    "tests/test_exclusive.py",
-    "tests/test_dmirror.py",
-    "tests/test_device_reliability.py",
+    "tests/hmm/test_migrate.py",
+    "tests/hmm/test_exclusive.py",
+    "tests/drivers/dmirror/test_dmirror.py",
+    "tests/drivers/dmirror/test_device_reliability.py",
     "tests/hmm",
 ]
 _GUP = [
-    "tests/test_mm_ops.py",
-    "tests/test_fork_fidelity.py",
-    "tests/test_migrate.py",
-    "tests/test_errors_contract.py",
+    "tests/mm/test_mm_ops.py",
+    "tests/mm/test_fork_fidelity.py",
+    "tests/hmm/test_migrate.py",
+    "tests/plugins/test_errors_contract.py",
     "tests/hmm",
 ]
 _TESTING = [
-    "tests/test_conformance_suite.py",
-    "tests/test_bugzoo.py",
-    "tests/test_races.py",
+    "tests/testing/test_conformance_suite.py",
+    "tests/testing/test_bugzoo.py",
+    "tests/explore/test_races.py",
     "tests/testing",
+    "tests/plugins/test_newcomer_report.py",
 ]
 _DMIRROR = [
-    "tests/test_dmirror.py",
-    "tests/test_exclusive.py",
-    "tests/test_migrate.py",
+    "tests/drivers/dmirror/test_dmirror.py",
+    "tests/hmm/test_exclusive.py",
+    "tests/hmm/test_migrate.py",
     "tests/drivers/dmirror",
-    "tests/test_conformance_suite.py",
+    "tests/testing/test_conformance_suite.py",
 ]
 
 #: The project's test files run against a mutant of each module, most
@@ -345,7 +361,7 @@ SELECTION: dict[str, list[str]] = {
     "core/mm": _MM,
     "core/hmm.py": _HMM,
     "core/notifier.py": _NOTIFIER,
-    "core/migrate.py": _MIGRATE,
+    "core/migrate": _MIGRATE,
     "core/gup.py": _GUP,
     "core/testing": _TESTING,
     "drivers/dmirror": _DMIRROR,
