@@ -451,6 +451,12 @@ CHECKS["races"] = [_race_check(race) for race in RACES]
 
 # The checks of other modules (imported here: they use this module's helpers).
 from .checks_capabilities import CAPABILITY_CHECKS, OOM_CHECKS, SIZE_CHECKS  # noqa: E402
+from .checks_exact import (  # noqa: E402
+    EVICTION_CHECKS,
+    EXACT_DATA_CHECKS,
+    INTROSPECTION_CHECKS,
+    MIGRATION_CHECKS,
+)
 from .checks_migrate import MIGRATE_CHECKS  # noqa: E402
 from .checks_teardown import TEARDOWN_CHECKS  # noqa: E402
 
@@ -459,6 +465,10 @@ CHECKS["teardown"] += TEARDOWN_CHECKS
 CHECKS["capabilities"] = CAPABILITY_CHECKS
 CHECKS["sizes"] = SIZE_CHECKS
 CHECKS["oom"] = OOM_CHECKS
+CHECKS["coherence"] += EXACT_DATA_CHECKS
+CHECKS["device-memory"] += MIGRATION_CHECKS
+CHECKS["teardown"] += EVICTION_CHECKS
+CHECKS["introspection"] = INTROSPECTION_CHECKS
 
 
 def check_name(check: Callable[[DriverSpec], None]) -> str:

@@ -26,7 +26,14 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Final
 
 from hmmsim.dma import IOMMU_PAGE_ORDERS
-from hmmsim.driver import DevicePte, MemoryKind, Mirror, MirrorStats, check_user_range
+from hmmsim.driver import (
+    DevicePte,
+    MemoryKind,
+    Mirror,
+    MirrorStats,
+    check_user_pages,
+    check_user_range,
+)
 from hmmsim.errors import Again, HmmsimError
 from hmmsim.memremap import page_memory_kind
 
@@ -220,6 +227,10 @@ class OdpMirror(Mirror):
         return out
 
     def device_ptes(self, addr: int, npages: int) -> list[DevicePte | None]:
+        # Slots are 4 KiB: an unaligned address means the slot it falls in
+        # (introspection/device_ptes_slots).
+        addr &= ~((1 << PAGE_SHIFT) - 1)
+        check_user_pages(addr, npages, "odp device_ptes")
         mrs = self._live_mrs(addr, npages)
         out: list[DevicePte | None] = []
         for i in range(npages):
