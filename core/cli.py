@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the suite on every deliberately broken driver of the bug zoo instead",
     )
+    check.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the checks in N worker processes, 0 for one per usable core (default 0); "
+        "the results are the same, only sooner",
+    )
     exp = sub.add_parser(
         "explore",
         help="explore (or replay) the interleavings of one race scenario",
@@ -213,7 +222,7 @@ def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError(f"--schedules must be 1 or more, not {args.schedules}")
     if args.depth < 1:
         raise UsageError(f"--depth must be 1 or more, not {args.depth}")
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = args.jobs or usable_cores()
     scenario = race_scenario(spec, race)
     if args.replay is not None:
         try:
@@ -356,6 +365,20 @@ def _writable_path(path: str, option: str) -> None:
         raise UsageError(f"{option} {path}: not writable")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (``taskset`` limits them), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _jobs(jobs: int) -> int:
+    if jobs < 0:
+        raise UsageError(f"--jobs must be 0 (one per core) or more, not {jobs}")
+    return jobs or usable_cores()
+
+
 def cmd_check(
     specs_text: list[str],
     json_path: str | None,
@@ -364,12 +387,14 @@ def cmd_check(
     junit_path: str | None = None,
     verbose: bool = False,
     err: TextIO | None = None,
+    jobs: int = 1,
 ) -> int:
     """Run the suite; one line per failure, a summary, the reports; exit 1 on any failure."""
     from .testing.checks import installed_specs
     from .testing.report import Progress, run_suite, summary, to_json, to_junit
 
     err = err or sys.stderr
+    jobs = _jobs(jobs)
     if json_path:
         _writable_path(json_path, "--json")
     if junit_path:
@@ -383,7 +408,7 @@ def cmd_check(
     if not specs:
         raise UsageError("no drivers installed (hmmsim drivers lists them)")
     live = bool(getattr(out, "isatty", lambda: False)())
-    run = run_suite(specs, Progress(out, live=live, verbose=verbose))
+    run = run_suite(specs, Progress(out, live=live, verbose=verbose), jobs=jobs)
     run.broken = [(b.name, b.reason) for b in broken_plugins(pm)]
     for spec in specs:
         cls = drivers.get(spec.name)
@@ -435,6 +460,7 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
                 junit_path=args.junit_xml,
                 verbose=args.verbose,
                 err=err,
+                jobs=args.jobs,
             )
         if args.command == "explore":
             return cmd_explore(args, out, err)
