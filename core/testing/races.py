@@ -476,18 +476,6 @@ RACES: list[Race] = [
         doc="device stores of 64 bytes per page against CPU stores to the next 64 "
         "bytes of the same pages: no lost update",
     ),
-]
-
-
-#: Races explorable by name (``hmmsim explore``) but not yet in the suite:
-#: each fails on an installed driver whose owner has still to fix or declare it.
-#: ``read_device_memory_vs_cpu_fault_back`` fails on dmirror (private): its
-#: invalidate callback ignores its own MIGRATE events without
-#: ``mmu_interval_set_seq``, so a device fault that read the device-private
-#: pfn before ``migrate_to_ram`` moved the page back still passes
-#: ``mmu_interval_read_retry`` and maps the freed device page (lib/test_hmm.c
-#: does the same).
-PENDING_RACES: list[Race] = [
     Race(
         "read_device_memory_vs_cpu_fault_back",
         Capability.READ | Capability.MIGRATE,
@@ -499,6 +487,12 @@ PENDING_RACES: list[Race] = [
         "(migrate_to_ram of private memory; in place for coherent memory)",
     ),
 ]
+
+
+#: Races explorable by name (``hmmsim explore``) but not yet in the suite:
+#: each fails on an installed driver whose owner has still to fix it or
+#: declare it (``Driver.expected_failures``). None at present.
+PENDING_RACES: list[Race] = []
 
 
 def race_by_name(name: str) -> Race:
