@@ -286,14 +286,17 @@ def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_FAILED if res.failures else EXIT_OK
 
 
-def cmd_bugzoo(names: list[str], out: TextIO) -> int:
+def cmd_bugzoo(names: list[str], out: TextIO, jobs: int = 1) -> int:
     """The suite on every mutant: caught or not, by which check, after how many schedules.
 
-    Prints one line per mutant as it finishes, then the table, the kill rate
-    per driver and per area, and the schedules each race-caught mutant
-    needed. Fails when a mutant is missed that documents no suite gap, when
-    a mutant crashes (no catch: see ``hmmsim.testing.bugzoo``), or when one
-    documented as missed is caught (its note is stale).
+    Each mutant is run in every variant of its driver (or the ones it
+    declares) until one catches it; ``jobs`` worker processes share the
+    mutants. Prints one line per mutant as it finishes, then the table (with
+    the variant that decided), the kill rate per driver and per area, and
+    the schedules each race-caught mutant needed. Fails when a mutant is
+    missed that documents no suite gap, when a mutant crashes (no catch:
+    see ``hmmsim.testing.bugzoo``), or when one documented as missed is
+    caught (its note is stale).
     """
     import time
 
@@ -307,7 +310,8 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
     t0 = time.perf_counter()
     results = []
     rows = []
-    for r in run_zoo(names or None):
+    jobs = _jobs(jobs)
+    for r in run_zoo(names or None, jobs=jobs):
         results.append(r)
         schedules = "-" if r.schedules is None else str(r.schedules)
         outcome = {"caught": "yes", "missed": "NO", "crashed": "CRASH"}[r.status]
@@ -318,21 +322,27 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
                 r.mutant,
                 r.driver,
                 r.area or "-",
+                r.variant or "-",
                 outcome,
                 r.check or "-",
                 schedules,
                 f"{r.seconds:.1f}s",
             )
         )
+        where = f" ({r.variant})" if r.variant else ""
         if r.caught:
-            line = f"caught by {r.check}"
+            line = f"caught by {r.check}{where}"
         elif r.status == "crashed":
-            line = f"CRASHED in {r.check} (no catch): {r.message}"
+            line = f"CRASHED in {r.check}{where} (no catch): {r.message}"
         else:
-            line = "NOT caught" + (f" (suite gap: {r.suite_gap})" if r.suite_gap else "")
+            line = f"NOT caught in {r.variants_run} variant(s)" + (
+                f" (suite gap: {r.suite_gap})" if r.suite_gap else ""
+            )
         print(f"{r.mutant}: {line}", file=out, flush=True)
     print(file=out)
-    print_table(["mutant", "driver", "area", "caught", "by", "schedules", "time"], rows, out)
+    print_table(
+        ["mutant", "driver", "area", "variant", "caught", "by", "schedules", "time"], rows, out
+    )
     for key in ("driver", "area"):
         rates = ", ".join(f"{k} {c}/{n}" for k, (c, n) in kill_rates(results, key).items())
         print(f"\nkill rate by {key}: {rates}", file=out)
@@ -452,7 +462,7 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
             return cmd_drivers(out)
         if args.command == "check":
             if args.bugzoo:
-                return cmd_bugzoo(args.driver, out)
+                return cmd_bugzoo(args.driver, out, args.jobs)
             return cmd_check(
                 args.driver,
                 args.json,
