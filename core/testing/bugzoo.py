@@ -38,7 +38,7 @@ from ..driver import Driver, Mutant
 from ..errors import Deadlock, HmmsimError
 from ..hookspecs import hookimpl
 from ..plugins import BUGZOO_GROUP, find_driver, get_plugin_manager
-from .checks import CheckSkipped, DriverSpec, all_checks, check_id
+from .checks import CheckSkipped, DriverSpec, all_checks, check_id, race_skip_reason
 from .races import applicable, explore_race
 
 
@@ -222,7 +222,7 @@ def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, str, int | None, 
             continue
         race = getattr(check, "race", None)
         if race is not None:
-            if not applicable(spec, race, pm):
+            if not applicable(spec, race, pm) or race_skip_reason(spec, race, pm) is not None:
                 continue
             result = explore_race(spec, race, pm=pm)
             if result.failures:
