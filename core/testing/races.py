@@ -557,6 +557,7 @@ def race_scenario(spec: DriverSpec, race: Race, pm: Any = None) -> Scenario:
         actors = [(race.first_name, first_actor), ("cpu", _cpu_actor(st, race))]
 
         watches: dict[int, MirrorWatch] = {}
+        pz = poisoner(st.env.machine)  # installed with the machine, once
 
         def check() -> None:
             # Per step, identity of pages is enough: a device entry that maps
@@ -568,7 +569,6 @@ def race_scenario(spec: DriverSpec, race: Race, pm: Any = None) -> Scenario:
                 watch.check()
             check_notifier_contract(st.env.machine)
             check_dma_contract(st.env.machine)
-            pz = poisoner(st.env.machine)
             if pz is not None and pz.violations:
                 raise AssertionError(f"access to freed memory: {pz.violations[0]}")
 
