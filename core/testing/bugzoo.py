@@ -324,46 +324,17 @@ def run_zoo(names: list[str] | None = None, *, jobs: int = 1) -> Iterator[ZooRes
     yield from _run_zoo_parallel(todo, pm, jobs)
 
 
-#: The mutants and plugin manager of a parallel zoo run, set in the parent
-#: before the workers fork (they inherit the built mutant packages).
-_ZOO: tuple[list[Mutant], Any] = ([], None)
-
-
-def _run_zoo_task(i: int) -> tuple[int, ZooResult]:
-    todo, pm = _ZOO
-    return i, run_mutant(todo[i], pm)
-
-
 def _run_zoo_parallel(todo: list[Mutant], pm: Any, jobs: int) -> Iterator[ZooResult]:
-    import concurrent.futures
-    import multiprocessing
+    from .report import forked_map
 
-    global _ZOO
     mutant_drivers()  # built once here, not once per worker
-    sys.stdout.flush()
-    sys.stderr.flush()
-    _ZOO = (todo, pm)
-    pool = concurrent.futures.ProcessPoolExecutor(
-        jobs, mp_context=multiprocessing.get_context("fork")
-    )
-    try:
-        futures = [pool.submit(_run_zoo_task, i) for i in range(len(todo))]
-        done: dict[int, ZooResult] = {}
-        nxt = 0
-        for fut in concurrent.futures.as_completed(futures):
-            i, result = fut.result()
-            done[i] = result
-            while nxt in done:
-                yield done.pop(nxt)
-                nxt += 1
-    except BaseException:
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        _ZOO = ([], None)
-    pool.shutdown(wait=True)
+    done: dict[int, ZooResult] = {}
+    nxt = 0
+    for i, result in forked_map(lambda i: run_mutant(todo[i], pm), range(len(todo)), jobs):
+        done[i] = result
+        while nxt in done:  # in the zoo's order
+            yield done.pop(nxt)
+            nxt += 1
 
 
 def kill_rates(results: list[ZooResult], key: str) -> dict[str, tuple[int, int]]:

@@ -14,7 +14,7 @@ import shutil
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 import attrs
@@ -178,16 +178,6 @@ class _Collector:
         return [self.results[i] for i in sorted(self.results)]
 
 
-#: The tasks of a parallel run, set in the parent before the workers fork
-#: (they inherit it: the checks are closures, not picklable).
-_TASKS: list[Task] = []
-
-
-def _run_task(i: int) -> tuple[int, CheckResult]:
-    spec, area, check = _TASKS[i]
-    return i, run_check(spec, area, check)
-
-
 def _cost_order(tasks: list[Task]) -> list[int]:
     """Task indices, the long ones first (races explore hundreds of schedules),
     so that the last check to finish is a short one and both cores stay busy."""
@@ -195,34 +185,58 @@ def _cost_order(tasks: list[Task]) -> list[int]:
 
 
 def _run_parallel(tasks: list[Task], collector: _Collector, jobs: int) -> None:
+    for i, result in forked_map(lambda i: run_check(*tasks[i]), _cost_order(tasks), jobs):
+        collector.finished(i, result)
+        if collector.next < len(tasks):
+            collector.started(collector.next)
+
+
+#: The function a ``forked_map`` runs, set in the parent before the workers
+#: fork (they inherit it: the checks are closures, which cannot be pickled).
+_WORK: list[Callable[[int], Any]] = []
+
+
+def _work(i: int) -> tuple[int, Any]:
+    return i, _WORK[0](i)
+
+
+def forked_map(
+    fn: Callable[[int], Any], order: Sequence[int], jobs: int
+) -> Iterator[tuple[int, Any]]:
+    """``(i, fn(i))`` for each ``i`` of ``order``, as they finish, computed in
+    ``jobs`` forked worker processes (handed out in that order).
+
+    ``fn`` and what it uses reach the workers by ``fork``, so nothing but the
+    index and the result (which must pickle) crosses a pipe. An exception
+    from ``fn`` is raised here; it, or an interrupt, kills and reaps every
+    worker at once instead of waiting for the work still running.
+    """
     import concurrent.futures
     import multiprocessing
     import sys
 
-    global _TASKS
     # Output buffered now would be written again by every worker at its exit.
     sys.stdout.flush()
     sys.stderr.flush()
-    _TASKS = tasks
+    _WORK[:] = [fn]
     pool = concurrent.futures.ProcessPoolExecutor(
         jobs, mp_context=multiprocessing.get_context("fork")
     )
     try:
-        pending = set()
-        for i in _cost_order(tasks):
-            pending.add(pool.submit(_run_task, i))
-        for fut in concurrent.futures.as_completed(pending):
-            i, result = fut.result()
-            collector.finished(i, result)
-            if collector.next < len(tasks):
-                collector.started(collector.next)
+        # With fork, the first submit starts every worker: fn is theirs now.
+        futures = [pool.submit(_work, i) for i in order]
+        for fut in concurrent.futures.as_completed(futures):
+            yield fut.result()
     except BaseException:
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()  # an interrupted run does not wait for the checks running
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
+            proc.kill()
         pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.join(timeout=10)
         raise
     finally:
-        _TASKS = []
+        _WORK.clear()
     pool.shutdown(wait=True)
 
 
