@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the suite on every deliberately broken driver of the bug zoo instead",
     )
+    check.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the checks in N worker processes, 0 for one per usable core (default 0); "
+        "the results are the same, only sooner",
+    )
     exp = sub.add_parser(
         "explore",
         help="explore (or replay) the interleavings of one race scenario",
@@ -213,7 +222,7 @@ def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         raise UsageError(f"--schedules must be 1 or more, not {args.schedules}")
     if args.depth < 1:
         raise UsageError(f"--depth must be 1 or more, not {args.depth}")
-    jobs = args.jobs or os.cpu_count() or 1
+    jobs = args.jobs or usable_cores()
     scenario = race_scenario(spec, race)
     if args.replay is not None:
         try:
@@ -277,14 +286,17 @@ def cmd_explore(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_FAILED if res.failures else EXIT_OK
 
 
-def cmd_bugzoo(names: list[str], out: TextIO) -> int:
+def cmd_bugzoo(names: list[str], out: TextIO, jobs: int = 1) -> int:
     """The suite on every mutant: caught or not, by which check, after how many schedules.
 
-    Prints one line per mutant as it finishes, then the table, the kill rate
-    per driver and per area, and the schedules each race-caught mutant
-    needed. Fails when a mutant is missed that documents no suite gap, when
-    a mutant crashes (no catch: see ``hmmsim.testing.bugzoo``), or when one
-    documented as missed is caught (its note is stale).
+    Each mutant is run in every variant of its driver (or the ones it
+    declares) until one catches it; ``jobs`` worker processes share the
+    mutants. Prints one line per mutant as it finishes, then the table (with
+    the variant that decided), the kill rate per driver and per area, and
+    the schedules each race-caught mutant needed. Fails when a mutant is
+    missed that documents no suite gap, when a mutant crashes (no catch:
+    see ``hmmsim.testing.bugzoo``), or when one documented as missed is
+    caught (its note is stale).
     """
     import time
 
@@ -298,7 +310,8 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
     t0 = time.perf_counter()
     results = []
     rows = []
-    for r in run_zoo(names or None):
+    jobs = _jobs(jobs)
+    for r in run_zoo(names or None, jobs=jobs):
         results.append(r)
         schedules = "-" if r.schedules is None else str(r.schedules)
         outcome = {"caught": "yes", "missed": "NO", "crashed": "CRASH"}[r.status]
@@ -309,21 +322,27 @@ def cmd_bugzoo(names: list[str], out: TextIO) -> int:
                 r.mutant,
                 r.driver,
                 r.area or "-",
+                r.variant or "-",
                 outcome,
                 r.check or "-",
                 schedules,
                 f"{r.seconds:.1f}s",
             )
         )
+        where = f" ({r.variant})" if r.variant else ""
         if r.caught:
-            line = f"caught by {r.check}"
+            line = f"caught by {r.check}{where}"
         elif r.status == "crashed":
-            line = f"CRASHED in {r.check} (no catch): {r.message}"
+            line = f"CRASHED in {r.check}{where} (no catch): {r.message}"
         else:
-            line = "NOT caught" + (f" (suite gap: {r.suite_gap})" if r.suite_gap else "")
+            line = f"NOT caught in {r.variants_run} variant(s)" + (
+                f" (suite gap: {r.suite_gap})" if r.suite_gap else ""
+            )
         print(f"{r.mutant}: {line}", file=out, flush=True)
     print(file=out)
-    print_table(["mutant", "driver", "area", "caught", "by", "schedules", "time"], rows, out)
+    print_table(
+        ["mutant", "driver", "area", "variant", "caught", "by", "schedules", "time"], rows, out
+    )
     for key in ("driver", "area"):
         rates = ", ".join(f"{k} {c}/{n}" for k, (c, n) in kill_rates(results, key).items())
         print(f"\nkill rate by {key}: {rates}", file=out)
@@ -356,6 +375,20 @@ def _writable_path(path: str, option: str) -> None:
         raise UsageError(f"{option} {path}: not writable")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (``taskset`` limits them), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _jobs(jobs: int) -> int:
+    if jobs < 0:
+        raise UsageError(f"--jobs must be 0 (one per core) or more, not {jobs}")
+    return jobs or usable_cores()
+
+
 def cmd_check(
     specs_text: list[str],
     json_path: str | None,
@@ -364,12 +397,14 @@ def cmd_check(
     junit_path: str | None = None,
     verbose: bool = False,
     err: TextIO | None = None,
+    jobs: int = 1,
 ) -> int:
     """Run the suite; one line per failure, a summary, the reports; exit 1 on any failure."""
     from .testing.checks import installed_specs
     from .testing.report import Progress, run_suite, summary, to_json, to_junit
 
     err = err or sys.stderr
+    jobs = _jobs(jobs)
     if json_path:
         _writable_path(json_path, "--json")
     if junit_path:
@@ -383,7 +418,7 @@ def cmd_check(
     if not specs:
         raise UsageError("no drivers installed (hmmsim drivers lists them)")
     live = bool(getattr(out, "isatty", lambda: False)())
-    run = run_suite(specs, Progress(out, live=live, verbose=verbose))
+    run = run_suite(specs, Progress(out, live=live, verbose=verbose), jobs=jobs)
     run.broken = [(b.name, b.reason) for b in broken_plugins(pm)]
     for spec in specs:
         cls = drivers.get(spec.name)
@@ -427,7 +462,7 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
             return cmd_drivers(out)
         if args.command == "check":
             if args.bugzoo:
-                return cmd_bugzoo(args.driver, out)
+                return cmd_bugzoo(args.driver, out, args.jobs)
             return cmd_check(
                 args.driver,
                 args.json,
@@ -435,6 +470,7 @@ def _main(argv: list[str] | None, out: TextIO, err: TextIO) -> int:
                 junit_path=args.junit_xml,
                 verbose=args.verbose,
                 err=err,
+                jobs=args.jobs,
             )
         if args.command == "explore":
             return cmd_explore(args, out, err)

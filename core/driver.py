@@ -236,6 +236,10 @@ class Mutant:
     #: Why the conformance suite does not catch it yet (a known gap): the zoo
     #: then expects a miss, and reports the mutant once a check catches it.
     suite_gap: str = ""
+    #: The probe parameters the zoo runs the suite with, one dict per variant
+    #: (a bug of coherent memory only needs ``{"memory": "coherent"}``);
+    #: empty: every variant the driver declares (``Driver.variants``).
+    variants: tuple[dict[str, str], ...] = attrs.field(default=(), converter=tuple, hash=False)
 
 
 class Mirror(abc.ABC):

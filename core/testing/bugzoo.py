@@ -37,8 +37,8 @@ from .. import errors
 from ..driver import Driver, Mutant
 from ..errors import Deadlock, HmmsimError
 from ..hookspecs import hookimpl
-from ..plugins import BUGZOO_GROUP, get_plugin_manager
-from .checks import CheckSkipped, DriverSpec, all_checks, check_id
+from ..plugins import BUGZOO_GROUP, find_driver, get_plugin_manager
+from .checks import CheckSkipped, DriverSpec, all_checks, check_id, race_skip_reason
 from .races import applicable, explore_race
 
 
@@ -187,6 +187,11 @@ class ZooResult:
     area: str = ""
     #: The mutant's documented suite gap (``Mutant.suite_gap``), if any.
     suite_gap: str = ""
+    #: The variant (probe parameters, ``key=value,...``; "" for none) whose
+    #: run decided: the one that caught or crashed it, else the last one run.
+    variant: str = ""
+    #: How many variants the suite ran on before it decided.
+    variants_run: int = 0
 
     @property
     def caught(self) -> bool:
@@ -217,7 +222,7 @@ def _first_failure(spec: DriverSpec, pm: object) -> tuple[str, str, int | None, 
             continue
         race = getattr(check, "race", None)
         if race is not None:
-            if not applicable(spec, race, pm):
+            if not applicable(spec, race, pm) or race_skip_reason(spec, race, pm) is not None:
                 continue
             result = explore_race(spec, race, pm=pm)
             if result.failures:
@@ -242,23 +247,51 @@ def _driver_name(mutant: Mutant) -> str:
     return str(getattr(base, "name", mutant.driver))
 
 
+def mutant_variants(mutant: Mutant, pm: Any = None) -> list[dict[str, str]]:
+    """The variants the zoo runs a mutant in: the ones it declares
+    (``Mutant.variants``), else every variant its driver declares."""
+    if mutant.variants:
+        return [dict(v) for v in mutant.variants]
+    pm = pm or get_plugin_manager(group=BUGZOO_GROUP)
+    cls = find_driver(pm, mutant.name)
+    return [dict(v) for v in (getattr(cls, "variants", None) or [{}])]
+
+
 def run_mutant(mutant: Mutant, pm: Any = None) -> ZooResult:
     """Run the suite on one mutant until a check catches it (see ``ZooResult``).
 
+    The suite runs in each variant of ``mutant_variants`` in turn, as
+    ``hmmsim check`` runs it in each variant of a driver, until one catches
+    it: a bug of one memory kind is caught in that kind's variant. A crash
+    in one variant does not stop the others (a catch wins over a crash).
     ``mutant`` need not be registered: one that is not is built and offered
     by this module's hook while the suite runs on it.
     """
     extra = mutant.name not in {m.name for m in all_mutants()}
     if extra:
         _EXTRA[mutant.name] = build(mutant)
+    t0 = time.perf_counter()
     try:
         pm = pm or get_plugin_manager(group=BUGZOO_GROUP)
-        spec = DriverSpec(mutant.name, (), BUGZOO_GROUP)
-        t0 = time.perf_counter()
-        status, check, schedules, message = _first_failure(spec, pm)
+        decided: tuple[str, str, int | None, str, str] | None = None
+        variants = mutant_variants(mutant, pm)
+        run = 0
+        for params in variants:
+            spec = DriverSpec(mutant.name, tuple(sorted(params.items())), BUGZOO_GROUP)
+            run += 1
+            status, check, schedules, message = _first_failure(spec, pm)
+            variant = str(spec).partition(":")[2]
+            if status == "caught":
+                decided = (status, check, schedules, message, variant)
+                break
+            if status == "crashed" and decided is None:
+                decided = (status, check, schedules, message, variant)
+        if decided is None:
+            decided = ("missed", "", None, "", variant)
     finally:
         if extra:
             del _EXTRA[mutant.name]
+    status, check, schedules, message, variant = decided
     return ZooResult(
         mutant.name,
         status,
@@ -269,20 +302,39 @@ def run_mutant(mutant: Mutant, pm: Any = None) -> ZooResult:
         _driver_name(mutant),
         mutant.area,
         mutant.suite_gap,
+        variant,
+        run,
     )
 
 
-def run_zoo(names: list[str] | None = None) -> Iterator[ZooResult]:
+def run_zoo(names: list[str] | None = None, *, jobs: int = 1) -> Iterator[ZooResult]:
     """Run the suite on each mutant (all by default) until a check catches it.
 
     Checks run in the suite's order and the first failure decides: for a
     race, how many schedules the exploration needed up to the failing one.
+    ``jobs`` > 1 runs the mutants in that many forked worker processes; the
+    results come in the zoo's order all the same.
     """
     pm = get_plugin_manager(group=BUGZOO_GROUP)
-    for mutant in all_mutants():
-        if names and mutant.name not in names:
-            continue
-        yield run_mutant(mutant, pm)
+    todo = [m for m in all_mutants() if not names or m.name in names]
+    if jobs <= 1 or len(todo) <= 1:
+        for mutant in todo:
+            yield run_mutant(mutant, pm)
+        return
+    yield from _run_zoo_parallel(todo, pm, jobs)
+
+
+def _run_zoo_parallel(todo: list[Mutant], pm: Any, jobs: int) -> Iterator[ZooResult]:
+    from .report import forked_map
+
+    mutant_drivers()  # built once here, not once per worker
+    done: dict[int, ZooResult] = {}
+    nxt = 0
+    for i, result in forked_map(lambda i: run_mutant(todo[i], pm), range(len(todo)), jobs):
+        done[i] = result
+        while nxt in done:  # in the zoo's order
+            yield done.pop(nxt)
+            nxt += 1
 
 
 def kill_rates(results: list[ZooResult], key: str) -> dict[str, tuple[int, int]]:
@@ -304,6 +356,7 @@ __all__: list[str] = [
     "build_package_mutant",
     "kill_rates",
     "mutant_drivers",
+    "mutant_variants",
     "run_mutant",
     "run_zoo",
 ]

@@ -430,6 +430,15 @@ CHECKS: dict[str, list[Callable[[DriverSpec], None]]] = {
 HUGE_ONLY_RACES = frozenset({"write_vs_fork", "read_vs_page_migration"})
 
 
+def race_skip_reason(spec: DriverSpec, race: Any, pm: Any = None) -> str | None:
+    """Why the suite skips ``race`` for ``spec`` beyond its capabilities, or None:
+    a ``HUGE_ONLY`` driver skips the races without a hugetlb counterpart
+    (the bug zoo, which explores races directly, asks the same)."""
+    if race.name not in HUGE_ONLY_RACES and Capability.HUGE_ONLY & spec.capabilities(pm):
+        return f"{spec} claims HUGE_ONLY: {race.name} works on 4 KiB pages"
+    return None
+
+
 def _race_check(race: Any) -> Callable[[DriverSpec], None]:
     """``race_check``, skipped for a ``HUGE_ONLY`` driver unless it has a hugetlb
     counterpart (``HUGE_ONLY_RACES``)."""
@@ -438,8 +447,9 @@ def _race_check(race: Any) -> Callable[[DriverSpec], None]:
         return check
 
     def wrapped(spec: DriverSpec) -> None:
-        if Capability.HUGE_ONLY & spec.capabilities():
-            raise CheckSkipped(f"{spec} claims HUGE_ONLY: {race.name} works on 4 KiB pages")
+        reason = race_skip_reason(spec, race)
+        if reason is not None:
+            raise CheckSkipped(reason)
         check(spec)
 
     for attr in ("race", "__name__", "__qualname__", "__doc__"):
@@ -457,6 +467,7 @@ from .checks_exact import (  # noqa: E402
     INTROSPECTION_CHECKS,
     MIGRATION_CHECKS,
 )
+from .checks_hugeonly import HUGE_ONLY_OOM_CHECKS, HUGE_ONLY_SIZE_CHECKS  # noqa: E402
 from .checks_migrate import MIGRATE_CHECKS  # noqa: E402
 from .checks_teardown import TEARDOWN_CHECKS  # noqa: E402
 
@@ -469,6 +480,8 @@ CHECKS["coherence"] += EXACT_DATA_CHECKS
 CHECKS["device-memory"] += MIGRATION_CHECKS
 CHECKS["teardown"] += EVICTION_CHECKS
 CHECKS["introspection"] = INTROSPECTION_CHECKS
+CHECKS["sizes"] += HUGE_ONLY_SIZE_CHECKS
+CHECKS["oom"] += HUGE_ONLY_OOM_CHECKS
 
 
 def check_name(check: Callable[[DriverSpec], None]) -> str:
@@ -633,6 +646,7 @@ __all__ = [
     "needs",
     "open_environment",
     "pattern",
+    "race_skip_reason",
     "run_check",
     "unique_specs",
     "validate_spec",

@@ -14,7 +14,7 @@ import shutil
 import time
 import xml.etree.ElementTree as ET
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TextIO
 
 import attrs
@@ -108,34 +108,136 @@ def run_suite(
     specs: Sequence[DriverSpec],
     progress: Progress | None = None,
     checks: Iterable[tuple[str, Callable[[DriverSpec], None]]] | None = None,
+    *,
+    jobs: int = 1,
 ) -> SuiteRun:
     """Every check on every spec; an exception in one check fails that check only.
 
-    A ``KeyboardInterrupt`` ends the run early with the results so far
-    (``interrupted``), so that they are still reported.
+    ``jobs`` > 1 runs the checks in that many forked worker processes (each
+    check builds its own machine, so they are independent); the results, the
+    progress lines and the report are the same as with one, in the same
+    order, only sooner. A ``KeyboardInterrupt`` ends the run early with the
+    results so far (``interrupted``), so that they are still reported.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
     todo = list(checks if checks is not None else all_checks())
     run = SuiteRun(list(specs))
-    total = len(todo) * len(run.specs)
+    tasks = [(spec, area, check) for spec in run.specs for area, check in todo]
     t0 = time.perf_counter()
+    collector = _Collector(run, tasks, progress)
     try:
-        for spec in run.specs:
-            area_results: list[CheckResult] = []
-            for i, (area, check) in enumerate(todo):
-                if progress is not None:
-                    progress.check_started(spec, area, check_name(check), len(run.results), total)
-                r = run_check(spec, area, check)
-                run.results.append(r)
-                area_results.append(r)
-                last = i + 1 == len(todo) or todo[i + 1][0] != area
-                if last:
-                    if progress is not None:
-                        progress.area_done(spec, area, area_results)
-                    area_results = []
+        if jobs > 1 and len(tasks) > 1:
+            _run_parallel(tasks, collector, jobs)
+        else:
+            for i, (spec, area, check) in enumerate(tasks):
+                collector.started(i)
+                collector.finished(i, run_check(spec, area, check))
     except KeyboardInterrupt:
         run.interrupted = True
+    run.results = collector.in_order()
     run.seconds = time.perf_counter() - t0
     return run
+
+
+Task = tuple[DriverSpec, str, Callable[[DriverSpec], None]]
+
+
+class _Collector:
+    """Puts results back in suite order and tells ``progress`` an area once it is whole."""
+
+    def __init__(self, run: SuiteRun, tasks: list[Task], progress: Progress | None) -> None:
+        self.tasks = tasks
+        self.progress = progress
+        self.results: dict[int, CheckResult] = {}
+        self.next = 0  # the first task whose area has not been reported yet
+        self.area_start = 0
+
+    def started(self, i: int) -> None:
+        if self.progress is not None:
+            spec, area, check = self.tasks[i]
+            self.progress.check_started(
+                spec, area, check_name(check), len(self.results), len(self.tasks)
+            )
+
+    def finished(self, i: int, result: CheckResult) -> None:
+        self.results[i] = result
+        # Report each area, in suite order, once all of its checks are in.
+        while self.next in self.results:
+            spec, area, _ = self.tasks[self.next]
+            self.next += 1
+            last = self.next == len(self.tasks) or self.tasks[self.next][:2] != (spec, area)
+            if last:
+                if self.progress is not None:
+                    done = [self.results[j] for j in range(self.area_start, self.next)]
+                    self.progress.area_done(spec, area, done)
+                self.area_start = self.next
+
+    def in_order(self) -> list[CheckResult]:
+        """The results so far, in suite order (all of them unless interrupted)."""
+        return [self.results[i] for i in sorted(self.results)]
+
+
+def _cost_order(tasks: list[Task]) -> list[int]:
+    """Task indices, the long ones first (races explore hundreds of schedules),
+    so that the last check to finish is a short one and both cores stay busy."""
+    return sorted(range(len(tasks)), key=lambda i: tasks[i][1] != "races")
+
+
+def _run_parallel(tasks: list[Task], collector: _Collector, jobs: int) -> None:
+    for i, result in forked_map(lambda i: run_check(*tasks[i]), _cost_order(tasks), jobs):
+        collector.finished(i, result)
+        if collector.next < len(tasks):
+            collector.started(collector.next)
+
+
+#: The function a ``forked_map`` runs, set in the parent before the workers
+#: fork (they inherit it: the checks are closures, which cannot be pickled).
+_WORK: list[Callable[[int], Any]] = []
+
+
+def _work(i: int) -> tuple[int, Any]:
+    return i, _WORK[0](i)
+
+
+def forked_map(
+    fn: Callable[[int], Any], order: Sequence[int], jobs: int
+) -> Iterator[tuple[int, Any]]:
+    """``(i, fn(i))`` for each ``i`` of ``order``, as they finish, computed in
+    ``jobs`` forked worker processes (handed out in that order).
+
+    ``fn`` and what it uses reach the workers by ``fork``, so nothing but the
+    index and the result (which must pickle) crosses a pipe. An exception
+    from ``fn`` is raised here; it, or an interrupt, kills and reaps every
+    worker at once instead of waiting for the work still running.
+    """
+    import concurrent.futures
+    import multiprocessing
+    import sys
+
+    # Output buffered now would be written again by every worker at its exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _WORK[:] = [fn]
+    pool = concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=multiprocessing.get_context("fork")
+    )
+    try:
+        # With fork, the first submit starts every worker: fn is theirs now.
+        futures = [pool.submit(_work, i) for i in order]
+        for fut in concurrent.futures.as_completed(futures):
+            yield fut.result()
+    except BaseException:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        for proc in procs:
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in procs:
+            proc.join(timeout=10)
+        raise
+    finally:
+        _WORK.clear()
+    pool.shutdown(wait=True)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:
