@@ -99,12 +99,14 @@ class Odp(Driver):
 
     def capabilities_for(self, **params: Any) -> Capability:
         """MIRROR, READ, WRITE; HUGE_MAPPINGS and HUGE_ONLY for hugetlb MRs; P2P in
-        the mainline era (``hmm_dma_map_pfn`` maps P2P pages)."""
+        the mainline era (``hmm_dma_map_pfn`` maps P2P pages) with 4 KiB MRs only:
+        peer memory is mapped in 4 KiB pages (``vm_insert_page``), which a hugetlb
+        MR refuses with -EINVAL like any other small mapping."""
         era, hugetlb, _implicit, _pci = self._params(params)
         caps = _BASE
         if hugetlb:
             caps |= Capability.HUGE_MAPPINGS | Capability.HUGE_ONLY
-        if era == "mainline":
+        elif era == "mainline":
             caps |= Capability.P2P
         return caps
 
