@@ -48,7 +48,8 @@ _GUP_EFAULT = (
 _GUP_HUGE_PIECES = (
     "v5.3 GUPs a huge umem page in 4 KiB pieces over several get_user_pages_remote calls, "
     "dropping mmap_sem in between; a huge page replaced meanwhile (COW break, migration) "
-    "fails the sub-page contiguity check with -EFAULT instead of retrying (gone in v5.10)"
+    "fails the sub-page contiguity check with -EFAULT instead of retrying, and leaks the "
+    "reference of the sub-page that failed it (gone in v5.10)"
 )
 
 
