@@ -41,6 +41,15 @@ Quirks kept, with where they come from:
   unmaps: npages drifts up, and an implicit child whose entries were written
   twice is never destroyed when emptied (v5.10-v6.15 counted each mapping
   once, in ``ib_umem_odp_map_dma_single_page``).
+* 6.16+ ``populate_mtt`` writes every VALID entry of the 8-entry-aligned UMR
+  run, including entries outside the span just faulted. A fault that failed
+  part-way leaves the entries ``hmm_range_fault`` had filled VALID (and WRITE),
+  and while nothing is DMA-mapped (npages 0) ``mlx5_ib_invalidate_range``
+  returns before clearing them, so a later fault next to them gives the HCA
+  translations of pages the CPU no longer maps that way (after fork: writable
+  translations of pages shared read-only with the child). Modelled as read;
+  the conformance suite does not reach it. v5.10-v6.15 wrote the MTTs from
+  ``dma_list``, which holds only mapped entries.
 * The RDMA responder prefetches ``min(MAX_PREFETCH_LEN, bytes_committed)``
   bytes from the faulting packet when the message length is unknown
   (``mlx5_ib_mr_rdma_pfault_handler``): nothing for the first packet.

@@ -383,3 +383,38 @@ def test_gup_era_non_contiguous_sub_page_is_efault_and_leaks_its_reference(machi
     machine.phys.put_page(new_head + 1)  # let the teardown's leak check pass
     child.exit()
     teardown(machine, hca)
+
+
+# ----- mainline: stale pfn_list entries in a widened UMR run -----------------------------------
+
+
+@pytest.mark.parametrize("era", ["mainline", "hmm"])
+def test_stale_entries_of_a_failed_fault_in_a_widened_umr_run(machine, era):
+    """A fault that fails part-way (-EPERM at a read-only VMA) leaves the pfn_list
+    entries hmm_range_fault already filled VALID|WRITE; with nothing DMA-mapped,
+    npages is 0 and mlx5_ib_invalidate_range returns before clearing them (fork's
+    write-protection here). 6.16+ populate_mtt then writes every VALID entry of
+    the 8-entry-aligned UMR run of a later fault, so the neighbours of the faulted
+    page get writable translations to pages the CPU now shares read-only with the
+    child: an RDMA WRITE lands in the child's memory. Modelled as read. The hmm
+    era writes the MTTs from its dma_list, which holds only what was mapped."""
+    hca, proc, pd, qp = setup(machine, era)
+    a = proc.mmap(16 * PAGE, RW, ANON)
+    mr = hca.reg_mr(pd, a, 16 * PAGE, ODP_RW)
+    proc.mprotect(a + 8 * PAGE, 8 * PAGE, PROT_READ)
+    with pytest.raises(NotPermitted):
+        hca.advise_mr(pd, WRITE, FLUSH, [IbvSge(a, 16 * PAGE, mr.key)])
+    assert not mr.mtt.any() and mr.umem.npages == 0
+    child = proc.fork()
+    assert qp.rdma_read(mr.key, a, 1) == b"\0"  # a write fault: page 0 leaves the COW
+    if era == "mainline":
+        assert mapped(mr, 16) == list(range(8))
+        qp.rdma_write(mr.key, a + PAGE, b"from the HCA")
+        assert child.read(a + PAGE, 12) == b"from the HCA"
+    else:
+        assert mapped(mr, 16) == [0]
+        qp.rdma_write(mr.key, a + PAGE, b"from the HCA")
+        assert child.read(a + PAGE, 12) == bytes(12)
+        assert proc.read(a + PAGE, 12) == b"from the HCA"
+    child.exit()
+    teardown(machine, hca)
