@@ -149,6 +149,34 @@ class PageFaultEqe:
     handled: bool = False
 
 
+def _uint(what: str, v: object, bits: int) -> int:
+    """``v`` as an unsigned ``bits``-bit verbs field, or InvalidArgument."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >> bits:
+        raise InvalidArgument(f"odp: {what} {v!r} is not a u{bits}")
+    return v
+
+
+def _sges(sges: object) -> tuple[IbvSge, ...]:
+    """A scatter/gather list: ``IbvSge``s of a u64 address, u32 length and u32 key."""
+    if not isinstance(sges, (list, tuple)):
+        raise InvalidArgument(f"odp: {sges!r} is not a list of IbvSge")
+    for sge in sges:
+        if not isinstance(sge, IbvSge):
+            raise InvalidArgument(f"odp: {sge!r} is not an IbvSge")
+        _uint("sge address", sge.addr, 64)
+        _uint("sge length", sge.length, 32)
+        _uint("sge lkey", sge.lkey, 32)
+        if sge.addr + sge.length > 1 << 64:
+            raise InvalidArgument(f"odp: {sge!r} wraps")
+    return tuple(sges)
+
+
+def _payload(data: object) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"odp: the payload must be bytes, not {type(data).__name__}")
+    return bytes(data)
+
+
 class Ucontext:
     """``struct mlx5_ib_ucontext``: one process's open of the verbs device."""
 
@@ -207,25 +235,63 @@ class Qp:
         return self._next_wr
 
     def post_send(self, sges: list[IbvSge]) -> bytes:
-        """A SEND WQE: the requester gathers its data segments (local reads)."""
+        """A SEND WQE: the requester gathers its data segments (local reads).
+
+        Raises:
+            InvalidArgument: ``sges`` is not a list of well-formed ``IbvSge``.
+            WorkRequestFailed: the work request completed with an error.
+        """
+        segs = _sges(sges)
         wr = self._wr_id()
-        out = self.hca.wqe_access(self, wr, tuple(sges), None)
+        out = self.hca.wqe_access(self, wr, segs, None)
         self.completions.append(WorkCompletion(wr, WcStatus.SUCCESS, len(out)))
         return out
 
     def post_recv(self, sges: list[IbvSge], data: bytes) -> None:
-        """A receive WQE consumed by an incoming SEND of ``data`` (local writes)."""
+        """A receive WQE consumed by an incoming SEND of ``data`` (local writes).
+
+        Raises:
+            InvalidArgument: malformed ``sges`` or ``data``, or a message
+                larger than the WQE.
+            WorkRequestFailed: the work request completed with an error.
+        """
+        segs = _sges(sges)
+        payload = _payload(data)
+        if len(payload) > sum(s.length for s in segs):
+            raise InvalidArgument("odp: the receive WQE is too small for the message")
         wr = self._wr_id()
-        self.hca.wqe_access(self, wr, tuple(sges), bytes(data))
+        self.hca.wqe_access(self, wr, segs, payload)
         self.completions.append(WorkCompletion(wr, WcStatus.SUCCESS, len(data)))
 
     def rdma_read(self, rkey: int, addr: int, length: int) -> bytes:
-        """The responder serves a peer's RDMA READ of [addr, addr + length)."""
+        """The responder serves a peer's RDMA READ of [addr, addr + length).
+
+        Raises:
+            InvalidArgument: ``rkey`` is not a u32, ``addr`` not a u64,
+                ``length`` not a u32, or the span wraps.
+            WorkRequestFailed: the request completed with an error.
+        """
+        _check_remote(rkey, addr, length)
         return self.hca.responder_access(self, self._wr_id(), rkey, addr, length, None)
 
     def rdma_write(self, rkey: int, addr: int, data: bytes) -> None:
-        """The responder serves a peer's RDMA WRITE of ``data`` at ``addr``."""
-        self.hca.responder_access(self, self._wr_id(), rkey, addr, len(data), bytes(data))
+        """The responder serves a peer's RDMA WRITE of ``data`` at ``addr``.
+
+        Raises:
+            InvalidArgument: as ``rdma_read``, or ``data`` is not bytes.
+            WorkRequestFailed: the request completed with an error.
+        """
+        payload = _payload(data)
+        _check_remote(rkey, addr, len(payload))
+        self.hca.responder_access(self, self._wr_id(), rkey, addr, len(payload), payload)
+
+
+def _check_remote(rkey: object, addr: object, length: object) -> None:
+    _uint("rkey", rkey, 32)
+    start = _uint("remote address", addr, 64)
+    n = _uint("message length", length, 32)
+    if start + n > 1 << 64:
+        raise InvalidArgument(f"odp: [{start:#x}, +{n:#x}) wraps")
 
 
 class _Miss(Exception):
@@ -414,7 +480,8 @@ class OdpHca(Device):
 
         Raises:
             InvalidArgument: a flag other than FLUSH (the uverbs flags
-                attribute, checked first), no data segments, a zero-length
+                attribute, checked first), an advice or segment that is not
+                a well-formed verbs value, no data segments, a zero-length
                 segment at a page boundary (an empty ``hmm_range_fault``).
             NotSupported: another advice (-EOPNOTSUPP from mlx5).
             NoEntry: a key that is not a live ODP MR (-ENOENT).
@@ -422,8 +489,10 @@ class OdpHca(Device):
                 PREFETCH_WRITE (-EPERM).
             Whatever the synchronous fault raises.
         """
+        _uint("advise flags", flags, 32)
         if flags & ~IB_UVERBS_ADVISE_MR_FLAG_FLUSH:
             raise InvalidArgument(f"odp: advise flags {flags:#x}")
+        _uint("advice", advice, 32)
         pf = {
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH: MLX5_PF_FLAGS_DOWNGRADE,
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE: 0,
@@ -431,6 +500,7 @@ class OdpHca(Device):
         }
         if advice not in pf:
             raise NotSupported(f"odp: advice {advice} is not supported")
+        sges = list(_sges(sges))
         if not sges:
             raise InvalidArgument("odp: ibv_advise_mr without data segments")
         if flags & IB_UVERBS_ADVISE_MR_FLAG_FLUSH:
@@ -696,8 +766,6 @@ class OdpHca(Device):
         def eqe(va: int) -> PageFaultEqe:
             return PageFaultEqe(PageFaultType.WQE, qp.qpn, 0, va, 0, 0, data is not None, sges)
 
-        if data is not None and len(data) > sum(s.length for s in sges):
-            raise InvalidArgument("odp: the receive WQE is too small for the message")
         return self._run(qp, wr_id, translate, eqe, data, WcStatus.LOC_PROT_ERR)
 
 

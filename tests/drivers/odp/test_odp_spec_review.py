@@ -418,3 +418,36 @@ def test_stale_entries_of_a_failed_fault_in_a_widened_umr_run(machine, era):
         assert proc.read(a + PAGE, 12) == b"from the HCA"
     child.exit()
     teardown(machine, hca)
+
+
+# ----- bad verbs input ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda hca, pd, qp, mr, a: hca.advise_mr(pd, "0", FLUSH, [IbvSge(a, PAGE, mr.key)]),
+        lambda hca, pd, qp, mr, a: hca.advise_mr(pd, 0, -1, [IbvSge(a, PAGE, mr.key)]),
+        lambda hca, pd, qp, mr, a: hca.advise_mr(pd, 0, True, [IbvSge(a, PAGE, mr.key)]),
+        lambda hca, pd, qp, mr, a: hca.advise_mr(pd, 0, FLUSH, [(a, PAGE, mr.key)]),
+        lambda hca, pd, qp, mr, a: hca.advise_mr(pd, 0, FLUSH, [IbvSge(a, -1, mr.key)]),
+        lambda hca, pd, qp, mr, a: hca.advise_mr(pd, 0, FLUSH, [IbvSge(a, 1 << 32, mr.key)]),
+        lambda hca, pd, qp, mr, a: qp.rdma_read(mr.key, a, -1),
+        lambda hca, pd, qp, mr, a: qp.rdma_read(mr.key, -a, PAGE),
+        lambda hca, pd, qp, mr, a: qp.rdma_read(str(mr.key), a, PAGE),
+        lambda hca, pd, qp, mr, a: qp.rdma_write(mr.key, a, "text"),
+        lambda hca, pd, qp, mr, a: qp.post_send([IbvSge(a, PAGE, None)]),
+        lambda hca, pd, qp, mr, a: qp.post_send("sge"),
+        lambda hca, pd, qp, mr, a: qp.post_recv([IbvSge(a, -PAGE, mr.key)], b"x"),
+        lambda hca, pd, qp, mr, a: qp.post_recv([IbvSge(a, PAGE, mr.key)], 5),
+    ],
+)
+def test_bad_verbs_input_is_einval_and_changes_nothing(machine, call):
+    hca, proc, pd, qp = setup(machine)
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    mr = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    with pytest.raises(InvalidArgument):
+        call(hca, pd, qp, mr, a)
+    assert not mr.mtt.any() and not hca.workqueue and hca.stats.page_faults == 0
+    assert qp.completions == [] and proc.pagemap(a, 1)[0].kind == "none"
+    teardown(machine, hca)
