@@ -20,8 +20,11 @@ mainline   v6.16+       ``struct hmm_dma_map``: the map path only faults and
                         ``hmm_dma_map_pfn`` (P2P pages included)
 =========  ===========  ==========================================================
 
-v5.5 moved ODP to interval notifiers and v5.6 dropped the registration-time
-VMA check; those releases are not an era of their own here.
+v5.5 moved ODP to interval notifiers, and in the same cycle "IB/core: Fix ODP
+with IB_ACCESS_HUGETLB handling" (rdma-rc, December 2019) dropped the
+registration-time VMA check for ``HPAGE_SHIFT`` and a per-page
+``vma_kernel_pagesize`` check at fault time (-EFAULT), which v5.10's map-order
+check replaced; v5.5-v5.9 are not an era of their own here.
 
 Quirks kept, with where they come from:
 
