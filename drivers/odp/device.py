@@ -17,8 +17,9 @@ How a device access goes:
    the EQ is parsed into fault records and each is handled by its own work
    item: a WQE fault faults every data segment of the WQE; an RDMA responder
    fault faults the rest of the message (or, when the hardware reports no
-   length, the packet and then prefetches up to 4 MiB unless the first
-   attempt raced an invalidation).
+   length, the packet and then prefetches as many bytes as the message
+   already committed, at most 4 MiB, unless the first attempt raced an
+   invalidation).
 3. The work item resumes the QP: without error after a success or an
    -EAGAIN (the HCA simply retries and may fault again), with error
    otherwise; a QP resumed with error completes the work request with an
@@ -48,13 +49,14 @@ from hmmsim.errors import (
     HmmsimError,
     InvalidArgument,
     NoEntry,
+    NotPermitted,
     NotSupported,
 )
 from hmmsim.pci import PciDev, default_pci_function
 
 from .mr import OdpMr, reg_pinned
 from .uapi import (
-    IB_ACCESS_HUGETLB,
+    IB_ACCESS_FLUSH,
     IB_ACCESS_LOCAL_WRITE,
     IB_ACCESS_ON_DEMAND,
     IB_ACCESS_REMOTE_ATOMIC,
@@ -131,17 +133,48 @@ class PageFaultEqe:
     type: PageFaultType
     qpn: int
     key: int
+    #: RDMA: the message's address (``rdma_va``); WQE: the faulting address.
     va: int
     #: RDMA: bytes of the faulting packet; WQE: unused.
     packet_size: int
-    #: RDMA: bytes of the message left, 0 when the hardware cannot tell.
+    #: RDMA: bytes of the message, 0 when the hardware cannot tell (WRITE).
     rdma_op_len: int
     write: bool
     #: WQE: the data segments of the faulting WQE.
     sges: tuple[IbvSge, ...] = ()
+    #: RDMA: bytes of the message already done when the packet faulted.
+    bytes_committed: int = 0
     #: Filled by the work item: None (resume) or the error it resumed with.
     error: BaseException | None = None
     handled: bool = False
+
+
+def _uint(what: str, v: object, bits: int) -> int:
+    """``v`` as an unsigned ``bits``-bit verbs field, or InvalidArgument."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v >> bits:
+        raise InvalidArgument(f"odp: {what} {v!r} is not a u{bits}")
+    return v
+
+
+def _sges(sges: object) -> tuple[IbvSge, ...]:
+    """A scatter/gather list: ``IbvSge``s of a u64 address, u32 length and u32 key."""
+    if not isinstance(sges, (list, tuple)):
+        raise InvalidArgument(f"odp: {sges!r} is not a list of IbvSge")
+    for sge in sges:
+        if not isinstance(sge, IbvSge):
+            raise InvalidArgument(f"odp: {sge!r} is not an IbvSge")
+        _uint("sge address", sge.addr, 64)
+        _uint("sge length", sge.length, 32)
+        _uint("sge lkey", sge.lkey, 32)
+        if sge.addr + sge.length > 1 << 64:
+            raise InvalidArgument(f"odp: {sge!r} wraps")
+    return tuple(sges)
+
+
+def _payload(data: object) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"odp: the payload must be bytes, not {type(data).__name__}")
+    return bytes(data)
 
 
 class Ucontext:
@@ -202,25 +235,63 @@ class Qp:
         return self._next_wr
 
     def post_send(self, sges: list[IbvSge]) -> bytes:
-        """A SEND WQE: the requester gathers its data segments (local reads)."""
+        """A SEND WQE: the requester gathers its data segments (local reads).
+
+        Raises:
+            InvalidArgument: ``sges`` is not a list of well-formed ``IbvSge``.
+            WorkRequestFailed: the work request completed with an error.
+        """
+        segs = _sges(sges)
         wr = self._wr_id()
-        out = self.hca.wqe_access(self, wr, tuple(sges), None)
+        out = self.hca.wqe_access(self, wr, segs, None)
         self.completions.append(WorkCompletion(wr, WcStatus.SUCCESS, len(out)))
         return out
 
     def post_recv(self, sges: list[IbvSge], data: bytes) -> None:
-        """A receive WQE consumed by an incoming SEND of ``data`` (local writes)."""
+        """A receive WQE consumed by an incoming SEND of ``data`` (local writes).
+
+        Raises:
+            InvalidArgument: malformed ``sges`` or ``data``, or a message
+                larger than the WQE.
+            WorkRequestFailed: the work request completed with an error.
+        """
+        segs = _sges(sges)
+        payload = _payload(data)
+        if len(payload) > sum(s.length for s in segs):
+            raise InvalidArgument("odp: the receive WQE is too small for the message")
         wr = self._wr_id()
-        self.hca.wqe_access(self, wr, tuple(sges), bytes(data))
+        self.hca.wqe_access(self, wr, segs, payload)
         self.completions.append(WorkCompletion(wr, WcStatus.SUCCESS, len(data)))
 
     def rdma_read(self, rkey: int, addr: int, length: int) -> bytes:
-        """The responder serves a peer's RDMA READ of [addr, addr + length)."""
+        """The responder serves a peer's RDMA READ of [addr, addr + length).
+
+        Raises:
+            InvalidArgument: ``rkey`` is not a u32, ``addr`` not a u64,
+                ``length`` not a u32, or the span wraps.
+            WorkRequestFailed: the request completed with an error.
+        """
+        _check_remote(rkey, addr, length)
         return self.hca.responder_access(self, self._wr_id(), rkey, addr, length, None)
 
     def rdma_write(self, rkey: int, addr: int, data: bytes) -> None:
-        """The responder serves a peer's RDMA WRITE of ``data`` at ``addr``."""
-        self.hca.responder_access(self, self._wr_id(), rkey, addr, len(data), bytes(data))
+        """The responder serves a peer's RDMA WRITE of ``data`` at ``addr``.
+
+        Raises:
+            InvalidArgument: as ``rdma_read``, or ``data`` is not bytes.
+            WorkRequestFailed: the request completed with an error.
+        """
+        payload = _payload(data)
+        _check_remote(rkey, addr, len(payload))
+        self.hca.responder_access(self, self._wr_id(), rkey, addr, len(payload), payload)
+
+
+def _check_remote(rkey: object, addr: object, length: object) -> None:
+    _uint("rkey", rkey, 32)
+    start = _uint("remote address", addr, 64)
+    n = _uint("message length", length, 32)
+    if start + n > 1 << 64:
+        raise InvalidArgument(f"odp: [{start:#x}, +{n:#x}) wraps")
 
 
 class _Miss(Exception):
@@ -326,12 +397,20 @@ class OdpHca(Device):
         enabled instead (the snapshot pass came with v5.10). ``addr`` 0 and
         ``length`` ``IMPLICIT_LENGTH`` with ON_DEMAND is the implicit MR.
 
+        ``IB_ACCESS_HUGETLB`` without ON_DEMAND is ignored, as ``ib_umem_get``
+        ignores it; bits of ``IB_ACCESS_OPTIONAL`` the model does not know are
+        ignored too.
+
         Raises:
             InvalidArgument: unknown access bits, remote write or atomic
                 without local write, an empty span, an implicit hugetlb MR,
-                a gup-era hugetlb MR over a VMA that is not hugetlb.
-            Overflow: ``addr + length`` wraps.
-            NotSupported: the device cannot back an ``hmm_dma_map`` (mainline).
+                a gup-era hugetlb MR over a VMA that is not hugetlb, a pinned
+                MR whose span (or its page alignment) wraps.
+            Overflow: ``addr + length`` (or its alignment to the umem page)
+                wraps, for an ODP MR.
+            NotSupported: ``IB_ACCESS_FLUSH_GLOBAL``/``_PERSISTENT`` (mlx5
+                lacks the device capability), or the device cannot back an
+                ``hmm_dma_map`` (mainline).
             BadAddress / InvalidArgument: the registration pass failed.
         """
         if pd.ctx.closed:
@@ -339,17 +418,19 @@ class OdpHca(Device):
         for name, v in (("address", addr), ("length", length), ("access", access)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise InvalidArgument(f"odp: ibv_reg_mr {name} {v!r}")
-        if access & ~IB_ACCESS_SUPPORTED:
-            raise InvalidArgument(f"odp: unknown access bits {access & ~IB_ACCESS_SUPPORTED:#x}")
+        # ib_check_mr_access, in its order.
         if access & (IB_ACCESS_REMOTE_WRITE | IB_ACCESS_REMOTE_ATOMIC) and not (
             access & IB_ACCESS_LOCAL_WRITE
         ):
             raise InvalidArgument("odp: remote write or atomic needs IB_ACCESS_LOCAL_WRITE")
+        if access & ~IB_ACCESS_SUPPORTED:
+            raise InvalidArgument(f"odp: unknown access bits {access & ~IB_ACCESS_SUPPORTED:#x}")
+        if access & IB_ACCESS_FLUSH:
+            raise NotSupported("odp: mlx5 has no IB_DEVICE_FLUSH_GLOBAL/PERSISTENT")
         self.flush_workqueue()
         mm = pd.process.mm
         if not access & IB_ACCESS_ON_DEMAND:
-            if access & IB_ACCESS_HUGETLB:
-                raise InvalidArgument("odp: IB_ACCESS_HUGETLB needs IB_ACCESS_ON_DEMAND")
+            # ib_umem_get: IB_ACCESS_HUGETLB only means something to ODP umems.
             mr = reg_pinned(pd, addr, length, access)
         elif addr == 0 and length == IMPLICIT_LENGTH:
             umem = ib_umem_odp_alloc_implicit(self, mm, access)
@@ -391,15 +472,27 @@ class OdpHca(Device):
         PREFETCH maps read-only even on a writable MR (DOWNGRADE);
         PREFETCH_WRITE needs a writable MR; PREFETCH_NO_FAULT maps what is
         present (SNAPSHOT). With ``IB_UVERBS_ADVISE_MR_FLAG_FLUSH`` it runs now
-        and reports the first error; otherwise it is queued work whose errors
-        nobody sees.
+        (``mlx5_ib_prefetch_sg_list``): each segment's key is looked up right
+        before that segment is prefetched, so an error stops the call after
+        the earlier segments were mapped, as in Linux. Without it every key is
+        taken first (``init_prefetch_work``: all or nothing) and the prefetch
+        is queued work whose errors nobody sees.
 
         Raises:
-            NotSupported: another advice or flag (-EOPNOTSUPP).
-            NoEntry: a key that is not a live ODP MR of ``pd`` (or not
-                writable, for PREFETCH_WRITE) (-ENOENT).
-            InvalidArgument: no data segments.
+            InvalidArgument: a flag other than FLUSH (the uverbs flags
+                attribute, checked first), an advice or segment that is not
+                a well-formed verbs value, no data segments, a zero-length
+                segment at a page boundary (an empty ``hmm_range_fault``).
+            NotSupported: another advice (-EOPNOTSUPP from mlx5).
+            NoEntry: a key that is not a live ODP MR (-ENOENT).
+            NotPermitted: the MR belongs to another PD, or is read-only for
+                PREFETCH_WRITE (-EPERM).
+            Whatever the synchronous fault raises.
         """
+        _uint("advise flags", flags, 32)
+        if flags & ~IB_UVERBS_ADVISE_MR_FLAG_FLUSH:
+            raise InvalidArgument(f"odp: advise flags {flags:#x}")
+        _uint("advice", advice, 32)
         pf = {
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH: MLX5_PF_FLAGS_DOWNGRADE,
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE: 0,
@@ -407,16 +500,16 @@ class OdpHca(Device):
         }
         if advice not in pf:
             raise NotSupported(f"odp: advice {advice} is not supported")
-        if flags & ~IB_UVERBS_ADVISE_MR_FLAG_FLUSH:
-            raise NotSupported(f"odp: advise flags {flags:#x}")
+        sges = list(_sges(sges))
         if not sges:
             raise InvalidArgument("odp: ibv_advise_mr without data segments")
-        mrs = [self._prefetchable(pd, advice, sge.lkey) for sge in sges]
         if flags & IB_UVERBS_ADVISE_MR_FLAG_FLUSH:
-            for mr, sge in zip(mrs, sges, strict=True):
+            for sge in sges:
+                mr = self._prefetchable(pd, advice, sge.lkey)
                 self.stats.prefetches += 1
                 mr.pagefault(sge.addr, sge.length, pf[advice])
             return
+        mrs = [self._prefetchable(pd, advice, sge.lkey) for sge in sges]
         for mr in mrs:
             mr.num_deferred_work += 1
 
@@ -434,14 +527,17 @@ class OdpHca(Device):
         self.queue_work(work)
 
     def _prefetchable(self, pd: Pd, advice: int, key: int) -> OdpMr:
-        """``get_prefetchable_mr``."""
+        """``get_prefetchable_mr``: the live ODP MR of ``key`` (``odp_mkeys`` holds
+        only ODP mkeys, stored once their registration pass is done)."""
         mr = self.mkeys.get(key)
-        if mr is None or mr.pd is not pd or not mr.is_odp or not mr.enabled:
-            raise NoEntry(f"odp: key {key:#x} is not a live ODP MR of this PD")
+        if mr is None or not mr.is_odp or not mr.enabled:
+            raise NoEntry(f"odp: key {key:#x} is not a live ODP MR")
+        if mr.pd is not pd:
+            raise NotPermitted(f"odp: {mr!r} belongs to another PD")
         if advice == IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE:
             assert mr.umem is not None
             if not mr.umem.writable:
-                raise NoEntry(f"odp: PREFETCH_WRITE on read-only {mr!r}")
+                raise NotPermitted(f"odp: PREFETCH_WRITE on read-only {mr!r}")
         return mr
 
     # ----- the hardware --------------------------------------------------------------------
@@ -533,16 +629,24 @@ class OdpHca(Device):
             self._resume_error(eqe, BadAddress("odp: fewer bytes mapped than the WQE needs"))
 
     def _rdma_pfault_handler(self, eqe: PageFaultEqe) -> None:
-        """``mlx5_ib_mr_rdma_pfault_handler``: the rest of the message, or the packet
-        and a prefetch of up to 4 MiB when the hardware gave no message length."""
+        """``mlx5_ib_mr_rdma_pfault_handler``: fault from the packet to the end of
+        the message; when the hardware gave no message length (RDMA WRITE), fault
+        the packet, resume, then prefetch ``min(MAX_PREFETCH_LEN,
+        bytes_committed)`` bytes from it: as much as the message already moved, at
+        most 4 MiB, nothing for its first packet. No prefetch after -EAGAIN (the
+        first attempt raced an invalidation); a prefetch's errors are dropped."""
         self.stats.rdma_faults += 1
-        length = eqe.rdma_op_len
+        committed = eqe.bytes_committed
+        address = eqe.va + committed
+        length = eqe.rdma_op_len - min(committed, eqe.rdma_op_len)
+        prefetch_len = committed
         prefetch = False
         if not length:
             prefetch = True
             length = eqe.packet_size
+            prefetch_len = min(MAX_PREFETCH_LEN, prefetch_len)
         try:
-            mapped = self._single_data_segment(eqe.key, eqe.va, length)
+            mapped = self._single_data_segment(eqe.key, address, length)
         except Again:
             # Racing an invalidation: resume, do not prefetch.
             self.stats.again_resumes += 1
@@ -554,14 +658,11 @@ class OdpHca(Device):
             self._resume_error(eqe, BadAddress("odp: fewer bytes mapped than the packet needs"))
             return
         if prefetch:
-            mr = self.mkeys.get(eqe.key)
-            if mr is not None and mr.is_odp:
-                span = min(MAX_PREFETCH_LEN, mr.iova + mr.length - eqe.va)
-                try:
-                    self.stats.prefetches += 1
-                    mr.pagefault(eqe.va, span, 0)
-                except HmmsimError:
-                    pass
+            try:
+                self.stats.prefetches += 1
+                self._single_data_segment(eqe.key, address, prefetch_len)
+            except HmmsimError:
+                pass
 
     def _resume_error(self, eqe: PageFaultEqe, exc: BaseException) -> None:
         self.stats.error_resumes += 1
@@ -606,7 +707,7 @@ class OdpHca(Device):
 
         A READ request carries its length, so a fault maps the rest of the
         message; WRITE packets do not, so a fault maps the packet and
-        prefetches.
+        prefetches as much as the message already moved (at most 4 MiB).
         """
         need = IB_ACCESS_REMOTE_WRITE if data is not None else IB_ACCESS_REMOTE_READ
         out: list[bytes] = []
@@ -616,15 +717,17 @@ class OdpHca(Device):
             n = min(IB_MTU - (pos % IB_MTU), end - pos)
             start = pos
 
-            def eqe(va: int, start: int = start, n: int = n) -> PageFaultEqe:
+            def eqe(_va: int, start: int = start, n: int = n) -> PageFaultEqe:
+                # Packets never cross a 4 KiB page: the packet itself faulted.
                 return PageFaultEqe(
                     PageFaultType.RDMA,
                     qp.qpn,
                     rkey,
-                    va,
-                    start + n - va,
-                    (end - va) if data is None else 0,
+                    addr,
+                    n,
+                    length if data is None else 0,
                     data is not None,
+                    bytes_committed=start - addr,
                 )
 
             def translate(start: int = start, n: int = n) -> list[tuple[int, int]]:
@@ -663,8 +766,6 @@ class OdpHca(Device):
         def eqe(va: int) -> PageFaultEqe:
             return PageFaultEqe(PageFaultType.WQE, qp.qpn, 0, va, 0, 0, data is not None, sges)
 
-        if data is not None and len(data) > sum(s.length for s in sges):
-            raise InvalidArgument("odp: the receive WQE is too small for the message")
         return self._run(qp, wr_id, translate, eqe, data, WcStatus.LOC_PROT_ERR)
 
 

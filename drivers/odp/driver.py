@@ -48,7 +48,8 @@ _GUP_EFAULT = (
 _GUP_HUGE_PIECES = (
     "v5.3 GUPs a huge umem page in 4 KiB pieces over several get_user_pages_remote calls, "
     "dropping mmap_sem in between; a huge page replaced meanwhile (COW break, migration) "
-    "fails the sub-page contiguity check with -EFAULT instead of retrying (gone in v5.10)"
+    "fails the sub-page contiguity check with -EFAULT instead of retrying, and leaks the "
+    "reference of the sub-page that failed it (gone in v5.10)"
 )
 
 
@@ -99,12 +100,14 @@ class Odp(Driver):
 
     def capabilities_for(self, **params: Any) -> Capability:
         """MIRROR, READ, WRITE; HUGE_MAPPINGS and HUGE_ONLY for hugetlb MRs; P2P in
-        the mainline era (``hmm_dma_map_pfn`` maps P2P pages)."""
+        the mainline era (``hmm_dma_map_pfn`` maps P2P pages) with 4 KiB MRs only:
+        peer memory is mapped in 4 KiB pages (``vm_insert_page``), which a hugetlb
+        MR refuses with -EINVAL like any other small mapping."""
         era, hugetlb, _implicit, _pci = self._params(params)
         caps = _BASE
         if hugetlb:
             caps |= Capability.HUGE_MAPPINGS | Capability.HUGE_ONLY
-        if era == "mainline":
+        elif era == "mainline":
             caps |= Capability.P2P
         return caps
 

@@ -20,8 +20,11 @@ mainline   v6.16+       ``struct hmm_dma_map``: the map path only faults and
                         ``hmm_dma_map_pfn`` (P2P pages included)
 =========  ===========  ==========================================================
 
-v5.5 moved ODP to interval notifiers and v5.6 dropped the registration-time
-VMA check; those releases are not an era of their own here.
+v5.5 moved ODP to interval notifiers, and in the same cycle "IB/core: Fix ODP
+with IB_ACCESS_HUGETLB handling" (rdma-rc, December 2019) dropped the
+registration-time VMA check for ``HPAGE_SHIFT`` and a per-page
+``vma_kernel_pagesize`` check at fault time (-EFAULT), which v5.10's map-order
+check replaced; v5.5-v5.9 are not an era of their own here.
 
 Quirks kept, with where they come from:
 
@@ -35,7 +38,24 @@ Quirks kept, with where they come from:
   ``mlx5_ib_invalidate_range`` and ``ib_umem_odp_unmap_dma_pages`` index it in
   umem pages: a hugetlb MR of more than one huge page maps its later huge
   pages from the wrong entries. Modelled as read (``MAINLINE_HUGETLB_INDEXING``
-  in ``driver``).
+  in ``driver``); the mirror's one-huge-page MRs never reach it.
+* 6.16+ ``populate_mtt`` does ``odp->npages++`` for every VALID entry of the
+  UMR run, mapped before or not, and the unmap takes one off per entry it
+  unmaps: npages drifts up, and an implicit child whose entries were written
+  twice is never destroyed when emptied (v5.10-v6.15 counted each mapping
+  once, in ``ib_umem_odp_map_dma_single_page``).
+* 6.16+ ``populate_mtt`` writes every VALID entry of the 8-entry-aligned UMR
+  run, including entries outside the span just faulted. A fault that failed
+  part-way leaves the entries ``hmm_range_fault`` had filled VALID (and WRITE),
+  and while nothing is DMA-mapped (npages 0) ``mlx5_ib_invalidate_range``
+  returns before clearing them, so a later fault next to them gives the HCA
+  translations of pages the CPU no longer maps that way (after fork: writable
+  translations of pages shared read-only with the child). Modelled as read;
+  the conformance suite does not reach it. v5.10-v6.15 wrote the MTTs from
+  ``dma_list``, which holds only mapped entries.
+* The RDMA responder prefetches ``min(MAX_PREFETCH_LEN, bytes_committed)``
+  bytes from the faulting packet when the message length is unknown
+  (``mlx5_ib_mr_rdma_pfault_handler``): nothing for the first packet.
 * The 1000 ms deadline is set once; after it the -EBUSY itself reaches the
   fault handler, which resumes with error; a stale ``read_retry`` loops back
   to the walk without looking at the deadline (``umem_odp.c``, v5.10+).
@@ -48,7 +68,15 @@ Quirks kept, with where they come from:
 * No event or owner filtering: RELEASE is a zap like any other.
 * The gup era reports a write to a read-only VMA as -EFAULT (GUP) and fails a
   huge umem page whose 4 KiB pieces stopped being contiguous between two GUP
-  calls with -EFAULT (``ib_umem_odp_map_dma_pages``).
+  calls with -EFAULT, leaking the reference of the piece that failed the check
+  (``ib_umem_odp_map_dma_pages`` breaks out before ``put_user_page`` and
+  releases only the pages after it).
+* The gup era's "got different pages" branch of
+  ``ib_umem_odp_map_dma_single_page`` calls ``ib_umem_notifier_start_account``,
+  which takes ``umem_mutex``, held by its caller: v5.3/v5.4 self-deadlock there
+  (unreachable while the sequence check works); v5.5 made it WARN + -EAGAIN.
+* The gup era's hugetlb check is ``find_vma`` (the first VMA ending above the
+  MR start, which may begin above it) + ``is_vm_hugetlb_page``.
 """
 
 from __future__ import annotations

@@ -170,10 +170,12 @@ class OdpMr:
                     word |= MLX5_IB_MTT_WRITE
                 out[i] = word
                 if not entry & HMM_PFN_DMA_MAPPED:
-                    # Counted once, when first DMA-mapped, so that an implicit
-                    # child empties when its last mapping is invalidated.
-                    umem.npages += 1
                     self.hca.stats.dma_maps += 1
+                # 6.16+ counts every VALID entry it writes, mapped before or
+                # not, while the unmap takes one off per entry it unmaps: an
+                # entry written twice keeps npages above zero for good (so an
+                # emptied implicit child is not destroyed). Modelled as read.
+                umem.npages += 1
             self.mtt[idx:end] = out
             return
         # v5.3 .. v6.15: umem_dma_to_mtt() of dma_list entries.
@@ -418,12 +420,16 @@ def reg_pinned(pd: Pd, addr: int, length: int, access: int) -> OdpMr:
     """``ib_umem_get`` + ``mlx5_ib_reg_user_mr`` without ON_DEMAND: pin, map, write MTTs.
 
     Raises:
+        InvalidArgument: the span (or its page alignment) wraps, or is empty.
         BadAddress / NotPermitted: the pages cannot be pinned.
         OutOfMemory: a page could not be DMA-mapped.
     """
     hca = pd.hca
     start = addr & ~(PAGE_SIZE - 1)
     end = (addr + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    if end > (1 << 64) - 1:
+        # ib_umem_get: addr + size, or its PAGE_ALIGN, wraps.
+        raise InvalidArgument(f"odp: [{addr:#x}, +{length:#x}) wraps")
     if end <= start:
         raise InvalidArgument(f"odp: [{addr:#x}, +{length:#x}) holds no page")
     writable = bool(access & IB_ACCESS_WRITABLE)

@@ -76,9 +76,8 @@ MUTANTS: tuple[Mutant, ...] = (
         _MR,
         (
             (
-                "                    umem.npages += 1\n                    self.hca.stats.dma_maps",
-                "                    umem.npages += 0  # mutant\n"
-                "                    self.hca.stats.dma_maps",
+                "                umem.npages += 1\n",
+                "                umem.npages += 0  # mutant\n",
             ),
         ),
         "The MTT writer DMA-maps entries without counting them in umem_odp->npages: "

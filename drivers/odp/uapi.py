@@ -28,20 +28,13 @@ IB_ACCESS_HUGETLB: Final = 1 << 7
 IB_ACCESS_FLUSH_GLOBAL: Final = 1 << 8
 IB_ACCESS_FLUSH_PERSISTENT: Final = 1 << 9
 IB_ACCESS_RELAXED_ORDERING: Final = 1 << 20
-#: Every bit ``ib_check_mr_access`` lets through.
-IB_ACCESS_SUPPORTED: Final = (
-    IB_ACCESS_LOCAL_WRITE
-    | IB_ACCESS_REMOTE_WRITE
-    | IB_ACCESS_REMOTE_READ
-    | IB_ACCESS_REMOTE_ATOMIC
-    | IB_ACCESS_MW_BIND
-    | IB_ACCESS_ZERO_BASED
-    | IB_ACCESS_ON_DEMAND
-    | IB_ACCESS_HUGETLB
-    | IB_ACCESS_FLUSH_GLOBAL
-    | IB_ACCESS_FLUSH_PERSISTENT
-    | IB_ACCESS_RELAXED_ORDERING
-)
+#: ``IB_ACCESS_OPTIONAL``: bits 20..29, which a driver that does not know one
+#: ignores (``IB_UVERBS_ACCESS_OPTIONAL_RANGE``).
+IB_ACCESS_OPTIONAL: Final = ((1 << 29) << 1) - (1 << 20)
+#: Every bit ``ib_check_mr_access`` lets through (``IB_ACCESS_SUPPORTED``).
+IB_ACCESS_SUPPORTED: Final = ((IB_ACCESS_FLUSH_PERSISTENT << 1) - 1) | IB_ACCESS_OPTIONAL
+#: Bits that need a device capability mlx5 does not set (``IB_DEVICE_FLUSH_*``).
+IB_ACCESS_FLUSH: Final = IB_ACCESS_FLUSH_GLOBAL | IB_ACCESS_FLUSH_PERSISTENT
 #: Access bits that make an MR writable (``ib_access_writable``).
 IB_ACCESS_WRITABLE: Final = IB_ACCESS_LOCAL_WRITE | IB_ACCESS_REMOTE_WRITE | IB_ACCESS_REMOTE_ATOMIC
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 import numpy as np
 from hmmsim import sched
 from hmmsim.dma import DMA_BIDIRECTIONAL, dma_map_page, dma_mapping_error, dma_unmap_page
-from hmmsim.errors import Again, BadAddress, Busy, InvalidArgument, Overflow
+from hmmsim.errors import Again, BadAddress, Busy, Deadlock, InvalidArgument, Overflow
 from hmmsim.gup import FOLL_WRITE, get_user_pages, put_page
 from hmmsim.hmm import (
     HMM_PFN_DMA_MAPPED,
@@ -176,13 +176,17 @@ class IbUmemOdp:
 
         Raises:
             BadAddress: the span leaves the umem (-EFAULT), or a fault failed.
-            InvalidArgument: the owning mm is gone, or a CPU mapping is
-                smaller than the umem page (an ``IB_ACCESS_HUGETLB`` MR over
-                memory that is not huge, -EINVAL).
+            InvalidArgument: the owning mm is gone, a CPU mapping is smaller
+                than the umem page (an ``IB_ACCESS_HUGETLB`` MR over memory
+                that is not huge, -EINVAL), or zero bytes at a umem page
+                boundary (an empty walk).
             Busy: the 1000 ms deadline passed on -EBUSY.
             Again: (gup era) an invalidation ran concurrently.
         """
-        if user_virt < self.start or user_virt + bcnt > self.end or bcnt <= 0:
+        # Only the range is checked: zero bytes at a umem page boundary reach
+        # hmm_range_fault as an empty range (-EINVAL); unaligned, they map the
+        # page they point into.
+        if user_virt < self.start or user_virt + bcnt > self.end or bcnt < 0:
             raise BadAddress(f"odp: [{user_virt:#x}, +{bcnt:#x}) is outside {self!r}")
         if self.era == "gup":
             return self._gup_map_and_lock(user_virt, bcnt, write)
@@ -313,7 +317,10 @@ class IbUmemOdp:
                 page found at an index already mapped (that index is
                 invalidated first).
             BadAddress: GUP failed at the first page, or sub-pages of a huge
-                umem page are not physically contiguous.
+                umem page are not physically contiguous (the reference of the
+                sub-page that failed the check is leaked, as v5.3 leaks it).
+            Deadlock: a different page was already stored (see
+                ``_gup_map_single``).
         """
         current_seq = self.notifiers_seq
         mm = self.mm
@@ -350,12 +357,16 @@ class IbUmemOdp:
                             j += 1
                             if user_virt & ~mask:
                                 p += PAGE_SIZE
-                                put_page(self.hca.machine, pfn)
                                 if pfn << PAGE_SHIFT != p:
+                                    # v5.3 breaks out before put_user_page(), and
+                                    # the error path releases only the pages after
+                                    # this one: its reference leaks (the code went
+                                    # away with the hmm_range_fault rework, v5.10).
                                     raise BadAddress(
                                         f"odp: sub-page at {user_virt:#x} is not contiguous "
                                         "with its huge page"
                                     )
+                                put_page(self.hca.machine, pfn)
                             else:
                                 self._gup_map_single(k, pfn, access, current_seq)
                                 p = pfn << PAGE_SHIFT
@@ -380,7 +391,21 @@ class IbUmemOdp:
         return np_
 
     def _gup_map_single(self, idx: int, pfn: int, access: int, current_seq: int) -> None:
-        """v5.3 ``ib_umem_odp_map_dma_single_page`` (``umem_mutex`` held; drops the page)."""
+        """v5.3 ``ib_umem_odp_map_dma_single_page`` (``umem_mutex`` held; drops the page).
+
+        An entry already mapping another page is the "got different pages"
+        branch: it means to invalidate that umem page and return -EAGAIN, but
+        ``ib_umem_notifier_start_account`` takes ``umem_mutex``, which
+        ``ib_umem_odp_map_dma_pages`` holds around this call, so v5.3 and v5.4
+        deadlock there (the page reference is dropped first). Only a fault
+        that missed an invalidation gets there: the sequence check before it
+        catches every other. v5.5 turned the branch into a WARN and -EAGAIN.
+
+        Raises:
+            Again: an invalidation is running or ran since ``current_seq``.
+            BadAddress: the page cannot be DMA-mapped.
+            Deadlock: a different page is already stored at ``idx``.
+        """
         machine = self.hca.machine
         different = False
         try:
@@ -402,16 +427,11 @@ class IbUmemOdp:
             # ODP: the page reference is never kept.
             put_page(machine, pfn)
         if different:
-            a = self.start + (idx << self.page_shift)
-            self.notifiers_count += 1
-            try:
-                self.mr.invalidate_span(a, a + self.page_size)
-            finally:
-                self.notifiers_count -= 1
-                self.notifiers_seq += 1
-                if not self.notifiers_count:
-                    self.notifier_completion.wake_up_all()
-            raise Again(f"odp: a different page is already mapped at {a:#x}")
+            raise Deadlock(
+                f"odp: umem page {idx} maps pfn {int(self.page_list[idx]):#x}, GUP returned "
+                f"{pfn:#x}: v5.3 ib_umem_notifier_start_account takes umem_mutex, which "
+                "ib_umem_odp_map_dma_pages holds (fixed in v5.5 by WARN and -EAGAIN)"
+            )
 
     # ----- unmapping -----------------------------------------------------------------------
 
@@ -502,6 +522,9 @@ def _umem_bounds(addr: int, size: int, page_shift: int) -> tuple[int, int]:
     page = 1 << page_shift
     start = addr & ~(page - 1)
     end = (addr + size + page - 1) & ~(page - 1)
+    if end > (1 << 64) - 1:
+        # ALIGN(addr + size, page) wrapped to 0 (``end < page_size``).
+        raise Overflow(f"odp: [{addr:#x}, +{size:#x}) rounds up past the address space")
     if end <= start:
         raise InvalidArgument(f"odp: [{addr:#x}, +{size:#x}) holds no umem page")
     return start, end
@@ -522,10 +545,12 @@ def ib_umem_odp_get(hca: OdpHca, mm: AddressSpace, addr: int, size: int, access:
     page_shift = PAGE_SHIFT
     if access & IB_ACCESS_HUGETLB:
         if hca.era == "gup":
-            # v5.3: the VMA at the umem start decides (find_vma + is_vm_hugetlb_page).
+            # v5.3: find_vma(umem start) + is_vm_hugetlb_page decides. find_vma
+            # gives the first VMA ending above the address, which may start
+            # above it: an MR starting in a hole takes the next VMA's hstate.
             with mm.mmap_lock.read():
-                vma = mm.find_vma(addr)
-                if vma is None or vma.start > addr or not vma.is_hugetlb:
+                vma = mm.vmas.find_next(addr & ~(PAGE_SIZE - 1))
+                if vma is None or not vma.is_hugetlb:
                     raise InvalidArgument(f"odp: IB_ACCESS_HUGETLB at {addr:#x}: not a hugetlb VMA")
                 page_shift = PAGE_SHIFT + vma.hugetlb_order
         else:
@@ -583,8 +608,8 @@ def _insert_notifier(umem: IbUmemOdp) -> None:
 class PerMm(MmuNotifier):
     """``struct ib_ucontext_per_mm`` (v5.3): one classic notifier, a tree of umems.
 
-    ``invalidate_range_start`` refuses a non-blockable range (-EAGAIN) as soon
-    as one umem overlaps it; otherwise every overlapping umem is zapped with
+    ``invalidate_range_start`` refuses a non-blockable range (-EAGAIN) when the
+    tree is write-locked or one umem overlaps it; otherwise every overlapping umem is zapped with
     its ``notifiers_count`` raised until ``invalidate_range_end`` bumps its
     ``notifiers_seq``.
     """
@@ -630,10 +655,10 @@ class PerMm(MmuNotifier):
 
     def invalidate_range_start(self, rng: NotifierRange) -> int:
         if not rng.blockable:
-            if not self.umem_rwsem.held_write():
-                hit = self._overlapping(rng)
-                if hit:
-                    return -11  # -EAGAIN
+            # down_read_trylock(umem_rwsem) fails while a writer holds it;
+            # otherwise any overlapping umem makes the tree walk -EAGAIN.
+            if self.umem_rwsem.writer is not None or self._overlapping(rng):
+                return -11  # -EAGAIN
             return 0
         with self.umem_rwsem.read():
             self.active.append(rng)
