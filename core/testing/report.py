@@ -209,7 +209,9 @@ def forked_map(
     ``fn`` and what it uses reach the workers by ``fork``, so nothing but the
     index and the result (which must pickle) crosses a pipe. An exception
     from ``fn`` is raised here; it, or an interrupt, kills and reaps every
-    worker at once instead of waiting for the work still running.
+    worker at once instead of waiting for the work still running. When the
+    system refuses the fork itself (``ENOMEM``/``EAGAIN`` under memory
+    pressure), the work runs here instead, in the same order.
     """
     import concurrent.futures
     import multiprocessing
@@ -223,21 +225,32 @@ def forked_map(
         jobs, mp_context=multiprocessing.get_context("fork")
     )
     try:
-        # With fork, the first submit starts every worker: fn is theirs now.
-        futures = [pool.submit(_work, i) for i in order]
+        try:
+            # With fork, the first submit starts every worker: fn is theirs now.
+            futures = [pool.submit(_work, i) for i in order]
+        except OSError:
+            _kill_workers(pool)
+            futures = []
+            for i in order:
+                yield i, fn(i)
         for fut in concurrent.futures.as_completed(futures):
             yield fut.result()
     except BaseException:
-        procs = list((getattr(pool, "_processes", None) or {}).values())
-        for proc in procs:
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:
-            proc.join(timeout=10)
+        _kill_workers(pool)
         raise
     finally:
         _WORK.clear()
     pool.shutdown(wait=True)
+
+
+def _kill_workers(pool: Any) -> None:
+    """Kill and reap a process pool's workers now, its queued work cancelled."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.join(timeout=10)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:

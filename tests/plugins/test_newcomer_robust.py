@@ -132,7 +132,7 @@ def test_check_goes_on_without_a_plugin_that_cannot_be_imported_nor_pytest(broke
     assert len(warnings) == 1 and "cannot be loaded" in warnings[0]
     data = json.loads(out.read_text())
     assert (
-        data["totals"]["passed"] + data["totals"]["skipped"] == N_CHECKS
+        data["totals"]["passed"] + data["totals"]["skipped"] + data["totals"]["xfailed"] == N_CHECKS
         and data["totals"]["failed"] == 0
     )
     assert data["broken_plugins"][0]["name"] == "ghost"
@@ -206,7 +206,8 @@ def test_a_driver_that_raises_fails_its_checks_and_the_run_goes_on(tmp_path):
     assert bad["outcome"] == "failed" and "RuntimeError" in bad["traceback"]
     assert "Traceback" in bad["traceback"]
     dm = [r for r in data["results"] if r["driver"] == "dmirror:memory=private"]
-    assert len(dm) == N_CHECKS and {r["outcome"] for r in dm} <= {"passed", "skipped"}
+    # private dmirror declares test_hmm.c's fault-back race an expected failure
+    assert len(dm) == N_CHECKS and {r["outcome"] for r in dm} <= {"passed", "skipped", "xfailed"}
     assert data["plugins"]["raisy"] == {"distribution": "hmmsim-raisy", "version": "0.1"}
     suites = {s.get("name"): s for s in ET.parse(xml).getroot()}
     assert int(suites["raisy"].get("failures")) > 0

@@ -77,3 +77,20 @@ def test_an_interrupt_in_a_worker_ends_the_run_with_the_results_so_far():
         [("coherence/read_anonymous", "passed")],
     )
     assert multiprocessing.active_children() == []  # no worker left running
+
+
+def test_a_refused_fork_runs_the_checks_in_this_process(monkeypatch):
+    # Under memory pressure fork fails with ENOMEM: the run must still report
+    # every check, as the one-process run does, not die of an OSError.
+    import errno
+    import os
+
+    def no_fork() -> int:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    one, two = io.StringIO(), io.StringIO()
+    serial = run_suite(SPECS, Progress(one, live=False), SOME)
+    monkeypatch.setattr(os, "fork", no_fork)
+    parallel = run_suite(SPECS, Progress(two, live=False), SOME, jobs=2)
+    key = [(r.driver, r.id, r.outcome, r.message) for r in serial.results]
+    assert [(r.driver, r.id, r.outcome, r.message) for r in parallel.results] == key
