@@ -41,7 +41,7 @@ import attrs
 import numpy as np
 from hmmsim import sched
 from hmmsim.dma import dma_debug_device_teardown, dma_read, dma_write
-from hmmsim.driver import Device, Driver
+from hmmsim.driver import Device, Driver, MirrorStats
 from hmmsim.errors import (
     Again,
     BadAddress,
@@ -185,6 +185,9 @@ class Ucontext:
         self.process = process
         self.pds: list[Pd] = []
         self.closed = False
+        #: The context's ``MirrorStats`` (the generic mirror's): counted where
+        #: its QPs stall and its MRs map, retry, zap and DMA-map.
+        self.stats = MirrorStats()
 
     def alloc_pd(self) -> Pd:
         """``ibv_alloc_pd``."""
@@ -691,6 +694,7 @@ class OdpHca(Device):
                 if rounds > MAX_RESUME_ROUNDS:
                     raise Busy(f"odp: access by {qp!r} never completed") from None
                 eqe = make_eqe(miss.va)
+                qp.pd.ctx.stats.faults += 1  # the QP stalled: one page-fault event
                 self._fault_and_resume(eqe)
                 if eqe.error is not None:
                     err = eqe.error

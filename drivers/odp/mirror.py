@@ -30,7 +30,6 @@ from hmmsim.driver import (
     DevicePte,
     MemoryKind,
     Mirror,
-    MirrorStats,
     check_user_pages,
     check_user_range,
 )
@@ -88,7 +87,7 @@ class OdpMirror(Mirror):
         self.ctx = hca.alloc_ucontext(process)
         self.pd = self.ctx.alloc_pd()
         self.qp = hca.create_qp(self.pd)
-        self.stats = MirrorStats()
+        self.stats = self.ctx.stats
         #: (chunk index or -1 for implicit, writable) -> MR.
         self.mrs: dict[tuple[int, bool], OdpMr] = {}
         self.closed = False
@@ -133,22 +132,18 @@ class OdpMirror(Mirror):
         check_user_range(addr, length, "odp read")
         self._before()
         out = []
-        faults0 = self.hca.stats.page_faults
         try:
             for chunk, a, n in self._pieces(addr, length):
                 mr = self._mr(chunk, False)
                 out.append(self.qp.rdma_read(mr.key, a, n))
         except WorkRequestFailed as exc:
             _raise_cause(exc)
-        finally:
-            self.stats.faults += self.hca.stats.page_faults - faults0
         return b"".join(out)
 
     def write(self, addr: int, data: bytes) -> None:
         check_user_range(addr, len(data), "odp write")
         self._before()
         pieces = self._pieces(addr, len(data))
-        faults0 = self.hca.stats.page_faults
         try:
             sges = [IbvSge(a, n, self._mr(chunk, True).key) for chunk, a, n in pieces]
             for attempt in range(ADVISE_RETRIES):
@@ -173,8 +168,6 @@ class OdpMirror(Mirror):
                 self.qp.rdma_write(sge.lkey, sge.addr, bytes(mv[off : off + sge.length]))
         except WorkRequestFailed as exc:
             _raise_cause(exc)
-        finally:
-            self.stats.faults += self.hca.stats.page_faults - faults0
 
     # ----- the debug port ---------------------------------------------------------------------
 

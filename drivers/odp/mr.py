@@ -142,13 +142,21 @@ class OdpMr:
             idx -= idx % _ALIGN
         end = min(idx + _align_up(npages, _ALIGN), len(self.mtt))
         hca.stats.mtt_entries_written += end - idx
+        stats = self.pd.ctx.stats
         if sched.active() is not None:
             what = "zaps" if flags & MLX5_IB_UPD_XLT_ZAP else "writes"
             sched.note("dpte", f"odp mkey {self.key:#x} {what} MTT [{idx}, {end})")
         if flags & MLX5_IB_UPD_XLT_ZAP:
+            stats.pages_unmapped += self._pages_in(self.mtt[idx:end])
             self.mtt[idx:end] = 0
             return
         self._populate_mtt(idx, end, bool(flags & MLX5_IB_UPD_XLT_DOWNGRADE))
+        stats.pages_mapped += self._pages_in(self.mtt[idx:end])
+
+    def _pages_in(self, words: np.ndarray) -> int:
+        """The 4 KiB pages the valid MTT entries ``words`` translate."""
+        live = int(np.count_nonzero(words & _U64(MLX5_IB_MTT_READ)))
+        return live << (self.page_shift - PAGE_SHIFT)
 
     def _populate_mtt(self, idx: int, end: int, downgrade: bool) -> None:
         umem = self.umem
@@ -171,6 +179,7 @@ class OdpMr:
                 out[i] = word
                 if not entry & HMM_PFN_DMA_MAPPED:
                     self.hca.stats.dma_maps += 1
+                    self.pd.ctx.stats.dma_maps += 1
                 # 6.16+ counts every VALID entry it writes, mapped before or
                 # not, while the unmap takes one off per entry it unmaps: an
                 # entry written twice keeps npages above zero for good (so an
@@ -290,6 +299,7 @@ class OdpMr:
         umem = self.umem
         assert umem is not None
         with umem.umem_mutex:
+            self.pd.ctx.stats.invalidations += 1
             if umem.npages:
                 self.hca.stats.invalidations += 1
             self._zap(start, end)
@@ -384,6 +394,7 @@ class OdpMr:
             return
         if self.umem is not None:
             self.umem.release()
+            self.pd.ctx.stats.pages_unmapped += self._pages_in(self.mtt)
             self.mtt[:] = 0
             return
         dev = self.hca.dma
@@ -409,7 +420,10 @@ def invalidate_umem(
         return False
     with umem.umem_mutex:
         mmu_interval_set_seq(sub, cur_seq)
-        if mr is None or not umem.npages:
+        if mr is None:
+            return True
+        mr.pd.ctx.stats.invalidations += 1  # acted on, even with nothing to zap
+        if not umem.npages:
             return True
         mr.hca.stats.invalidations += 1
         mr._zap(rng.start, rng.end)

@@ -78,6 +78,7 @@ from .uapi import (
 
 if TYPE_CHECKING:
     from hmmsim import AddressSpace
+    from hmmsim.driver import MirrorStats
     from hmmsim.notifier import IntervalNotifier, NotifierRange
 
     from .device import OdpHca
@@ -157,6 +158,15 @@ class IbUmemOdp:
     def __repr__(self) -> str:
         return f"IbUmemOdp([{self.start:#x}, {self.end:#x}), shift {self.page_shift}, {self.era})"
 
+    def mirror_stats(self) -> MirrorStats | None:
+        """The ``MirrorStats`` of the context owning this umem's MR (None before the MR)."""
+        return None if self.mr is None else self.mr.pd.ctx.stats
+
+    def _count_dma_map(self) -> None:
+        mstats = self.mirror_stats()
+        if mstats is not None:
+            mstats.dma_maps += 1
+
     @property
     def page_size(self) -> int:
         return 1 << self.page_shift
@@ -213,13 +223,18 @@ class IbUmemOdp:
         clock = self.hca.machine.clock
         deadline = _ns_deadline(self.hca)
         stats = self.hca.stats
+        mstats = self.mirror_stats()
         while True:
+            if fault and mstats is not None:
+                mstats.fault_rounds += 1  # a snapshot (NO_FAULT) is not a round
             rng.notifier_seq = mmu_interval_read_begin(self.notifier)
             try:
                 with self.mm.mmap_lock.read():
                     hmm_range_fault(rng)
             except Busy:
                 stats.busy_retries += 1
+                if mstats is not None:
+                    mstats.retries += 1
                 if clock.now_ns <= deadline:
                     continue
                 raise
@@ -229,6 +244,8 @@ class IbUmemOdp:
                 # Back to the walk with the same deadline, which is not consulted here.
                 self.umem_mutex.release()
                 stats.stale_retries += 1
+                if mstats is not None:
+                    mstats.retries += 1
                 continue
             break
         try:
@@ -300,6 +317,7 @@ class IbUmemOdp:
             if dma_mapping_error(self.hca.dma, addr):
                 raise BadAddress(f"odp: cannot DMA-map pfn {pfn:#x}")
             self.hca.stats.dma_maps += 1
+            self._count_dma_map()
             self.npages += 1
             self.dma_list[idx] = _U64(addr | mask)
         if stop < len(todo):
@@ -416,6 +434,7 @@ class IbUmemOdp:
                 if dma_mapping_error(self.hca.dma, addr):
                     raise BadAddress(f"odp: cannot DMA-map pfn {pfn:#x}")
                 self.hca.stats.dma_maps += 1
+                self._count_dma_map()
                 self.dma_list[idx] = _U64(addr | access)
                 self.page_list[idx] = pfn
                 self.npages += 1
