@@ -380,7 +380,8 @@ class Mirror(abc.ABC):
             ``order`` the order of the device entry covering the slot. The
             invariants compare it slot by slot with the CPU page table. After
             ``close`` or the process's exit every item is None
-            (``teardown/*``), and it may be called then.
+            (``teardown/*``), and it may be called then. Shape, slot
+            addresses and errors: ``introspection/device_ptes_slots``.
 
         Raises:
             InvalidArgument: a negative count or address, or one that is not
@@ -404,7 +405,8 @@ class Mirror(abc.ABC):
         Returns:
             None exactly when every slot of the range is unmapped on the
             device; else a hashable value that changes whenever any item
-            ``device_ptes`` would return changes.
+            ``device_ptes`` would return changes
+            (``introspection/device_pte_state_fingerprint``).
         """
         ptes = self.device_ptes(addr, npages)
         return tuple(ptes) if any(p is not None for p in ptes) else None
