@@ -415,9 +415,9 @@ class OdpHca(Device):
         """
         if pd.ctx.closed:
             raise InvalidArgument("odp: ibv_reg_mr on a closed context")
-        for name, v in (("address", addr), ("length", length), ("access", access)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidArgument(f"odp: ibv_reg_mr {name} {v!r}")
+        _uint("ibv_reg_mr address", addr, 64)
+        _uint("ibv_reg_mr length", length, 64)
+        _uint("ibv_reg_mr access", access, 32)
         # ib_check_mr_access, in its order.
         if access & (IB_ACCESS_REMOTE_WRITE | IB_ACCESS_REMOTE_ATOMIC) and not (
             access & IB_ACCESS_LOCAL_WRITE

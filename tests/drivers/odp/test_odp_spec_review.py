@@ -423,6 +423,16 @@ def test_stale_entries_of_a_failed_fault_in_a_widened_umr_run(machine, era):
 # ----- bad verbs input ------------------------------------------------------------------------
 
 
+def test_reg_mr_fields_outside_their_c_types_are_einval(machine):
+    hca, proc, pd, _qp = setup(machine)
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    for addr, length, access in ((1 << 64, PAGE, ODP_RO), (a, 1 << 64, ODP_RO), (a, PAGE, 1 << 32)):
+        with pytest.raises(InvalidArgument):
+            hca.reg_mr(pd, addr, length, access)
+    assert not hca.mkeys and not pd.mrs
+    teardown(machine, hca)
+
+
 @pytest.mark.parametrize(
     "call",
     [
