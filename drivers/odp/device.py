@@ -483,7 +483,8 @@ class OdpHca(Device):
                 attribute, checked first), an advice or segment that is not
                 a well-formed verbs value, no data segments, a zero-length
                 segment at a page boundary (an empty ``hmm_range_fault``).
-            NotSupported: another advice (-EOPNOTSUPP from mlx5).
+            NotSupported: another advice (-EOPNOTSUPP from mlx5), or
+                PREFETCH_NO_FAULT in the gup era (it came with v5.10).
             NoEntry: a key that is not a live ODP MR (-ENOENT).
             NotPermitted: the MR belongs to another PD, or is read-only for
                 PREFETCH_WRITE (-EPERM).
@@ -498,6 +499,9 @@ class OdpHca(Device):
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE: 0,
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT: MLX5_PF_FLAGS_SNAPSHOT,
         }
+        if self.era == "gup":
+            # PREFETCH_NO_FAULT came with the snapshot mode of v5.10.
+            del pf[IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT]
         if advice not in pf:
             raise NotSupported(f"odp: advice {advice} is not supported")
         sges = list(_sges(sges))

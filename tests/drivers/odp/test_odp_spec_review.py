@@ -25,6 +25,7 @@ from hmmsim.drivers.odp import (
     IB_ACCESS_REMOTE_READ,
     IB_ACCESS_REMOTE_WRITE,
     IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH,
+    IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT,
     IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE,
     IB_UVERBS_ADVISE_MR_FLAG_FLUSH,
     IMPLICIT_LENGTH,
@@ -460,4 +461,18 @@ def test_bad_verbs_input_is_einval_and_changes_nothing(machine, call):
         call(hca, pd, qp, mr, a)
     assert not mr.mtt.any() and not hca.workqueue and hca.stats.page_faults == 0
     assert qp.completions == [] and proc.pagemap(a, 1)[0].kind == "none"
+    teardown(machine, hca)
+
+
+def test_gup_era_has_no_prefetch_no_fault(machine):
+    """IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT came with the snapshot mode in
+    v5.10; v5.3 mlx5_ib_advise_mr knows PREFETCH and PREFETCH_WRITE only."""
+    hca, proc, pd, _qp = setup(machine, "gup")
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    mr = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    with pytest.raises(NotSupported):
+        hca.advise_mr(
+            pd, IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT, FLUSH, [IbvSge(a, PAGE, mr.key)]
+        )
+    assert not mr.mtt.any() and proc.pagemap(a, 1)[0].kind == "none"
     teardown(machine, hca)
