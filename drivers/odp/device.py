@@ -459,11 +459,17 @@ class OdpHca(Device):
         )
 
     def dereg_mr(self, mr: OdpMr) -> None:
-        """``ibv_dereg_mr``: deferred prefetch work is flushed first."""
+        """``ibv_dereg_mr``: deferred prefetch work is flushed first.
+
+        Raises:
+            NoEntry: ``mr`` is not a live MR of this HCA (already
+                deregistered: the uobject lookup fails, -ENOENT).
+        """
+        if not isinstance(mr, OdpMr) or mr.hca is not self or mr not in mr.pd.mrs:
+            raise NoEntry(f"odp: {mr!r} is not a registered MR of {self!r}")
         self.flush_workqueue()
         mr.release()
-        if mr in mr.pd.mrs:
-            mr.pd.mrs.remove(mr)
+        mr.pd.mrs.remove(mr)
         self.flush_workqueue()
 
     def advise_mr(self, pd: Pd, advice: int, flags: int, sges: list[IbvSge]) -> None:

@@ -476,3 +476,18 @@ def test_gup_era_has_no_prefetch_no_fault(machine):
         )
     assert not mr.mtt.any() and proc.pagemap(a, 1)[0].kind == "none"
     teardown(machine, hca)
+
+
+def test_dereg_of_an_mr_that_is_gone_is_enoent(machine):
+    """ibv_dereg_mr of a handle already destroyed: the uobject lookup fails, -ENOENT;
+    nothing else changes."""
+    hca, proc, pd, qp = setup(machine)
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    proc.write(a, b"keep")
+    mr = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    other = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    hca.dereg_mr(mr)
+    with pytest.raises(NoEntry):
+        hca.dereg_mr(mr)
+    assert pd.mrs == [other] and qp.rdma_read(other.key, a, 4) == b"keep"
+    teardown(machine, hca)
