@@ -418,9 +418,9 @@ class OdpHca(Device):
         """
         if pd.ctx.closed:
             raise InvalidArgument("odp: ibv_reg_mr on a closed context")
-        for name, v in (("address", addr), ("length", length), ("access", access)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidArgument(f"odp: ibv_reg_mr {name} {v!r}")
+        _uint("ibv_reg_mr address", addr, 64)
+        _uint("ibv_reg_mr length", length, 64)
+        _uint("ibv_reg_mr access", access, 32)
         # ib_check_mr_access, in its order.
         if access & (IB_ACCESS_REMOTE_WRITE | IB_ACCESS_REMOTE_ATOMIC) and not (
             access & IB_ACCESS_LOCAL_WRITE
@@ -462,11 +462,17 @@ class OdpHca(Device):
         )
 
     def dereg_mr(self, mr: OdpMr) -> None:
-        """``ibv_dereg_mr``: deferred prefetch work is flushed first."""
+        """``ibv_dereg_mr``: deferred prefetch work is flushed first.
+
+        Raises:
+            NoEntry: ``mr`` is not a live MR of this HCA (already
+                deregistered: the uobject lookup fails, -ENOENT).
+        """
+        if not isinstance(mr, OdpMr) or mr.hca is not self or mr not in mr.pd.mrs:
+            raise NoEntry(f"odp: {mr!r} is not a registered MR of {self!r}")
         self.flush_workqueue()
         mr.release()
-        if mr in mr.pd.mrs:
-            mr.pd.mrs.remove(mr)
+        mr.pd.mrs.remove(mr)
         self.flush_workqueue()
 
     def advise_mr(self, pd: Pd, advice: int, flags: int, sges: list[IbvSge]) -> None:
@@ -486,7 +492,8 @@ class OdpHca(Device):
                 attribute, checked first), an advice or segment that is not
                 a well-formed verbs value, no data segments, a zero-length
                 segment at a page boundary (an empty ``hmm_range_fault``).
-            NotSupported: another advice (-EOPNOTSUPP from mlx5).
+            NotSupported: another advice (-EOPNOTSUPP from mlx5), or
+                PREFETCH_NO_FAULT in the gup era (it came with v5.10).
             NoEntry: a key that is not a live ODP MR (-ENOENT).
             NotPermitted: the MR belongs to another PD, or is read-only for
                 PREFETCH_WRITE (-EPERM).
@@ -501,6 +508,9 @@ class OdpHca(Device):
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE: 0,
             IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT: MLX5_PF_FLAGS_SNAPSHOT,
         }
+        if self.era == "gup":
+            # PREFETCH_NO_FAULT came with the snapshot mode of v5.10.
+            del pf[IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT]
         if advice not in pf:
             raise NotSupported(f"odp: advice {advice} is not supported")
         sges = list(_sges(sges))

@@ -25,6 +25,7 @@ from hmmsim.drivers.odp import (
     IB_ACCESS_REMOTE_READ,
     IB_ACCESS_REMOTE_WRITE,
     IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH,
+    IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT,
     IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_WRITE,
     IB_UVERBS_ADVISE_MR_FLAG_FLUSH,
     IMPLICIT_LENGTH,
@@ -423,6 +424,16 @@ def test_stale_entries_of_a_failed_fault_in_a_widened_umr_run(machine, era):
 # ----- bad verbs input ------------------------------------------------------------------------
 
 
+def test_reg_mr_fields_outside_their_c_types_are_einval(machine):
+    hca, proc, pd, _qp = setup(machine)
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    for addr, length, access in ((1 << 64, PAGE, ODP_RO), (a, 1 << 64, ODP_RO), (a, PAGE, 1 << 32)):
+        with pytest.raises(InvalidArgument):
+            hca.reg_mr(pd, addr, length, access)
+    assert not hca.mkeys and not pd.mrs
+    teardown(machine, hca)
+
+
 @pytest.mark.parametrize(
     "call",
     [
@@ -450,4 +461,33 @@ def test_bad_verbs_input_is_einval_and_changes_nothing(machine, call):
         call(hca, pd, qp, mr, a)
     assert not mr.mtt.any() and not hca.workqueue and hca.stats.page_faults == 0
     assert qp.completions == [] and proc.pagemap(a, 1)[0].kind == "none"
+    teardown(machine, hca)
+
+
+def test_gup_era_has_no_prefetch_no_fault(machine):
+    """IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT came with the snapshot mode in
+    v5.10; v5.3 mlx5_ib_advise_mr knows PREFETCH and PREFETCH_WRITE only."""
+    hca, proc, pd, _qp = setup(machine, "gup")
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    mr = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    with pytest.raises(NotSupported):
+        hca.advise_mr(
+            pd, IB_UVERBS_ADVISE_MR_ADVICE_PREFETCH_NO_FAULT, FLUSH, [IbvSge(a, PAGE, mr.key)]
+        )
+    assert not mr.mtt.any() and proc.pagemap(a, 1)[0].kind == "none"
+    teardown(machine, hca)
+
+
+def test_dereg_of_an_mr_that_is_gone_is_enoent(machine):
+    """ibv_dereg_mr of a handle already destroyed: the uobject lookup fails, -ENOENT;
+    nothing else changes."""
+    hca, proc, pd, qp = setup(machine)
+    a = proc.mmap(4 * PAGE, RW, ANON)
+    proc.write(a, b"keep")
+    mr = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    other = hca.reg_mr(pd, a, 4 * PAGE, ODP_RW)
+    hca.dereg_mr(mr)
+    with pytest.raises(NoEntry):
+        hca.dereg_mr(mr)
+    assert pd.mrs == [other] and qp.rdma_read(other.key, a, 4) == b"keep"
     teardown(machine, hca)
