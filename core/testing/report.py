@@ -125,7 +125,7 @@ def run_suite(
     run = SuiteRun(list(specs))
     tasks = [(spec, area, check) for spec in run.specs for area, check in todo]
     t0 = time.perf_counter()
-    collector = _Collector(run, tasks, progress)
+    collector = _Collector(tasks, progress)
     try:
         if jobs > 1 and len(tasks) > 1:
             _run_parallel(tasks, collector, jobs)
@@ -146,7 +146,7 @@ Task = tuple[DriverSpec, str, Callable[[DriverSpec], None]]
 class _Collector:
     """Puts results back in suite order and tells ``progress`` an area once it is whole."""
 
-    def __init__(self, run: SuiteRun, tasks: list[Task], progress: Progress | None) -> None:
+    def __init__(self, tasks: list[Task], progress: Progress | None) -> None:
         self.tasks = tasks
         self.progress = progress
         self.results: dict[int, CheckResult] = {}
