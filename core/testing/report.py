@@ -209,7 +209,10 @@ def forked_map(
     ``fn`` and what it uses reach the workers by ``fork``, so nothing but the
     index and the result (which must pickle) crosses a pipe. An exception
     from ``fn`` is raised here; it, or an interrupt, kills and reaps every
-    worker at once instead of waiting for the work still running.
+    worker at once instead of waiting for the work still running. When the
+    workers cannot be forked (``OSError``: a process whose address space the
+    kernel will not commit twice, such as a long test session, gets
+    ``ENOMEM``), the work runs here, one index after the other.
     """
     import concurrent.futures
     import multiprocessing
@@ -223,21 +226,34 @@ def forked_map(
         jobs, mp_context=multiprocessing.get_context("fork")
     )
     try:
-        # With fork, the first submit starts every worker: fn is theirs now.
-        futures = [pool.submit(_work, i) for i in order]
+        try:
+            # With fork, the first submit starts every worker: fn is theirs now.
+            futures = [pool.submit(_work, i) for i in order]
+        except OSError:
+            _stop(pool)
+            futures = []
+        if not futures:
+            for i in order:
+                yield i, fn(i)
+            return
         for fut in concurrent.futures.as_completed(futures):
             yield fut.result()
     except BaseException:
-        procs = list((getattr(pool, "_processes", None) or {}).values())
-        for proc in procs:
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for proc in procs:
-            proc.join(timeout=10)
+        _stop(pool)
         raise
     finally:
         _WORK.clear()
     pool.shutdown(wait=True)
+
+
+def _stop(pool: Any) -> None:
+    """Kill and reap a pool's workers and drop its queued work, without waiting."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        proc.join(timeout=10)
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[str]], out: TextIO) -> None:

@@ -77,3 +77,17 @@ def test_an_interrupt_in_a_worker_ends_the_run_with_the_results_so_far():
         [("coherence/read_anonymous", "passed")],
     )
     assert multiprocessing.active_children() == []  # no worker left running
+
+
+def test_workers_that_cannot_be_forked_leave_the_work_to_this_process(monkeypatch):
+    import concurrent.futures
+
+    def no_fork(self, *args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "submit", no_fork)
+    one = run_suite(SPECS, None, SOME[:3])
+    two = run_suite(SPECS, None, SOME[:3], jobs=2)
+    key = [(r.driver, r.id, r.outcome) for r in one.results]
+    assert [(r.driver, r.id, r.outcome) for r in two.results] == key
+    assert not two.interrupted
