@@ -125,7 +125,7 @@ def run_suite(
     run = SuiteRun(list(specs))
     tasks = [(spec, area, check) for spec in run.specs for area, check in todo]
     t0 = time.perf_counter()
-    collector = _Collector(run, tasks, progress)
+    collector = _Collector(tasks, progress)
     try:
         if jobs > 1 and len(tasks) > 1:
             _run_parallel(tasks, collector, jobs)
@@ -146,7 +146,7 @@ Task = tuple[DriverSpec, str, Callable[[DriverSpec], None]]
 class _Collector:
     """Puts results back in suite order and tells ``progress`` an area once it is whole."""
 
-    def __init__(self, run: SuiteRun, tasks: list[Task], progress: Progress | None) -> None:
+    def __init__(self, tasks: list[Task], progress: Progress | None) -> None:
         self.tasks = tasks
         self.progress = progress
         self.results: dict[int, CheckResult] = {}
@@ -210,8 +210,9 @@ def forked_map(
     index and the result (which must pickle) crosses a pipe. An exception
     from ``fn`` is raised here; it, or an interrupt, kills and reaps every
     worker at once instead of waiting for the work still running. When the
-    system refuses the fork itself (``ENOMEM``/``EAGAIN`` under memory
-    pressure), the work runs here instead, in the same order.
+    workers cannot be forked (``OSError``: a process whose address space the
+    kernel will not commit twice, such as a long test session, gets
+    ``ENOMEM``), the work runs here, one index after the other.
     """
     import concurrent.futures
     import multiprocessing
@@ -229,22 +230,24 @@ def forked_map(
             # With fork, the first submit starts every worker: fn is theirs now.
             futures = [pool.submit(_work, i) for i in order]
         except OSError:
-            _kill_workers(pool)
+            _stop(pool)
             futures = []
+        if not futures:
             for i in order:
                 yield i, fn(i)
+            return
         for fut in concurrent.futures.as_completed(futures):
             yield fut.result()
     except BaseException:
-        _kill_workers(pool)
+        _stop(pool)
         raise
     finally:
         _WORK.clear()
     pool.shutdown(wait=True)
 
 
-def _kill_workers(pool: Any) -> None:
-    """Kill and reap a process pool's workers now, its queued work cancelled."""
+def _stop(pool: Any) -> None:
+    """Kill and reap a pool's workers and drop its queued work, without waiting."""
     procs = list((getattr(pool, "_processes", None) or {}).values())
     for proc in procs:
         proc.kill()

@@ -94,3 +94,17 @@ def test_a_refused_fork_runs_the_checks_in_this_process(monkeypatch):
     parallel = run_suite(SPECS, Progress(two, live=False), SOME, jobs=2)
     key = [(r.driver, r.id, r.outcome, r.message) for r in serial.results]
     assert [(r.driver, r.id, r.outcome, r.message) for r in parallel.results] == key
+
+
+def test_workers_that_cannot_be_forked_leave_the_work_to_this_process(monkeypatch):
+    import concurrent.futures
+
+    def no_fork(self, *args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "submit", no_fork)
+    one = run_suite(SPECS, None, SOME[:3])
+    two = run_suite(SPECS, None, SOME[:3], jobs=2)
+    key = [(r.driver, r.id, r.outcome) for r in one.results]
+    assert [(r.driver, r.id, r.outcome) for r in two.results] == key
+    assert not two.interrupted
