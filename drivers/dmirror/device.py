@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 from hmmsim import sched
 from hmmsim.driver import Device, Driver, MemoryKind
-from hmmsim.errors import InvalidArgument, OutOfMemory
+from hmmsim.errors import InvalidArgument, KernelBug, OutOfMemory
 from hmmsim.memremap import (
     MEMORY_DEVICE_COHERENT,
     MEMORY_DEVICE_PRIVATE,
@@ -167,6 +167,14 @@ class DmirrorDevice(Device):
         mirror = self.page_mirror.get(self.machine.phys.head(vmf.page))
         if mirror is None:
             return VM_FAULT_SIGBUS
+        if mirror.closed:
+            # zone_device_data still points at the dmirror its release freed:
+            # dmirror_devmem_fault would read freed memory (what KASAN
+            # reports). Release evicts every page it migrated in for this.
+            raise KernelBug(
+                f"dmirror_devmem_fault: use after free of {mirror!r}, released with "
+                f"device page {vmf.page:#x} still in the process"
+            )
         return devmem_fault(mirror, vmf)
 
     def _chunk_of(self, pfn: int) -> _Chunk | None:

@@ -91,6 +91,7 @@ CAUGHT_BY = {
     "zoo_dmirror_exclusive_entry_not_atomic": "exclusive/exclusive_access",
     "zoo_dmirror_exclusive_keeps_folio_reference": "exclusive/exclusive_access",
     "zoo_dmirror_close_keeps_notifier": "teardown/close_leaves_nothing",
+    "zoo_dmirror_close_leaves_device_pages": "teardown/close_drops_everything",
     "zoo_dmirror_evict_without_finalize": "device-memory/cpu_fault_on_device_memory",
     "zoo_nouveau_maps_whole_compound": "invalidation/invalidate_on_thp_split",
     "zoo_nouveau_skips_every_migrate": "races/write_vs_second_device_migration",
