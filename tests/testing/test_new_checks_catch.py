@@ -411,12 +411,12 @@ def test_unpopulated_migration_race_finds_nouveaus_unconditional_pfns_map() -> N
     assert "invariant violated: device maps pfn" in r.failures[0].description
 
 
-def test_pending_fault_back_race_finds_dmirrors_own_migrate_skip() -> None:
+def test_fault_back_race_finds_dmirrors_own_migrate_skip() -> None:
     """dmirror ignores its own MIGRATE invalidations without bumping the
     notifier sequence: a device fault that read a device-private pfn just
-    before a CPU fault moved the page back still maps it (kept out of the
-    suite until dmirror is fixed or declares it; coherent memory is read in
-    place, so that variant passes)."""
+    before a CPU fault moved the page back still maps it (test_hmm.c's own
+    behaviour, which private dmirror declares as an expected failure;
+    coherent memory is read in place, so that variant passes)."""
     race = race_by_name("read_device_memory_vs_cpu_fault_back")
     bad = explore_race(DriverSpec("dmirror", (("memory", "private"),)), race)
     assert bad.failures and "invariant violated: device maps pfn" in bad.failures[0].description
