@@ -21,13 +21,8 @@ def memory(request):
     return request.param
 
 
-@pytest.fixture(autouse=True, params=["vectorised", "per-entry"])
-def migrate_path(request, monkeypatch):
-    """Every test runs on both implementations of the migrate phases, which must agree
-    (by default ranges of up to ``SCALAR_MAX_PAGES`` take the per-entry one)."""
-    threshold = 0 if request.param == "vectorised" else 1 << 30
-    monkeypatch.setattr(hmmsim.migrate.args, "SCALAR_MAX_PAGES", threshold)
-    return request.param
+#: Every test runs on both implementations of the migrate phases.
+pytestmark = pytest.mark.usefixtures("migrate_path")
 
 
 def _fill(p, a, n):

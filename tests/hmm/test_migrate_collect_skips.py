@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmmsim
 import numpy as np
-import pytest
 from helpers import ANON, PAGE, RW
 from hmmsim import MADV_PAGEOUT
 from hmmsim.migrate import (
@@ -24,13 +23,6 @@ from hmmsim.mm.debug import verify_machine
 from hmmsim.testing.devmem import Device
 
 U64 = np.uint64
-
-
-@pytest.fixture(params=["vectorised", "per-entry"])
-def migrate_path(request, monkeypatch):
-    threshold = 0 if request.param == "vectorised" else 1 << 30
-    monkeypatch.setattr(hmmsim.migrate.args, "SCALAR_MAX_PAGES", threshold)
-    return request.param
 
 
 def test_collect_skips_a_swap_entry_and_takes_the_page_after_it(migrate_path) -> None:

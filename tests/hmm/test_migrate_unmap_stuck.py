@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmmsim
 import numpy as np
-import pytest
 from helpers import ANON, PAGE, RW
 from hmmsim.gup import get_user_pages, put_page
 from hmmsim.migrate import (
@@ -30,14 +29,6 @@ from hmmsim.mm.debug import verify_machine
 from hmmsim.testing.devmem import Device
 
 U64 = np.uint64
-
-
-@pytest.fixture(params=["vectorised", "per-entry"])
-def migrate_path(request, monkeypatch):
-    """Both implementations of the unmap phase restore the page the same way."""
-    threshold = 0 if request.param == "vectorised" else 1 << 30
-    monkeypatch.setattr(hmmsim.migrate.args, "SCALAR_MAX_PAGES", threshold)
-    return request.param
 
 
 def test_referenced_page_is_collected_then_restored_with_src_zero(migrate_path) -> None:
