@@ -104,12 +104,7 @@ def check_large_range_one_invalidation(spec: DriverSpec) -> None:
         base = env.mmap(size + 2 * HUGE)
         # Three pages before a 2 MiB boundary: the range spans three page tables.
         a = ((base + HUGE - 1) & ~(HUGE - 1)) + HUGE - 3 * PAGE
-        data = pattern(size, 85)
-        env.proc.write(a, data)
-        assert env.mirror.read(a, size) == data
-        ptes = env.mirror.device_ptes(a, n)
-        assert all(p is not None for p in ptes), "a device read left pages unmapped"
-        env.check(a, n)
+        data = env.map_on_device(a, size, 85)
         if Capability.WRITE & env.caps:
             data = pattern(size, 86)
             env.mirror.write(a, data)

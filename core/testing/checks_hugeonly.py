@@ -50,12 +50,7 @@ def check_large_hugetlb_range_one_invalidation(spec: DriverSpec) -> None:
         n = size // PAGE
         a = _hugetlb(env, 3)
         assert a // _PUD != (a + size - 1) // _PUD, "the range must cross a 1 GiB boundary"
-        data = pattern(size, 90)
-        env.proc.write(a, data)
-        assert env.mirror.read(a, size) == data
-        ptes = env.mirror.device_ptes(a, n)
-        assert all(p is not None for p in ptes), "a device read left pages unmapped"
-        env.check(a, n)
+        data = env.map_on_device(a, size, 90)
         if Capability.WRITE & env.caps:
             data = pattern(size, 91)
             env.mirror.write(a, data)

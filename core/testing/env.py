@@ -118,6 +118,22 @@ class Env:
     def check(self, addr: int, npages: int) -> None:
         check_mirror(self.mirror, addr, npages, granule=self.granule)
 
+    def map_on_device(self, addr: int, size: int, seed: int) -> bytes:
+        """Fill ``size`` bytes at ``addr`` from the CPU, read them through the
+        device, which must map every page of it, and check the mirror.
+
+        Returns:
+            The bytes written (``pattern(size, seed)``).
+        """
+        n = size // PAGE
+        data = pattern(size, seed)
+        self.proc.write(addr, data)
+        assert self.mirror.read(addr, size) == data
+        ptes = self.mirror.device_ptes(addr, n)
+        assert all(p is not None for p in ptes), "a device read left pages unmapped"
+        self.check(addr, n)
+        return data
+
     def open(self, proc: Process) -> Mirror:
         return self.device.open(proc)
 
