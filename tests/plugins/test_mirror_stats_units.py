@@ -165,3 +165,27 @@ def test_a_migration_that_collects_nothing_is_not_counted(name):
     before = mirror.stats.migrations_to_device
     mirror.migrate_to_device(a, 8)  # already in device memory: cpages == 0
     assert mirror.stats.migrations_to_device == before
+
+
+@pytest.mark.parametrize("name", ["dmirror", "nouveau"])
+def test_a_snapshot_an_invalidation_made_stale_is_one_retry_and_one_more_round(name, monkeypatch):
+    from hmmsim import sched
+
+    _m, p, mirror = _env(name)
+    a = _filled(p, 4)
+    real = sched.point
+    raced = []
+
+    def racing(label: str) -> None:
+        # Between hmm_range_fault and read_retry the CPU changes the range once.
+        if label.endswith(":after_range_fault") and not raced:
+            raced.append(label)
+            p.mprotect(a, PAGE, PROT_READ)  # the faulting page: nouveau's
+            p.mprotect(a, PAGE, RW)  # notifier covers only its fault window
+        real(label)
+
+    monkeypatch.setattr(sched, "point", racing)
+    before = (mirror.stats.retries, mirror.stats.fault_rounds)
+    assert mirror.read(a, PAGE) == b"\x11" * PAGE
+    assert raced
+    assert (mirror.stats.retries - before[0], mirror.stats.fault_rounds - before[1]) == (1, 2)
