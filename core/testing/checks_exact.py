@@ -88,9 +88,7 @@ def check_read_at_byte_offsets(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.READ)
         n = _NPAGES
-        a = env.mmap(n * PAGE)
-        data = pattern(n * PAGE, 91)
-        env.proc.write(a, data)
+        a, data = env.filled(n, 91)
         for off, length in _PIECES:
             got = env.mirror.read(a + off, length)
             want = data[off : off + length]
@@ -243,9 +241,7 @@ def check_evicted_pages_are_anonymous(spec: DriverSpec) -> None:
         if Capability.HUGE_ONLY & env.caps:
             raise CheckSkipped(f"{env.spec} claims HUGE_ONLY: hugetlb is never swapped")
         n = 8
-        a = env.mmap(n * PAGE)
-        data = pattern(n * PAGE, 101)
-        env.proc.write(a, data)
+        a, data = env.filled(n, 101)
         assert env.mirror.migrate_to_device(a, n) == n
         env.mirror.close()
         env.device.remove()
@@ -269,9 +265,7 @@ def check_migrate_back_sparse_device_pages(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.MIGRATE)
         n = 16
-        a = env.mmap(n * PAGE)
-        data = pattern(n * PAGE, 111)
-        env.proc.write(a, data)
+        a, data = env.filled(n, 111)
         for on_device in ((5,), (3, 11)):
             for i in on_device:
                 assert env.mirror.migrate_to_device(a + i * PAGE, 1) == 1

@@ -44,9 +44,7 @@ def check_partial_fault_back_then_migrate_again(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.MIGRATE)
         n = 16
-        a = env.mmap(n * PAGE)
-        data = pattern(n * PAGE, 21)
-        env.proc.write(a, data)
+        a, data = env.filled(n, 21)
         assert env.mirror.migrate_to_device(a, n) == n
         env.check(a, n)
         _back_to_system(env, a + 4 * PAGE, 4)
@@ -76,9 +74,7 @@ def check_migrate_read_only_source(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.MIGRATE)
         n = 8
-        a = env.mmap(n * PAGE)
-        data = pattern(n * PAGE, 31)
-        env.proc.write(a, data)
+        a, data = env.filled(n, 31)
         env.proc.mprotect(a, n * PAGE, PROT_READ)
         if Capability.WRITE & env.caps:
             # Before the migration: a device write to a read-only mapping in
@@ -117,9 +113,7 @@ def check_invalidate_device_resident(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.MIGRATE)
         n = 16
-        a = env.mmap(n * PAGE)
-        data = pattern(n * PAGE, 41)
-        env.proc.write(a, data)
+        a, data = env.filled(n, 41)
         assert env.mirror.migrate_to_device(a, n) == n
         env.mirror.read(a, n * PAGE)
         env.check(a, n)
@@ -159,9 +153,7 @@ def check_round_trip_pages_behave(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.MIGRATE)
         n = 8
-        a = env.mmap(n * PAGE)
-        data = pattern(n * PAGE, 51)
-        env.proc.write(a, data)
+        a, data = env.filled(n, 51)
         env.mirror.migrate_to_device(a, n)
         env.mirror.migrate_to_system(a, n)
         entries = env.proc.pagemap(a, n)

@@ -118,6 +118,17 @@ class Env:
     def check(self, addr: int, npages: int) -> None:
         check_mirror(self.mirror, addr, npages, granule=self.granule)
 
+    def filled(self, npages: int, seed: int) -> tuple[int, bytes]:
+        """A new mapping of ``npages`` pages the CPU filled with ``pattern(.., seed)``.
+
+        Returns:
+            Its address and the bytes written.
+        """
+        addr = self.mmap(npages * PAGE)
+        data = pattern(npages * PAGE, seed)
+        self.proc.write(addr, data)
+        return addr, data
+
     def map_on_device(self, addr: int, size: int, seed: int) -> bytes:
         """Fill ``size`` bytes at ``addr`` from the CPU, read them through the
         device, which must map every page of it, and check the mirror.
