@@ -49,12 +49,11 @@ def check_device_coherent_memory(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.DEVICE_COHERENT | Capability.MIGRATE)
         n = 8
-        a = env.mmap(n * PAGE)
-        env.proc.write(a, pattern(n * PAGE, 82))
+        a, data = env.filled(n, 82)
         assert env.mirror.migrate_to_device(a, n) == n
         kinds = {e.kind for e in env.proc.pagemap(a, n)}
         assert kinds == {"device_coherent"}, f"migrated pages are {kinds}, not device_coherent"
-        assert env.proc.read(a, n * PAGE) == pattern(n * PAGE, 82)
+        assert env.proc.read(a, n * PAGE) == data
         assert {e.kind for e in env.proc.pagemap(a, n)} == {"device_coherent"}, (
             "a CPU read migrated coherent device memory back"
         )
@@ -64,8 +63,7 @@ def check_device_coherent_memory(spec: DriverSpec) -> None:
         )
         env.check(a, n)
         if Capability.READ & env.caps:
-            want = pattern(n * PAGE, 82)
-            want = want[:PAGE] + pattern(PAGE, 83) + want[2 * PAGE :]
+            want = data[:PAGE] + pattern(PAGE, 83) + data[2 * PAGE :]
             assert env.mirror.read(a, n * PAGE) == want
             for p in env.mirror.device_ptes(a, n):
                 assert p is not None and p.memory == "device_coherent", p
@@ -80,12 +78,11 @@ def check_device_private_memory(spec: DriverSpec) -> None:
     with environment(spec) as env:
         needs(env, Capability.DEVICE_PRIVATE | Capability.MIGRATE | Capability.READ)
         n = 8
-        a = env.mmap(n * PAGE)
-        env.proc.write(a, pattern(n * PAGE, 84))
+        a, data = env.filled(n, 84)
         assert env.mirror.migrate_to_device(a, n) == n
         kinds = {e.kind for e in env.proc.pagemap(a, n)}
         assert kinds == {"device_private"}, f"migrated pages are {kinds}, not device_private"
-        assert env.mirror.read(a, n * PAGE) == pattern(n * PAGE, 84)
+        assert env.mirror.read(a, n * PAGE) == data
         for p in env.mirror.device_ptes(a, n):
             assert p is not None and p.memory == "device_private", p
         env.check(a, n)
