@@ -71,3 +71,26 @@ RW = hmmsim.PROT_READ | hmmsim.PROT_WRITE
 ANON = hmmsim.MAP_PRIVATE | hmmsim.MAP_ANONYMOUS
 PAGE = 4096
 MB2 = 2 << 20
+
+
+def register_test_drivers(
+    monkeypatch: pytest.MonkeyPatch, classes: list[type[hmmsim.Driver]], name: str
+) -> None:
+    """Make the suite's environments find ``classes`` as installed drivers (a
+    plugin registered in every plugin manager ``hmmsim.testing.env`` creates)."""
+    from hmmsim import hookimpl
+    from hmmsim.testing import env as envmod
+
+    class _Plugin:
+        @hookimpl
+        def hmmsim_register_drivers(self) -> list[type[hmmsim.Driver]]:
+            return list(classes)
+
+    real = envmod.get_plugin_manager
+
+    def pm(*args: object, **kw: object) -> object:
+        got = real(*args, **kw)  # type: ignore[arg-type]
+        got.register(_Plugin(), name)
+        return got
+
+    monkeypatch.setattr(envmod, "get_plugin_manager", pm)

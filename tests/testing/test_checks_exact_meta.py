@@ -16,14 +16,13 @@ from typing import Any
 import attrs
 import numpy as np
 import pytest
-from hmmsim import hookimpl
+from helpers import register_test_drivers
 from hmmsim.drivers.dmirror import Dmirror, DmirrorDevice, DmirrorFile
 from hmmsim.drivers.dmirror import device as dmirror_device
 from hmmsim.drivers.dmirror import migrate as dmirror_migrate
 from hmmsim.migrate import MIGRATE_PFN_MIGRATE, MIGRATE_PFN_VALID
 from hmmsim.mm.pagetable import PAGE_SIZE
 from hmmsim.testing import checks_exact as ce
-from hmmsim.testing import env as envmod
 from hmmsim.testing.checks import CHECKS, DriverSpec, check_id, installed_specs, run_check
 
 PAGE = PAGE_SIZE
@@ -176,22 +175,9 @@ BROKEN: list[type[Dmirror]] = [
 ]
 
 
-class _Plugin:
-    @hookimpl
-    def hmmsim_register_drivers(self) -> list[type[Dmirror]]:
-        return list(BROKEN)
-
-
 @pytest.fixture(autouse=True)
 def broken_drivers(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = envmod.get_plugin_manager
-
-    def pm(*args: Any, **kw: Any) -> Any:
-        got = real(*args, **kw)
-        got.register(_Plugin(), "broken-exact-drivers")
-        return got
-
-    monkeypatch.setattr(envmod, "get_plugin_manager", pm)
+    register_test_drivers(monkeypatch, list(BROKEN), "broken-exact-drivers")
     real_pages = dmirror_device.migrate_device_pages
 
     def pages(*args: Any) -> None:

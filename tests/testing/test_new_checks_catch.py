@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hmmsim import MADV_DONTNEED, hookimpl
+from helpers import register_test_drivers
+from hmmsim import MADV_DONTNEED
 from hmmsim.driver import Capability
 from hmmsim.drivers.dmirror import Dmirror, DmirrorCmd, DmirrorDevice, DmirrorFile
 from hmmsim.drivers.dmirror import migrate as dmirror_migrate
@@ -31,7 +32,6 @@ from hmmsim.notifier import MmuNotifyEvent, mmu_interval_read_begin, mmu_interva
 from hmmsim.testing import checks_capabilities as caps
 from hmmsim.testing import checks_migrate as mig
 from hmmsim.testing import checks_teardown as td
-from hmmsim.testing import env as envmod
 from hmmsim.testing.checks import (
     DriverSpec,
     check_exclusive_access,
@@ -248,22 +248,9 @@ BROKEN: list[type[Dmirror]] = [
 ]
 
 
-class _Plugin:
-    @hookimpl
-    def hmmsim_register_drivers(self) -> list[type[Dmirror]]:
-        return list(BROKEN)
-
-
 @pytest.fixture(autouse=True)
 def broken_drivers(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = envmod.get_plugin_manager
-
-    def pm(*args: Any, **kw: Any) -> Any:
-        got = real(*args, **kw)
-        got.register(_Plugin(), "broken-drivers")
-        return got
-
-    monkeypatch.setattr(envmod, "get_plugin_manager", pm)
+    register_test_drivers(monkeypatch, list(BROKEN), "broken-drivers")
     # dmirror's migration steps are functions of its migrate module that take
     # the open file (as in test_hmm.c): the broken files bend them per file.
     real_copy = dmirror_migrate.alloc_and_copy_to_device
