@@ -30,7 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from . import sched
-from .dma import (
+from .dma_mapping import (
     DMA_ATTR_MMIO,
     DMA_BIDIRECTIONAL,
     DMA_MAPPING_ERROR,

@@ -42,15 +42,15 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import numpy as np
 
-from .dma import (
+from .dma_mapping import (
     PCI_P2PDMA_MAP_BUS_ADDR,
     PCI_P2PDMA_MAP_NOT_SUPPORTED,
     PCI_P2PDMA_MAP_THRU_HOST_BRIDGE,
     DmaDevice,
-    IommuDomain,
     PciP2PDmaMapType,
 )
 from .errors import InvalidArgument, NoDevice, OutOfMemory
+from .iommu import IommuDomain
 from .mm.memremap import (
     MEMORY_DEVICE_PCI_P2PDMA,
     DevPagemap,

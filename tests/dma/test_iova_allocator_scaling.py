@@ -16,7 +16,7 @@ import random
 
 import pytest
 from hmmsim import InvalidArgument, Machine, MachineConfig
-from hmmsim.dma import IommuDomain, _IovaRanges
+from hmmsim.iommu import IommuDomain, _IovaRanges
 
 
 class FlatAllocator:

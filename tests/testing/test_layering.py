@@ -50,10 +50,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # The DMA API sits under PCI: every PCI function owns a DmaDevice behind its
     # IOMMU domain (as struct pci_dev embeds the struct device the DMA API
     # takes), and dma.py needs nothing from pci.py or the machine at run time.
-    ("dma", ("hmmsim.dma",)),
+    ("dma", ("hmmsim.iommu", "hmmsim.dma_mapping")),
     ("pci", ("hmmsim.pci",)),
     ("machine", ("hmmsim.machine",)),
     ("hmm/migrate", ("hmmsim.hmm", "hmmsim.hmm_legacy", "hmmsim.migrate")),
+    # hmmsim.dma is the face drivers import: the DMA API, IOMMU domains and the
+    # HMM DMA helpers of hmmsim.hmm, re-exported (as include/linux/hmm-dma.h).
+    ("dma face", ("hmmsim.dma",)),
     ("gup", ("hmmsim.gup",)),
     ("exclusive", ("hmmsim.exclusive",)),
     ("explore", ("hmmsim.explore",)),
