@@ -46,7 +46,7 @@ import attrs
 import numpy as np
 from numpy.typing import NDArray
 
-from .errors import BadAddress, InvalidArgument, IoFailure
+from .errors import BadAddress, InvalidArgument, IoFailure, NotSupported, OutOfMemory, RemoteIO
 from .iommu import IOMMU_MMIO, IOMMU_READ, IOMMU_WRITE, IommuDomain
 from .mm.memremap import MEMORY_DEVICE_PCI_P2PDMA
 from .mm.pagetable import PAGE_SHIFT, PAGE_SIZE
@@ -261,6 +261,9 @@ class DmaDevice:
     bytes_written: int = 0
     #: The PCI function this device is (``hmmsim.pci.PciDev``), if any.
     pci: Any = None
+    #: Live MMIO mappings of a direct-mapped device: their bus address is the
+    #: CPU physical address (no ``bus_offset``), so they are looked up first.
+    _direct_mmio: list[DmaMapping] = attrs.field(init=False, factory=list)
     #: Per physical pfn: live mappings that let the device read / write it.
     _rd: NDArray[np.int32] = attrs.field(init=False)
     _wr: NDArray[np.int32] = attrs.field(init=False)
@@ -321,7 +324,9 @@ class DmaDevice:
         """``dma_addressing_limited``: direct DMA cannot reach all of memory."""
         if self.domain is not None:
             return False
-        top = (self.machine.phys.capacity << PAGE_SHIFT) + self.bus_offset - 1
+        # max_pfn: the top of System RAM; device memory (ZONE_DEVICE pfns
+        # placed after RAM, a peer's BAR) does not make a device limited.
+        top = (self.machine.phys.ram_pages << PAGE_SHIFT) + self.bus_offset - 1
         return top > self.dma_mask
 
     def need_sync(self) -> bool:
@@ -335,9 +340,12 @@ class DmaDevice:
         size: int,
         direction: DmaDataDirection,
         pfns: NDArray[np.int64],
+        direct_mmio: bool = False,
     ) -> DmaMapping:
         m = DmaMapping(type_, addr, size, direction, pfns, _caller(3))
         self.live.setdefault(addr, []).append(m)
+        if direct_mmio:
+            self._direct_mmio.append(m)
         self.nr_live += 1
         self._account(m, +1)
         self.machine.costs.dma_maps += 1
@@ -347,41 +355,59 @@ class DmaDevice:
     def forget(
         self, type_: str, addr: int, size: int | None, direction: DmaDataDirection, what: str
     ) -> DmaMapping | None:
-        """Drop a live mapping; one that matches nothing is a ``BAD_UNMAP`` violation.
+        """Drop the live mapping an unmap names; report what does not match.
 
-        As DMA-API debugging does, the unmap must name the address, size and
-        direction the mapping was made with (``size=None`` matches any size).
+        As DMA-API debugging's ``check_unmap``: the mapping is found by its
+        bus address. None there is a ``BAD_UNMAP`` ("memory it has not
+        allocated") and nothing happens. One made with another size or
+        direction is a ``BAD_UNMAP`` too, and is still dropped: the kernel
+        reports the mismatch, deletes its entry and goes on with the unmap.
+        The caller then tears the mapping down as it was made (its recorded
+        size), which keeps the IOMMU consistent where the kernel would unmap
+        whatever the wrong size covered. ``size=None`` matches any size. One
+        of another type (a scatterlist unmapped as a page) is reported and
+        kept: the model cannot tear a mapping down through the wrong API.
         """
         ms = self.live.get(addr, [])
+        pick = None
         for i in range(len(ms) - 1, -1, -1):
             m = ms[i]
             if m.type == type_ and m.direction == direction and size in (None, m.size):
-                del ms[i]
-                if not ms:
-                    del self.live[addr]
-                self.nr_live -= 1
-                self.machine.costs.dma_unmaps += 1
-                self._account(m, -1)
-                return m
-        if ms:
-            m = ms[-1]
-            why = (
-                f"mapped as {m.size:#x} bytes {m.direction.name} ({m.type}), unmapped as "
-                f"{size if size is not None else m.size:#x} bytes {direction.name} ({type_})"
+                pick = i
+                break
+        if pick is None:
+            same_type = [i for i in range(len(ms)) if ms[i].type == type_]
+            if ms:
+                m = ms[same_type[-1]] if same_type else ms[-1]
+                why = (
+                    f"mapped as {m.size:#x} bytes {m.direction.name} ({m.type}), unmapped as "
+                    f"{size if size is not None else m.size:#x} bytes {direction.name} ({type_})"
+                )
+            else:
+                why = "no live mapping at that address"
+            dma_debug(self.machine).report(
+                DmaViolation(
+                    DmaViolationKind.BAD_UNMAP,
+                    self.name,
+                    addr,
+                    size or 0,
+                    f"{what} of {addr:#x}: {why}",
+                    ms[-1].origin if ms else _caller(3),
+                )
             )
-        else:
-            why = "no live mapping at that address"
-        dma_debug(self.machine).report(
-            DmaViolation(
-                DmaViolationKind.BAD_UNMAP,
-                self.name,
-                addr,
-                size or 0,
-                f"{what} of {addr:#x}: {why}",
-                ms[-1].origin if ms else _caller(3),
-            )
-        )
-        return None
+            if not same_type:
+                return None
+            pick = same_type[-1]
+        m = ms.pop(pick)
+        if not ms:
+            del self.live[addr]
+        if self._direct_mmio and m in self._direct_mmio:
+            self._direct_mmio.remove(m)
+        self.nr_live -= 1
+        self.machine.costs.dma_unmaps += 1
+        self.machine.clock.advance(COST_DMA_MAP_NS)
+        self._account(m, -1)
+        return m
 
     # The device's own loads and stores, through its bus addresses.
     def _translate(self, addr: int, length: int, write: bool) -> NDArray[np.int64]:
@@ -416,7 +442,18 @@ class DmaDevice:
                     )
                 else:
                     pfns[i] = hit[0]
-            return pfns
+            return _backed(self, pfns, addr, n)
+        for m in self._direct_mmio:
+            if m.addr <= addr and addr + length <= m.addr + m.size:
+                if m.direction == (DMA_TO_DEVICE if write else DMA_FROM_DEVICE):
+                    self._fault(
+                        DmaViolationKind.DIRECTION,
+                        addr,
+                        length,
+                        f"{verb} bus address {addr:#x}: MMIO mapped for the other direction",
+                    )
+                at = first - (m.addr >> PAGE_SHIFT)
+                return _backed(self, m.pfns[at : at + n], addr, n)
         phys = addr - self.bus_offset
         pfns = np.arange(phys >> PAGE_SHIFT, (phys >> PAGE_SHIFT) + n, dtype=np.int64)
         self._grow()
@@ -442,6 +479,23 @@ class DmaDevice:
         v = DmaViolation(kind, self.name, addr, length, message, _caller(4))
         dma_debug(self.machine).report(v)
         raise IommuFault(f"{self.name}: {message}")
+
+
+def _backed(dev: DmaDevice, pfns: NDArray[np.int64], addr: int, n: int) -> NDArray[np.int64]:
+    """``pfns`` if they are all modelled memory.
+
+    An MMIO mapping of a peer's BAR reaches the BAR's P2PDMA pages; the rest
+    of a BAR (registers, a doorbell) is not memory the model holds.
+
+    Raises:
+        NotSupported: the access reaches MMIO outside P2PDMA memory.
+    """
+    if len(pfns) < n or (n and int(pfns.max()) >= dev.machine.phys.capacity):
+        raise NotSupported(
+            f"{dev.name}: DMA at {addr:#x} reaches MMIO that is not P2PDMA memory "
+            "(device registers are not modelled)"
+        )
+    return pfns
 
 
 def dma_read(dev: DmaDevice, addr: int, length: int) -> bytes:
@@ -494,8 +548,10 @@ def dma_write(dev: DmaDevice, addr: int, data: bytes | bytearray | memoryview) -
 def dma_debug_device_teardown(dev: DmaDevice) -> list[DmaViolation]:
     """Report every mapping still alive as a leak (the device is going away).
 
-    The mappings are then dropped (and their IOVA freed), as the IOMMU domain
-    of a removed device is torn down. Returns the leaks reported.
+    The mappings are then dropped and their IOMMU entries unmapped, as the
+    IOMMU domain of a removed device is torn down: a streaming mapping's IOVA
+    is freed; an IOVA link's range stays with its ``dma_iova_state`` (whose
+    ``dma_iova_free`` gives it back). Returns the leaks reported.
     """
     leaks = []
     dbg = dma_debug(dev.machine)
@@ -512,11 +568,17 @@ def dma_debug_device_teardown(dev: DmaDevice) -> list[DmaViolation]:
         dbg.report(v)
         leaks.append(v)
         dev.forget(m.type, m.addr, m.size, m.direction, "teardown")
-        if dev.domain is not None and m.type != "iova":
-            first = m.addr >> PAGE_SHIFT
-            npages = ((m.addr + m.size - 1) >> PAGE_SHIFT) - first + 1
-            dev.domain.unmap(first, npages)
-            dev.domain.free_iova(first)
+        if dev.domain is None:
+            continue
+        if m.type == "iova":
+            # The link's pages go with the domain; its IOVA range belongs to
+            # the caller's dma_iova_state, whose dma_iova_free gives it back.
+            _unlink_iommu(dev.domain, m)
+            continue
+        first = m.addr >> PAGE_SHIFT
+        npages = ((m.addr + m.size - 1) >> PAGE_SHIFT) - first + 1
+        dev.domain.unmap(first, npages)
+        dev.domain.free_iova(first)
     return leaks
 
 
@@ -540,7 +602,10 @@ def _pfn_span(dev: DmaDevice, phys: int, size: int, mmio: bool) -> NDArray[np.in
     if not inside:
         if not mmio:
             raise InvalidArgument(f"DMA map of physical {phys:#x}: not memory of this machine")
-        return np.empty(0, np.int64)
+        # A peer's BAR: the part given to P2PDMA is that provider's pages.
+        topo = dev.machine.pci
+        pages = topo.mmio_pfns(phys, size) if topo is not None else None
+        return pages if pages is not None else np.empty(0, np.int64)
     return np.arange(first, last + 1, dtype=np.int64)
 
 
@@ -551,6 +616,7 @@ def _iommu_map(
     iova = dev.domain.alloc_iova(n, (dev.dma_mask >> PAGE_SHIFT) + 1)
     if iova is not None:
         dev.domain.map(iova, first_pfn, n, prot)
+        dev.domain.sync_map()  # iommu_map ends with iotlb_sync_map
     return iova
 
 
@@ -570,17 +636,18 @@ def dma_map_phys(dev: DmaDevice, phys: int, size: int, direction: int, attrs_: i
     mmio = bool(attrs_ & DMA_ATTR_MMIO)
     pfns = _pfn_span(dev, phys, size, mmio)
     if dev.domain is None:
-        addr = phys + dev.bus_offset
+        # dma_direct_map_phys: MMIO is not translated by phys_to_dma.
+        addr = phys if mmio else phys + dev.bus_offset
         if addr + size - 1 > dev.dma_mask:
             return DMA_MAPPING_ERROR  # would need SWIOTLB, which the model lacks
     else:
-        first = phys >> PAGE_SHIFT
-        n = ((phys + size - 1) >> PAGE_SHIFT) - first + 1
+        first = int(pfns[0]) if len(pfns) else phys >> PAGE_SHIFT
+        n = ((phys + size - 1) >> PAGE_SHIFT) - (phys >> PAGE_SHIFT) + 1
         iova = _iommu_map(dev, pfns, first, n, _prot(d) | (IOMMU_MMIO if mmio else 0))
         if iova is None:
             return DMA_MAPPING_ERROR
         addr = (iova << PAGE_SHIFT) | (phys & (PAGE_SIZE - 1))
-    dev.record("single", addr, size, d, pfns)
+    dev.record("single", addr, size, d, pfns, direct_mmio=mmio and dev.domain is None)
     return addr
 
 
@@ -595,14 +662,34 @@ def _iommu_unmap(dev: DmaDevice, addr: int, size: int) -> None:
 
 def dma_unmap_phys(dev: DmaDevice, addr: int, size: int, direction: int, attrs_: int = 0) -> None:
     """``dma_unmap_phys``: end a streaming mapping made by ``dma_map_phys``."""
-    if dev.forget("single", addr, size, _check_dir(direction), "dma_unmap_phys") is not None:
-        _iommu_unmap(dev, addr, size)
+    m = dev.forget("single", addr, size, _check_dir(direction), "dma_unmap_phys")
+    if m is not None:
+        _iommu_unmap(dev, m.addr, m.size)
 
 
 def dma_map_page(
     dev: DmaDevice, pfn: int, offset: int, size: int, direction: int, attrs_: int = 0
 ) -> int:
-    """``dma_map_page_attrs``: map ``size`` bytes at ``offset`` into page ``pfn``."""
+    """``dma_map_page_attrs``: map ``size`` bytes at ``offset`` into page ``pfn``.
+
+    As 6.18 does before it hands over to ``dma_map_phys``: ``DMA_ATTR_MMIO``
+    is refused (MMIO has no ``struct page`` to map; use ``dma_map_resource``),
+    and so, with DMA-API debugging (always on in the model), is a ZONE_DEVICE
+    page, with a ``WARN``: device-private pages are not addressable, and a
+    P2PDMA page must go through ``pci_p2pdma_state``. Both return
+    ``DMA_MAPPING_ERROR``.
+    """
+    if attrs_ & DMA_ATTR_MMIO:
+        return DMA_MAPPING_ERROR
+    phys = dev.machine.phys
+    if 0 <= pfn < phys.capacity and pfn >= phys.ram_pages:
+        dev.machine.warn(
+            "dma",
+            "dma_map_page_attrs",
+            "a ZONE_DEVICE page is not mapped with dma_map_page",
+            f"{dev.name}: pfn {pfn:#x}",
+        )
+        return DMA_MAPPING_ERROR
     return dma_map_phys(dev, (pfn << PAGE_SHIFT) + offset, size, direction, attrs_)
 
 
@@ -661,11 +748,14 @@ class SgTable:
     ``sgl`` holds (pfn, offset, length) per CPU segment; physically contiguous
     pages are coalesced into one segment (``sg_alloc_table_from_pages``).
     ``dma_segments`` holds (bus address, length) after ``dma_map_sgtable``:
-    under an IOMMU the whole table is one IOVA range and one segment.
+    under an IOMMU the whole table is one IOVA range and one segment (a P2P
+    page reached by its bus address is a segment of its own).
     """
 
     sgl: list[tuple[int, int, int]]
     dma_segments: list[tuple[int, int]] = attrs.field(factory=list)
+    #: Under an IOMMU: the IOVA range (first page, pages) the table is linked into.
+    iova_pages: tuple[int, int] | None = None
 
     @property
     def nents(self) -> int:
@@ -718,14 +808,21 @@ def sg_alloc_table_from_pages(pfns: Iterable[int], offset: int, size: int) -> Sg
 def dma_map_sgtable(dev: DmaDevice, sgt: SgTable, direction: int, attrs_: int = 0) -> None:
     """``dma_map_sgtable``: map every segment of ``sgt`` for the device.
 
-    Under an IOMMU the segments are linked into one contiguous IOVA range
-    (``iommu_dma_map_sg``), so there is one DMA segment, and a 2 MiB-aligned
-    run of pages becomes one IOMMU entry. Direct mapping gives one DMA
-    segment per CPU segment.
+    Each segment is first classified as 6.18's ``dma_direct_map_sg`` and
+    ``iommu_dma_map_sg`` do (``pci_p2pdma_state`` of its first page): a P2PDMA
+    page the switches route to the peer gets its PCI bus address (its own DMA
+    segment, never the IOMMU); one that must go through the host bridge is
+    mapped as MMIO; one the topology cannot reach fails the whole call with
+    ``-EREMOTEIO``. Under an IOMMU the other segments are linked into one
+    contiguous IOVA range, so consecutive ones make one DMA segment and a
+    2 MiB-aligned run of pages becomes one IOMMU entry. Direct mapping gives
+    one DMA segment per CPU segment.
 
     Raises:
         InvalidArgument: a bad direction, or a table that is already mapped.
-        IoFailure: the device cannot reach the memory, or no IOVA is left (-EIO).
+        RemoteIO: a P2PDMA page this device cannot reach (-EREMOTEIO).
+        IoFailure: direct mapping beyond the device's DMA mask (-EIO).
+        OutOfMemory: no IOVA space is left (-ENOMEM).
     """
     d = _check_dir(direction)
     if sgt.dma_segments:
@@ -733,24 +830,60 @@ def dma_map_sgtable(dev: DmaDevice, sgt: SgTable, direction: int, attrs_: int = 
     pfns = sgt.pfns()
     if len(np.unique(pfns)) != len(pfns):
         raise InvalidArgument("dma_map_sgtable: a page appears twice in the table")
+    p2p = PciP2PDmaMapState()
+    kinds: list[tuple[PciP2PDmaMapType, int]] = []
+    for p, _, _ in sgt.sgl:
+        kind = pci_p2pdma_state(p2p, dev, p)
+        if kind == PCI_P2PDMA_MAP_NOT_SUPPORTED:
+            raise RemoteIO(f"dma_map_sgtable: {dev.name} cannot reach P2PDMA page {p:#x}")
+        kinds.append((kind, p2p.bus_off))
+    segs: list[tuple[int, int]] = []
     if dev.domain is None:
-        segs = []
-        for p, o, n in sgt.sgl:
-            addr = (p << PAGE_SHIFT) + o + dev.bus_offset
+        for (p, o, n), (kind, bus_off) in zip(sgt.sgl, kinds, strict=True):
+            phys = (p << PAGE_SHIFT) + o
+            if kind == PCI_P2PDMA_MAP_BUS_ADDR:
+                addr = phys + bus_off
+            elif kind == PCI_P2PDMA_MAP_THRU_HOST_BRIDGE:
+                addr = phys  # MMIO: not translated
+            else:
+                addr = phys + dev.bus_offset
             if addr + n - 1 > dev.dma_mask:
                 raise IoFailure(f"dma_map_sgtable: {addr:#x} is beyond the DMA mask")
             segs.append((addr, n))
     else:
         domain = dev.domain
-        iova = domain.alloc_iova(len(pfns), (dev.dma_mask >> PAGE_SHIFT) + 1)
+        linked = [
+            (p, o, n, kind)
+            for (p, o, n), (kind, _) in zip(sgt.sgl, kinds, strict=True)
+            if kind != PCI_P2PDMA_MAP_BUS_ADDR
+        ]
+        npages = sum((o + n + PAGE_SIZE - 1) >> PAGE_SHIFT for _, o, n, _ in linked)
+        iova = domain.alloc_iova(npages, (dev.dma_mask >> PAGE_SHIFT) + 1) if npages else 0
         if iova is None:
-            raise IoFailure("dma_map_sgtable: IOVA space exhausted")
+            raise OutOfMemory("dma_map_sgtable: IOVA space exhausted")
         at = iova
-        for p, o, n in sgt.sgl:
+        for p, o, n, kind in linked:
             npg = (o + n + PAGE_SIZE - 1) >> PAGE_SHIFT
-            domain.map(at, p, npg, _prot(d))
+            mmio = IOMMU_MMIO if kind == PCI_P2PDMA_MAP_THRU_HOST_BRIDGE else 0
+            domain.map(at, p, npg, _prot(d) | mmio)
             at += npg
-        segs = [((iova << PAGE_SHIFT) + sgt.sgl[0][1], sum(n for _, _, n in sgt.sgl))]
+        if npages:
+            domain.sync_map()
+        sgt.iova_pages = (iova, npages) if npages else None
+        # __finalise_sg: consecutive IOVA segments merge; a bus address breaks the run.
+        at, in_run = iova, False
+        for (p, o, n), (kind, bus_off) in zip(sgt.sgl, kinds, strict=True):
+            if kind == PCI_P2PDMA_MAP_BUS_ADDR:
+                segs.append(((p << PAGE_SHIFT) + o + bus_off, n))
+                in_run = False
+                continue
+            addr = (at << PAGE_SHIFT) + o
+            at += (o + n + PAGE_SIZE - 1) >> PAGE_SHIFT
+            if in_run and segs[-1][0] + segs[-1][1] == addr:
+                segs[-1] = (segs[-1][0], segs[-1][1] + n)
+            else:
+                segs.append((addr, n))
+            in_run = True
     dev.record("sg", segs[0][0], sum(n for _, n in segs), d, pfns)
     sgt.dma_segments = segs
 
@@ -763,11 +896,12 @@ def dma_unmap_sgtable(dev: DmaDevice, sgt: SgTable, direction: int, attrs_: int 
     m = dev.forget("sg", addr, size, d, "dma_unmap_sgtable")
     if m is None:
         return
-    if dev.domain is not None:
-        first = addr >> PAGE_SHIFT
-        dev.domain.unmap(first, len(m.pfns))
+    if dev.domain is not None and sgt.iova_pages is not None:
+        first, npages = sgt.iova_pages
+        dev.domain.unmap(first, npages)
         dev.domain.free_iova(first)
     sgt.dma_segments = []
+    sgt.iova_pages = None
 
 
 # ----- the two-step IOVA API (6.17+) -------------------------------------------------
@@ -795,13 +929,20 @@ def dma_iova_try_alloc(dev: DmaDevice, state: DmaIovaState, phys: int, size: int
     caller falls back to per-page ``dma_map_phys``. ``phys`` only sets the
     offset within the first page, as in the kernel.
 
+    A size of 0 is refused with a ``WARN`` (False), as in the kernel.
+
     Raises:
-        InvalidArgument: a state already in use, or no size.
+        InvalidArgument: a negative size, or a state that already holds an
+            IOVA range. The kernel clears such a state and leaks its range;
+            the model refuses, so the leak cannot pass unnoticed.
     """
     if state.size:
         raise InvalidArgument("dma_iova_try_alloc: the state already holds an IOVA range")
-    if size <= 0:
-        raise InvalidArgument("dma_iova_try_alloc of no bytes")
+    if size < 0:
+        raise InvalidArgument(f"dma_iova_try_alloc of {size} bytes")
+    if size == 0:
+        dev.machine.warn("dma", "dma_iova_try_alloc", "an IOVA range of no bytes", dev.name)
+        return False
     if dev.domain is None:
         return False
     offset = phys & (PAGE_SIZE - 1)
@@ -852,10 +993,14 @@ def dma_iova_link(
 
 
 def dma_iova_sync(dev: DmaDevice, state: DmaIovaState, offset: int, size: int) -> int:
-    """``dma_iova_sync``: make the links of [offset, offset + size) visible (IOTLB sync)."""
+    """``dma_iova_sync``: make the links of [offset, offset + size) visible.
+
+    That is ``iommu_sync_map``, which flushes only an IOMMU in caching mode
+    (``IommuDomain.caching_mode``); on bare metal it does nothing.
+    """
     if dev.domain is None or not dma_use_iova(state):
         return -errno.EINVAL
-    dev.domain.flush_iotlb()
+    dev.domain.sync_map()
     return 0
 
 
@@ -869,13 +1014,18 @@ def dma_iova_unlink(
 ) -> None:
     """``dma_iova_unlink``: unmap [offset, offset + size) and flush the IOTLB."""
     d = _check_dir(direction)
-    if dev.forget("iova", state.addr + offset, size, d, "dma_iova_unlink") is None:
+    m = dev.forget("iova", state.addr + offset, size, d, "dma_iova_unlink")
+    if m is None:
         return
-    del state.links[offset]
+    state.links.pop(offset, None)
     assert dev.domain is not None
-    first = (state.addr + offset) >> PAGE_SHIFT
-    n = ((state.addr + offset + size - 1) >> PAGE_SHIFT) - first + 1
-    dev.domain.unmap(first, n)
+    _unlink_iommu(dev.domain, m)
+
+
+def _unlink_iommu(domain: IommuDomain, m: DmaMapping) -> None:
+    """Unmap an IOVA link's pages (its IOVA stays reserved for the state)."""
+    first = m.addr >> PAGE_SHIFT
+    domain.unmap(first, ((m.addr + m.size - 1) >> PAGE_SHIFT) - first + 1)
 
 
 def dma_iova_free(dev: DmaDevice, state: DmaIovaState) -> None:

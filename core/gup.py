@@ -116,6 +116,16 @@ def pin_user_pages(mm: AddressSpace, start: int, nr_pages: int, gup_flags: int) 
     """As ``get_user_pages`` but pins (FOLL_PIN); release with ``unpin_user_page``."""
     if gup_flags & FOLL_GET:
         raise InvalidArgument("pin_user_pages does not take FOLL_GET")
+    if gup_flags & FOLL_LONGTERM and gup_flags & FOLL_PCI_P2PDMA:
+        # is_valid_gup_args: a P2PDMA pgmap must stay hot-unpluggable, so it
+        # can never be pinned long-term (WARN_ON_ONCE, -EINVAL).
+        mm.machine.warn(
+            "gup",
+            "is_valid_gup_args",
+            "FOLL_LONGTERM with FOLL_PCI_P2PDMA",
+            f"start {start:#x}, {nr_pages} pages",
+        )
+        raise InvalidArgument("FOLL_LONGTERM cannot be combined with FOLL_PCI_P2PDMA")
     return _gup(mm, start, nr_pages, gup_flags, FOLL_PIN)
 
 

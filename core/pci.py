@@ -49,12 +49,13 @@ from .dma_mapping import (
     DmaDevice,
     PciP2PDmaMapType,
 )
-from .errors import InvalidArgument, NoDevice, OutOfMemory
+from .errors import Busy, InvalidArgument, NoDevice, OutOfMemory
 from .iommu import IommuDomain
 from .mm.memremap import (
     MEMORY_DEVICE_PCI_P2PDMA,
     DevPagemap,
     memremap_pages,
+    memunmap_pages,
     zone_device_page_init,
 )
 from .mm.pagetable import PAGE_SHIFT, PAGE_SIZE
@@ -114,7 +115,13 @@ class PciHostBridge:
 
 @attrs.define(eq=False, repr=False)
 class PciBar:
-    """One memory BAR: its size, CPU physical and PCI bus addresses."""
+    """One memory BAR: its size, CPU physical and PCI bus addresses.
+
+    The part of a BAR given to P2PDMA is ZONE_DEVICE pages, whose pfns the
+    model places after RAM; ``PciTopology.mmio_pfns`` resolves a CPU physical
+    address in that part (``dma_map_resource`` of the BAR) to those pages, so
+    both ways of mapping the memory reach the same bytes.
+    """
 
     index: int
     size: int
@@ -153,9 +160,14 @@ class _P2PPageOps:
     type and the offset from CPU physical to PCI bus address of this range.
     """
 
-    def __init__(self, provider: P2PDmaProvider, bus_off: int) -> None:
+    def __init__(
+        self, provider: P2PDmaProvider, bus_off: int, bar: PciBar | None = None, offset: int = 0
+    ) -> None:
         self.provider = provider
         self.bus_off = bus_off
+        #: The BAR and the offset in it where this range starts.
+        self.bar = bar
+        self.bar_offset = offset
 
     def folio_free(self, head: int) -> None:
         self.provider.free.append(head)
@@ -228,6 +240,26 @@ class PciTopology:
 
     def __repr__(self) -> str:
         return f"PciTopology({len(self.host_bridges)} host bridges, {len(self.devices)} devices)"
+
+    def mmio_pfns(self, phys: int, size: int) -> Any:
+        """The P2PDMA pages behind CPU physical [phys, phys + size) of a BAR, or None.
+
+        None unless the whole range lies in one part of a BAR given to P2PDMA
+        (the rest of a BAR is registers, which the model does not hold).
+        """
+        for d in self.devices:
+            if d.p2pdma is None:
+                continue
+            for pg in d.p2pdma.pgmaps:
+                ops = pg.ops
+                if pg.range is None or not isinstance(ops, _P2PPageOps) or ops.bar is None:
+                    continue
+                lo = ops.bar.cpu_addr + ops.bar_offset
+                if lo <= phys and phys + size <= lo + len(pg.range) * PAGE_SIZE:
+                    first = pg.range.start + ((phys - lo) >> PAGE_SHIFT)
+                    last = pg.range.start + ((phys + size - 1 - lo) >> PAGE_SHIFT)
+                    return np.arange(first, last + 1, dtype=np.int64)
+        return None
 
     def peer_pfns(self, client: PciDev, addr: int, length: int) -> Any:
         """P2P pages ``client`` reaches directly at bus address ``addr`` (or None)."""
@@ -555,7 +587,9 @@ def pci_p2pdma_add_resource(pdev: PciDev, bar: int, size: int, offset: int) -> r
 
     Raises:
         InvalidArgument: no such memory BAR, ``offset`` at or past its end,
-            ``offset + size`` past it, or bytes already given to P2PDMA.
+            or ``offset + size`` past it.
+        OutOfMemory: bytes already given to P2PDMA (``memremap_pages`` finds
+            a conflicting pagemap, WARNs and returns -ENOMEM).
     """
     b = pdev.bars.get(bar)
     if b is None:
@@ -567,11 +601,17 @@ def pci_p2pdma_add_resource(pdev: PciDev, bar: int, size: int, offset: int) -> r
     if size < 0 or offset + size > b.size or size % PAGE_SIZE or offset % PAGE_SIZE:
         raise InvalidArgument(f"{pdev!r}: {size:#x} bytes at {offset:#x} do not fit BAR{bar}")
     if any(lo < offset + size and offset < hi for lo, hi in b.claimed):
-        raise InvalidArgument(f"{pdev!r}: part of BAR{bar} is already P2PDMA memory")
+        pdev.topology.machine.warn(
+            "memremap",
+            "memremap_pages",
+            "Conflicting mapping in same section",
+            f"{pdev!r} BAR{bar} {size:#x} bytes at {offset:#x}",
+        )
+        raise OutOfMemory(f"{pdev!r}: part of BAR{bar} is already P2PDMA memory")
     if pdev.p2pdma is None:
         pdev.p2pdma = P2PDmaProvider(pdev)
     prov = pdev.p2pdma
-    ops = _P2PPageOps(prov, 0)
+    ops = _P2PPageOps(prov, 0, b, offset)
     pgmap = DevPagemap(MEMORY_DEVICE_PCI_P2PDMA, owner=pdev, ops=ops)
     pfns = memremap_pages(pdev.topology.machine, pgmap, size >> PAGE_SHIFT)
     # Bus address of a P2P page = the BAR's bus address + its offset in the BAR.
@@ -584,10 +624,12 @@ def pci_p2pdma_add_resource(pdev: PciDev, bar: int, size: int, offset: int) -> r
 
 
 def pci_p2pmem_publish(pdev: PciDev, publish: bool) -> None:
-    """``pci_p2pmem_publish``: offer (or withdraw) the memory to ``pci_p2pmem_find``."""
-    if pdev.p2pdma is None:
-        raise InvalidArgument(f"{pdev!r} has no P2PDMA memory")
-    pdev.p2pdma.published = publish
+    """``pci_p2pmem_publish``: offer (or withdraw) the memory to ``pci_p2pmem_find``.
+
+    A device without P2PDMA memory is left alone, as in the kernel.
+    """
+    if pdev.p2pdma is not None:
+        pdev.p2pdma.published = publish
 
 
 def pci_alloc_p2pmem(pdev: PciDev, size: int) -> list[int] | None:
@@ -663,11 +705,21 @@ def pci_p2pmem_allocate_file(pdev: PciDev) -> P2PMemAllocateFile:
 
 
 def pci_p2pdma_remove(pdev: PciDev) -> None:
-    """Device removal: the ``allocate`` file goes, zapping every user mapping of it.
+    """Device removal: the ``allocate`` file, the pool and the P2P pages go.
 
-    Every process's VMAs of the file are zapped (``unmap_mapping_range``,
-    which MMU notifiers see as ``MMU_NOTIFY_CLEAR``); the pages return to the
-    pool as their last mapping goes.
+    In the kernel's order: the ``p2pmem`` sysfs group is removed, which zaps
+    every user mapping of the ``allocate`` file (``unmap_mapping_range``,
+    which MMU notifiers see as ``MMU_NOTIFY_CLEAR``; the pages return to the
+    pool as their last mapping goes); ``pci_p2pdma_release`` clears
+    ``pdev->p2pdma`` (no more ``allocate``, ``find`` or peer routing); then
+    ``memunmap_pages`` removes each pagemap.
+
+    Raises:
+        Busy: a P2P page is still referenced (a pin, a DMA user). The kernel's
+            ``memunmap_pages`` waits for the last reference; the model stops
+            before ``pdev->p2pdma`` is cleared (the mappings are already
+            zapped and the memory unpublished), and removal can be retried
+            once the holder lets go.
     """
     machine = pdev.topology.machine
     for proc in list(machine.processes):
@@ -677,8 +729,27 @@ def pci_p2pdma_remove(pdev: PciDev) -> None:
             if isinstance(f, P2PMemAllocateFile) and f.pdev is pdev:
                 with mm.mmap_lock.write(), invalidation(mm, MMU_NOTIFY_CLEAR, vma.start, vma.end):
                     zap_range(vma, vma.start_vpn, vma.npages, even_cows=True)
-    if pdev.p2pdma is not None:
-        pdev.p2pdma.published = False
+    prov = pdev.p2pdma
+    if prov is None:
+        return
+    prov.published = False
+    refcount = machine.phys.refcount
+    for pg in prov.pgmaps:
+        r = pg.range
+        if r is not None and (busy := np.flatnonzero(refcount[r.start : r.stop] > 0)).size:
+            raise Busy(
+                f"{pdev!r}: removal waits for {busy.size} P2P page(s) still referenced, "
+                f"first at pfn {r.start + int(busy[0]):#x}"
+            )
+    pdev.p2pdma = None
+    for pg in prov.pgmaps:
+        if pg.range is not None:
+            memunmap_pages(pg)
+    for b in pdev.bars.values():
+        b.claimed.clear()
+    prov.pgmaps.clear()
+    prov.free.clear()
+    prov.map_types.clear()
 
 
 def p2p_pfns(pdev: PciDev) -> np.ndarray:

@@ -173,7 +173,7 @@ def test_add_resource_rules(machine):
     assert len(first) == (1 << 20) // PAGE
     rest = pci_p2pdma_add_resource(dev, 0, 0, 1 << 20)  # size 0: the rest of the BAR
     assert len(rest) == (BAR - (1 << 20)) // PAGE
-    with pytest.raises(InvalidArgument, match="already"):
+    with pytest.raises(OutOfMemory, match="already"):  # memremap_pages: conflict, -ENOMEM
         pci_p2pdma_add_resource(dev, 0, PAGE, 0)
     assert dev.p2pdma is not None and dev.p2pdma.size == BAR == dev.p2pdma.available
 
@@ -248,7 +248,7 @@ def test_device_removal_zaps_user_mappings_with_a_clear_notifier_event(machine):
     pci_p2pdma_remove(gpu)
     assert [(e.event, e.start, e.end) for e in log.events] == [("CLEAR", a, a + 2 * PAGE)]
     assert not any(e.present for e in p.pagemap(a, 2))
-    assert gpu.p2pdma is not None and gpu.p2pdma.available == BAR
+    assert gpu.p2pdma is None  # pci_p2pdma_release
 
 
 class Ops:
