@@ -405,3 +405,29 @@ def test_gpu_store_into_a_clean_writable_shmem_page_survives_reclaim(machine):
     chan.access(a, "write", b"G", 1)  # already writable: no write fault dirties it
     p.madvise(a, PAGE, MADV_PAGEOUT)
     assert p.read(a, 1) == b"G"
+
+
+# ----- the PCI function ---------------------------------------------------------------------
+
+
+def test_probe_with_a_pci_function_maps_host_pages_through_that_functions_iommu(machine):
+    from hmmsim.pci import pci_topology
+
+    topo = pci_topology(machine)
+    rp = topo.add_root_port(topo.add_host_bridge(0x8086, 0x2030))
+    gpu_fn = topo.add_endpoint(rp, "gk104", vendor=0x10DE, bars={1: 256 << 20})
+    assert gpu_fn.dma is not None and gpu_fn.dma.domain is not None
+    drm = machine.probe("nouveau", pci=gpu_fn)
+    assert drm.pci is gpu_fn and drm.dma is gpu_fn.dma
+    p = machine.spawn()
+    cli = drm.open_file(p)
+    cli.ioctl(DRM_NOUVEAU_SVM_INIT, DrmNouveauSvmInit(0, 0))
+    chan = cli.channel_new()
+    a = p.mmap(PAGE, RW, ANON)
+    p.write(a, b"pci")
+    assert chan.access(a, "read", length=3) == b"pci"
+    assert gpu_fn.dma.nr_live == 1 and gpu_fn.dma.domain.ptes == 1
+    with pytest.raises(InvalidArgument, match="hmmsim.pci function"):
+        machine.probe("nouveau", pci="0000:01:00.0")
+    cli.close()
+    assert gpu_fn.dma.nr_live == 0 and machine_violations(machine) == []
