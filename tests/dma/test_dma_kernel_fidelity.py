@@ -26,14 +26,22 @@ from hmmsim import (
     NoDevice,
     OutOfMemory,
     RemoteIO,
+    mmu_interval_notifier_insert,
+    mmu_interval_read_begin,
+    mmu_interval_set_seq,
 )
 from hmmsim.dma import (
+    DMA_ATTR_MMIO,
     DMA_BIDIRECTIONAL,
     DMA_MAPPING_ERROR,
     DMA_TO_DEVICE,
+    HMM_PFN_DMA_MAPPED,
+    HMM_PFN_P2PDMA,
+    HMM_PFN_P2PDMA_BUS,
     DmaDevice,
     DmaIovaState,
     DmaViolationKind,
+    HmmDmaMap,
     IommuDomain,
     IommuFault,
     dma_addressing_limited,
@@ -49,6 +57,9 @@ from hmmsim.dma import (
     dma_unmap_resource,
     dma_unmap_sgtable,
     dma_write,
+    hmm_dma_map_alloc,
+    hmm_dma_map_pfn,
+    hmm_dma_unmap_pfn,
     machine_violations,
     sg_alloc_table_from_pages,
 )
@@ -59,6 +70,7 @@ from hmmsim.gup import (
     pin_user_pages,
     unpin_user_pages,
 )
+from hmmsim.hmm import HMM_PFN_REQ_FAULT, HMM_PFN_VALID, HmmRange, hmm_range_fault
 from hmmsim.pci import (
     PCI_ACS_RR,
     PciDev,
@@ -150,8 +162,6 @@ def test_dma_map_page_refuses_dma_attr_mmio_and_zone_device_pages(machine):
     assert dma_map_page(nic.dma, pfn, 0, PAGE, DMA_BIDIRECTIONAL) == DMA_MAPPING_ERROR
     assert [w.where for w in machine.kernel_warnings] == ["dma_map_page_attrs"]
     (ram,) = populated(machine, 1)
-    from hmmsim.dma import DMA_ATTR_MMIO
-
     assert (
         dma_map_page(nic.dma, ram, 0, PAGE, DMA_BIDIRECTIONAL, DMA_ATTR_MMIO) == DMA_MAPPING_ERROR
     )
@@ -332,3 +342,43 @@ def test_an_iommu_entry_costs_the_same_for_a_4k_and_a_2m_page(machine):
     dom.map(1 << 20, 7, 1, 3)  # one 4 KiB entry
     assert one_huge == machine.clock.now_ns - t0
     assert dom.ptes == 2
+
+
+# ----- sticky DMA bits across a re-fault --------------------------------------------
+
+
+class _SeqOps:
+    def invalidate(self, sub, rng, cur_seq):  # type: ignore[no-untyped-def]
+        mmu_interval_set_seq(sub, cur_seq)
+        return True
+
+
+@pytest.mark.parametrize("acs", [0, PCI_ACS_RR])
+def test_p2pdma_bits_survive_a_second_hmm_range_fault_of_the_same_array(machine, acs):
+    gpu, nic = switch_pair(machine, acs=acs)
+    assert nic.dma is not None
+    p = machine.spawn()
+    a = p.mmap(PAGE, RW, MAP_SHARED, file=pci_p2pmem_allocate_file(gpu))
+    p.write(a, b"s")
+    sub = mmu_interval_notifier_insert(p.mm, a, PAGE, _SeqOps())
+    m = HmmDmaMap()
+    hmm_dma_map_alloc(nic.dma, m, 1, PAGE)
+
+    def fault() -> None:
+        rng = HmmRange(sub, a, a + PAGE, m.pfn_list, default_flags=HMM_PFN_REQ_FAULT)
+        rng.notifier_seq = mmu_interval_read_begin(sub)
+        with p.mm.mmap_lock.read():
+            hmm_range_fault(rng)
+
+    fault()
+    addr = hmm_dma_map_pfn(nic.dma, m, 0)
+    sticky = HMM_PFN_DMA_MAPPED | (HMM_PFN_P2PDMA if acs else HMM_PFN_P2PDMA_BUS)
+    assert int(m.pfn_list[0]) & sticky == sticky
+    fault()  # the array is handed to hmm_range_fault again
+    e = int(m.pfn_list[0])
+    assert e & HMM_PFN_VALID and e & sticky == sticky
+    assert hmm_dma_map_pfn(nic.dma, m, 0) == addr  # the same address, no second mapping
+    assert dma_read(nic.dma, addr, 1) == b"s"
+    assert hmm_dma_unmap_pfn(nic.dma, m, 0)
+    assert not int(m.pfn_list[0]) & sticky
+    assert machine_violations(machine) == []
