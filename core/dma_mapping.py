@@ -261,6 +261,9 @@ class DmaDevice:
     bytes_written: int = 0
     #: The PCI function this device is (``hmmsim.pci.PciDev``), if any.
     pci: Any = None
+    #: ``dev->iommu->pci_32bit_workaround``: a PCI function's IOVAs come from
+    #: below 4 GiB until that space runs out once.
+    pci_32bit_workaround: bool = True
     #: Live MMIO mappings of a direct-mapped device: their bus address is the
     #: CPU physical address (no ``bus_offset``), so they are looked up first.
     _direct_mmio: list[DmaMapping] = attrs.field(init=False, factory=list)
@@ -609,11 +612,32 @@ def _pfn_span(dev: DmaDevice, phys: int, size: int, mmio: bool) -> NDArray[np.in
     return np.arange(first, last + 1, dtype=np.int64)
 
 
+#: The first page above 4 GiB of IOVA space.
+_IOVA_32BIT_LIMIT: Final = 1 << (32 - PAGE_SHIFT)
+
+
+def _alloc_iova(dev: DmaDevice, npages: int) -> int | None:
+    """``iommu_dma_alloc_iova``: IOVA pages below the device's DMA mask.
+
+    A PCI function first tries below 4 GiB, however wide its mask (old
+    hardware and firmware mishandle 64-bit addresses); the first time that
+    fails it stops trying (``pci_32bit_workaround``) and uses its whole mask.
+    """
+    assert dev.domain is not None
+    limit = (dev.dma_mask >> PAGE_SHIFT) + 1
+    if dev.pci is not None and dev.pci_32bit_workaround and limit > _IOVA_32BIT_LIMIT:
+        iova = dev.domain.alloc_iova(npages, _IOVA_32BIT_LIMIT)
+        if iova is not None:
+            return iova
+        dev.pci_32bit_workaround = False
+    return dev.domain.alloc_iova(npages, limit)
+
+
 def _iommu_map(
     dev: DmaDevice, pfns: NDArray[np.int64], first_pfn: int, n: int, prot: int
 ) -> int | None:
     assert dev.domain is not None
-    iova = dev.domain.alloc_iova(n, (dev.dma_mask >> PAGE_SHIFT) + 1)
+    iova = _alloc_iova(dev, n)
     if iova is not None:
         dev.domain.map(iova, first_pfn, n, prot)
         dev.domain.sync_map()  # iommu_map ends with iotlb_sync_map
@@ -858,7 +882,7 @@ def dma_map_sgtable(dev: DmaDevice, sgt: SgTable, direction: int, attrs_: int = 
             if kind != PCI_P2PDMA_MAP_BUS_ADDR
         ]
         npages = sum((o + n + PAGE_SIZE - 1) >> PAGE_SHIFT for _, o, n, _ in linked)
-        iova = domain.alloc_iova(npages, (dev.dma_mask >> PAGE_SHIFT) + 1) if npages else 0
+        iova = _alloc_iova(dev, npages) if npages else 0
         if iova is None:
             raise OutOfMemory("dma_map_sgtable: IOVA space exhausted")
         at = iova
@@ -947,7 +971,7 @@ def dma_iova_try_alloc(dev: DmaDevice, state: DmaIovaState, phys: int, size: int
         return False
     offset = phys & (PAGE_SIZE - 1)
     npages = (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT
-    iova = dev.domain.alloc_iova(npages, (dev.dma_mask >> PAGE_SHIFT) + 1)
+    iova = _alloc_iova(dev, npages)
     if iova is None:
         return False
     state.addr = (iova << PAGE_SHIFT) + offset

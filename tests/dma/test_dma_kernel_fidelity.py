@@ -382,3 +382,23 @@ def test_p2pdma_bits_survive_a_second_hmm_range_fault_of_the_same_array(machine,
     assert hmm_dma_unmap_pfn(nic.dma, m, 0)
     assert not int(m.pfn_list[0]) & sticky
     assert machine_violations(machine) == []
+
+
+# ----- where IOVAs come from ---------------------------------------------------------
+
+
+def test_a_pci_function_gets_iovas_below_4g_until_that_space_fails_once(machine):
+    topo = pci_topology(machine)
+    fn = topo.add_endpoint(topo.add_root_port(topo.add_host_bridge(0x8086, 1)), "nic")
+    dev = fn.dma
+    assert dev is not None and dev.domain is not None
+    (pfn,) = populated(machine, 1)
+    low = dma_map_page(dev, pfn, 0, PAGE, DMA_TO_DEVICE)
+    assert low < 1 << 32
+    state = DmaIovaState()
+    assert dma_iova_try_alloc(dev, state, 0, 1 << 32)  # cannot fit below 4 GiB
+    assert state.addr >= 1 << 32 and not dev.pci_32bit_workaround
+    high = dma_map_page(dev, pfn, 0, PAGE, DMA_BIDIRECTIONAL)
+    assert high >= 1 << 32  # from now on the whole mask is used
+    plain = DmaDevice(machine, "platform", domain=IommuDomain(machine))
+    assert dma_map_page(plain, pfn, 0, PAGE, DMA_TO_DEVICE) >= 1 << 32  # not PCI: top-down
