@@ -60,7 +60,7 @@ from .mm.memremap import (
 )
 from .mm.pagetable import PAGE_SHIFT, PAGE_SIZE
 from .mm.pfnmap import vm_insert_page
-from .mm.vma import VM_SHARED
+from .mm.vma import VM_MAYSHARE
 from .mm.zap import zap_range
 from .notifier import MMU_NOTIFY_CLEAR, invalidation
 
@@ -678,7 +678,7 @@ class P2PMemAllocateFile:
             NoDevice: the device has no P2PDMA memory (-ENODEV).
             OutOfMemory: the pool cannot hold the whole mapping.
         """
-        if not vma.flags & VM_SHARED:
+        if not vma.flags & VM_MAYSHARE:  # p2pmem_alloc_mmap tests VM_MAYSHARE
             raise InvalidArgument(f"{self!r}: mmap must be MAP_SHARED")
         if vma.pgoff:
             raise InvalidArgument(f"{self!r}: mmap offset must be 0")
