@@ -80,11 +80,12 @@ from .physmem import (
 from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, rmap_walk, root_anon_vma
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
-from .vma import VM_IO, VM_NOHUGEPAGE, VM_PFNMAP, VM_WRITE
+from .vma import VM_IO, VM_LOCKED, VM_NOHUGEPAGE, VM_PFNMAP, VM_WRITE
 
 if TYPE_CHECKING:
     from ..machine import Machine
     from .address_space import AddressSpace
+    from .swap import SwapDevice
     from .vma import Vma
 
 FAULT_FLAG_WRITE: Final = 1 << 0
@@ -694,8 +695,29 @@ def _first_faults(
     return vpns[sel], locs[sel]
 
 
+def _should_try_to_free_swap(vma: Vma, swap: SwapDevice, pfn: int, write: bool) -> bool:
+    """``should_try_to_free_swap``: drop a swapped-in folio from the swap cache now?
+
+    Only when no swap entry refers to its slot any more (the caller checks),
+    and then: when swap is more than half full (``vm_swap_full``), in a
+    locked VMA, or on a write fault when the cache and this mapping are the
+    folio's only references (so it can be mapped writable and exclusive).
+    A read fault otherwise keeps it cached: the slot still holds its data,
+    so reclaim can drop the folio again without writing it, unless it was
+    written meanwhile.
+    """
+    if swap.nr_free * 2 < swap.nslots or vma.flags & VM_LOCKED:
+        return True
+    return write and bool(vma.mm.machine.phys.refcount[pfn] == 2)
+
+
 def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:
-    """Swap-in through the swap cache; exclusive pages are reused at once."""
+    """Swap-in through the swap cache; exclusive pages are reused at once.
+
+    As 6.18's ``do_swap_page``: the folio stays in the swap cache unless
+    ``_should_try_to_free_swap`` says otherwise, and leaving it marks it
+    dirty (``folio_free_swap``), since its only copy is now in memory.
+    """
     mm = vma.mm
     machine = mm.machine
     phys = machine.phys
@@ -729,14 +751,16 @@ def do_swap_page(vma: Vma, vpn: int, loc: int, e: int, write: bool) -> int:
         phys.refcount[pfn] += 1
     phys.mapcount[pfn] += 1
     swap.put(slot)
+    if swap.count[slot] == 1 and _should_try_to_free_swap(vma, swap, pfn, write):
+        swapcache_del(swap, phys, pfn)  # folio_free_swap: the folio is dirty now
+    if not exclusive and phys.refcount[pfn] == 1:
+        exclusive = True  # nothing else holds it: the swap cache let go of it above
     if exclusive:
         phys.flags[pfn] |= np.uint16(PG_anon_exclusive)
-    if swap.count[slot] == 1:
-        # No entry refers to the slot any more: the page leaves the swap
-        # cache now (the kernel may keep it there until reclaim looks).
-        swapcache_del(swap, phys, pfn)
-    writable = exclusive and write and bool(vma.flags & VM_WRITE)
-    entry = make_present(pfn, write=writable, dirty=writable) | (e & PTE_DIRTY)
+    # An exclusive page is mapped writable even on a read fault, and dirty
+    # only on a write fault: until it is written, the slot holds its data.
+    writable = exclusive and bool(vma.flags & VM_WRITE)
+    entry = make_present(pfn, write=writable, dirty=writable and write) | (e & PTE_DIRTY)
     mm.pt.set(loc, entry)
     machine.costs.pte_writes += 1
     if write and not writable:

@@ -258,6 +258,17 @@ def _swap_out(machine: Machine, head: int, hits: list[RmapHit]) -> None:
         owned = True
     else:
         owned = False
+        # A folio in the swap cache whose slot is stale (written since it was
+        # read in, through a writable PTE or marked dirty) is written out to
+        # that slot again (pageout), as shrink_folio_list does for a dirty folio.
+        dirty = bool(phys.flags[head] & PG_dirty) or any(
+            bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits
+        )
+        if dirty:
+            zeroed = bool(phys.flags[head] & PG_zeroed)
+            swap.write(slot, None if zeroed else phys.read_pages(np.array([head], dtype=_I64))[0])
+            machine.costs.swap_outs += 1
+            machine.clock.advance(COST_SWAP_IO_NS)
     entry = make_swap(slot)
 
     def one_more(_old: int) -> int:
@@ -268,7 +279,7 @@ def _swap_out(machine: Machine, head: int, hits: list[RmapHit]) -> None:
     if owned:
         swap.put(slot)  # the allocation's use: now only the entries hold it
     else:
-        swapcache_del(swap, phys, head)
+        swapcache_del(swap, phys, head, dirty=False)  # the folio is freed now
 
 
 def reclaim_machine(machine: Machine, nbytes: int) -> int:

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from ..errors import KernelBug, OutOfMemory
 from .pagetable import PAGE_SIZE
-from .physmem import PG_swapcache, PhysMem, lazy_zeros
+from .physmem import PG_dirty, PG_swapcache, PhysMem, lazy_zeros
 
 
 @attrs.define(eq=False)
@@ -109,12 +109,20 @@ def swapcache_add(swap: SwapDevice, phys: PhysMem, slot: int, pfn: int) -> None:
     phys.flags[pfn] |= np.uint16(PG_swapcache)
 
 
-def swapcache_del(swap: SwapDevice, phys: PhysMem, pfn: int) -> None:
-    """Remove a page from the swap cache, dropping the cache's slot use and page ref."""
+def swapcache_del(swap: SwapDevice, phys: PhysMem, pfn: int, *, dirty: bool = True) -> None:
+    """Remove a page from the swap cache, dropping the cache's slot use and page ref.
+
+    The page is marked dirty (``folio_free_swap``, ``__try_to_reclaim_swap``):
+    once the slot is gone, memory holds the only copy, and a clean anonymous
+    page could be discarded (MADV_FREE) or never written out. Reclaim, which
+    frees the page right after, passes ``dirty=False``.
+    """
     slot = swap.slot_of.pop(pfn)
     del swap.cache[slot]
     swap.put(slot)
     phys.flags[pfn] &= np.uint16(~PG_swapcache & 0xFFFF)
+    if dirty:
+        phys.flags[pfn] |= np.uint16(PG_dirty)
     phys.put_one(pfn)
 
 

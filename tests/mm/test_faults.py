@@ -212,7 +212,8 @@ def test_swap_out_and_in_keeps_data(make_machine):
     assert p.read(a, PAGE) == b"A" * PAGE
     assert p.read(a + PAGE, 2) == b"BB"
     assert p.pagemap(a, 1)[0].kind == "anon"
-    assert m.swap.nr_free == m.swap.nslots
+    # A read fault keeps each page in the swap cache, holding its slot.
+    assert m.swap.nr_free == m.swap.nslots - 2
 
 
 def test_swapped_page_shared_after_fork_swaps_in_once(make_machine):

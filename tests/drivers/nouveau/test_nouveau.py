@@ -427,7 +427,7 @@ def test_probe_with_a_pci_function_maps_host_pages_through_that_functions_iommu(
     p.write(a, b"pci")
     assert chan.access(a, "read", length=3) == b"pci"
     assert gpu_fn.dma.nr_live == 1 and gpu_fn.dma.domain.ptes == 1
-    with pytest.raises(InvalidArgument, match="hmmsim.pci function"):
+    with pytest.raises(InvalidArgument, match=r"hmmsim\.pci function"):
         machine.probe("nouveau", pci="0000:01:00.0")
     cli.close()
     assert gpu_fn.dma.nr_live == 0 and machine_violations(machine) == []
