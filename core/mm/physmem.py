@@ -300,6 +300,10 @@ class PhysMem:
         self.free_watchers: list[Callable[[NDArray[np.int64], NDArray[np.int64]], None]] = []
         self.ram_pages = (ram_bytes // PAGE_SIZE) // PMD_PAGES * PMD_PAGES
         self.allocator = FrameAllocator(self.ram_pages)
+        #: Order-0 allocations refused for want of free frames: a fault that
+        #: returns VM_FAULT_OOM after one of these ran out of memory, where the
+        #: kernel's allocator would have reclaimed first.
+        self.order0_failures = 0
         n = self.ram_pages
         self.capacity = n
         self.refcount: NDArray[np.int32]
@@ -430,7 +434,12 @@ class PhysMem:
     # ----- allocation and references -----------------------------------------
     def alloc(self, order: int, count: int = 1, flags: int = 0) -> NDArray[np.int64]:
         """Allocate ``count`` folios of ``order``: refcount 1, contents zero."""
-        heads = self.allocator.alloc(order, count)
+        try:
+            heads = self.allocator.alloc(order, count)
+        except OutOfMemory:
+            if order == 0:
+                self.order0_failures += 1
+            raise
         self.init_folios(heads, order, flags)
         return heads
 
@@ -491,7 +500,11 @@ class PhysMem:
     def alloc_one(self, order: int = 0, flags: int = 0) -> int:
         if order:
             return int(self.alloc(order, 1, flags)[0])
-        pfn = self.allocator.alloc_page()
+        try:
+            pfn = self.allocator.alloc_page()
+        except OutOfMemory:
+            self.order0_failures += 1
+            raise
         self.init_folios(pfn, 0, flags)
         return pfn
 

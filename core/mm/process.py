@@ -80,6 +80,8 @@ if TYPE_CHECKING:
 
 #: How often a CPU access re-faults a range that changed under it before giving up.
 MAX_ACCESS_RETRIES = 64
+#: Pages direct reclaim tries to free per attempt (``SWAP_CLUSTER_MAX``).
+SWAP_CLUSTER_MAX = 32
 
 
 @attrs.frozen
@@ -294,25 +296,40 @@ class Process:
         write = data is not None
         out = bytearray() if not write else b""
         pt = self.mm.pt
+        phys = self.machine.phys
         pieces, fault = self._pieces(addr, length, write)
         for vma, lo, hi in pieces:
             vpn0 = lo >> PAGE_SHIFT
             n = ((hi + PAGE_SIZE - 1) >> PAGE_SHIFT) - vpn0
             err = 0
-            for _ in range(MAX_ACCESS_RETRIES):
+            tries = 0
+            left = n + 1
+            while True:
+                tries += 1
+                if tries > MAX_ACCESS_RETRIES:
+                    raise BusError(f"access to {lo:#x} kept faulting (livelock)")
+                failures = phys.order0_failures
                 ret = populate_range(vma, vpn0, n, write)
                 walk = pt.walk(vpn0, n)
                 need = entries_needing_fault(walk.entries, write)
+                if (
+                    ret & VM_FAULT_OOM
+                    and phys.order0_failures > failures
+                    and direct_reclaim(self.machine, int(need.sum()))
+                ):
+                    # RAM ran out; reclaim freed some: fault again. Only a
+                    # retry that made no progress counts towards livelock.
+                    if int(need.sum()) < left:
+                        left, tries = int(need.sum()), 0
+                    continue
                 if ret & VM_FAULT_ERROR:
                     err = ret
                     break
                 if not need.any():
                     break
-            else:
-                raise BusError(f"access to {lo:#x} kept faulting (livelock)")
             if err & VM_FAULT_OOM:
-                # Out of memory is not a signal the store loop stops at: the
-                # model's store fails whole (the caller may retry it).
+                # RAM is exhausted and reclaim freed nothing (see
+                # direct_reclaim): the model's store fails whole here.
                 _raise_fault(err, lo, write)
             if err:
                 # The failing page is the first one left empty (pages past EOF,
@@ -381,6 +398,30 @@ class Process:
             return []
         walk = self.mm.pt.walk(addr >> PAGE_SHIFT, npages)
         return decode_pagemap(self.machine, addr, walk.entries, walk.kinds, walk.pfns(), walk.order)
+
+
+def direct_reclaim(machine: Machine, npages: int) -> bool:
+    """A user page allocation found RAM exhausted: reclaim about ``npages``.
+
+    What the page allocator's slow path does before it fails a user page
+    (``__alloc_pages_direct_reclaim``), done once the fault has returned
+    ``VM_FAULT_OOM`` after an order-0 allocation failed, and followed by a
+    retry of the fault. True if anything was freed.
+
+    Departure from the kernel: when reclaim frees nothing the allocator
+    would invoke the OOM killer (``__alloc_pages_may_oom``) and the fault
+    would succeed once the victim is reaped; the model's CPU access raises
+    ``OutOfMemory`` instead and kills nobody. Only allocations that must not
+    fail (device eviction, ``hmmsim.mm.oom``) OOM-kill. And a CPU copy loop
+    faults and copies page by page, where the model faults a whole access in
+    before it copies: one access larger than what RAM can hold at once
+    keeps evicting its own pages and ends as a livelock (``BusError``).
+    Faults of GUP and ``hmm_range_fault`` do not reclaim: they fail with
+    ENOMEM, as before.
+    """
+    # SWAP_CLUSTER_MAX at a time: the fault is retried with what was freed,
+    # and a bigger batch would evict the pages this access just faulted in.
+    return machine.reclaim(min(max(npages, 1), SWAP_CLUSTER_MAX) * PAGE_SIZE) > 0
 
 
 def _raise_fault(ret: int, addr: int, write: bool) -> None:
