@@ -127,6 +127,9 @@ LEGACY_MAP_MASK = (
     | MAP_SYNC
     | MAP_FIXED_NOREPLACE
     | 0x4000000  # MAP_UNINITIALIZED
+    # MAP_HUGE_2MB | MAP_HUGE_1GB: the size bits 26-30 (bit 31 is not in the mask).
+    | (21 << 26)
+    | (30 << 26)
 )
 
 

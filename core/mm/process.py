@@ -142,11 +142,15 @@ class Process:
     ) -> int:
         """``mmap(2)``; returns the address of the new mapping."""
         self._alive()
+        length, prot, flags, offset, addr = _ints(
+            "mmap", length=length, prot=prot, flags=flags, offset=offset, addr=addr
+        )
         with self.mm.mmap_lock.write():
             return do_mmap(self.mm, addr, length, prot, flags, file, offset)
 
     def munmap(self, addr: int, length: int) -> None:
         self._alive()
+        addr, length = _ints("munmap", addr=addr, length=length)
         with self.mm.mmap_lock.write():
             do_munmap(self.mm, addr, length)
 
@@ -157,6 +161,7 @@ class Process:
         and where Linux (and the model) half-applies.
         """
         self._alive()
+        addr, length, prot = _ints("mprotect", addr=addr, length=length, prot=prot)
         with self.mm.mmap_lock.write():
             do_mprotect(self.mm, addr, length, prot)
 
@@ -167,6 +172,7 @@ class Process:
         the valid values the model does not implement (EOPNOTSUPP).
         """
         self._alive()
+        addr, length, advice = _ints("madvise", addr=addr, length=length, advice=advice)
         check_advice(advice)
         lock = self.mm.mmap_lock
         with lock.write() if advice in WRITE_LOCKED_ADVICE else lock.read():
@@ -177,6 +183,11 @@ class Process:
     ) -> int:
         """``mremap(2)``; returns the (possibly new) address of the mapping."""
         self._alive()
+        old, old_len, new_len, flags = _ints(
+            "mremap", old=old, old_len=old_len, new_len=new_len, flags=flags
+        )
+        if new_addr is not None:
+            (new_addr,) = _ints("mremap", new_addr=new_addr)
         with self.mm.mmap_lock.write():
             return do_mremap(self.mm, old, old_len, new_len, flags, new_addr)
 
@@ -398,6 +409,20 @@ class Process:
             return []
         walk = self.mm.pt.walk(addr >> PAGE_SHIFT, npages)
         return decode_pagemap(self.machine, addr, walk.entries, walk.kinds, walk.pfns(), walk.order)
+
+
+def _ints(call: str, **args: object) -> list[int]:
+    """A syscall's integer arguments as Python ints, in the order given.
+
+    A C caller cannot pass anything but an integer there: anything else is
+    ``InvalidArgument``, not a ``TypeError``. NumPy integers are integers.
+    """
+    out = []
+    for name, value in args.items():
+        if not isinstance(value, int | np.integer):
+            raise InvalidArgument(f"{call}: {name} must be an integer, not {value!r}")
+        out.append(int(value))
+    return out
 
 
 def direct_reclaim(machine: Machine, npages: int) -> bool:
