@@ -19,6 +19,7 @@ from .mm.hugetlb import HugetlbPool
 from .mm.pagetable import PAGE_SIZE, PMD_ORDER, PUD_ORDER
 from .mm.physmem import PhysMem
 from .mm.swap import SwapDevice
+from .mm.uapi import MMAP_MIN_ADDR
 from .sched import WaitQueue
 from .trace import Clock, Costs, Trace
 
@@ -88,6 +89,9 @@ class MachineConfig:
     store_data: bool = attrs.field(default=True, validator=_check_bool)
     #: ``transparent_hugepage/use_zero_page``: read faults map the huge zero page.
     thp_use_zero_page: bool = attrs.field(default=True, validator=_check_bool)
+    #: ``vm.mmap_min_addr``: the lowest address mmap and mremap may map.
+    #: 65536 as most distributions set it (the kernel's x86 default is 4096).
+    mmap_min_addr: int = attrs.field(default=MMAP_MIN_ADDR, validator=_check_bytes(0))
 
 
 @attrs.define(eq=False, repr=False)

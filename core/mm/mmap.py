@@ -69,7 +69,6 @@ from .uapi import (
     MAP_SYNC,
     MAP_TYPE,
     MMAP_BASE,
-    MMAP_MIN_ADDR,
     MREMAP_DONTUNMAP,
     MREMAP_FIXED,
     MREMAP_MAYMOVE,
@@ -174,12 +173,12 @@ def get_unmapped_area(mm: AddressSpace, hint: int, length: int, align: int) -> i
     if hint:
         hint = (hint + align - 1) & ~(align - 1)
         if (
-            hint >= MMAP_MIN_ADDR
+            hint >= mm.machine.config.mmap_min_addr
             and hint + length <= TASK_SIZE
             and not mm.vmas.intersecting(hint, hint + length)
         ):
             return hint
-    for lo, hi in mm.vmas.gaps(MMAP_MIN_ADDR, MMAP_BASE):
+    for lo, hi in mm.vmas.gaps(mm.machine.config.mmap_min_addr, MMAP_BASE):
         cand = (hi - length) & ~(align - 1)
         if hi - length >= lo and cand >= lo:
             return cand
@@ -461,7 +460,7 @@ def do_mmap(
         hugetlb_order = hugetlb_order_from_flags(flags)
     align = PAGE_SIZE << hugetlb_order
     size = (length + align - 1) & ~(align - 1)
-    if size > TASK_SIZE - MMAP_MIN_ADDR:
+    if size > TASK_SIZE - mm.machine.config.mmap_min_addr:
         raise OutOfMemory(f"mmap: length {length:#x} is larger than the address space")
     shared = _check_mmap_flags(flags, anonymous, offset, size)
     if flags & (MAP_FIXED | MAP_FIXED_NOREPLACE):
@@ -469,7 +468,7 @@ def do_mmap(
             raise OutOfMemory(f"mmap: fixed range [{addr:#x}, +{size:#x}) is outside user space")
         if addr % align:
             raise InvalidArgument(f"mmap: fixed address {addr:#x} is not aligned to {align:#x}")
-        if addr < MMAP_MIN_ADDR:
+        if addr < mm.machine.config.mmap_min_addr:
             raise NotPermitted(f"mmap: {addr:#x} is below vm.mmap_min_addr")
         if (
             flags & MAP_FIXED_NOREPLACE
@@ -696,7 +695,7 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         target = addr + lo - old
         check_unmap_splits(mm, target, target + hi - lo)
         unmap_range(mm, target, target + hi - lo)
-        if target < MMAP_MIN_ADDR:
+        if target < mm.machine.config.mmap_min_addr:
             raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
         whole = vma.start == lo and vma.end == hi
         piece = isolate_range(mm, lo, hi)[0]
@@ -760,7 +759,7 @@ def do_mremap(
         if new_len < old_len:
             do_munmap(mm, old + new_len, old_len - new_len)
             old_len = new_len
-        if addr < MMAP_MIN_ADDR:
+        if addr < mm.machine.config.mmap_min_addr:
             raise NotPermitted(f"mremap: {addr:#x} is below vm.mmap_min_addr")
         dest = addr
     elif dontunmap or new_len > old_len:

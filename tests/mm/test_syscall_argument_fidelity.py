@@ -66,3 +66,17 @@ def test_numpy_integers_are_integers(machine):
     a = p.mmap(np.int64(PAGE), np.int32(RW), ANON)
     p.munmap(a, np.uint64(PAGE))
     assert len(p.mm.vmas) == 0
+
+
+def test_mmap_min_addr_is_a_machine_setting():
+    """``vm.mmap_min_addr`` is 4096 on the 6.18 host these tests were written on,
+    where MAP_FIXED at 0x1000 works; 65536 (the model's default) refuses it."""
+    low = Machine(MachineConfig(ram_bytes=16 << 20, mmap_min_addr=PAGE)).spawn()
+    assert low.mmap(PAGE, RW, ANON | hmmsim.MAP_FIXED, addr=0x1000) == 0x1000
+    with pytest.raises(hmmsim.NotPermitted):
+        low.mmap(PAGE, RW, ANON | hmmsim.MAP_FIXED, addr=0)
+    high = Machine(MachineConfig(ram_bytes=16 << 20)).spawn()
+    with pytest.raises(hmmsim.NotPermitted):
+        high.mmap(PAGE, RW, ANON | hmmsim.MAP_FIXED, addr=0x1000)
+    with pytest.raises(InvalidArgument):
+        MachineConfig(mmap_min_addr=100)
