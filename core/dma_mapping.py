@@ -137,7 +137,14 @@ class DmaMapping:
     direction: DmaDataDirection
     #: The physical pages it covers (empty for MMIO outside modelled memory).
     pfns: NDArray[np.int64]
-    origin: str
+    #: Where it was made: (file, line, function), formatted only when reported.
+    where: tuple[str, int, str]
+
+    @property
+    def origin(self) -> str:
+        """``file:line in function`` of the driver code that made the mapping."""
+        file, line, func = self.where
+        return f"{file.rsplit('/', 1)[-1]}:{line} in {func}"
 
 
 #: Modules whose frames are the DMA layer itself, not the code that asked for a mapping.
@@ -146,12 +153,22 @@ _DMA_LAYER: Final = frozenset(
 )
 
 
-def _caller(depth: int = 2) -> str:
-    """``file:line in function`` of the first caller outside the DMA layer."""
+def _caller_frame(depth: int) -> tuple[str, int, str]:
+    """(file, line, function) of the first caller outside the DMA layer.
+
+    Kept raw: a mapping records it on every map call, and only a violation
+    report formats it.
+    """
     f = sys._getframe(depth)
     while f.f_back is not None and f.f_globals.get("__name__") in _DMA_LAYER:
         f = f.f_back
-    return f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno} in {f.f_code.co_name}"
+    return f.f_code.co_filename, f.f_lineno, f.f_code.co_name
+
+
+def _caller(depth: int = 2) -> str:
+    """``file:line in function`` of the first caller outside the DMA layer."""
+    file, line, func = _caller_frame(depth + 1)
+    return f"{file.rsplit('/', 1)[-1]}:{line} in {func}"
 
 
 # ----- machine-wide registry ----------------------------------------------------
@@ -345,7 +362,7 @@ class DmaDevice:
         pfns: NDArray[np.int64],
         direct_mmio: bool = False,
     ) -> DmaMapping:
-        m = DmaMapping(type_, addr, size, direction, pfns, _caller(3))
+        m = DmaMapping(type_, addr, size, direction, pfns, _caller_frame(3))
         self.live.setdefault(addr, []).append(m)
         if direct_mmio:
             self._direct_mmio.append(m)
