@@ -947,9 +947,8 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
     """Map every empty, suitable 2 MiB chunk that [lo, hi) touches, in one batched call."""
     machine = vma.mm.machine
     pt = vma.mm.pt
-    # A fault anywhere in a suitable empty 2 MiB chunk maps the whole chunk.
-    if (vma.start_vpn - vma.pgoff) % PMD_PAGES:
-        return
+    # A fault anywhere in a suitable empty 2 MiB chunk maps the whole chunk
+    # (an anonymous VMA's pgoff does not matter: thp_vma_suitable).
     first = max(lo & ~(PMD_PAGES - 1), (vma.start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1))
     last = min(hi, vma.end_vpn & ~(PMD_PAGES - 1))  # chunks must end inside the VMA
     if first >= last:
