@@ -100,6 +100,7 @@ from .zap import zap_range
 
 if TYPE_CHECKING:
     from .address_space import AddressSpace
+    from .pagetable import PageTable
 
 HUGE_SIZE_ORDERS = {21: PMD_ORDER, 30: 18}
 #: Top of what the page tables can map (48 bits): the ``ceiling`` of
@@ -552,10 +553,20 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     """Move the entries of ``old``'s first ``npages`` pages to ``new.start``.
 
     PMD leaves move whole when source and destination are congruent modulo
-    2 MiB; otherwise they are split first. Mapcounts do not change: the same
-    pages are mapped, at a new address. Only the destination PTE tables of
-    chunks that receive PTEs are allocated, so a range holding both PMD-mapped
-    THPs and PTE-mapped pages moves in one pass.
+    2 MiB; otherwise they are split first. A whole 2 MiB extent whose source
+    and destination are both aligned moves its PTE table itself when the
+    destination has none (``move_normal_pmd``): the source PMD is left empty,
+    not pointing at an empty table, so after ``MREMAP_DONTUNMAP`` a fault in
+    the VMA left behind may map a THP there again. Mapcounts do not change:
+    the same pages are mapped, at a new address. Only the destination PTE
+    tables of chunks that receive PTEs are allocated, so a range holding both
+    PMD-mapped THPs and PTE-mapped pages moves in one pass.
+
+    The kernel also moves the first table whole when it can realign an
+    unaligned start down to 2 MiB (``try_realign_addr``, nothing mapped below
+    the start on either side); that chunk cannot hold a THP of the VMA left
+    behind, and a table with no entries below the start is freed or reused
+    alike, so the model moves its PTEs instead.
     """
     mm = old.mm
     pt = mm.pt
@@ -563,6 +574,8 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     dst = new.start_vpn
     hugetlb = old.is_hugetlb
     congruent = (src - dst) % PMD_PAGES == 0
+    if not hugetlb and congruent:
+        _move_pte_tables(pt, src, dst, npages)
     for lo, hi in pt.spans(src, src + npages):
         if not hugetlb and not congruent:
             for first, _level, _loc, _e in pt.walk(lo, hi - lo, per_page=False).leaves():
@@ -587,6 +600,35 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
             pt.flat[dlocs] = walk.entries[small]
             pt.flat[walk.loc[small]] = 0
         mm.machine.costs.pte_writes += int((walk.entries != 0).sum())
+
+
+def _move_pte_tables(pt: PageTable, src: int, dst: int, npages: int) -> None:
+    """``move_normal_pmd`` over the whole aligned 2 MiB extents of a move.
+
+    ``src`` and ``dst`` are congruent modulo 2 MiB. A source PMD pointing at
+    a PTE table moves to an empty destination PMD as is (an occupied one makes
+    the kernel fall back to moving PTEs, as the caller then does).
+    """
+    first = (src + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
+    last = (src + npages) & ~(PMD_PAGES - 1)
+    for lo, hi in pt.spans(first, last):
+        _move_pte_tables_in(pt, lo, hi, dst - src)
+
+
+def _move_pte_tables_in(pt: PageTable, lo: int, hi: int, delta: int) -> None:
+    """The tables of the aligned extents [lo, hi) move by ``delta`` pages."""
+    for vpn in range(lo, hi, PMD_PAGES):
+        loc = pt.pmd_loc(vpn)
+        if loc < 0:
+            continue
+        e = pt.get(loc)
+        if not e or not is_table_pointer(e):
+            continue
+        dloc = pt.pmd_loc(vpn + delta, alloc=True)
+        if pt.get(dloc):
+            continue
+        pt.set(dloc, e)
+        pt.set(loc, 0)
 
 
 def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: bool = False) -> Vma:
