@@ -1,0 +1,196 @@
+"""Anonymous and shmem behaviours the differential test found the model got wrong.
+
+Each test names a behaviour checked on the Linux 6.18 host (a ctypes script
+in a forked child, with the differential run's THP settings: ``enabled`` and
+``defrag`` ``madvise``, ``shmem_enabled=never``, no swap) and asserts what
+the host did.
+"""
+
+from __future__ import annotations
+
+import hmmsim
+import numpy as np
+from helpers import ANON, PAGE, RW
+from hmmsim import (
+    MADV_COLD,
+    MADV_COLLAPSE,
+    MADV_HUGEPAGE,
+    MADV_PAGEOUT,
+    MAP_FIXED,
+    MAP_POPULATE,
+    MAP_SHARED,
+    MREMAP_DONTUNMAP,
+    MREMAP_FIXED,
+    MREMAP_MAYMOVE,
+)
+from hmmsim.mm.debug import verify_machine
+
+BASE = 0x5A00_0000_0000  # 2 MiB aligned
+MB = 1 << 20
+THP = 512 * PAGE
+MOVE = MREMAP_MAYMOVE | MREMAP_FIXED
+SHMEM = hmmsim.MAP_ANONYMOUS | MAP_SHARED
+
+
+def _folio_order(machine: hmmsim.Machine, proc: hmmsim.Process, addr: int) -> int:
+    e = proc.pagemap(addr, 1)[0]
+    assert e.present and e.pfn is not None
+    return int(machine.phys.order[machine.phys.head(e.pfn)])
+
+
+def test_collapse_after_move_to_aligned_address_ignores_anon_pgoff(machine, proc) -> None:
+    """An anonymous VMA's pgoff does not decide whether a 2 MiB chunk fits.
+
+    Host (differential seeds 60043, 62575): 512 populated pages mapped at
+    0x1d4000 past a 2 MiB boundary and moved by ``mremap`` to an aligned
+    address keep their old pgoff; ``MADV_COLLAPSE`` there returns 0 and the
+    chunk is one PMD-mapped THP (the model said EINVAL).
+    """
+    a = proc.mmap(THP, RW, ANON | MAP_FIXED | MAP_POPULATE, addr=BASE + 0x1D4000)
+    new = BASE + 0x600000
+    assert proc.mremap(a, THP, THP, MOVE, new) == new
+    proc.write(new + 0x3000, b"\x5a")
+    proc.madvise(new, THP, MADV_COLLAPSE)
+    for off in (0, 0x3000, THP - PAGE):
+        e = proc.pagemap(new + off, 1)[0]
+        assert (e.present, e.order) == (True, 9)
+    assert proc.read(new + 0x3000, 2) == b"\x5a\x00"
+    verify_machine(machine)
+
+
+def test_thp_write_fault_after_move_ignores_anon_pgoff(machine, proc) -> None:
+    """A write fault in an aligned 2 MiB chunk of a moved anonymous VMA maps a THP.
+
+    Host: 4 MiB mapped at 0x1d4000 past a boundary, its last page written
+    (so the VMA has an anon_vma and keeps its pgoff when moved), moved to an
+    aligned address and given ``MADV_HUGEPAGE``: a write at +0x10000 maps a
+    PMD THP; the moved page stays a small page.
+    """
+    size = 4 * MB
+    a = proc.mmap(size, RW, ANON | MAP_FIXED, addr=BASE + 0x11D4000)
+    proc.write(a + size - PAGE, b"\x01")
+    new = BASE + 0x1800000
+    assert proc.mremap(a, size, size, MOVE, new) == new
+    proc.madvise(new, size, MADV_HUGEPAGE)
+    proc.write(new + 0x10000, b"\x02")
+    e = proc.pagemap(new + 0x10000, 1)[0]
+    assert (e.present, e.order, e.exclusive) == (True, 9, True)
+    last = proc.pagemap(new + size - PAGE, 1)[0]
+    assert (last.present, last.order) == (True, 0)
+    assert proc.read(new + size - PAGE, 1) == b"\x01"
+    verify_machine(machine)
+
+
+def test_dontunmap_of_aligned_chunk_moves_its_page_table_so_thp_fault_maps_pmd(
+    machine, proc
+) -> None:
+    """MREMAP_DONTUNMAP of a whole aligned 2 MiB extent leaves no page table behind.
+
+    Host (differential seed 10570): 512 populated small pages at an aligned
+    address moved with ``MREMAP_DONTUNMAP`` to another aligned address; the
+    kernel moves the PTE table itself (``move_normal_pmd``), so after
+    ``MADV_HUGEPAGE`` a write to the old range maps a PMD THP there (the
+    model left an empty PTE table and mapped a small page).
+    """
+    a = proc.mmap(THP, RW, ANON | MAP_FIXED | MAP_POPULATE, addr=BASE)
+    proc.write(a + 0x5000, b"\x07")
+    new = BASE + 0x400000
+    assert proc.mremap(a, THP, THP, MOVE | MREMAP_DONTUNMAP, new) == new
+    proc.madvise(a, THP, MADV_HUGEPAGE)
+    proc.write(a, b"\x01")
+    e = proc.pagemap(a, 1)[0]
+    assert (e.present, e.order) == (True, 9)
+    assert proc.read(a + 0x5000, 1) == b"\x00"  # the new THP, not the moved page
+    moved = proc.pagemap(new + 0x5000, 1)[0]
+    assert (moved.present, moved.order) == (True, 0)
+    assert proc.read(new + 0x5000, 1) == b"\x07"
+    verify_machine(machine)
+
+
+def test_dontunmap_of_partial_chunk_keeps_its_page_table(machine, proc) -> None:
+    """Only whole aligned extents move their table: a partial one moves PTEs.
+
+    Host: 4 MiB at an aligned address with only page 0x5000 written; its
+    first 1 MiB moved with ``MREMAP_DONTUNMAP``; after ``MADV_HUGEPAGE`` a
+    write at the start maps a small page (the emptied PTE table stays), and a
+    write in the next, untouched chunk maps a PMD THP.
+    """
+    a = proc.mmap(4 * MB, RW, ANON | MAP_FIXED, addr=BASE)
+    proc.write(a + 0x5000, b"\x07")
+    new = BASE + 0x500000
+    assert proc.mremap(a, MB, MB, MOVE | MREMAP_DONTUNMAP, new) == new
+    proc.madvise(a, 4 * MB, MADV_HUGEPAGE)
+    proc.write(a, b"\x01")
+    proc.write(a + THP, b"\x01")
+    first, second = proc.pagemap(a, 1)[0], proc.pagemap(a + THP, 1)[0]
+    assert (first.present, first.order) == (True, 0)
+    assert (second.present, second.order) == (True, 9)
+    assert proc.read(new + 0x5000, 1) == b"\x07"
+    verify_machine(machine)
+
+
+def _pte_mapped_shmem_thp(machine: hmmsim.Machine, proc: hmmsim.Process) -> int:
+    """A shmem THP at BASE whose PMD was removed by a munmap of one page, read back by PTEs."""
+    a = proc.mmap(THP, RW, SHMEM | MAP_FIXED, addr=BASE)
+    proc.write(a, b"\x07" * THP)
+    proc.madvise(a, THP, MADV_COLLAPSE)
+    assert _folio_order(machine, proc, a) == 9
+    proc.munmap(a + 0x100000, PAGE)
+    for off in (0, 0x1F0000, 0x1F1000, THP - PAGE):
+        assert proc.read(a + off, 1) == b"\x07"
+    e = proc.pagemap(a, 1)[0]
+    assert (e.present, e.order) == (True, 0)
+    assert _folio_order(machine, proc, a) == 9
+    return a
+
+
+def test_pageout_of_part_of_pte_mapped_shmem_thp_splits_and_unmaps_all_of_it(machine, proc) -> None:
+    """MADV_PAGEOUT of 2 pages of a PTE-mapped shmem THP unmaps the whole THP.
+
+    Host (differential seeds 62208, 62872): the kernel splits the folio
+    (``split_folio``), and splitting a page-cache folio leaves every mapping
+    of it unmapped, outside the advised range too: pages 0, 0x1f0000 and
+    0x1ff000 are absent after the call, which returns 0; a read then maps
+    the old bytes from a small folio in the page cache.
+    """
+    a = _pte_mapped_shmem_thp(machine, proc)
+    proc.madvise(a + 0x1F0000, 2 * PAGE, MADV_PAGEOUT)
+    assert [e.present for e in proc.pagemap(a, 512)] == [False] * 512
+    assert proc.read(a + 0x5000, 1) == b"\x07"
+    assert proc.read(a + 0x1F0000, 1) == b"\x07"
+    assert _folio_order(machine, proc, a + 0x5000) == 0
+    verify_machine(machine)
+
+
+def test_cold_of_part_of_pte_mapped_shmem_thp_splits_it_too(machine, proc) -> None:
+    """MADV_COLD shares the split: the THP is unmapped and small afterwards."""
+    a = _pte_mapped_shmem_thp(machine, proc)
+    proc.madvise(a + 0x1F0000, 2 * PAGE, MADV_COLD)
+    present = np.array([e.present for e in proc.pagemap(a, 512)])
+    assert not present.any()
+    assert proc.read(a, 1) == b"\x07"
+    assert _folio_order(machine, proc, a) == 0
+    verify_machine(machine)
+
+
+def test_pageout_of_part_of_pmd_mapped_shmem_thp_splits_and_unmaps_it(machine, proc) -> None:
+    """MADV_PAGEOUT of 2 pages of a PMD-mapped shmem THP splits the folio.
+
+    Host: after ``MADV_COLLAPSE`` and a read, the THP is PMD-mapped;
+    ``MADV_PAGEOUT`` of 2 pages near its end returns 0 and leaves pages 0,
+    0x1f0000 and 0x1ff000 absent; reads at 0x5000 and 0x1f0000 then map small
+    (non-compound) pages holding the old bytes.
+    """
+    a = proc.mmap(THP, RW, SHMEM | MAP_FIXED, addr=BASE)
+    proc.write(a, b"\x07" * THP)
+    proc.madvise(a, THP, MADV_COLLAPSE)
+    assert proc.read(a, 1) == b"\x07"
+    assert proc.pagemap(a, 1)[0].order == 9
+    proc.madvise(a + 0x1F0000, 2 * PAGE, MADV_PAGEOUT)
+    assert [e.present for e in proc.pagemap(a, 512)] == [False] * 512
+    for off in (0x5000, 0x1F0000):
+        assert proc.read(a + off, 1) == b"\x07"
+        e = proc.pagemap(a + off, 1)[0]
+        assert (e.present, e.order) == (True, 0)
+        assert _folio_order(machine, proc, a + off) == 0
+    verify_machine(machine)
