@@ -194,3 +194,26 @@ def test_pageout_of_part_of_pmd_mapped_shmem_thp_splits_and_unmaps_it(machine, p
         assert (e.present, e.order) == (True, 0)
         assert _folio_order(machine, proc, a + off) == 0
     verify_machine(machine)
+
+
+def test_pageout_discards_clean_lazyfree_pages_also_under_prot_none(machine, proc) -> None:
+    """MADV_PAGEOUT without swap discards clean lazy-free pages, PROT_NONE or not.
+
+    Host (differential seed 10491, rerun pinned to CPUs): 100 populated
+    pages, 2 of them made ``PROT_NONE`` and then ``MADV_FREE``d; a
+    ``MADV_PAGEOUT`` of those 2 leaves them absent when it runs on the CPU
+    that ran ``MADV_FREE``. On another CPU they stay mapped: ``MADV_FREE``
+    left the folios in that CPU's lazy-free folio batch, off the LRU, and
+    ``madvise_pageout`` drains only its own CPU's batches before it isolates
+    folios, so it skips them. The model has no per-CPU batches and behaves as
+    one CPU; that cross-CPU outcome is the host's scheduling, not a rule.
+    """
+    a = proc.mmap(100 * PAGE, RW, ANON | MAP_FIXED | MAP_POPULATE, addr=BASE)
+    proc.write(a + 0x50000, b"\x09" * (2 * PAGE))
+    proc.mprotect(a + 0x50000, 2 * PAGE, hmmsim.PROT_NONE)
+    proc.madvise(a + 0x50000, 2 * PAGE, hmmsim.MADV_FREE)
+    proc.madvise(a + 0x50000, 2 * PAGE, MADV_PAGEOUT)
+    assert [e.present for e in proc.pagemap(a + 0x4F000, 4)] == [True, False, False, True]
+    proc.mprotect(a + 0x50000, 2 * PAGE, RW)
+    assert proc.read(a + 0x50000, 2 * PAGE) == bytes(2 * PAGE)
+    verify_machine(machine)
