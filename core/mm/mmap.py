@@ -562,11 +562,11 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     tables of chunks that receive PTEs are allocated, so a range holding both
     PMD-mapped THPs and PTE-mapped pages moves in one pass.
 
-    The kernel also moves the first table whole when it can realign an
-    unaligned start down to 2 MiB (``try_realign_addr``, nothing mapped below
-    the start on either side); that chunk cannot hold a THP of the VMA left
-    behind, and a table with no entries below the start is freed or reused
-    alike, so the model moves its PTEs instead.
+    An unaligned start is realigned down to 2 MiB first when the move
+    reaches the next boundary and nothing is mapped between the boundary and
+    the start on either side (``try_realign_addr``): the first table then
+    moves whole too, and the VMA left behind has no table below that
+    boundary (a mapping later made in front of it can take a THP there).
     """
     mm = old.mm
     pt = mm.pt
@@ -575,7 +575,10 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     hugetlb = old.is_hugetlb
     congruent = (src - dst) % PMD_PAGES == 0
     if not hugetlb and congruent:
-        _move_pte_tables(pt, src, dst, npages)
+        start = src
+        if src % PMD_PAGES and _can_realign(mm, src, dst, npages):
+            start = src & ~(PMD_PAGES - 1)
+        _move_pte_tables(pt, start, dst - src, src + npages)
     for lo, hi in pt.spans(src, src + npages):
         if not hugetlb and not congruent:
             for first, _level, _loc, _e in pt.walk(lo, hi - lo, per_page=False).leaves():
@@ -602,17 +605,35 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
         mm.machine.costs.pte_writes += int((walk.entries != 0).sum())
 
 
-def _move_pte_tables(pt: PageTable, src: int, dst: int, npages: int) -> None:
+def _can_realign(mm: AddressSpace, src: int, dst: int, npages: int) -> bool:
+    """``can_realign_addr`` at PMD level for a move from ``src`` to congruent ``dst``.
+
+    The moved range must reach the next 2 MiB boundary, and no VMA may lie
+    between the boundary below and the start, at the source or at the
+    destination (the old VMA starts at ``src``: a piece of a VMA split there
+    has its other part just below, which counts as such a VMA).
+    """
+    if npages < PMD_PAGES - src % PMD_PAGES:
+        return False
+    for start in (src, dst):
+        below = start & ~(PMD_PAGES - 1)
+        if mm.vmas.intersecting(below << PAGE_SHIFT, start << PAGE_SHIFT):
+            return False
+    return True
+
+
+def _move_pte_tables(pt: PageTable, first: int, delta: int, end: int) -> None:
     """``move_normal_pmd`` over the whole aligned 2 MiB extents of a move.
 
-    ``src`` and ``dst`` are congruent modulo 2 MiB. A source PMD pointing at
-    a PTE table moves to an empty destination PMD as is (an occupied one makes
-    the kernel fall back to moving PTEs, as the caller then does).
+    The extents start at ``first`` (rounded up to 2 MiB) and end by ``end``;
+    each moves by ``delta`` pages, a multiple of 2 MiB. A source PMD pointing
+    at a PTE table moves to an empty destination PMD as is (an occupied one
+    makes the kernel fall back to moving PTEs, as the caller then does).
     """
-    first = (src + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
-    last = (src + npages) & ~(PMD_PAGES - 1)
-    for lo, hi in pt.spans(first, last):
-        _move_pte_tables_in(pt, lo, hi, dst - src)
+    lo = (first + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
+    hi = end & ~(PMD_PAGES - 1)
+    for a, b in pt.spans(lo, hi):
+        _move_pte_tables_in(pt, a, b, delta)
 
 
 def _move_pte_tables_in(pt: PageTable, lo: int, hi: int, delta: int) -> None:

@@ -217,3 +217,34 @@ def test_pageout_discards_clean_lazyfree_pages_also_under_prot_none(machine, pro
     proc.mprotect(a + 0x50000, 2 * PAGE, RW)
     assert proc.read(a + 0x50000, 2 * PAGE) == bytes(2 * PAGE)
     verify_machine(machine)
+
+
+def test_dontunmap_realigns_an_unaligned_start_so_a_mapping_in_front_can_take_a_thp(
+    machine, proc
+) -> None:
+    """A move from an unaligned VMA start takes the table below it when it can.
+
+    Host: 2 MiB populated at 0x1d4000, moved with ``MREMAP_DONTUNMAP`` to
+    0x5d4000 (congruent); an anonymous mapping then made at [0, 0x1d4000)
+    merges with the VMA left behind into [0, 0x3d4000), and after
+    ``MADV_HUGEPAGE`` a write at 0 maps a PMD THP: the kernel realigned the
+    move down to 0 (``try_realign_addr``) and moved the first table whole.
+    With a mapping at 0x400000, below the destination, it cannot realign, the
+    emptied table stays, and the same write maps a small page.
+    """
+    for blocked in (False, True):
+        p = machine.spawn()
+        a = p.mmap(THP, RW, ANON | MAP_FIXED | MAP_POPULATE, addr=BASE + 0x1D4000)
+        if blocked:
+            p.mmap(PAGE, RW, ANON | MAP_FIXED, addr=BASE + 0x400000)
+        new = BASE + 0x5D4000
+        assert p.mremap(a, THP, THP, MOVE | MREMAP_DONTUNMAP, new) == new
+        p.mmap(0x1D4000, RW, ANON | MAP_FIXED, addr=BASE)
+        vmas = [(v.start - BASE, v.end - BASE) for v in p.mm.vmas.intersecting(BASE, BASE + 4 * MB)]
+        assert vmas[0] == (0, 0x3D4000)
+        p.madvise(BASE, 0x3D4000, MADV_HUGEPAGE)
+        p.write(BASE, b"\x01")
+        e = p.pagemap(BASE, 1)[0]
+        assert (e.present, e.order) == (True, 0 if blocked else 9)
+        p.exit()
+    verify_machine(machine)
