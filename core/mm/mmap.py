@@ -260,8 +260,20 @@ def _anon_compatible(a: Vma, b: Vma) -> bool:
     return a.anon_vma is b.anon_vma and a.anon_chain == b.anon_chain
 
 
-def can_merge(a: Vma, b: Vma) -> bool:
-    """``a`` ends where ``b`` starts and the two could be one VMA."""
+def can_merge(a: Vma, b: Vma, *, extending: bool = False) -> bool:
+    """``a`` ends where ``b`` starts and the two could be one VMA.
+
+    ``extending``: ``a`` has just grown in place up to ``b`` (``mremap``
+    expanding, ``vma_merge_extend``). The kernel merges that as a new range
+    with no source VMA and nothing copied from, so an anon_vma ``a`` brings
+    to a ``b`` without one is always acceptable (``is_mergeable_anon_vma``
+    case 1 checks only a source's or copied-from VMA's fork chain), even if
+    ``a`` was inherited through fork.
+    """
+    if extending and a.anon_vma is not None and b.anon_vma is None:
+        anon_ok = True
+    else:
+        anon_ok = _anon_compatible(a, b)
     return (
         a.end == b.start
         and a.flags == b.flags
@@ -271,7 +283,7 @@ def can_merge(a: Vma, b: Vma) -> bool:
         and a.hugetlb_order == b.hugetlb_order
         and a.hugetlb_resv is b.hugetlb_resv
         and a.pgoff + a.npages == b.pgoff
-        and _anon_compatible(a, b)
+        and anon_ok
     )
 
 
@@ -833,7 +845,10 @@ def do_mremap(
             mm.vmas.remove(vma)
             vma.end = old + new_len
             mm.vmas.insert(vma)
-            try_merge(vma)
+            # vma_merge_extend: only the VMA that now follows can join.
+            nxt = mm.vmas.neighbours(vma)[1]
+            if nxt is not None and can_merge(vma, nxt, extending=True):
+                _absorb(vma, nxt)
             return old
         if not flags & MREMAP_MAYMOVE:
             raise OutOfMemory(f"mremap: cannot grow {vma} in place")

@@ -248,3 +248,46 @@ def test_dontunmap_realigns_an_unaligned_start_so_a_mapping_in_front_can_take_a_
         assert (e.present, e.order) == (True, 0 if blocked else 9)
         p.exit()
     verify_machine(machine)
+
+
+def test_mremap_grow_in_place_of_forked_vma_merges_with_following_empty_vma(machine, proc) -> None:
+    """Growing in place merges with the next VMA even if the grown one came from fork.
+
+    Host (differential seed 63079): 2 MiB populated, the process forked; in
+    the child a 4 MiB mapping at +4 MiB (never faulted) and an ``mremap`` of
+    the tail [0x52000, 2 MiB) growing to end at +4 MiB: the maps show one
+    VMA [0, 8 MiB). The kernel merges a range that grows in place with no
+    source VMA, so the fork-inherited anon_vma chain does not forbid it (a
+    VMA moved there by ``mremap`` would not merge: its source's chain counts).
+    """
+    proc.mmap(THP, RW, ANON | MAP_FIXED | MAP_POPULATE, addr=BASE)
+    proc.write(BASE + 0x52000, b"\x03")
+    child = proc.fork()
+    child.mmap(4 * MB, RW, ANON | MAP_FIXED, addr=BASE + 4 * MB)
+    old = BASE + 0x52000
+    assert child.mremap(old, 430 * PAGE, 942 * PAGE, 0) == old
+    vmas = [(v.start - BASE, v.end - BASE) for v in child.mm.vmas.intersecting(BASE, BASE + 8 * MB)]
+    assert vmas == [(0, 8 * MB)]
+    assert child.read(BASE + 0x52000, 1) == b"\x03"
+    child.write(BASE + 6 * MB, b"\x04")
+    assert proc.mm.vmas.intersecting(BASE + 6 * MB, BASE + 6 * MB + 1) == []
+    verify_machine(machine)
+
+
+def test_mremap_move_of_forked_vma_next_to_empty_vma_does_not_merge(machine, proc) -> None:
+    """A VMA moved by mremap still carries its source's fork chain into the merge.
+
+    Host: 2 MiB populated, forked; in the child an empty 2 MiB mapping right
+    after it (not merged: the first VMA's anon_vma came through fork), the
+    first VMA moved away and back: the maps still show two VMAs
+    (``copy_vma`` merges with the source as ``copied_from``, whose chain
+    is not single).
+    """
+    proc.mmap(THP, RW, ANON | MAP_FIXED | MAP_POPULATE, addr=BASE)
+    child = proc.fork()
+    child.mmap(THP, RW, ANON | MAP_FIXED, addr=BASE + THP)
+    assert child.mremap(BASE, THP, THP, MOVE, BASE + 6 * MB) == BASE + 6 * MB
+    assert child.mremap(BASE + 6 * MB, THP, THP, MOVE, BASE) == BASE
+    vmas = [(v.start - BASE, v.end - BASE) for v in child.mm.vmas.intersecting(BASE, BASE + 8 * MB)]
+    assert vmas == [(0, THP), (THP, 2 * THP)]
+    verify_machine(machine)
