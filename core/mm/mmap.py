@@ -664,7 +664,15 @@ def _move_pte_tables_in(pt: PageTable, lo: int, hi: int, delta: int) -> None:
         pt.set(loc, 0)
 
 
-def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: bool = False) -> Vma:
+def move_vma(
+    vma: Vma,
+    new_addr: int,
+    new_len: int,
+    dontunmap: bool,
+    *,
+    whole: bool = False,
+    cut_from: tuple[int, int] | None = None,
+) -> Vma:
     """Move the whole of ``vma`` to ``new_addr`` (growing it to ``new_len``).
 
     An anonymous VMA that never faulted (no anon_vma) takes the linear page
@@ -674,7 +682,8 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: b
     out), the VMA left behind loses its anon_vma links, as
     ``dontunmap_complete`` unlinks them: its page tables went with the move,
     so a later read fault maps the zero page without an anon_vma and fork
-    copies nothing of it.
+    copies nothing of it. ``cut_from`` is the extent of the VMA the moved
+    range was cut out of: what is left behind joins only that VMA's rest.
     """
     mm = vma.mm
     pgoff = vma.pgoff
@@ -687,18 +696,30 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: b
     with invalidation(mm, MMU_NOTIFY_UNMAP, vma.start, vma.end):
         move_page_tables(vma, new, vma.npages)
     # With MREMAP_DONTUNMAP the old VMA stays, empty: later faults fill it
-    # afresh. Linux never splits it (only the final unmap would), so the
-    # piece joins its neighbours again.
+    # afresh. Linux never splits it (only the final unmap would), so a
+    # piece cut out of a VMA joins its remainder again; a whole VMA was not
+    # cut and merges with nothing (dontunmap_complete merges nothing, even
+    # where losing its anon_vma made it compatible with a neighbour).
     if dontunmap:
         if whole:
             unlink_anon_vmas(vma)
-        try_merge(vma)
+        elif cut_from is not None:
+            _rejoin(vma, *cut_from)
     else:
         mm.vmas.remove(vma)
         unlink_anon_vmas(vma)
         vma.unlink_file()
         free_page_tables(mm, vma.start, vma.end)
     return try_merge(new)
+
+
+def _rejoin(piece: Vma, start: int, end: int) -> None:
+    """Merge ``piece`` back with the rest of the VMA [start, end) it was cut from."""
+    prev, nxt = piece.mm.vmas.neighbours(piece)
+    if nxt is not None and nxt.end <= end and can_merge(piece, nxt):
+        _absorb(piece, nxt)
+    if prev is not None and prev.start >= start and can_merge(prev, piece):
+        _absorb(prev, piece)
 
 
 def _check_mremap_params(
@@ -771,8 +792,9 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         if target < MMAP_MIN_ADDR:
             raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
         whole = vma.start == lo and vma.end == hi
+        cut_from = (vma.start, vma.end)
         piece = isolate_range(mm, lo, hi)[0]
-        move_vma(piece, target, hi - lo, dontunmap, whole=whole)
+        move_vma(piece, target, hi - lo, dontunmap, whole=whole, cut_from=cut_from)
     return addr
 
 
@@ -874,8 +896,9 @@ def do_mremap(
         try_merge(dup)
         return dest
     whole = vma.start == old and vma.end == old + old_len
+    cut_from = (vma.start, vma.end)
     piece = isolate_range(mm, old, old + old_len)[0]
-    move_vma(piece, dest, new_len, dontunmap, whole=whole)
+    move_vma(piece, dest, new_len, dontunmap, whole=whole, cut_from=cut_from)
     return dest
 
 

@@ -291,3 +291,36 @@ def test_mremap_move_of_forked_vma_next_to_empty_vma_does_not_merge(machine, pro
     vmas = [(v.start - BASE, v.end - BASE) for v in child.mm.vmas.intersecting(BASE, BASE + 8 * MB)]
     assert vmas == [(0, THP), (THP, 2 * THP)]
     verify_machine(machine)
+
+
+def test_dontunmap_of_whole_vma_does_not_merge_what_it_leaves_behind(machine, proc) -> None:
+    """The VMA a whole-VMA MREMAP_DONTUNMAP leaves behind merges with nothing.
+
+    Host (differential seed 65355): 2 MiB mapped, forked, written in the
+    child, forked again; in the grandchild a 2 MiB mapping at 0x129000 (not
+    merged: the first VMA's anon_vma came through fork) and a
+    ``MREMAP_DONTUNMAP`` move of [0, 2 MiB), both VMAs' pieces, to 4 MiB.
+    The maps then show [0, 0x129000), [0x129000, 0x329000),
+    [4 MiB, +0x129000), [+0x129000, 6 MiB): the first old VMA lost its
+    anon_vma (it moved whole) and became compatible with the second, but
+    ``dontunmap_complete`` merges nothing (the model merged them).
+    """
+    proc.mmap(THP, RW, ANON | MAP_FIXED, addr=BASE)
+    child = proc.fork()
+    child.write(BASE, b"\x01" * THP)
+    grandchild = child.fork()
+    grandchild.mmap(THP, RW, ANON | MAP_FIXED, addr=BASE + 0x129000)
+    new = BASE + 4 * MB
+    assert grandchild.mremap(BASE, THP, THP, MOVE | MREMAP_DONTUNMAP, new) == new
+    vmas = [
+        (v.start - BASE, v.end - BASE) for v in grandchild.mm.vmas.intersecting(BASE, BASE + 8 * MB)
+    ]
+    assert vmas == [
+        (0, 0x129000),
+        (0x129000, 0x329000),
+        (4 * MB, 4 * MB + 0x129000),
+        (4 * MB + 0x129000, 6 * MB),
+    ]
+    assert grandchild.read(new, 1) == b"\x01"
+    assert grandchild.read(BASE, 1) == b"\x00"
+    verify_machine(machine)
