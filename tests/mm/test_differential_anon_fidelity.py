@@ -324,3 +324,30 @@ def test_dontunmap_of_whole_vma_does_not_merge_what_it_leaves_behind(machine, pr
     assert grandchild.read(new, 1) == b"\x01"
     assert grandchild.read(BASE, 1) == b"\x00"
     verify_machine(machine)
+
+
+def test_read_over_shmem_holes_faults_on_each_hole_and_each_fault_maps_around(
+    machine, proc
+) -> None:
+    """Fault-around maps only cached pages: every hole in a read faults by itself.
+
+    Host (differential seed 65160): 1024 shmem pages at 0x2d0000, 2 pages
+    at 0x325000 made read-only (so a VMA starts at 0x327000), forked; the
+    parent writes 0x33c000 and 0x33d000, then the child reads the 8 pages
+    from 0x32c000 (holes). Present in the child afterwards: 0x32c000 to
+    0x333000 and 0x33c000, 0x33d000. The fault at 0x32c000 has the window
+    [0x327000, 0x337000) (shifted to the VMA start) but maps no hole; the
+    hole at 0x330000 faults in turn, and its window [0x330000, 0x340000)
+    maps the two cached pages (the model had taken the first window as
+    mapping everything in it).
+    """
+    a = proc.mmap(1024 * PAGE, RW, SHMEM | MAP_FIXED, addr=BASE + 0x2D0000)
+    proc.mprotect(BASE + 0x325000, 2 * PAGE, hmmsim.PROT_READ)
+    child = proc.fork()
+    proc.write(BASE + 0x33C000, b"\x01" * (2 * PAGE))
+    assert child.read(BASE + 0x32C000, 8 * PAGE) == bytes(8 * PAGE)
+    present = [e.addr - BASE for e in child.pagemap(BASE + 0x320000, 0x20) if e.present]
+    assert present == [0x32C000 + i * PAGE for i in range(8)] + [0x33C000, 0x33D000]
+    assert child.read(BASE + 0x33C000, 1) == b"\x01"
+    assert a == BASE + 0x2D0000
+    verify_machine(machine)
