@@ -791,8 +791,10 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         unmap_range(mm, target, target + hi - lo)
         if target < MMAP_MIN_ADDR:
             raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
-        whole = vma.start == lo and vma.end == hi
-        cut_from = (vma.start, vma.end)
+        # The target's unmap may have split this VMA: look at what holds lo now.
+        cur = mm.vmas.intersecting(lo, lo + 1)[0]
+        whole = cur.start == lo and cur.end == hi
+        cut_from = (cur.start, cur.end)
         piece = isolate_range(mm, lo, hi)[0]
         move_vma(piece, target, hi - lo, dontunmap, whole=whole, cut_from=cut_from)
     return addr
@@ -895,8 +897,10 @@ def do_mremap(
         dup.link_file()
         try_merge(dup)
         return dest
-    whole = vma.start == old and vma.end == old + old_len
-    cut_from = (vma.start, vma.end)
+    # The target's unmap may have split this VMA: look at what holds old now.
+    cur = mm.vmas.intersecting(old, old + 1)[0]
+    whole = cur.start == old and cur.end == old + old_len
+    cut_from = (cur.start, cur.end)
     piece = isolate_range(mm, old, old + old_len)[0]
     move_vma(piece, dest, new_len, dontunmap, whole=whole, cut_from=cut_from)
     return dest

@@ -351,3 +351,21 @@ def test_read_over_shmem_holes_faults_on_each_hole_and_each_fault_maps_around(
     assert child.read(BASE + 0x33C000, 1) == b"\x01"
     assert a == BASE + 0x2D0000
     verify_machine(machine)
+
+
+def test_dontunmap_into_the_same_vma_leaves_its_rest_one_vma(machine, proc) -> None:
+    """A DONTUNMAP move whose target lies in the source VMA keeps the rest whole.
+
+    Host (differential seed 60271): 512 shmem pages at 6 MiB, read; 2 pages
+    at 0x6d4000 moved with ``MREMAP_DONTUNMAP`` to 6 MiB, inside the same
+    VMA. The target's unmap cuts [6 MiB, 0x602000) out first; the maps then
+    show [6 MiB, 0x602000) (the moved pages) and [0x602000, 8 MiB): what is
+    left of the source VMA, the two old pages included, stays one VMA.
+    """
+    a = proc.mmap(THP, RW, SHMEM | MAP_FIXED, addr=BASE + 6 * MB)
+    proc.read(a, THP)
+    old = a + 0xD4000
+    assert proc.mremap(old, 2 * PAGE, 2 * PAGE, MOVE | MREMAP_DONTUNMAP, a) == a
+    vmas = [(v.start - a, v.end - a) for v in proc.mm.vmas.intersecting(a, a + THP)]
+    assert vmas == [(0, 2 * PAGE), (2 * PAGE, THP)]
+    verify_machine(machine)
