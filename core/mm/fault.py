@@ -550,17 +550,35 @@ def _file_fault_batch(
     f = vma.page_cache
     indices = vma.pgoff + vpns - vma.start_vpn
     inside = indices < f.npages
+    # Which pages fault-around could map before this batch allocates holes.
+    cached = None if write or len(vpns) == 1 else _mappable_cached(vma, indices, inside)
     if inside.all():
         ret = _map_file_pages(vma, vpns, locs, indices, write)
         if not write:
-            _fault_around(vma, vpns, locs)
+            _fault_around(vma, vpns, locs, cached)
         return ret
     keep = int(np.argmin(inside))
     ret = _map_file_pages(vma, vpns[:keep], locs[:keep], indices[:keep], write)
     if not write:
         # The fault that hits EOF still maps its cached neighbours.
-        _fault_around(vma, vpns[: keep + 1], locs[: keep + 1])
+        _fault_around(
+            vma, vpns[: keep + 1], locs[: keep + 1], None if cached is None else cached[: keep + 1]
+        )
     return ret if ret & VM_FAULT_ERROR else VM_FAULT_SIGBUS
+
+
+def _mappable_cached(
+    vma: Vma, indices: NDArray[np.int64], inside: NDArray[np.bool_]
+) -> NDArray[np.bool_]:
+    """Pages at ``indices`` in the page cache, uptodate, not locked or poisoned."""
+    f = vma.page_cache
+    assert f is not None
+    out = np.zeros(len(indices), dtype=np.bool_)
+    pfns = f.cache.get(indices[inside])
+    flags = vma.mm.machine.phys.flags[np.maximum(pfns, 0)]
+    usable = ((flags & PG_uptodate) != 0) & ((flags & (PG_locked | PG_hwpoison)) == 0)
+    out[inside] = (pfns >= 0) & usable
+    return out
 
 
 def _map_file_pages(
@@ -610,7 +628,12 @@ def _file_pte_writable(vma: Vma, write: bool) -> bool:
     return vma.is_shared and bool(vma.flags & VM_WRITE) and (write or not f.writenotify)
 
 
-def _fault_around(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]) -> None:
+def _fault_around(
+    vma: Vma,
+    vpns: NDArray[np.int64],
+    locs: NDArray[np.int64],
+    cached: NDArray[np.bool_] | None = None,
+) -> None:
     """``do_fault_around`` + ``filemap_map_pages`` for read faults at ``vpns``.
 
     Each fault maps the pages around it that are already in the page cache
@@ -627,7 +650,8 @@ def _fault_around(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]) ->
     if f is None or f.hugetlb_order or len(vpns) == 0:
         return
     if len(vpns) > 1:
-        vpns, locs = _first_faults(vma, vpns, locs)
+        assert cached is not None
+        vpns, locs = _first_faults(vma, vpns, locs, cached)
     pte_off = vpns % PTRS_PER_TABLE
     base = vpns - pte_off
     lo = np.maximum(
@@ -671,27 +695,40 @@ def _fault_around(vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]) ->
 
 
 def _first_faults(
-    vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64]
+    vma: Vma, vpns: NDArray[np.int64], locs: NDArray[np.int64], cached: NDArray[np.bool_]
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """The pages of an ascending batch that would really fault, one after another.
 
     A CPU reading the batch in order faults on its first page; that fault's
-    window maps the cached pages after it, so the next fault is at the first
-    page past the window. One step per window, not per page.
+    window maps the pages after it that were already cached (``cached``),
+    so the next fault is at the first page past the window or at the first
+    page that was not cached (a hole: fault-around maps nothing there, the
+    CPU faults on it and that fault has a window of its own, which can reach
+    cached pages beyond the batch). One step per hole or window.
     """
     order = np.argsort(vpns, kind="stable")
-    vpns, locs = vpns[order], locs[order]
-    keep: list[int] = []
-    i = 0
-    n = len(vpns)
-    while i < n:
-        keep.append(i)
-        v = int(vpns[i])
-        off = v % PTRS_PER_TABLE
-        lo = max(off & ~(FAULT_AROUND_PAGES - 1), off - min(off, v - vma.start_vpn))
-        stop = v - off + min(lo + FAULT_AROUND_PAGES, PTRS_PER_TABLE, off + vma.end_vpn - v)
-        i = int(np.searchsorted(vpns, stop, side="left"))
-    sel = np.array(keep, dtype=np.int64)
+    vpns, locs, cached = vpns[order], locs[order], cached[order]
+    off = vpns % PTRS_PER_TABLE
+    lo = np.maximum(off & ~(FAULT_AROUND_PAGES - 1), off - np.minimum(off, vpns - vma.start_vpn))
+    stops = (
+        vpns
+        - off
+        + np.minimum(np.minimum(lo + FAULT_AROUND_PAGES, PTRS_PER_TABLE), off + vma.end_vpn - vpns)
+    )
+    real = ~cached
+    # The window of the last hole before each page (stops grow with the page).
+    hole_stop = np.where(real, stops, -1)
+    before = np.concatenate(([-1], np.maximum.accumulate(hole_stop)[:-1]))
+    # Cached pages no hole's window covers; those a cached fault's window
+    # covers are found in order, one step per such fault.
+    cand = np.flatnonzero(cached & (vpns >= before))
+    cand_vpns = vpns[cand]
+    k = 0
+    while k < len(cand):
+        i = int(cand[k])
+        real[i] = True
+        k = int(np.searchsorted(cand_vpns, stops[i], side="left"))
+    sel = np.flatnonzero(real)
     return vpns[sel], locs[sel]
 
 
@@ -971,9 +1008,8 @@ def _populate_thp_chunks(vma: Vma, lo: int, hi: int, write: bool) -> None:
     """Map every empty, suitable 2 MiB chunk that [lo, hi) touches, in one batched call."""
     machine = vma.mm.machine
     pt = vma.mm.pt
-    # A fault anywhere in a suitable empty 2 MiB chunk maps the whole chunk.
-    if (vma.start_vpn - vma.pgoff) % PMD_PAGES:
-        return
+    # A fault anywhere in a suitable empty 2 MiB chunk maps the whole chunk
+    # (an anonymous VMA's pgoff does not matter: thp_vma_suitable).
     first = max(lo & ~(PMD_PAGES - 1), (vma.start_vpn + PMD_PAGES - 1) & ~(PMD_PAGES - 1))
     last = min(hi, vma.end_vpn & ~(PMD_PAGES - 1))  # chunks must end inside the VMA
     if first >= last:

@@ -75,7 +75,6 @@ from .physmem import (
 from .reclaim import reclaim_folio, split_folio
 from .rmap import rmap_walk
 from .swap import swapcache_del
-from .thp import split_huge_pmd
 from .uapi import (
     MADV_COLD,
     MADV_COLLAPSE,
@@ -379,9 +378,10 @@ def _pmd_leaves(vma: Vma, lo: int, hi: int, advice: int) -> list[tuple[int, int]
     A huge zero PMD, a non-present PMD and a THP other processes map too are
     left alone. A THP the range covers only partly is split (folio and
     mappings; zero-filled subpages go to the shared zero page) and its pages
-    then go through the PTE path. A THP the range covers whole is advised at
-    the PMD level: FREE cleans it and makes it lazy-free, COLD ages it,
-    PAGEOUT reclaims it. Returns the [lo, hi) spans the PTE path must skip.
+    then go through the PTE path; a shmem THP's split unmaps all of it. A
+    THP the range covers whole is advised at the PMD level: FREE cleans it
+    and makes it lazy-free, COLD ages it, PAGEOUT reclaims it. Returns the
+    [lo, hi) spans the PTE path must skip.
     """
     walk = vma.mm.pt.walk(lo, hi - lo, per_page=False)
     leaves = np.flatnonzero(walk.chunk_kind == CHUNK_PMD)
@@ -406,8 +406,10 @@ def _pmd_leaves(vma: Vma, lo: int, hi: int, advice: int) -> list[tuple[int, int]
             continue
         if chi - clo < PMD_PAGES:
             if not phys.flags[head] & PG_anon:
-                # A page-cache THP: split_huge_pmd removes its PMD (file VMA).
-                split_huge_pmd(vma, haddr)
+                # A page-cache THP: split_folio unmaps it everywhere and the
+                # pages fault back in small; if it cannot be split, the
+                # kernel leaves the PMD as it is.
+                split_folio(machine, head)
                 skip.append((clo, chi))
             elif not split_folio(machine, head):
                 skip.append((clo, chi))
@@ -432,7 +434,8 @@ def _split_partial_large(vma: Vma, lo: int, hi: int, skip: np.ndarray) -> np.nda
     As ``madvise_folio_pte_batch`` callers do: a partly covered folio that
     other mappings share is skipped, an exclusive one is split (zero-filled
     subpages go to the shared zero page) so the advice applies to just the
-    covered pages.
+    covered pages. Splitting a shmem THP unmaps all of it (``split_folio``),
+    so none of its pages is left mapped for the advice.
     """
     phys = vma.mm.machine.phys
     walk = vma.mm.pt.walk(lo, hi - lo)

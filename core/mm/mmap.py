@@ -99,6 +99,7 @@ from .zap import zap_range
 
 if TYPE_CHECKING:
     from .address_space import AddressSpace
+    from .pagetable import PageTable
 
 HUGE_SIZE_ORDERS = {21: PMD_ORDER, 30: 18}
 #: Top of what the page tables can map (48 bits): the ``ceiling`` of
@@ -261,8 +262,20 @@ def _anon_compatible(a: Vma, b: Vma) -> bool:
     return a.anon_vma is b.anon_vma and a.anon_chain == b.anon_chain
 
 
-def can_merge(a: Vma, b: Vma) -> bool:
-    """``a`` ends where ``b`` starts and the two could be one VMA."""
+def can_merge(a: Vma, b: Vma, *, extending: bool = False) -> bool:
+    """``a`` ends where ``b`` starts and the two could be one VMA.
+
+    ``extending``: ``a`` has just grown in place up to ``b`` (``mremap``
+    expanding, ``vma_merge_extend``). The kernel merges that as a new range
+    with no source VMA and nothing copied from, so an anon_vma ``a`` brings
+    to a ``b`` without one is always acceptable (``is_mergeable_anon_vma``
+    case 1 checks only a source's or copied-from VMA's fork chain), even if
+    ``a`` was inherited through fork.
+    """
+    if extending and a.anon_vma is not None and b.anon_vma is None:
+        anon_ok = True
+    else:
+        anon_ok = _anon_compatible(a, b)
     return (
         a.end == b.start
         and a.flags == b.flags
@@ -272,7 +285,7 @@ def can_merge(a: Vma, b: Vma) -> bool:
         and a.hugetlb_order == b.hugetlb_order
         and a.hugetlb_resv is b.hugetlb_resv
         and a.pgoff + a.npages == b.pgoff
-        and _anon_compatible(a, b)
+        and anon_ok
     )
 
 
@@ -554,10 +567,20 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     """Move the entries of ``old``'s first ``npages`` pages to ``new.start``.
 
     PMD leaves move whole when source and destination are congruent modulo
-    2 MiB; otherwise they are split first. Mapcounts do not change: the same
-    pages are mapped, at a new address. Only the destination PTE tables of
-    chunks that receive PTEs are allocated, so a range holding both PMD-mapped
-    THPs and PTE-mapped pages moves in one pass.
+    2 MiB; otherwise they are split first. A whole 2 MiB extent whose source
+    and destination are both aligned moves its PTE table itself when the
+    destination has none (``move_normal_pmd``): the source PMD is left empty,
+    not pointing at an empty table, so after ``MREMAP_DONTUNMAP`` a fault in
+    the VMA left behind may map a THP there again. Mapcounts do not change:
+    the same pages are mapped, at a new address. Only the destination PTE
+    tables of chunks that receive PTEs are allocated, so a range holding both
+    PMD-mapped THPs and PTE-mapped pages moves in one pass.
+
+    An unaligned start is realigned down to 2 MiB first when the move
+    reaches the next boundary and nothing is mapped between the boundary and
+    the start on either side (``try_realign_addr``): the first table then
+    moves whole too, and the VMA left behind has no table below that
+    boundary (a mapping later made in front of it can take a THP there).
     """
     mm = old.mm
     pt = mm.pt
@@ -565,6 +588,11 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
     dst = new.start_vpn
     hugetlb = old.is_hugetlb
     congruent = (src - dst) % PMD_PAGES == 0
+    if not hugetlb and congruent:
+        start = src
+        if src % PMD_PAGES and _can_realign(mm, src, dst, npages):
+            start = src & ~(PMD_PAGES - 1)
+        _move_pte_tables(pt, start, dst - src, src + npages)
     for lo, hi in pt.spans(src, src + npages):
         if not hugetlb and not congruent:
             for first, _level, _loc, _e in pt.walk(lo, hi - lo, per_page=False).leaves():
@@ -591,7 +619,62 @@ def move_page_tables(old: Vma, new: Vma, npages: int) -> None:
         mm.machine.costs.pte_writes += int((walk.entries != 0).sum())
 
 
-def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: bool = False) -> Vma:
+def _can_realign(mm: AddressSpace, src: int, dst: int, npages: int) -> bool:
+    """``can_realign_addr`` at PMD level for a move from ``src`` to congruent ``dst``.
+
+    The moved range must reach the next 2 MiB boundary, and no VMA may lie
+    between the boundary below and the start, at the source or at the
+    destination (the old VMA starts at ``src``: a piece of a VMA split there
+    has its other part just below, which counts as such a VMA).
+    """
+    if npages < PMD_PAGES - src % PMD_PAGES:
+        return False
+    for start in (src, dst):
+        below = start & ~(PMD_PAGES - 1)
+        if mm.vmas.intersecting(below << PAGE_SHIFT, start << PAGE_SHIFT):
+            return False
+    return True
+
+
+def _move_pte_tables(pt: PageTable, first: int, delta: int, end: int) -> None:
+    """``move_normal_pmd`` over the whole aligned 2 MiB extents of a move.
+
+    The extents start at ``first`` (rounded up to 2 MiB) and end by ``end``;
+    each moves by ``delta`` pages, a multiple of 2 MiB. A source PMD pointing
+    at a PTE table moves to an empty destination PMD as is (an occupied one
+    makes the kernel fall back to moving PTEs, as the caller then does).
+    """
+    lo = (first + PMD_PAGES - 1) & ~(PMD_PAGES - 1)
+    hi = end & ~(PMD_PAGES - 1)
+    for a, b in pt.spans(lo, hi):
+        _move_pte_tables_in(pt, a, b, delta)
+
+
+def _move_pte_tables_in(pt: PageTable, lo: int, hi: int, delta: int) -> None:
+    """The tables of the aligned extents [lo, hi) move by ``delta`` pages."""
+    for vpn in range(lo, hi, PMD_PAGES):
+        loc = pt.pmd_loc(vpn)
+        if loc < 0:
+            continue
+        e = pt.get(loc)
+        if not e or not is_table_pointer(e):
+            continue
+        dloc = pt.pmd_loc(vpn + delta, alloc=True)
+        if pt.get(dloc):
+            continue
+        pt.set(dloc, e)
+        pt.set(loc, 0)
+
+
+def move_vma(
+    vma: Vma,
+    new_addr: int,
+    new_len: int,
+    dontunmap: bool,
+    *,
+    whole: bool = False,
+    cut_from: tuple[int, int] | None = None,
+) -> Vma:
     """Move the whole of ``vma`` to ``new_addr`` (growing it to ``new_len``).
 
     An anonymous VMA that never faulted (no anon_vma) takes the linear page
@@ -601,7 +684,8 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: b
     out), the VMA left behind loses its anon_vma links, as
     ``dontunmap_complete`` unlinks them: its page tables went with the move,
     so a later read fault maps the zero page without an anon_vma and fork
-    copies nothing of it.
+    copies nothing of it. ``cut_from`` is the extent of the VMA the moved
+    range was cut out of: what is left behind joins only that VMA's rest.
     """
     mm = vma.mm
     pgoff = vma.pgoff
@@ -614,18 +698,30 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: b
     with invalidation(mm, MMU_NOTIFY_UNMAP, vma.start, vma.end):
         move_page_tables(vma, new, vma.npages)
     # With MREMAP_DONTUNMAP the old VMA stays, empty: later faults fill it
-    # afresh. Linux never splits it (only the final unmap would), so the
-    # piece joins its neighbours again.
+    # afresh. Linux never splits it (only the final unmap would), so a
+    # piece cut out of a VMA joins its remainder again; a whole VMA was not
+    # cut and merges with nothing (dontunmap_complete merges nothing, even
+    # where losing its anon_vma made it compatible with a neighbour).
     if dontunmap:
         if whole:
             unlink_anon_vmas(vma)
-        try_merge(vma)
+        elif cut_from is not None:
+            _rejoin(vma, *cut_from)
     else:
         mm.vmas.remove(vma)
         unlink_anon_vmas(vma)
         vma.unlink_file()
         free_page_tables(mm, vma.start, vma.end)
     return try_merge(new)
+
+
+def _rejoin(piece: Vma, start: int, end: int) -> None:
+    """Merge ``piece`` back with the rest of the VMA [start, end) it was cut from."""
+    prev, nxt = piece.mm.vmas.neighbours(piece)
+    if nxt is not None and nxt.end <= end and can_merge(piece, nxt):
+        _absorb(piece, nxt)
+    if prev is not None and prev.start >= start and can_merge(prev, piece):
+        _absorb(prev, piece)
 
 
 def _check_mremap_params(
@@ -697,9 +793,12 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         unmap_range(mm, target, target + hi - lo)
         if target < mm.machine.config.mmap_min_addr:
             raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
-        whole = vma.start == lo and vma.end == hi
+        # The target's unmap may have split this VMA: look at what holds lo now.
+        cur = mm.vmas.intersecting(lo, lo + 1)[0]
+        whole = cur.start == lo and cur.end == hi
+        cut_from = (cur.start, cur.end)
         piece = isolate_range(mm, lo, hi)[0]
-        move_vma(piece, target, hi - lo, dontunmap, whole=whole)
+        move_vma(piece, target, hi - lo, dontunmap, whole=whole, cut_from=cut_from)
     return addr
 
 
@@ -772,7 +871,10 @@ def do_mremap(
             mm.vmas.remove(vma)
             vma.end = old + new_len
             mm.vmas.insert(vma)
-            try_merge(vma)
+            # vma_merge_extend: only the VMA that now follows can join.
+            nxt = mm.vmas.neighbours(vma)[1]
+            if nxt is not None and can_merge(vma, nxt, extending=True):
+                _absorb(vma, nxt)
             return old
         if not flags & MREMAP_MAYMOVE:
             raise OutOfMemory(f"mremap: cannot grow {vma} in place")
@@ -797,9 +899,12 @@ def do_mremap(
         dup.link_file()
         try_merge(dup)
         return dest
-    whole = vma.start == old and vma.end == old + old_len
+    # The target's unmap may have split this VMA: look at what holds old now.
+    cur = mm.vmas.intersecting(old, old + 1)[0]
+    whole = cur.start == old and cur.end == old + old_len
+    cut_from = (cur.start, cur.end)
     piece = isolate_range(mm, old, old + old_len)[0]
-    move_vma(piece, dest, new_len, dontunmap, whole=whole)
+    move_vma(piece, dest, new_len, dontunmap, whole=whole, cut_from=cut_from)
     return dest
 
 

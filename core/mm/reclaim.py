@@ -77,22 +77,25 @@ def expected_refs(machine: Machine, head: int) -> int:
 
 
 def split_folio(machine: Machine, head: int) -> bool:
-    """Split a large anonymous folio into order-0 folios (``split_folio``).
+    """Split a large folio into order-0 folios (``split_folio``).
 
     PMD mappings are split to PTEs first (``CLEAR`` each). Fails (False) for
     hugetlb folios and for folios with references beyond their mappings.
     As Linux does since 6.12 (``try_to_map_unused_to_zeropage``), every
     mapped subpage that is all zeros is then remapped to the shared zero page
     (one ``CLEAR`` per mapping that changes) and freed, except in locked VMAs.
+    A page-cache folio (a shmem THP) is split as ``_split_file_folio`` says.
     """
     phys = machine.phys
     order = int(phys.order[head])
     if order == 0:
         return True
-    if phys.flags[head] & (PG_hugetlb | PG_locked) or not phys.flags[head] & PG_anon:
+    if phys.flags[head] & (PG_hugetlb | PG_locked):
         return False
     if phys.refcount[head] != expected_refs(machine, head):
         return False
+    if not phys.flags[head] & PG_anon:
+        return _split_file_folio(machine, head)
     for hit in list(rmap_walk(machine, head)):
         for vpn in np.unique(hit.vpns[hit.levels > 0] & ~511).tolist():
             split_huge_pmd(hit.vma, vpn)
@@ -108,6 +111,30 @@ def split_folio(machine: Machine, head: int) -> bool:
         phys.refcount[unmapped] = 1
         phys.put(unmapped)
     _remap_zero_filled(machine, pages[counts > 0], hits)
+    return True
+
+
+def _split_file_folio(machine: Machine, head: int) -> bool:
+    """Split a page-cache folio (a shmem THP) into order-0 folios in the cache.
+
+    As ``unmap_folio`` does for a folio that is not anonymous, every mapping
+    of it, PMD or PTE, in every process, is removed first (``CLEAR`` per
+    mapping; PTE dirty bits move to the folio) and not put back: the pages
+    stay cached, one folio each, and fault back in on the next access. So a
+    split that ``MADV_PAGEOUT``/``MADV_COLD`` of part of a shmem THP asks for
+    unmaps the whole THP, also the pages outside the advised range (observed
+    on Linux 6.18). A folio no longer in the page cache is not split.
+    """
+    phys = machine.phys
+    if phys.mapping[head] == 0:
+        return False
+    hits = list(rmap_walk(machine, head))
+    if any(bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits):
+        phys.flags[head] |= np.uint16(PG_dirty)
+    try_to_unmap(machine, head, lambda e: 0)
+    nr = 1 << int(phys.order[head])
+    pages = phys.split_folio_metadata(head, np.zeros(nr, dtype=np.int32))
+    phys.refcount[pages] += 1  # each page keeps its page-cache reference
     return True
 
 

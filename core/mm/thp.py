@@ -45,11 +45,19 @@ if TYPE_CHECKING:
 
 
 def thp_vma_suitable(vma: Vma, vpn: int) -> bool:
-    """The aligned 2 MiB around ``vpn`` fits in the VMA, and pgoff is aligned too."""
+    """``thp_vma_suitable_order``: the aligned 2 MiB around ``vpn`` fits in the VMA.
+
+    A VMA with a backing object (shmem, a file) must also map its object at
+    a 2 MiB-aligned offset, so that a PMD maps one aligned page-cache folio.
+    An anonymous VMA's pgoff is not checked: it is only the address the
+    mapping was first made at (``mremap`` keeps it when it moves the VMA), and
+    a THP fault or ``MADV_COLLAPSE`` after a move to an aligned address works
+    on the host whatever the old address was.
+    """
     haddr = vpn & ~(PMD_PAGES - 1)
     if haddr < vma.start_vpn or haddr + PMD_PAGES > vma.end_vpn:
         return False
-    return (vma.start_vpn - vma.pgoff) % PMD_PAGES == 0
+    return vma.is_anonymous or (vma.start_vpn - vma.pgoff) % PMD_PAGES == 0
 
 
 def thp_vma_allowable(vma: Vma, *, collapse: bool = False) -> bool:
