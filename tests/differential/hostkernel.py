@@ -474,6 +474,12 @@ def read_maps() -> list[tuple[int, int, str]]:
 
 
 def _worker_main(sock: socket.socket) -> None:
+    # Every process of a sequence runs on one CPU (forked workers inherit it).
+    # MADV_FREE parks folios in a per-CPU batch off the LRU, and MADV_PAGEOUT
+    # drains only its own CPU's batch: a process that moved to another CPU
+    # between the two would find its lazy-free pages still mapped, an outcome
+    # of scheduling, not of the kernel's rules the model follows.
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forked workers reap themselves
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     w = _Worker(sock)

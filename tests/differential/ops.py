@@ -280,7 +280,7 @@ class Generator:
         unit = PMD_PAGES if huge else 1
         mode = r.choices(("shrink", "grow", "fixed", "dontunmap"), (20, 25, 35, 20))[0]
         new_page = None
-        if mode == "shrink" and n > unit:
+        if mode == "shrink" and n // unit > 1:
             new_n, flags = r.randrange(1, n // unit) * unit, 0
         elif mode == "grow":
             new_n, flags = n + r.choice((1, 3, PMD_PAGES)) * unit, 0
