@@ -36,6 +36,7 @@ from .. import sched
 from ..errors import OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, invalidation
 from ..trace import COST_FAULT_NS, COST_SWAP_IO_NS
+from .hugetlb import is_resv_owner, unmap_ref_private
 from .pagetable import (
     CHUNK_PMD,
     KIND_DEVICE_EXCLUSIVE,
@@ -784,6 +785,8 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
     pool = machine.hugetlb[order]
     hidx = vma.linear_index(hvpn) >> order
     if e == 0:
+        if vma.hugetlb_resv_unmapped:
+            return VM_FAULT_SIGBUS  # the owner took a page back from this fork child
         if vma.is_shared:
             f = vma.file
             if hidx >= len(f.cache):
@@ -829,24 +832,49 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
 
 
 def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
-    """COW of a private huge page: reuse if exclusive, else copy from the pool."""
+    """COW of a private huge page: reuse if mapped once, else copy from the pool.
+
+    As Linux 6.18, reuse looks at the mapcount only, not at extra references
+    (a copy that the pool cannot give would kill the process where a
+    fork-and-exit user expects to carry on). The copy takes an unreserved
+    page, also for the reservation's owner (its reservation for the index was
+    used by the page it copies); when there is none, the owner takes the page
+    back from its fork children (``unmap_ref_private``) and reuses it, while
+    any other mapping gets SIGBUS.
+    """
     mm = vma.mm
     machine = mm.machine
     phys = machine.phys
     order = vma.hugetlb_order
     nr = 1 << order
     old = pte_pfn(e)
-    flags = int(phys.flags[old])
     if vma.is_shared:
         mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
         return 0
-    if flags & PG_anon_exclusive or (phys.refcount[old] == 1 and phys.mapcount[old] == 1):
-        phys.flags[old : old + nr] |= np.uint16(PG_anon_exclusive)
-        mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
-        return 0
-    new = machine.hugetlb[order].alloc(reserved=False)
-    if new is None:
-        return VM_FAULT_SIGBUS
+    if phys.mapcount[old] != 1:
+        new = machine.hugetlb[order].alloc(reserved=False)
+        if new is not None:
+            return _hugetlb_copy(vma, hvpn, loc, e, new)
+        if not is_resv_owner(vma):
+            return VM_FAULT_SIGBUS
+        unmap_ref_private(vma, old, hvpn)
+        if mm.pt.get(loc) != e:
+            return 0  # the entry changed meanwhile: the access faults again
+        if phys.mapcount[old] != 1:
+            return VM_FAULT_SIGBUS
+    phys.flags[old : old + nr] |= np.uint16(PG_anon_exclusive)
+    mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+    return 0
+
+
+def _hugetlb_copy(vma: Vma, hvpn: int, loc: int, e: int, new: int) -> int:
+    """Map a private copy ``new`` of the huge page that ``e`` maps."""
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    order = vma.hugetlb_order
+    nr = 1 << order
+    old = pte_pfn(e)
     phys.copy_pages(np.arange(new, new + nr, dtype=_I64), np.arange(old, old + nr, dtype=_I64))
     addr = hvpn << PAGE_SHIFT
     with invalidation(mm, MMU_NOTIFY_CLEAR, addr, addr + (nr << PAGE_SHIFT)):
