@@ -36,7 +36,7 @@ from .. import sched
 from ..errors import OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, invalidation
 from ..trace import COST_FAULT_NS, COST_SWAP_IO_NS
-from .hugetlb import is_resv_owner, unmap_ref_private
+from .hugetlb import alloc_hugetlb_folio, is_resv_owner, unmap_ref_private
 from .pagetable import (
     CHUNK_PMD,
     KIND_DEVICE_EXCLUSIVE,
@@ -793,7 +793,7 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
                 return VM_FAULT_SIGBUS
             pfn = int(f.cache[hidx])
             if pfn < 0:
-                got = pool.alloc(reserved=f.hugetlb_resv.consume(hidx))
+                got = alloc_hugetlb_folio(pool, f.hugetlb_resv, hidx)
                 if got is None:
                     return VM_FAULT_SIGBUS
                 pfn = got
@@ -806,8 +806,7 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
                 phys.flags[pfn] |= np.uint16(PG_dirty)
             writable = bool(vma.flags & VM_WRITE)
         else:
-            resv = vma.hugetlb_resv
-            got = pool.alloc(reserved=resv is not None and resv.consume(hidx))
+            got = alloc_hugetlb_folio(pool, vma.hugetlb_resv, hidx)
             if got is None:
                 return VM_FAULT_SIGBUS
             pfn = got

@@ -30,23 +30,38 @@ import numpy as np
 from ..errors import OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, invalidation
 from .pagetable import PAGE_SHIFT
-from .physmem import PG_hugetlb, PhysMem
+from .physmem import PG_anon, PG_hugetlb, PhysMem
 from .rmap import rmap_walk
-from .zap import zap_range
 
 if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
     from .vma import Vma
 
 
 @attrs.define(eq=False)
 class HugetlbPool:
-    """The free huge pages of one size (``struct hstate``)."""
+    """The free huge pages of one size (``struct hstate``).
+
+    ``reserved`` is ``resv_huge_pages``; a new mapping can get
+    ``nr_free - reserved`` pages. It can drop below zero for a while: when the
+    owner of a private mapping unmaps a page a fork child still maps, the
+    owner's reservation for that index comes back (``restore_reserve``) and
+    is given up when the owner's mapping closes, before the page is free; the
+    pool takes the reservation back when the page is finally freed. Linux's
+    counter is unsigned and includes every other mapping's reservations, so
+    it shows the same drop (or wraps, with the same modular arithmetic, on a
+    machine where nothing else holds any).
+    """
 
     phys: PhysMem
     order: int
     nr_pages: int = 0
     free_pages: list[int] = attrs.field(factory=list)
     reserved: int = 0
+    #: Heads of folios that give a reservation back to the pool when freed
+    #: (``folio_test_hugetlb_restore_reserve``).
+    restore_reserve: set[int] = attrs.field(factory=set)
 
     @classmethod
     def boot(cls, phys: PhysMem, order: int, count: int) -> HugetlbPool:
@@ -81,14 +96,20 @@ class HugetlbPool:
         self.reserved += count
 
     def unreserve(self, count: int) -> None:
-        self.reserved = max(0, self.reserved - count)
+        """Give up ``count`` reservations (``hugetlb_acct_memory(h, -count)``)."""
+        self.reserved -= count
 
     def alloc(self, *, reserved: bool) -> int | None:
         """Take a page (consuming a reservation if ``reserved``); None when empty.
 
-        An unreserved allocation may not eat into pages reserved by others.
+        An unreserved allocation may not eat into pages reserved by others; a
+        reserved one takes any free page (``dequeue_hugetlb_folio_vma`` with no
+        global charge checks nothing else) and fails only when none is free,
+        keeping its reservation.
         """
         if reserved:
+            if not self.free_pages:
+                return None
             self.reserved -= 1
         elif len(self.free_pages) <= self.reserved:
             return None
@@ -97,7 +118,12 @@ class HugetlbPool:
         return head
 
     def free_page(self, head: int) -> None:
+        """``free_huge_folio``: back to the free list, restoring its reservation if
+        it carries one."""
         self.free_pages.append(head)
+        if head in self.restore_reserve:
+            self.restore_reserve.discard(head)
+            self.reserved += 1
 
 
 @attrs.define(eq=False)
@@ -120,18 +146,58 @@ class ResvMap:
             return True
         return False
 
+    def restore(self, index: int) -> None:
+        """The page at ``index`` was unmapped: the index is reserved again
+        (``vma_add_reservation``); the pool's count follows when the page is freed."""
+        self.indexes.add(index)
+
     def release(self, lo: int, hi: int) -> None:
-        """Give back reservations of indexes in [lo, hi) that were never used."""
+        """Give back the reservations of indexes in [lo, hi) (``hugetlb_vm_op_close``)."""
         gone = [i for i in self.indexes if lo <= i < hi]
         for i in gone:
             self.indexes.discard(i)
         self.pool.unreserve(len(gone))
 
 
+def alloc_hugetlb_folio(pool: HugetlbPool, resv: ResvMap | None, index: int) -> int | None:
+    """A page for a fault at huge-page ``index`` (``alloc_hugetlb_folio``): the
+    mapping's reservation for it if it has one, else an unreserved page. On
+    failure (None) the reservation stays, as ``vma_end_reservation`` leaves it."""
+    if resv is None:
+        return pool.alloc(reserved=False)
+    reserved = resv.consume(index)
+    got = pool.alloc(reserved=reserved)
+    if got is None and reserved:
+        resv.indexes.add(index)
+    return got
+
+
 def is_resv_owner(vma: Vma) -> bool:
     """``is_vma_resv_set(vma, HPAGE_RESV_OWNER)``: a private hugetlb mapping that
     reserved its pages when it was made (not a fork copy, not ``MAP_NORESERVE``)."""
     return not vma.is_shared and vma.hugetlb_resv is not None
+
+
+def restore_reservations(vma: Vma, vpns: NDArray[np.int64], pfns: NDArray[np.int64]) -> None:
+    """The owner ``vma`` is unmapping the huge pages ``pfns`` mapped at ``vpns``:
+    each anonymous one is marked to give a reservation back when freed, and
+    its index is reserved again in the owner's map, as
+    ``__unmap_hugepage_range`` does (so the backing page cannot be stolen).
+
+    The pool's count rises only when a page is freed: while a fork child still
+    maps it, the owner holds a reservation the pool does not count, and gives
+    it up when its mapping closes (see ``HugetlbPool``).
+    """
+    resv = vma.hugetlb_resv
+    pool = resv.pool
+    anon = (pool.phys.flags[pfns] & PG_anon) != 0
+    if not anon.any():
+        return
+    heads = pool.phys.head_of(pfns[anon])
+    pool.restore_reserve.update(heads.tolist())
+    shift = vma.hugetlb_order
+    for vpn in vpns[anon].tolist():
+        resv.restore(vma.linear_index(vpn) >> shift)
 
 
 def unmap_ref_private(vma: Vma, head: int, hvpn: int) -> None:
@@ -144,6 +210,8 @@ def unmap_ref_private(vma: Vma, head: int, hvpn: int) -> None:
     same mappings (a child mapping the page at another address after an
     mremap is found too, where Linux would miss it and retry the COW again).
     """
+    from .zap import zap_range  # zap.py calls restore_reservations: import here
+
     nr = 1 << vma.hugetlb_order
     for hit in list(rmap_walk(vma.mm.machine, head)):
         other = hit.vma

@@ -177,3 +177,54 @@ def test_noreserve_private_hugetlb_is_no_owner_and_gets_sigbus_on_cow(make_machi
     assert child.pagemap(A, 1)[0].present
     assert child.read(A, 5) == b"owner"
     verify_machine(m)
+
+
+def _counts(m: hmmsim.Machine) -> tuple[int, int]:
+    pool = m.hugetlb_pool(MB2)
+    return pool.nr_free, pool.reserved
+
+
+def test_madv_dontneed_gives_the_owner_its_reservation_back(make_machine):
+    """Host (HugePages_Free, HugePages_Rsvd relative to before the mapping, 2
+    pages free): populate a 2-page private mapping (-2, 0); MADV_DONTNEED of
+    page 0 (-1, +1: the page is free but reserved again for the owner); fork;
+    MADV_DONTNEED of page 1, which the child still maps (-1, +1: nothing
+    changes yet); the owner reads page 1 again (-2, 0: it consumes the
+    reservation); the child exits, freeing the old page 1 (-1, +1: its
+    reservation comes back with it); munmap (0, 0)."""
+    m = _machine(make_machine, 2)
+    p = m.spawn()
+    p.mmap(2 * MB2, RW, PRIVATE_HUGE | MAP_POPULATE | hmmsim.MAP_FIXED_NOREPLACE, addr=A)
+    assert _counts(m) == (0, 0)
+    p.madvise(A, MB2, hmmsim.MADV_DONTNEED)
+    assert _counts(m) == (1, 1)
+    child = p.fork()
+    p.madvise(A + MB2, MB2, hmmsim.MADV_DONTNEED)
+    assert _counts(m) == (1, 1)
+    assert p.read(A + MB2, 1) == b"\0"
+    assert _counts(m) == (0, 0)
+    child.exit()
+    assert _counts(m) == (1, 1)
+    p.munmap(A, 2 * MB2)
+    assert _counts(m) == (2, 0)
+    verify_machine(m)
+
+
+def test_owner_exit_gives_up_the_reservations_of_pages_its_fork_child_still_maps(make_machine):
+    """Host (HugePages_Free, HugePages_Rsvd relative to before the mapping, 2
+    pages free): populate a 2-page private mapping (-2, 0) and fork; when the
+    owner exits, the child still maps both pages (-2, -2: 2 pages available
+    again, while still in use); the child then writes both pages in place and
+    exits (0, 0)."""
+    m = _machine(make_machine, 2)
+    owner = m.spawn()
+    owner.mmap(2 * MB2, RW, PRIVATE_HUGE | MAP_POPULATE | hmmsim.MAP_FIXED_NOREPLACE, addr=A)
+    child = owner.fork()
+    pfns = [child.pagemap(A + i * MB2, 1)[0].pfn for i in range(2)]
+    owner.exit()
+    assert _counts(m) == (0, -2) and _available(m) == 2
+    child.write(A, b"x" * (2 * MB2))
+    assert [child.pagemap(A + i * MB2, 1)[0].pfn for i in range(2)] == pfns
+    child.exit()
+    assert _counts(m) == (2, 0)
+    verify_machine(m)
