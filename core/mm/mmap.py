@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..notifier import MMU_NOTIFY_UNMAP, invalidation
 from .fault import populate_range
-from .hugetlb import ResvMap, hold_hugetlbfs_objects
+from .hugetlb import ResvMap, clear_vma_resv_huge_pages, hold_hugetlbfs_objects
 from .pagetable import (
     LEVEL_PMD,
     LEVEL_PTE,
@@ -616,7 +616,9 @@ def move_vma(vma: Vma, new_addr: int, new_len: int, dontunmap: bool, *, whole: b
     """
     mm = vma.mm
     pgoff = vma.pgoff
-    if vma.is_anonymous and not vma.is_shared and vma.anon_vma is None:
+    if vma.is_anonymous and not vma.is_shared and not vma.is_hugetlb and vma.anon_vma is None:
+        # (A private hugetlb VMA keeps its offset: in Linux it has a hugetlbfs
+        # file, and its reservations are indexed by that offset.)
         pgoff = new_addr >> PAGE_SHIFT
     new = vma.copy(new_addr, new_addr + new_len, pgoff)
     anon_vma_clone(new, vma)
@@ -709,8 +711,11 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         if target < mm.machine.config.mmap_min_addr:
             raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
         whole = vma.start == lo and vma.end == hi
+        source = (vma.start, vma.end)
         piece = isolate_range(mm, lo, hi)[0]
+        rest = [v for v in mm.vmas.intersecting(*source) if v is not piece]
         move_vma(piece, target, hi - lo, dontunmap, whole=whole)
+        clear_vma_resv_huge_pages(rest)
     return addr
 
 
@@ -809,8 +814,11 @@ def do_mremap(
         try_merge(dup)
         return dest
     whole = vma.start == old and vma.end == old + old_len
+    source = (vma.start, vma.end)
     piece = isolate_range(mm, old, old + old_len)[0]
+    rest = [v for v in mm.vmas.intersecting(*source) if v is not piece]
     move_vma(piece, dest, new_len, dontunmap, whole=whole)
+    clear_vma_resv_huge_pages(rest)
     return dest
 
 

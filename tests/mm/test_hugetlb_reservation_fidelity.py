@@ -228,3 +228,29 @@ def test_owner_exit_gives_up_the_reservations_of_pages_its_fork_child_still_maps
     child.exit()
     assert _counts(m) == (2, 0)
     verify_machine(m)
+
+
+def test_mremap_of_part_of_a_private_hugetlb_mapping_moves_the_reservation_map_away(
+    make_machine,
+):
+    """Host: a never-touched 2-page read-only private hugetlb mapping; with 0
+    pages available, mremap(MAYMOVE|FIXED) of its first page elsewhere
+    succeeds; the moved page faults in from the reservation, but the page
+    left behind gets SIGBUS (its VMA lost the reservation map). After the
+    process exits, HugePages_Rsvd stays one higher than before the mapping:
+    the left page's reservation is never given back."""
+    m = _machine(make_machine, 2)
+    p = m.spawn()
+    ro = hmmsim.PROT_READ
+    p.mmap(2 * MB2, ro, PRIVATE_HUGE | hmmsim.MAP_FIXED_NOREPLACE, addr=A + 2 * MB2)
+    assert _available(m) == 0
+    flags = hmmsim.MREMAP_MAYMOVE | hmmsim.MREMAP_FIXED
+    assert p.mremap(A + 2 * MB2, MB2, MB2, flags, A) == A
+    assert _vmas(p, A, A + 4 * MB2) == [(A, A + MB2, False), (A + 3 * MB2, A + 4 * MB2, False)]
+    assert p.read(A + 0xAC000, 1) == b"\0"
+    with pytest.raises(hmmsim.BusError):
+        p.read(A + 3 * MB2, 1)
+    assert _counts(m) == (1, 1)
+    p.exit()
+    assert _counts(m) == (2, 1)
+    verify_machine(m)
