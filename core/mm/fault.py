@@ -36,7 +36,7 @@ from .. import sched
 from ..errors import OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, invalidation
 from ..trace import COST_FAULT_NS, COST_SWAP_IO_NS
-from .hugetlb import alloc_hugetlb_folio, is_resv_owner, unmap_ref_private
+from .hugetlb import alloc_hugetlb_folio, is_resv_owner
 from .pagetable import (
     CHUNK_PMD,
     KIND_DEVICE_EXCLUSIVE,
@@ -82,6 +82,7 @@ from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, rmap_walk, root_ano
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
 from .vma import VM_IO, VM_LOCKED, VM_NOHUGEPAGE, VM_PFNMAP, VM_WRITE
+from .zap import zap_range
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -856,7 +857,7 @@ def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
             return _hugetlb_copy(vma, hvpn, loc, e, new)
         if not is_resv_owner(vma):
             return VM_FAULT_SIGBUS
-        unmap_ref_private(vma, old, hvpn)
+        _unmap_ref_private(vma, old, hvpn)
         if mm.pt.get(loc) != e:
             return 0  # the entry changed meanwhile: the access faults again
         if phys.mapcount[old] != 1:
@@ -864,6 +865,28 @@ def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
     phys.flags[old : old + nr] |= np.uint16(PG_anon_exclusive)
     mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
     return 0
+
+
+def _unmap_ref_private(vma: Vma, head: int, hvpn: int) -> None:
+    """The owner ``vma`` could not copy the huge page ``head`` it shares with its
+    fork children: unmap the page from every other private mapping of it that
+    owns no reservation, and mark those mappings (``HPAGE_RESV_UNMAPPED``).
+
+    Linux finds those mappings through the hugetlbfs object's ``i_mmap`` at
+    the owner's address; the model asks the folio's rmap, which finds the
+    same mappings (a child mapping the page at another address after an
+    mremap is found too, where Linux would miss it and retry the COW again).
+    """
+    nr = 1 << vma.hugetlb_order
+    for hit in list(rmap_walk(vma.mm.machine, head)):
+        other = hit.vma
+        if other is vma or other.is_shared or is_resv_owner(other):
+            continue
+        for vpn in np.unique(hit.vpns & ~(nr - 1)).tolist():
+            addr = vpn << PAGE_SHIFT
+            with invalidation(other.mm, MMU_NOTIFY_CLEAR, addr, addr + (nr << PAGE_SHIFT)):
+                zap_range(other, vpn, nr)
+        other.hugetlb_resv_unmapped = True
 
 
 def _hugetlb_copy(vma: Vma, hvpn: int, loc: int, e: int, new: int) -> int:

@@ -2,7 +2,8 @@
 
 Kernel counterpart: mm/hugetlb.c (``struct hstate``, ``nr_hugepages``,
 ``struct resv_map``, ``hugetlb_reserve_pages``, ``alloc_hugetlb_folio``,
-``unmap_ref_private``) and the hugetlbfs release of an object's pages.
+the reservation restore of ``__unmap_hugepage_range``) and the hugetlbfs
+release of an object's pages.
 
 A pool's pages are taken from the frame allocator when the machine boots and
 never return to it. ``mmap(MAP_HUGETLB)`` reserves pages for the whole mapping
@@ -14,8 +15,11 @@ fork makes own none, so their faults and COW copies take unreserved pages
 (free beyond what is reserved), and get SIGBUS when there is none. The owner
 is guaranteed its pages: when its own COW copy finds the pool empty, it
 takes the page back from the fork children that still map it
-(``unmap_ref_private``), and a child whose page was taken gets SIGBUS on its
-next no-page fault anywhere in that mapping (``HPAGE_RESV_UNMAPPED``).
+(``unmap_ref_private``, in fault.py with the COW it serves), and a child
+whose page was taken gets SIGBUS on its next no-page fault anywhere in that
+mapping (``HPAGE_RESV_UNMAPPED``). Unmapping an owner's page reserves its
+index again (see ``restore_reservations``), and mremap of part of a private
+mapping leaves the rest without reservations (``clear_vma_resv_huge_pages``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,7 @@ import attrs
 import numpy as np
 
 from ..errors import OutOfMemory
-from ..notifier import MMU_NOTIFY_CLEAR, invalidation
-from .pagetable import PAGE_SHIFT
 from .physmem import PG_anon, PG_hugetlb, PhysMem
-from .rmap import rmap_walk
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -217,30 +218,6 @@ def clear_vma_resv_huge_pages(vmas: Iterable[Vma]) -> None:
         if vma.is_hugetlb and not vma.is_shared:
             vma.hugetlb_resv = None
             vma.hugetlb_resv_unmapped = False
-
-
-def unmap_ref_private(vma: Vma, head: int, hvpn: int) -> None:
-    """The owner ``vma`` could not copy the huge page ``head`` it shares with its
-    fork children: unmap the page from every other private mapping of it that
-    owns no reservation, and mark those mappings (``HPAGE_RESV_UNMAPPED``).
-
-    Linux finds those mappings through the hugetlbfs object's ``i_mmap`` at
-    the owner's address; the model asks the folio's rmap, which finds the
-    same mappings (a child mapping the page at another address after an
-    mremap is found too, where Linux would miss it and retry the COW again).
-    """
-    from .zap import zap_range  # zap.py calls restore_reservations: import here
-
-    nr = 1 << vma.hugetlb_order
-    for hit in list(rmap_walk(vma.mm.machine, head)):
-        other = hit.vma
-        if other is vma or other.is_shared or is_resv_owner(other):
-            continue
-        for vpn in np.unique(hit.vpns & ~(nr - 1)).tolist():
-            addr = vpn << PAGE_SHIFT
-            with invalidation(other.mm, MMU_NOTIFY_CLEAR, addr, addr + (nr << PAGE_SHIFT)):
-                zap_range(other, vpn, nr)
-        other.hugetlb_resv_unmapped = True
 
 
 @contextlib.contextmanager
