@@ -36,6 +36,7 @@ from .. import sched
 from ..errors import OutOfMemory
 from ..notifier import MMU_NOTIFY_CLEAR, MMU_NOTIFY_EXCLUSIVE, invalidation
 from ..trace import COST_FAULT_NS, COST_SWAP_IO_NS
+from .hugetlb import alloc_hugetlb_folio, is_resv_owner
 from .pagetable import (
     CHUNK_PMD,
     KIND_DEVICE_EXCLUSIVE,
@@ -81,6 +82,7 @@ from .rmap import anon_vma_prepare, folio_add_new_anon_rmap, rmap_walk, root_ano
 from .swap import swapcache_add, swapcache_del
 from .thp import split_huge_pmd, thp_vma_allowable, thp_vma_suitable
 from .vma import VM_IO, VM_LOCKED, VM_NOHUGEPAGE, VM_PFNMAP, VM_WRITE
+from .zap import zap_range
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -821,13 +823,15 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
     pool = machine.hugetlb[order]
     hidx = vma.linear_index(hvpn) >> order
     if e == 0:
+        if vma.hugetlb_resv_unmapped:
+            return VM_FAULT_SIGBUS  # the owner took a page back from this fork child
         if vma.is_shared:
             f = vma.file
             if hidx >= len(f.cache):
                 return VM_FAULT_SIGBUS
             pfn = int(f.cache[hidx])
             if pfn < 0:
-                got = pool.alloc(reserved=f.hugetlb_resv.consume(hidx))
+                got = alloc_hugetlb_folio(pool, f.hugetlb_resv, hidx)
                 if got is None:
                     return VM_FAULT_SIGBUS
                 pfn = got
@@ -840,8 +844,7 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
                 phys.flags[pfn] |= np.uint16(PG_dirty)
             writable = bool(vma.flags & VM_WRITE)
         else:
-            resv = vma.hugetlb_resv
-            got = pool.alloc(reserved=resv is not None and resv.consume(hidx))
+            got = alloc_hugetlb_folio(pool, vma.hugetlb_resv, hidx)
             if got is None:
                 return VM_FAULT_SIGBUS
             pfn = got
@@ -866,24 +869,71 @@ def hugetlb_fault(vma: Vma, vpn: int, write: bool) -> int:
 
 
 def hugetlb_wp(vma: Vma, hvpn: int, loc: int, e: int) -> int:
-    """COW of a private huge page: reuse if exclusive, else copy from the pool."""
+    """COW of a private huge page: reuse if mapped once, else copy from the pool.
+
+    As Linux 6.18, reuse looks at the mapcount only, not at extra references
+    (a copy that the pool cannot give would kill the process where a
+    fork-and-exit user expects to carry on). The copy takes an unreserved
+    page, also for the reservation's owner (its reservation for the index was
+    used by the page it copies); when there is none, the owner takes the page
+    back from its fork children (``unmap_ref_private``) and reuses it, while
+    any other mapping gets SIGBUS.
+    """
     mm = vma.mm
     machine = mm.machine
     phys = machine.phys
     order = vma.hugetlb_order
     nr = 1 << order
     old = pte_pfn(e)
-    flags = int(phys.flags[old])
     if vma.is_shared:
         mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
         return 0
-    if flags & PG_anon_exclusive or (phys.refcount[old] == 1 and phys.mapcount[old] == 1):
-        phys.flags[old : old + nr] |= np.uint16(PG_anon_exclusive)
-        mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
-        return 0
-    new = machine.hugetlb[order].alloc(reserved=False)
-    if new is None:
-        return VM_FAULT_SIGBUS
+    if phys.mapcount[old] != 1:
+        new = machine.hugetlb[order].alloc(reserved=False)
+        if new is not None:
+            return _hugetlb_copy(vma, hvpn, loc, e, new)
+        if not is_resv_owner(vma):
+            return VM_FAULT_SIGBUS
+        _unmap_ref_private(vma, old, hvpn)
+        if mm.pt.get(loc) != e:
+            return 0  # the entry changed meanwhile: the access faults again
+        if phys.mapcount[old] != 1:
+            return VM_FAULT_SIGBUS
+    phys.flags[old : old + nr] |= np.uint16(PG_anon_exclusive)
+    mm.pt.set(loc, e | PTE_WRITE | PTE_DIRTY | PTE_YOUNG)
+    return 0
+
+
+def _unmap_ref_private(vma: Vma, head: int, hvpn: int) -> None:
+    """The owner ``vma`` could not copy the huge page ``head`` it shares with its
+    fork children: unmap the page from every other private mapping of it that
+    owns no reservation, and mark those mappings (``HPAGE_RESV_UNMAPPED``).
+
+    Linux finds those mappings through the hugetlbfs object's ``i_mmap`` at
+    the owner's address; the model asks the folio's rmap, which finds the
+    same mappings (a child mapping the page at another address after an
+    mremap is found too, where Linux would miss it and retry the COW again).
+    """
+    nr = 1 << vma.hugetlb_order
+    for hit in list(rmap_walk(vma.mm.machine, head)):
+        other = hit.vma
+        if other is vma or other.is_shared or is_resv_owner(other):
+            continue
+        for vpn in np.unique(hit.vpns & ~(nr - 1)).tolist():
+            addr = vpn << PAGE_SHIFT
+            with invalidation(other.mm, MMU_NOTIFY_CLEAR, addr, addr + (nr << PAGE_SHIFT)):
+                zap_range(other, vpn, nr)
+        other.hugetlb_resv_unmapped = True
+
+
+def _hugetlb_copy(vma: Vma, hvpn: int, loc: int, e: int, new: int) -> int:
+    """Map a private copy ``new`` of the huge page that ``e`` maps."""
+    mm = vma.mm
+    machine = mm.machine
+    phys = machine.phys
+    order = vma.hugetlb_order
+    nr = 1 << order
+    old = pte_pfn(e)
     phys.copy_pages(np.arange(new, new + nr, dtype=_I64), np.arange(old, old + nr, dtype=_I64))
     addr = hvpn << PAGE_SHIFT
     with invalidation(mm, MMU_NOTIFY_CLEAR, addr, addr + (nr << PAGE_SHIFT)):

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..notifier import MMU_NOTIFY_UNMAP, invalidation
 from .fault import populate_range
-from .hugetlb import ResvMap
+from .hugetlb import ResvMap, clear_vma_resv_huge_pages, hold_hugetlbfs_objects
 from .pagetable import (
     LEVEL_PMD,
     LEVEL_PTE,
@@ -451,11 +451,12 @@ def do_mmap(
     descriptor). Only the read/write/exec bits of ``prot`` count; the others
     are ignored, as Linux ignores them. ``MAP_FIXED`` first unmaps whatever
     was in the range, page tables included (``mmap_region``); if the backing
-    object's ``mmap`` then fails, the old mapping stays gone, as in Linux.
-    ``MAP_POPULATE`` (without ``MAP_NONBLOCK``) or ``MAP_LOCKED`` faults the
-    new range in after the VMA has merged with its neighbours, and populates
-    nothing in a ``PROT_NONE`` mapping (``populate_vma_page_range`` skips
-    inaccessible VMAs).
+    object's ``mmap`` then fails (a hugetlb mapping's reservation included:
+    ENOMEM), the old mapping stays gone, as in Linux. ``MAP_POPULATE``
+    (without ``MAP_NONBLOCK``) or ``MAP_LOCKED`` faults the new range in
+    after the VMA has merged with its neighbours, and populates nothing in a
+    ``PROT_NONE`` mapping (``populate_vma_page_range`` skips inaccessible
+    VMAs).
     """
     if offset % PAGE_SIZE:
         raise InvalidArgument(f"mmap: offset {offset:#x} is not page aligned")
@@ -512,12 +513,22 @@ def do_mmap(
         pool = machine.hugetlb[hugetlb_order]
         nhuge = size >> (PAGE_SHIFT + hugetlb_order)
         resv = ResvMap(pool)
-        if not flags & MAP_NORESERVE:
-            resv.reserve(list(range(nhuge)))  # ENOMEM before anything is created
+        # hugetlb_reserve_pages runs after MAP_FIXED has cleared and closed the
+        # old mappings (their private pages and reservations count as free
+        # again) but before it drops their files: on ENOMEM the old mappings
+        # are gone, as in Linux.
+        old = mm.vmas.intersecting(start, start + size) if flags & MAP_FIXED else []
+        with hold_hugetlbfs_objects(old):
+            if flags & MAP_FIXED:
+                unmap_range(mm, start, start + size)
+            if not flags & MAP_NORESERVE:
+                resv.reserve(list(range(nhuge)))
         if shared:
             backing = machine.create_hugetlbfs_file(size, hugetlb_order)
             backing.hugetlb_resv = resv
             resv = None
+        elif flags & MAP_NORESERVE:
+            resv = None  # no reservation, so not its owner (no HPAGE_RESV_OWNER)
         pgoff = 0
     elif anonymous and shared:
         backing = machine.create_shmem(size)
@@ -526,7 +537,7 @@ def do_mmap(
         pgoff = start >> PAGE_SHIFT
     vm_flags = accountable(vm_flags)
 
-    if flags & MAP_FIXED:
+    if flags & MAP_FIXED and not hugetlb_order:
         unmap_range(mm, start, start + size)
     vma = Vma(
         mm,
@@ -689,7 +700,9 @@ def move_vma(
     """
     mm = vma.mm
     pgoff = vma.pgoff
-    if vma.is_anonymous and not vma.is_shared and vma.anon_vma is None:
+    if vma.is_anonymous and not vma.is_shared and not vma.is_hugetlb and vma.anon_vma is None:
+        # (A private hugetlb VMA keeps its offset: in Linux it has a hugetlbfs
+        # file, and its reservations are indexed by that offset.)
         pgoff = new_addr >> PAGE_SHIFT
     new = vma.copy(new_addr, new_addr + new_len, pgoff)
     anon_vma_clone(new, vma)
@@ -798,7 +811,9 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         whole = cur.start == lo and cur.end == hi
         cut_from = (cur.start, cur.end)
         piece = isolate_range(mm, lo, hi)[0]
+        rest = [v for v in mm.vmas.intersecting(*cut_from) if v is not piece]
         move_vma(piece, target, hi - lo, dontunmap, whole=whole, cut_from=cut_from)
+        clear_vma_resv_huge_pages(rest)
     return addr
 
 
@@ -904,7 +919,9 @@ def do_mremap(
     whole = cur.start == old and cur.end == old + old_len
     cut_from = (cur.start, cur.end)
     piece = isolate_range(mm, old, old + old_len)[0]
+    rest = [v for v in mm.vmas.intersecting(*cut_from) if v is not piece]
     move_vma(piece, dest, new_len, dontunmap, whole=whole, cut_from=cut_from)
+    clear_vma_resv_huge_pages(rest)
     return dest
 
 

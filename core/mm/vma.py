@@ -102,6 +102,10 @@ class Vma:
     hugetlb_order: int = 0
     #: Huge-page reservations of a private hugetlb mapping (shared by its splits).
     hugetlb_resv: Any = None
+    #: ``HPAGE_RESV_UNMAPPED``: the owner of this private hugetlb mapping took
+    #: back a page it could not copy; any later no-page fault here is SIGBUS.
+    #: Kept by splits and moves, dropped by fork (``hugetlb_dup_vma_private``).
+    hugetlb_resv_unmapped: bool = False
     id: int = attrs.field(factory=itertools.count(1).__next__)
 
     def __repr__(self) -> str:
@@ -123,6 +127,7 @@ class Vma:
             vm_ops=self.vm_ops,
             hugetlb_order=self.hugetlb_order,
             hugetlb_resv=self.hugetlb_resv if mm is None else None,
+            hugetlb_resv_unmapped=self.hugetlb_resv_unmapped and mm is None,
         )
 
     @property

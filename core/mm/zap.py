@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from .hugetlb import is_resv_owner, restore_reservations
 from .pagetable import (
     KIND_DEVICE_EXCLUSIVE,
     KIND_DEVICE_PRIVATE,
@@ -86,6 +87,9 @@ def _zap_span(vma: Vma, start_vpn: int, npages: int, even_cows: bool) -> int:
         keep = ~anon & (kinds != KIND_SWAP)
         slots = slots.select(keep)
         kinds = kinds[keep]
+    if vma.is_hugetlb and is_resv_owner(vma):
+        present = (kinds == KIND_PRESENT) | (kinds == KIND_PROTNONE)
+        restore_reservations(vma, slots.vpns[present], slots.pfns[present])
     _drop_entries(vma, kinds, slots.pfns, slots.entries)
     pt.flat[slots.locs] = 0
     vma.mm.machine.costs.pte_writes += len(slots)
