@@ -38,68 +38,24 @@ INTENTIONAL: dict[str, str] = {
     ),
 }
 
-_HTLB_VMAS = (
-    "observed on seeds 61724, 61735, 61802, 62951, not analysed: after a MAP_FIXED "
-    "hugetlb mmap over existing mappings the VMAs differ in extent (the mmap failed on one "
-    "side after the old mappings were unmapped, or mapped a different range)"
-)
-
 #: Known model defects: class -> (reason, what it would take).
 #:
 #: What is left after the issue-10 fixes; every class here was seen as a first
-#: divergence on unseen seeds (docs/differential.md, "Measured"). Each was
-#: reproduced on the host; none is a difference kept on purpose.
+#: divergence on unseen seeds (docs/differential.md, "Measured"); none is a
+#: difference kept on purpose.
 KNOWN: dict[str, tuple[str, str]] = {
     "vma_merge": (
-        "only VMA boundaries differ. Seen: the VMA left behind by MREMAP_DONTUNMAP of a "
-        "whole faulted VMA does not merge back with its neighbour in Linux 6.18 when a "
-        "later mprotect makes their flags equal (it does when nothing was faulted before "
-        "the move); the model merges it (seed 52223, checked on the host). Not analysed: "
-        "a MAP_FIXED anon mmap or an mremap next to a compatible VMA that Linux merges "
-        "and the model does not (seeds 60414, 60513, 61059), and MADV_NOHUGEPAGE over "
-        "VMAs built by multi-VMA mremap moves (seed 51920)",
-        "identify 6.18's merge rule for a VMA whose anon_vma was unlinked by dontunmap_complete",
-    ),
-    "result@madvise_COLLAPSE": (
-        "observed on seeds 60043 and 62575, not analysed: Linux collapses a chunk where the "
-        "model returns EINVAL; the model's VMA there may be smaller than the kernel's (the "
-        "vma_merge class decides whether a 2 MiB chunk fits)",
-        "the vma_merge rules",
-    ),
-    "present@madvise_PAGEOUT/shared": (
-        "observed on seeds 62208 and 62872, not analysed: after MADV_PAGEOUT of shmem a page "
-        "is still mapped in the model where Linux unmapped it",
-        "shmem reclaim",
+        "only VMA boundaries differ. Seen before the last mremap merge fixes on seeds "
+        "52223, 60414, 60513, 61059, 51920, 63079 and 65355, which agree now (each rule "
+        "found has a test in tests/mm/test_differential_anon_fidelity.py); kept until a "
+        "run on unseen seeds shows no case left",
+        "the merge rule of whatever case is seen next",
     ),
     "exclusive@write/anon": (
-        "observed once (seed 61244), not analysed: pagemap bit 56 of a page of another "
-        "process after a write differs",
-        "pagemap exclusive bit",
-    ),
-    "result@mmap_hugetlb": (
-        "observed once (seed 61543), not analysed: a MAP_FIXED hugetlb mmap gets ENOMEM in "
-        "the model where Linux succeeds (hugetlb reservations after fork/COW, as below)",
-        "hugetlb reservations",
-    ),
-    "vmas@mmap_hugetlb/hugetlb": (_HTLB_VMAS, "hugetlb reservations"),
-    "vmas@mmap_hugetlb/hugetlb_shared": (_HTLB_VMAS, "hugetlb reservations"),
-    "vmas@mmap_hugetlb_shared/hugetlb_shared": (_HTLB_VMAS, "hugetlb reservations"),
-    "present@madvise_PAGEOUT/anon": (
-        "observed on seed 10491 (and twice on seeds 50000-52999 before), not analysed: "
-        "after MADV_PAGEOUT of private anonymous pages with no swap, Linux still maps a "
-        "page the model no longer maps (a lazy-free page discarded on one side only?)",
-        "anonymous reclaim without swap",
-    ),
-    "pmd_mapped@write/anon": (
-        "observed once (seed 10570), not analysed: a write fault maps a THP by a PMD in "
-        "Linux where the model maps small pages (THP eligibility after the VMA changes)",
-        "THP fault eligibility",
-    ),
-    "result@mmap_hugetlb_populate": (
-        "a MAP_POPULATE private hugetlb mmap after fork and COW of another private hugetlb "
-        "mapping: the model runs out of hugetlb pages (ENOMEM) where Linux succeeds (seed "
-        "51270, a 13-step repro); reservation accounting across fork/COW, not analysed",
-        "hugetlb reservations",
+        "observed once (seed 61244) and not reproduced since (six reruns agree): pagemap "
+        "bit 56 of another process's page after a write, next to a process exiting by "
+        "SIGSEGV; probably the host's timing around that exit",
+        "a reproducible case",
     ),
 }
 

@@ -225,6 +225,8 @@ def host_settings() -> Iterator[None]:
 
     lock = os.open(_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
+    global _topped_up
+    _topped_up = 0
     plan = _settings_plan()
     saved: list[tuple[Path, str, str]] = []
     try:
@@ -240,18 +242,39 @@ def host_settings() -> Iterator[None]:
             if path.name == "nr_hugepages":
                 # Give back only our pages if someone else changed the pool meanwhile.
                 now = int(path.read_text())
-                old = old if now == int(value) else str(max(0, now - HUGETLB_PAGES))
+                ours = int(value) + _topped_up
+                old = old if now == ours else str(max(0, now - HUGETLB_PAGES - _topped_up))
             with contextlib.suppress(OSError):
                 path.write_text(old)
         os.close(lock)
 
 
 _HP = Path("/sys/kernel/mm/hugepages/hugepages-2048kB")
+#: Pages ``top_up_hugetlb`` added to the pool during this ``host_settings`` scope.
+_topped_up = 0
 
 
 def hugetlb_available() -> int:
     """Free 2 MiB hugetlb pages nobody has reserved (what a new mapping can get)."""
     return int((_HP / "free_hugepages").read_text()) - int((_HP / "resv_hugepages").read_text())
+
+
+def top_up_hugetlb() -> None:
+    """Give the pool back ``HUGETLB_PAGES`` available pages before a sequence.
+
+    Linux 6.18 leaks a hugetlb reservation when part of a private hugetlb
+    mapping is moved by mremap (the reservation outlives the process), and
+    the sequences do that: over a long run the host's available count would
+    fall to zero and every hugetlb step would diverge. ``host_settings``
+    takes these pages back at the end (the leaked reservations stay).
+    """
+    global _topped_up
+    short = HUGETLB_PAGES - hugetlb_available()
+    if short > 0:
+        nr = _HP / "nr_hugepages"
+        with contextlib.suppress(OSError):
+            nr.write_text(str(int(nr.read_text()) + short))
+            _topped_up += short
 
 
 def fallback_counters() -> dict[str, int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .classes import classify, is_intentional
 from .compare import Divergence, StepStats, compare_step
-from .hostkernel import HostRun, hugetlb_available
+from .hostkernel import HostRun, hugetlb_available, top_up_hugetlb
 from .model import ModelRun
 from .ops import BASE, PAGE, Op, generate
 from .state import Result
@@ -62,6 +62,7 @@ def run_ops(seed: int, ops: list[Op], stop_at_first: bool = False) -> SequenceRe
     """Play ``ops`` on a fresh host run and a fresh model; compare after every step."""
     res = SequenceResult(seed, ops)
     host = HostRun()
+    top_up_hugetlb()
     model = ModelRun(hugetlb_pages=max(0, hugetlb_available()))
     try:
         host.start()
