@@ -112,8 +112,8 @@ def test_process_exit_after_exhausted_eviction_leaves_nothing_behind(exhausted):
     check_no_leaks(m)
 
 
-def test_evicting_a_device_thp_without_a_free_pmd_block_moves_all_512_pages(make_machine):
-    m = make_machine(ram_bytes=16 << 20, thp="always")
+def _thp_for_device(m: hmmsim.Machine):  # type: ignore[no-untyped-def]
+    """A process with a mirror and one 2 MiB-aligned THP filled with a pattern."""
     dev = m.probe("dmirror")
     p = m.spawn()
     fd = dev.open(p)
@@ -122,6 +122,12 @@ def test_evicting_a_device_thp_without_a_free_pmd_block_moves_all_512_pages(make
     a = (raw + size - 1) & ~(size - 1)
     data = bytes(range(251)) * (size // 251) + bytes(size % 251)
     p.write(a, data)
+    return dev, p, fd, a, size, data
+
+
+def test_evicting_a_device_thp_without_a_free_pmd_block_moves_all_512_pages(make_machine):
+    m = make_machine(ram_bytes=16 << 20, thp="always")
+    dev, p, fd, a, size, data = _thp_for_device(m)
     assert p.pagemap(a, 1)[0].order == 9
     assert fd.migrate_to_device(a, 512) == 512
     entry = p.pagemap(a, 1)[0]
@@ -207,14 +213,7 @@ def test_migrate_to_system_out_of_ram_half_way_keeps_every_page_whole(make_machi
 
 def test_cpu_fault_on_a_device_thp_out_of_ram_half_way_reclaims_and_completes(make_machine):
     m = make_machine(ram_bytes=16 << 20, thp="always", swap_bytes=8 << 20)
-    dev = m.probe("dmirror")
-    p = m.spawn()
-    fd = dev.open(p)
-    size = 2 << 20
-    raw = p.mmap(2 * size, RW, ANON)
-    a = (raw + size - 1) & ~(size - 1)
-    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
-    p.write(a, data)
+    _, p, fd, a, size, data = _thp_for_device(m)
     assert fd.migrate_to_device(a, 512) == 512
     hog, b, n = _hog_leaving(m, 100)  # 100 small pages, no PMD block
     # migrate_to_ram of the whole PMD-mapped folio runs out half-way; the
@@ -237,14 +236,7 @@ def test_cpu_fault_out_of_ram_without_swap_fails_and_keeps_every_page_whole(make
     """Reclaim can free nothing (no swap): the model's access raises where the
     kernel would OOM-kill (a documented departure), and nothing is half-done."""
     m = make_machine(ram_bytes=16 << 20, thp="always")
-    dev = m.probe("dmirror")
-    p = m.spawn()
-    fd = dev.open(p)
-    size = 2 << 20
-    raw = p.mmap(2 * size, RW, ANON)
-    a = (raw + size - 1) & ~(size - 1)
-    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
-    p.write(a, data)
+    _, p, fd, a, size, data = _thp_for_device(m)
     assert fd.migrate_to_device(a, 512) == 512
     hog, b, n = _hog_leaving(m, 100)
     with pytest.raises(hmmsim.OutOfMemory):
@@ -263,14 +255,7 @@ def test_cpu_fault_on_a_device_thp_without_a_pmd_block_moves_the_faulting_page_t
     make_machine,
 ):
     m = make_machine(ram_bytes=16 << 20, thp="always")
-    dev = m.probe("dmirror")
-    p = m.spawn()
-    fd = dev.open(p)
-    size = 2 << 20
-    raw = p.mmap(2 * size, RW, ANON)
-    a = (raw + size - 1) & ~(size - 1)
-    data = bytes(range(251)) * (size // 251) + bytes(size % 251)
-    p.write(a, data)
+    _, p, fd, a, size, data = _thp_for_device(m)
     assert fd.migrate_to_device(a, 512) == 512
     hog, b = _fill_ram(m)
     for k in range(0, 1024, 2):  # 512 free pages, no free 2 MiB block
