@@ -30,6 +30,7 @@ batch in one vectorised call.
 from __future__ import annotations
 
 import mmap
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -68,8 +69,14 @@ HUGE_ZERO_PFN: Final = PMD_PAGES
 I64 = np.int64
 
 #: Host mappings for metadata and contents: private (shared anonymous memory
-#: is shmem, dearer to fault in and to free).
-_PRIVATE_ANON: Final = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+#: is shmem, dearer to fault in and to free), and not accounted against the
+#: host's commit limit (MAP_NORESERVE, Linux's 0x4000: Python's mmap module
+#: does not name it): a machine reserves far more than it touches, and with
+#: the arenas accounted a long-lived process holding a few machines could no
+#: longer fork (the explorer's and the bug zoo's workers) under the host's
+#: default heuristic overcommit.
+_MAP_NORESERVE: Final = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+_PRIVATE_ANON: Final = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
 
 #: The folio metadata arrays, indexed by pfn.
 _META_FIELDS: Final = (
