@@ -55,6 +55,7 @@ from .mm.pagetable import (
     pte_pfn,
 )
 from .mm.physmem import PG_anon, PG_anon_exclusive
+from .mm.reclaim import direct_reclaim
 from .mm.thp import split_huge_pmd, thp_vma_allowable
 from .mm.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 
@@ -348,9 +349,12 @@ def _follow_and_fault(mm: AddressSpace, addr: int, gup_flags: int, mode: int) ->
             fault_flags = FAULT_FLAG_WRITE if write else 0
         if gup_flags & FOLL_NOFAULT:
             raise BadAddress(f"GUP: {addr:#x} needs a fault (FOLL_NOFAULT)")
+        failures = phys.order0_failures
         ret = handle_mm_fault(vma, addr, fault_flags | FAULT_FLAG_REMOTE)
         if ret & VM_FAULT_ERROR:
             if ret & VM_FAULT_OOM:
+                if phys.order0_failures > failures and direct_reclaim(machine, 1):
+                    continue  # RAM ran out; reclaim freed some: fault again
                 raise OutOfMemory(f"GUP: out of memory faulting {addr:#x}")
             if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE) and gup_flags & FOLL_HWPOISON:
                 raise HardwarePoison(f"GUP: {addr:#x} is poisoned")

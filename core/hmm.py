@@ -60,7 +60,7 @@ from .errors import (
     NotPermitted,
     NotSupported,
 )
-from .mm.fault import VM_FAULT_ERROR, populate_range, wait_on_migration
+from .mm.fault import VM_FAULT_ERROR, VM_FAULT_OOM, populate_range, wait_on_migration
 from .mm.pagetable import (
     CHUNK_PMD,
     KIND_DEVICE_PRIVATE,
@@ -87,6 +87,7 @@ from .mm.pagetable import (
     pte_kind_array,
 )
 from .mm.physmem import HUGE_ZERO_PFN, ZERO_PFN
+from .mm.reclaim import direct_reclaim
 from .mm.vma import VM_IO, VM_PFNMAP, VM_READ, VM_WRITE
 from .notifier import IntervalNotifier, mmu_interval_check_retry
 from .trace import COST_HMM_PAGE_NS, COST_HMM_PASS_NS
@@ -301,8 +302,17 @@ def _hmm_vma_fault(rng: HmmRange, vma: Vma, addr: int, end: int, act: int) -> No
     write = act == _ACT_WRITE_FAULT
     if write and not vma.flags & VM_WRITE:
         raise NotPermitted(f"hmm_range_fault: write fault at {addr:#x} in read-only {vma}")
-    ret = populate_range(vma, addr >> PAGE_SHIFT, (end - addr) >> PAGE_SHIFT, write)
-    if ret & VM_FAULT_ERROR:
+    phys = vma.mm.machine.phys
+    failures = phys.order0_failures
+    npages = (end - addr) >> PAGE_SHIFT
+    ret = populate_range(vma, addr >> PAGE_SHIFT, npages, write)
+    # Where RAM ran out and reclaim freed some, the walk starts again from addr
+    # (reclaim of the range's own pages shows up as an invalidation: -EBUSY).
+    if ret & VM_FAULT_ERROR and not (
+        ret & VM_FAULT_OOM
+        and phys.order0_failures > failures
+        and direct_reclaim(vma.mm.machine, npages)
+    ):
         raise BadAddress(f"hmm_range_fault: fault at {addr:#x} failed ({ret:#x})")
     raise _Fault(addr)
 

@@ -71,6 +71,7 @@ from .pagetable import (
     pte_pfn,
 )
 from .physmem import PG_anon, PG_hugetlb, PG_swapbacked, PG_zone_device
+from .reclaim import direct_reclaim
 from .rmap import rmap_walk
 from .uapi import TASK_SIZE
 from .vma import VM_READ, VM_WRITE
@@ -80,8 +81,6 @@ if TYPE_CHECKING:
 
 #: How often a CPU access re-faults a range that changed under it before giving up.
 MAX_ACCESS_RETRIES = 64
-#: Pages direct reclaim tries to free per attempt (``SWAP_CLUSTER_MAX``).
-SWAP_CLUSTER_MAX = 32
 
 
 @attrs.frozen
@@ -323,11 +322,19 @@ class Process:
                 ret = populate_range(vma, vpn0, n, write)
                 walk = pt.walk(vpn0, n)
                 need = entries_needing_fault(walk.entries, write)
-                if (
-                    ret & VM_FAULT_OOM
-                    and phys.order0_failures > failures
-                    and direct_reclaim(self.machine, int(need.sum()))
-                ):
+                if ret & VM_FAULT_OOM and phys.order0_failures == failures:
+                    # No allocation failed: a fault handler (a driver's
+                    # migrate_to_ram) returned VM_FAULT_OOM for its own reasons.
+                    # Since 5.16 pagefault_out_of_memory only warns that it
+                    # "leaked out to the #PF handler" and the fault is retried.
+                    self.machine.warn(
+                        "mm",
+                        "pagefault_out_of_memory",
+                        "VM_FAULT_OOM leaked out to the #PF handler",
+                        f"process {self.pid} at {lo:#x}",
+                    )
+                    continue
+                if ret & VM_FAULT_OOM and direct_reclaim(self.machine, int(need.sum())):
                     # RAM ran out; reclaim freed some: fault again. Only a
                     # retry that made no progress counts towards livelock.
                     if int(need.sum()) < left:
@@ -423,30 +430,6 @@ def _ints(call: str, **args: object) -> list[int]:
             raise InvalidArgument(f"{call}: {name} must be an integer, not {value!r}")
         out.append(int(value))
     return out
-
-
-def direct_reclaim(machine: Machine, npages: int) -> bool:
-    """A user page allocation found RAM exhausted: reclaim about ``npages``.
-
-    What the page allocator's slow path does before it fails a user page
-    (``__alloc_pages_direct_reclaim``), done once the fault has returned
-    ``VM_FAULT_OOM`` after an order-0 allocation failed, and followed by a
-    retry of the fault. True if anything was freed.
-
-    Departure from the kernel: when reclaim frees nothing the allocator
-    would invoke the OOM killer (``__alloc_pages_may_oom``) and the fault
-    would succeed once the victim is reaped; the model's CPU access raises
-    ``OutOfMemory`` instead and kills nobody. Only allocations that must not
-    fail (device eviction, ``hmmsim.mm.oom``) OOM-kill. And a CPU copy loop
-    faults and copies page by page, where the model faults a whole access in
-    before it copies: one access larger than what RAM can hold at once
-    keeps evicting its own pages and ends as a livelock (``BusError``).
-    Faults of GUP and ``hmm_range_fault`` do not reclaim: they fail with
-    ENOMEM, as before.
-    """
-    # SWAP_CLUSTER_MAX at a time: the fault is retried with what was freed,
-    # and a bigger batch would evict the pages this access just faulted in.
-    return machine.reclaim(min(max(npages, 1), SWAP_CLUSTER_MAX) * PAGE_SIZE) > 0
 
 
 def _raise_fault(ret: int, addr: int, write: bool) -> None:

@@ -326,3 +326,31 @@ def reclaim_machine(machine: Machine, nbytes: int) -> int:
         if phys.refcount[head] > 0:
             freed += reclaim_folio(machine, head)
     return freed * PAGE_SIZE
+
+
+#: Pages direct reclaim tries to free per attempt (``SWAP_CLUSTER_MAX``).
+SWAP_CLUSTER_MAX = 32
+
+
+def direct_reclaim(machine: Machine, npages: int) -> bool:
+    """A user page allocation found RAM exhausted: reclaim about ``npages``.
+
+    What the page allocator's slow path does before it fails a user page
+    (``__alloc_pages_direct_reclaim``), done once the fault has returned
+    ``VM_FAULT_OOM`` after an order-0 allocation failed, and followed by a
+    retry of the fault. True if anything was freed.
+
+    Departure from the kernel: when reclaim frees nothing the allocator
+    would invoke the OOM killer (``__alloc_pages_may_oom``) and the fault
+    would succeed once the victim is reaped; the model's CPU access raises
+    ``OutOfMemory`` instead and kills nobody. Only allocations that must not
+    fail (device eviction, ``hmmsim.mm.oom``) OOM-kill. And a CPU copy loop
+    faults and copies page by page, where the model faults a whole access in
+    before it copies: one access larger than what RAM can hold at once
+    keeps evicting its own pages and ends as a livelock (``BusError``).
+    GUP and ``hmm_range_fault`` faults reclaim the same way before they
+    fail (ENOMEM, EFAULT).
+    """
+    # SWAP_CLUSTER_MAX at a time: the fault is retried with what was freed,
+    # and a bigger batch would evict the pages this access just faulted in.
+    return reclaim_machine(machine, min(max(npages, 1), SWAP_CLUSTER_MAX) * PAGE_SIZE) > 0
