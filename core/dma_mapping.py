@@ -431,8 +431,7 @@ class DmaDevice:
 
     # The device's own loads and stores, through its bus addresses.
     def _translate(self, addr: int, length: int, write: bool) -> NDArray[np.int64]:
-        first = addr >> PAGE_SHIFT
-        n = ((addr + length - 1) >> PAGE_SHIFT) - first + 1
+        first, n = _page_span(addr, length)
         need = IOMMU_WRITE if write else IOMMU_READ
         verb = "store to" if write else "load from"
         if self.pci is not None:
@@ -594,11 +593,8 @@ def dma_debug_device_teardown(dev: DmaDevice) -> list[DmaViolation]:
             # The link's pages go with the domain; its IOVA range belongs to
             # the caller's dma_iova_state, whose dma_iova_free gives it back.
             _unlink_iommu(dev.domain, m)
-            continue
-        first = m.addr >> PAGE_SHIFT
-        npages = ((m.addr + m.size - 1) >> PAGE_SHIFT) - first + 1
-        dev.domain.unmap(first, npages)
-        dev.domain.free_iova(first)
+        else:
+            _iommu_unmap(dev, m.addr, m.size)
     return leaks
 
 
@@ -613,6 +609,18 @@ def _check_dir(direction: int) -> DmaDataDirection:
     if d is None:
         raise InvalidArgument(f"{direction!r} is not a DMA direction to map for")
     return d
+
+
+def _page_span(addr: int, size: int) -> tuple[int, int]:
+    """The first page of [addr, addr + size) and how many pages it touches."""
+    first = addr >> PAGE_SHIFT
+    return first, ((addr + size - 1) >> PAGE_SHIFT) - first + 1
+
+
+def _first_pfn(pfns: NDArray[np.int64], phys: int) -> int:
+    """The frame an IOMMU entry for ``phys`` points at: its page, or for a peer's
+    BAR the P2PDMA page ``_pfn_span`` resolved it to."""
+    return int(pfns[0]) if len(pfns) else phys >> PAGE_SHIFT
 
 
 def _pfn_span(dev: DmaDevice, phys: int, size: int, mmio: bool) -> NDArray[np.int64]:
@@ -650,9 +658,8 @@ def _alloc_iova(dev: DmaDevice, npages: int) -> int | None:
     return dev.domain.alloc_iova(npages, limit)
 
 
-def _iommu_map(
-    dev: DmaDevice, pfns: NDArray[np.int64], first_pfn: int, n: int, prot: int
-) -> int | None:
+def _iommu_map(dev: DmaDevice, first_pfn: int, n: int, prot: int) -> int | None:
+    """A new IOVA range of ``n`` pages mapped to the frames from ``first_pfn``."""
     assert dev.domain is not None
     iova = _alloc_iova(dev, n)
     if iova is not None:
@@ -682,9 +689,8 @@ def dma_map_phys(dev: DmaDevice, phys: int, size: int, direction: int, attrs_: i
         if addr + size - 1 > dev.dma_mask:
             return DMA_MAPPING_ERROR  # would need SWIOTLB, which the model lacks
     else:
-        first = int(pfns[0]) if len(pfns) else phys >> PAGE_SHIFT
-        n = ((phys + size - 1) >> PAGE_SHIFT) - (phys >> PAGE_SHIFT) + 1
-        iova = _iommu_map(dev, pfns, first, n, _prot(d) | (IOMMU_MMIO if mmio else 0))
+        prot = _prot(d) | (IOMMU_MMIO if mmio else 0)
+        iova = _iommu_map(dev, _first_pfn(pfns, phys), _page_span(phys, size)[1], prot)
         if iova is None:
             return DMA_MAPPING_ERROR
         addr = (iova << PAGE_SHIFT) | (phys & (PAGE_SIZE - 1))
@@ -695,8 +701,7 @@ def dma_map_phys(dev: DmaDevice, phys: int, size: int, direction: int, attrs_: i
 def _iommu_unmap(dev: DmaDevice, addr: int, size: int) -> None:
     if dev.domain is None:
         return
-    first = addr >> PAGE_SHIFT
-    n = ((addr + size - 1) >> PAGE_SHIFT) - first + 1
+    first, n = _page_span(addr, size)
     dev.domain.unmap(first, n)
     dev.domain.free_iova(first)
 
@@ -1022,10 +1027,9 @@ def dma_iova_link(
         pfns = _pfn_span(dev, phys, size, mmio)
     except InvalidArgument:
         return -errno.EINVAL
-    first = (state.addr + offset) >> PAGE_SHIFT
-    n = ((state.addr + offset + size - 1) >> PAGE_SHIFT) - first + 1
+    first, n = _page_span(state.addr + offset, size)
     try:
-        dev.domain.map(first, phys >> PAGE_SHIFT, n, _prot(d) | (IOMMU_MMIO if mmio else 0))
+        dev.domain.map(first, _first_pfn(pfns, phys), n, _prot(d) | (IOMMU_MMIO if mmio else 0))
     except InvalidArgument:
         return -errno.EINVAL
     state.links[offset] = size
@@ -1065,8 +1069,7 @@ def dma_iova_unlink(
 
 def _unlink_iommu(domain: IommuDomain, m: DmaMapping) -> None:
     """Unmap an IOVA link's pages (its IOVA stays reserved for the state)."""
-    first = m.addr >> PAGE_SHIFT
-    domain.unmap(first, ((m.addr + m.size - 1) >> PAGE_SHIFT) - first + 1)
+    domain.unmap(*_page_span(m.addr, m.size))
 
 
 def dma_iova_free(dev: DmaDevice, state: DmaIovaState) -> None:

@@ -46,6 +46,7 @@ from hmmsim.dma import (
     IommuFault,
     dma_addressing_limited,
     dma_debug_device_teardown,
+    dma_iova_destroy,
     dma_iova_free,
     dma_iova_link,
     dma_iova_sync,
@@ -402,3 +403,17 @@ def test_a_pci_function_gets_iovas_below_4g_until_that_space_fails_once(machine)
     assert high >= 1 << 32  # from now on the whole mask is used
     plain = DmaDevice(machine, "platform", domain=IommuDomain(machine))
     assert dma_map_page(plain, pfn, 0, PAGE, DMA_TO_DEVICE) >= 1 << 32  # not PCI: top-down
+
+
+def test_an_iova_link_of_a_p2p_bar_address_reaches_the_bytes_of_its_pages(machine):
+    gpu, _ = switch_pair(machine)
+    (page,) = p2p_pages(machine, gpu, 1, b"L")
+    first = gpu.p2pdma.pgmaps[0].range.start  # type: ignore[union-attr]
+    cpu = gpu.bars[0].cpu_addr + (page - first) * PAGE
+    dev = DmaDevice(machine, "dma", domain=IommuDomain(machine))
+    state = DmaIovaState()
+    assert dma_iova_try_alloc(dev, state, cpu, PAGE)
+    assert dma_iova_link(dev, state, cpu, 0, PAGE, DMA_BIDIRECTIONAL, DMA_ATTR_MMIO) == 0
+    assert dma_read(dev, state.addr, 1) == b"L"
+    dma_iova_destroy(dev, state, PAGE, DMA_BIDIRECTIONAL)
+    assert machine_violations(machine) == []
