@@ -353,7 +353,7 @@ def _follow_and_fault(mm: AddressSpace, addr: int, gup_flags: int, mode: int) ->
         ret = handle_mm_fault(vma, addr, fault_flags | FAULT_FLAG_REMOTE)
         if ret & VM_FAULT_ERROR:
             if ret & VM_FAULT_OOM:
-                if phys.order0_failures > failures and direct_reclaim(machine, 1):
+                if direct_reclaim(machine, 1, since=failures):
                     continue  # RAM ran out; reclaim freed some: fault again
                 raise OutOfMemory(f"GUP: out of memory faulting {addr:#x}")
             if ret & (VM_FAULT_HWPOISON | VM_FAULT_HWPOISON_LARGE) and gup_flags & FOLL_HWPOISON:

@@ -302,16 +302,13 @@ def _hmm_vma_fault(rng: HmmRange, vma: Vma, addr: int, end: int, act: int) -> No
     write = act == _ACT_WRITE_FAULT
     if write and not vma.flags & VM_WRITE:
         raise NotPermitted(f"hmm_range_fault: write fault at {addr:#x} in read-only {vma}")
-    phys = vma.mm.machine.phys
-    failures = phys.order0_failures
+    failures = vma.mm.machine.phys.order0_failures
     npages = (end - addr) >> PAGE_SHIFT
     ret = populate_range(vma, addr >> PAGE_SHIFT, npages, write)
     # Where RAM ran out and reclaim freed some, the walk starts again from addr
     # (reclaim of the range's own pages shows up as an invalidation: -EBUSY).
     if ret & VM_FAULT_ERROR and not (
-        ret & VM_FAULT_OOM
-        and phys.order0_failures > failures
-        and direct_reclaim(vma.mm.machine, npages)
+        ret & VM_FAULT_OOM and direct_reclaim(vma.mm.machine, npages, since=failures)
     ):
         raise BadAddress(f"hmm_range_fault: fault at {addr:#x} failed ({ret:#x})")
     raise _Fault(addr)

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidArgument
-from .pagetable import PTE_DIRTY, make_hwpoison, pte_pfn
+from .pagetable import make_hwpoison, pte_pfn
 from .physmem import PG_anon, PG_dirty, PG_hugetlb, PG_hwpoison, PG_reserved
 from .reclaim import split_folio
-from .rmap import rmap_walk, try_to_unmap
+from .rmap import ptes_dirty, rmap_walk, try_to_unmap
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -48,9 +48,7 @@ def memory_failure(machine: Machine, pfn: int) -> None:
         head = pfn
     flags = int(phys.flags[head])
     hits = list(rmap_walk(machine, head))
-    dirty = bool(flags & PG_dirty) or any(
-        bool((h.entries & np.uint64(PTE_DIRTY)).any()) for h in hits
-    )
+    dirty = bool(flags & PG_dirty) or ptes_dirty(hits)
     poison_entries = bool(flags & PG_anon) or dirty or bool(flags & PG_hugetlb)
     try_to_unmap(machine, head, lambda e: make_hwpoison(pte_pfn(e)) if poison_entries else 0)
     if not flags & PG_anon and phys.mapping[head]:

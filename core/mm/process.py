@@ -334,11 +334,12 @@ class Process:
                         f"process {self.pid} at {lo:#x}",
                     )
                     continue
-                if ret & VM_FAULT_OOM and direct_reclaim(self.machine, int(need.sum())):
+                todo = int(need.sum())
+                if ret & VM_FAULT_OOM and direct_reclaim(self.machine, todo, since=failures):
                     # RAM ran out; reclaim freed some: fault again. Only a
                     # retry that made no progress counts towards livelock.
-                    if int(need.sum()) < left:
-                        left, tries = int(need.sum()), 0
+                    if todo < left:
+                        left, tries = todo, 0
                     continue
                 if ret & VM_FAULT_ERROR:
                     err = ret

@@ -32,7 +32,6 @@ from .pagetable import (
     KIND_PROTNONE,
     PAGE_SHIFT,
     PAGE_SIZE,
-    PTE_DIRTY,
     PTE_PRESENT,
     PTE_PROTNONE,
     U64,
@@ -53,7 +52,7 @@ from .physmem import (
     PG_zeroed,
     PG_zone_device,
 )
-from .rmap import RmapHit, rmap_walk, try_to_unmap
+from .rmap import RmapHit, ptes_dirty, rmap_walk, try_to_unmap
 from .swap import swapcache_del
 from .thp import split_huge_pmd
 from .vma import VM_LOCKED
@@ -129,7 +128,7 @@ def _split_file_folio(machine: Machine, head: int) -> bool:
     if phys.mapping[head] == 0:
         return False
     hits = list(rmap_walk(machine, head))
-    if any(bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits):
+    if ptes_dirty(hits):
         phys.flags[head] |= np.uint16(PG_dirty)
     try_to_unmap(machine, head, lambda e: 0)
     nr = 1 << int(phys.order[head])
@@ -218,10 +217,7 @@ def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
     flags = int(phys.flags[head])
     if flags & PG_anon and not flags & PG_swapbacked:
         hits = list(rmap_walk(machine, head))
-        dirty = bool(flags & PG_dirty) or any(
-            bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits
-        )
-        if dirty:
+        if flags & PG_dirty or ptes_dirty(hits):
             phys.flags[head] |= np.uint16(PG_swapbacked)
             return 0
         nr = 1 << int(phys.order[head])
@@ -248,7 +244,7 @@ def reclaim_folio(machine: Machine, head: int, *, pageout: bool = False) -> int:
         _swap_out(machine, head, hits)
     else:
         f = machine.mappings[int(phys.mapping[head])]
-        pte_dirty = any(bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits)
+        pte_dirty = ptes_dirty(hits)
         # shrink_folio_list unmaps before it looks at the dirty bit: the
         # PTEs' dirty bits move to the folio, and the notifier invalidations
         # of try_to_unmap let a device driver dirty the folio as it drops its
@@ -276,26 +272,18 @@ def _swap_out(machine: Machine, head: int, hits: list[RmapHit]) -> None:
     phys = machine.phys
     swap = machine.swap
     slot = swap.slot_of.get(head)
+    owned = slot is None
     if slot is None:
         slot = swap.alloc()
+    # A new slot is written; so is the slot of a folio in the swap cache that
+    # was written since it was read in (through a writable PTE, or marked
+    # dirty): that slot is stale, and shrink_folio_list pages a dirty folio
+    # out to it again.
+    if owned or phys.flags[head] & PG_dirty or ptes_dirty(hits):
         zeroed = bool(phys.flags[head] & PG_zeroed)
         swap.write(slot, None if zeroed else phys.read_pages(np.array([head], dtype=_I64))[0])
         machine.costs.swap_outs += 1
         machine.clock.advance(COST_SWAP_IO_NS)
-        owned = True
-    else:
-        owned = False
-        # A folio in the swap cache whose slot is stale (written since it was
-        # read in, through a writable PTE or marked dirty) is written out to
-        # that slot again (pageout), as shrink_folio_list does for a dirty folio.
-        dirty = bool(phys.flags[head] & PG_dirty) or any(
-            bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits
-        )
-        if dirty:
-            zeroed = bool(phys.flags[head] & PG_zeroed)
-            swap.write(slot, None if zeroed else phys.read_pages(np.array([head], dtype=_I64))[0])
-            machine.costs.swap_outs += 1
-            machine.clock.advance(COST_SWAP_IO_NS)
     entry = make_swap(slot)
 
     def one_more(_old: int) -> int:
@@ -332,13 +320,15 @@ def reclaim_machine(machine: Machine, nbytes: int) -> int:
 SWAP_CLUSTER_MAX = 32
 
 
-def direct_reclaim(machine: Machine, npages: int) -> bool:
+def direct_reclaim(machine: Machine, npages: int, *, since: int) -> bool:
     """A user page allocation found RAM exhausted: reclaim about ``npages``.
 
     What the page allocator's slow path does before it fails a user page
-    (``__alloc_pages_direct_reclaim``), done once the fault has returned
-    ``VM_FAULT_OOM`` after an order-0 allocation failed, and followed by a
-    retry of the fault. True if anything was freed.
+    (``__alloc_pages_direct_reclaim``), done once a fault has returned
+    ``VM_FAULT_OOM``, and followed by a retry of the fault. Only if an order-0
+    allocation failed since ``since`` (``PhysMem.order0_failures`` before the
+    fault): a ``VM_FAULT_OOM`` without one is a fault handler's own failure,
+    which reclaim cannot help. True if anything was freed.
 
     Departure from the kernel: when reclaim frees nothing the allocator
     would invoke the OOM killer (``__alloc_pages_may_oom``) and the fault
@@ -353,4 +343,6 @@ def direct_reclaim(machine: Machine, npages: int) -> bool:
     """
     # SWAP_CLUSTER_MAX at a time: the fault is retried with what was freed,
     # and a bigger batch would evict the pages this access just faulted in.
+    if machine.phys.order0_failures == since:
+        return False
     return reclaim_machine(machine, min(max(npages, 1), SWAP_CLUSTER_MAX) * PAGE_SIZE) > 0

@@ -17,7 +17,7 @@ anon_vma is gone is mapped nowhere, and its rmap walk finds nothing.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import attrs
@@ -42,6 +42,7 @@ from .pagetable import (
     SWP_MIGRATION_READ,
     SWP_MIGRATION_READ_EXCLUSIVE,
     SWP_MIGRATION_WRITE,
+    U64,
     make_present,
     make_softleaf,
     pte_kind,
@@ -227,6 +228,11 @@ class RmapHit:
     locs: NDArray[np.int64]
     levels: NDArray[np.int8]
     entries: NDArray[np.uint64]
+
+
+def ptes_dirty(hits: Iterable[RmapHit]) -> bool:
+    """Whether any of the mappings found holds its page dirty (``pte_dirty``)."""
+    return any(bool((h.entries & U64(PTE_DIRTY)).any()) for h in hits)
 
 
 _MAPPING_KINDS = (
