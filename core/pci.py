@@ -37,6 +37,7 @@ client) for the mapping path.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -247,18 +248,14 @@ class PciTopology:
         None unless the whole range lies in one part of a BAR given to P2PDMA
         (the rest of a BAR is registers, which the model does not hold).
         """
-        for d in self.devices:
-            if d.p2pdma is None:
+        for _prov, r, ops in _p2p_ranges(self):
+            if ops.bar is None:
                 continue
-            for pg in d.p2pdma.pgmaps:
-                ops = pg.ops
-                if pg.range is None or not isinstance(ops, _P2PPageOps) or ops.bar is None:
-                    continue
-                lo = ops.bar.cpu_addr + ops.bar_offset
-                if lo <= phys and phys + size <= lo + len(pg.range) * PAGE_SIZE:
-                    first = pg.range.start + ((phys - lo) >> PAGE_SHIFT)
-                    last = pg.range.start + ((phys + size - 1 - lo) >> PAGE_SHIFT)
-                    return np.arange(first, last + 1, dtype=np.int64)
+            lo = ops.bar.cpu_addr + ops.bar_offset
+            if lo <= phys and phys + size <= lo + len(r) * PAGE_SIZE:
+                first = r.start + ((phys - lo) >> PAGE_SHIFT)
+                last = r.start + ((phys + size - 1 - lo) >> PAGE_SHIFT)
+                return np.arange(first, last + 1, dtype=np.int64)
         return None
 
     def peer_pfns(self, client: PciDev, addr: int, length: int) -> Any:
@@ -419,20 +416,24 @@ def _peer_pfns(topo: PciTopology, client: PciDev, addr: int, length: int) -> Any
     that provider's page. None when no such range holds ``addr`` for this
     client.
     """
+    for prov, r, ops in _p2p_ranges(topo):
+        first = (addr - ops.bus_off) >> PAGE_SHIFT
+        last = (addr + length - 1 - ops.bus_off) >> PAGE_SHIFT
+        if r.start <= first and last < r.stop:
+            if pci_p2pdma_map_type(prov, client) != PCI_P2PDMA_MAP_BUS_ADDR:
+                return None
+            return np.arange(first, last + 1, dtype=np.int64)
+    return None
+
+
+def _p2p_ranges(topo: PciTopology) -> Iterator[tuple[PciDev, range, _P2PPageOps]]:
+    """Every live P2PDMA pfn range of the topology: provider, pfns, page ops."""
     for prov in topo.devices:
         if prov.p2pdma is None:
             continue
         for pg in prov.p2pdma.pgmaps:
-            ops = pg.ops
-            if pg.range is None or not isinstance(ops, _P2PPageOps):
-                continue
-            first = (addr - ops.bus_off) >> PAGE_SHIFT
-            last = (addr + length - 1 - ops.bus_off) >> PAGE_SHIFT
-            if pg.range.start <= first and last < pg.range.stop:
-                if pci_p2pdma_map_type(prov, client) != PCI_P2PDMA_MAP_BUS_ADDR:
-                    return None
-                return np.arange(first, last + 1, dtype=np.int64)
-    return None
+            if pg.range is not None and isinstance(pg.ops, _P2PPageOps):
+                yield prov, pg.range, pg.ops
 
 
 def pci_topology(machine: Machine) -> PciTopology:
