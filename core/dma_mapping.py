@@ -898,38 +898,35 @@ def dma_map_sgtable(dev: DmaDevice, sgt: SgTable, direction: int, attrs_: int = 
             segs.append((addr, n))
     else:
         domain = dev.domain
-        linked = [
-            (p, o, n, kind)
-            for (p, o, n), (kind, _) in zip(sgt.sgl, kinds, strict=True)
+        npages = sum(
+            _page_span(o, n)[1]
+            for (_, o, n), (kind, _) in zip(sgt.sgl, kinds, strict=True)
             if kind != PCI_P2PDMA_MAP_BUS_ADDR
-        ]
-        npages = sum((o + n + PAGE_SIZE - 1) >> PAGE_SHIFT for _, o, n, _ in linked)
+        )
         iova = _alloc_iova(dev, npages) if npages else 0
         if iova is None:
             raise OutOfMemory("dma_map_sgtable: IOVA space exhausted")
-        at = iova
-        for p, o, n, kind in linked:
-            npg = (o + n + PAGE_SIZE - 1) >> PAGE_SHIFT
-            mmio = IOMMU_MMIO if kind == PCI_P2PDMA_MAP_THRU_HOST_BRIDGE else 0
-            domain.map(at, p, npg, _prot(d) | mmio)
-            at += npg
-        if npages:
-            domain.sync_map()
-        sgt.iova_pages = (iova, npages) if npages else None
-        # __finalise_sg: consecutive IOVA segments merge; a bus address breaks the run.
+        # Link each segment in turn; __finalise_sg merges consecutive IOVA
+        # segments into one DMA segment, and a bus address breaks the run.
         at, in_run = iova, False
         for (p, o, n), (kind, bus_off) in zip(sgt.sgl, kinds, strict=True):
             if kind == PCI_P2PDMA_MAP_BUS_ADDR:
                 segs.append(((p << PAGE_SHIFT) + o + bus_off, n))
                 in_run = False
                 continue
+            npg = _page_span(o, n)[1]
+            mmio = IOMMU_MMIO if kind == PCI_P2PDMA_MAP_THRU_HOST_BRIDGE else 0
+            domain.map(at, p, npg, _prot(d) | mmio)
             addr = (at << PAGE_SHIFT) + o
-            at += (o + n + PAGE_SIZE - 1) >> PAGE_SHIFT
+            at += npg
             if in_run and segs[-1][0] + segs[-1][1] == addr:
                 segs[-1] = (segs[-1][0], segs[-1][1] + n)
             else:
                 segs.append((addr, n))
             in_run = True
+        if npages:
+            domain.sync_map()
+        sgt.iova_pages = (iova, npages) if npages else None
     dev.record("sg", segs[0][0], sum(n for _, n in segs), d, pfns)
     sgt.dma_segments = segs
 
