@@ -728,6 +728,25 @@ def move_vma(
     return try_merge(new)
 
 
+def _move_range(
+    mm: AddressSpace, lo: int, hi: int, target: int, new_len: int, dontunmap: bool
+) -> Vma:
+    """Move [lo, hi), which one VMA maps, to ``target`` as ``new_len`` bytes.
+
+    The VMA is looked up now: unmapping the target may have split it. What
+    is left of it around the moved piece loses its hugetlb reservations
+    (``clear_vma_resv_huge_pages``).
+    """
+    cur = mm.vmas.intersecting(lo, lo + 1)[0]
+    cut_from = (cur.start, cur.end)
+    piece = isolate_range(mm, lo, hi)[0]
+    rest = [v for v in mm.vmas.intersecting(*cut_from) if v is not piece]
+    whole = cut_from == (lo, hi)
+    new = move_vma(piece, target, new_len, dontunmap, whole=whole, cut_from=cut_from)
+    clear_vma_resv_huge_pages(rest)
+    return new
+
+
 def _rejoin(piece: Vma, start: int, end: int) -> None:
     """Merge ``piece`` back with the rest of the VMA [start, end) it was cut from."""
     prev, nxt = piece.mm.vmas.neighbours(piece)
@@ -806,14 +825,7 @@ def _remap_move(mm: AddressSpace, old: int, length: int, addr: int, dontunmap: b
         unmap_range(mm, target, target + hi - lo)
         if target < mm.machine.config.mmap_min_addr:
             raise NotPermitted(f"mremap: {target:#x} is below vm.mmap_min_addr")
-        # The target's unmap may have split this VMA: look at what holds lo now.
-        cur = mm.vmas.intersecting(lo, lo + 1)[0]
-        whole = cur.start == lo and cur.end == hi
-        cut_from = (cur.start, cur.end)
-        piece = isolate_range(mm, lo, hi)[0]
-        rest = [v for v in mm.vmas.intersecting(*cut_from) if v is not piece]
-        move_vma(piece, target, hi - lo, dontunmap, whole=whole, cut_from=cut_from)
-        clear_vma_resv_huge_pages(rest)
+        _move_range(mm, lo, hi, target, hi - lo, dontunmap)
     return addr
 
 
@@ -914,14 +926,7 @@ def do_mremap(
         dup.link_file()
         try_merge(dup)
         return dest
-    # The target's unmap may have split this VMA: look at what holds old now.
-    cur = mm.vmas.intersecting(old, old + 1)[0]
-    whole = cur.start == old and cur.end == old + old_len
-    cut_from = (cur.start, cur.end)
-    piece = isolate_range(mm, old, old + old_len)[0]
-    rest = [v for v in mm.vmas.intersecting(*cut_from) if v is not piece]
-    move_vma(piece, dest, new_len, dontunmap, whole=whole, cut_from=cut_from)
-    clear_vma_resv_huge_pages(rest)
+    _move_range(mm, old, old + old_len, dest, new_len, dontunmap)
     return dest
 
 
