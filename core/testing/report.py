@@ -247,12 +247,23 @@ def forked_map(
 
 
 def _stop(pool: Any) -> None:
-    """Kill and reap a pool's workers and drop its queued work, without waiting."""
+    """Kill and reap a pool's workers and drop its queued work, without waiting
+    for the work still running.
+
+    The pool's manager thread may start a worker in place of one that died
+    (a worker an interrupt ended) until it has seen the shutdown, so the
+    workers are looked up again once that thread is gone.
+    """
     procs = list((getattr(pool, "_processes", None) or {}).values())
     for proc in procs:
         proc.kill()
     pool.shutdown(wait=False, cancel_futures=True)
+    manager = getattr(pool, "_executor_manager_thread", None)
+    if manager is not None:
+        manager.join(timeout=10)
+    procs += [p for p in (getattr(pool, "_processes", None) or {}).values() if p not in procs]
     for proc in procs:
+        proc.kill()
         proc.join(timeout=10)
 
 
